@@ -1,0 +1,133 @@
+//! A seekable reader over a blob stored as a list of chunks, fetching
+//! upcoming chunks ahead of sequential reads.
+use super::ChunkMeta;
+use crate::{B3Digest, Error};
+use bytes::Bytes;
+use futures::stream::{self, BoxStream, StreamExt, TryStreamExt};
+use std::io::SeekFrom;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncSeek, ReadBuf};
+use tokio_util::io::StreamReader;
+
+/// How many chunks are fetched ahead of the one being read.
+const READ_AHEAD: usize = 4;
+
+/// Fetches one chunk, whole and verified against its digest.
+#[async_trait::async_trait]
+pub trait ChunkFetcher: Send + Sync + 'static {
+    /// The chunk's bytes; an error if it is missing or fails verification.
+    async fn fetch_chunk(&self, chunk: &ChunkMeta) -> Result<Bytes, Error>;
+}
+
+/// Checks fetched chunk bytes against their metadata.
+pub(crate) fn verify_chunk(chunk: &ChunkMeta, data: &Bytes) -> Result<(), Error> {
+    if data.len() as u64 != chunk.size {
+        return Err(Error::Storage(format!(
+            "chunk {} has {} bytes, expected {}",
+            chunk.digest,
+            data.len(),
+            chunk.size
+        )));
+    }
+    let actual = B3Digest::of(data);
+    if actual != chunk.digest {
+        return Err(Error::Storage(format!("chunk {} failed verification (got {actual})", chunk.digest)));
+    }
+    Ok(())
+}
+
+type ByteStream = BoxStream<'static, std::io::Result<Bytes>>;
+
+/// Reads a chunked blob. Seeking drops the read-ahead and restarts at the
+/// chunk holding the new position.
+pub struct ChunkedReader {
+    /// (offset, chunk) pairs, offsets ascending.
+    chunks: Arc<[(u64, ChunkMeta)]>,
+    size: u64,
+    fetcher: Arc<dyn ChunkFetcher>,
+    pos: u64,
+    inner: Option<StreamReader<ByteStream, Bytes>>,
+}
+
+impl ChunkedReader {
+    /// A reader over `chunks`, in order.
+    pub fn new(chunks: Vec<ChunkMeta>, fetcher: Arc<dyn ChunkFetcher>) -> Self {
+        let mut offset = 0u64;
+        let chunks: Vec<(u64, ChunkMeta)> = chunks
+            .into_iter()
+            .map(|c| {
+                let o = offset;
+                offset += c.size;
+                (o, c)
+            })
+            .collect();
+        Self { chunks: chunks.into(), size: offset, fetcher, pos: 0, inner: None }
+    }
+
+    /// Total length of the blob.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn stream_from(&self, pos: u64) -> ByteStream {
+        // First chunk whose end is beyond pos.
+        let idx = self.chunks.partition_point(|(off, c)| off + c.size <= pos);
+        let skip_first = self.chunks.get(idx).map(|(off, _)| pos - off).unwrap_or(0) as usize;
+        let chunks = self.chunks.clone();
+        let fetcher = self.fetcher.clone();
+        stream::iter(idx..chunks.len())
+            .map(move |i| {
+                let chunk = chunks[i].1.clone();
+                let fetcher = fetcher.clone();
+                async move { fetcher.fetch_chunk(&chunk).await }
+            })
+            .buffered(READ_AHEAD)
+            .enumerate()
+            .map(move |(n, r)| r.map(|b| if n == 0 { b.slice(skip_first.min(b.len())..) } else { b }))
+            .map_err(std::io::Error::from)
+            .boxed()
+    }
+}
+
+impl AsyncRead for ChunkedReader {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        if self.pos >= self.size {
+            return Poll::Ready(Ok(()));
+        }
+        if self.inner.is_none() {
+            let s = self.stream_from(self.pos);
+            self.inner = Some(StreamReader::new(s));
+        }
+        let before = buf.filled().len();
+        let inner = self.inner.as_mut().expect("set above");
+        match Pin::new(inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                self.pos += (buf.filled().len() - before) as u64;
+                Poll::Ready(Ok(()))
+            }
+            other => other,
+        }
+    }
+}
+
+impl AsyncSeek for ChunkedReader {
+    fn start_seek(mut self: Pin<&mut Self>, position: SeekFrom) -> std::io::Result<()> {
+        let new = match position {
+            SeekFrom::Start(p) => Some(p),
+            SeekFrom::End(d) => self.size.checked_add_signed(d),
+            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+        }
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "seek before start"))?;
+        if new != self.pos {
+            self.pos = new;
+            self.inner = None;
+        }
+        Ok(())
+    }
+
+    fn poll_complete(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<u64>> {
+        Poll::Ready(Ok(self.pos))
+    }
+}

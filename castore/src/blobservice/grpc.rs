@@ -1,0 +1,274 @@
+//! gRPC client for a remote blob service (an Arca or Tvix daemon).
+//!
+//! Every byte received is verified: chunks before they are returned, whole
+//! streams before their last bytes are handed out. Uploads are hashed
+//! locally and the server's digest must match.
+use super::chunked_reader::{verify_chunk, ChunkFetcher, ChunkedReader};
+use super::{BlobReader, BlobService, BlobWriter, ChunkMeta};
+use crate::{B3Digest, Error, BLOB_MESSAGE_CHUNK};
+use arca_proto::castore as proto;
+use arca_proto::castore::blob_service_client::BlobServiceClient;
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use futures::stream::{BoxStream, StreamExt};
+use std::io::SeekFrom;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use tokio::io::{AsyncBufRead, AsyncRead, AsyncSeek, ReadBuf};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::io::StreamReader;
+use tonic::transport::Channel;
+use tonic::Code;
+use tracing::instrument;
+
+/// A blob service reached over gRPC.
+#[derive(Clone)]
+pub struct GrpcBlobService {
+    client: BlobServiceClient<Channel>,
+}
+
+impl GrpcBlobService {
+    /// A client over an established (or lazy) channel.
+    pub fn from_channel(channel: Channel) -> Self {
+        Self {
+            client: BlobServiceClient::new(channel)
+                .max_decoding_message_size(crate::MAX_BLOB_MESSAGE_SIZE)
+                .max_encoding_message_size(crate::MAX_BLOB_MESSAGE_SIZE),
+        }
+    }
+}
+
+#[async_trait]
+impl BlobService for GrpcBlobService {
+    #[instrument(skip(self), level = "debug")]
+    async fn has(&self, digest: &B3Digest) -> Result<bool, Error> {
+        let req = proto::StatBlobRequest { digest: digest.to_bytes(), send_chunks: false, send_bao: false };
+        match self.client.clone().stat(req).await {
+            Ok(_) => Ok(true),
+            Err(s) if s.code() == Code::NotFound => Ok(false),
+            Err(s) => Err(s.into()),
+        }
+    }
+
+    #[instrument(skip(self), level = "debug")]
+    async fn open_read(&self, digest: &B3Digest) -> Result<Option<Box<dyn BlobReader>>, Error> {
+        match self.chunks(digest).await? {
+            None => Ok(None),
+            Some(chunks) if chunks.len() > 1 => Ok(Some(Box::new(ChunkedReader::new(
+                chunks,
+                Arc::new(GrpcChunkFetcher { client: self.client.clone() }),
+            )))),
+            Some(_) => Ok(Some(Box::new(GrpcStreamReader::new(self.client.clone(), *digest)))),
+        }
+    }
+
+    async fn open_write(&self) -> Box<dyn BlobWriter> {
+        Box::new(GrpcBlobWriter { client: self.client.clone(), hasher: blake3::Hasher::new(), tx: None, task: None, done: None })
+    }
+
+    #[instrument(skip(self), level = "debug")]
+    async fn chunks(&self, digest: &B3Digest) -> Result<Option<Vec<ChunkMeta>>, Error> {
+        let req = proto::StatBlobRequest { digest: digest.to_bytes(), send_chunks: true, send_bao: false };
+        let resp = match self.client.clone().stat(req).await {
+            Ok(r) => r.into_inner(),
+            Err(s) if s.code() == Code::NotFound => return Ok(None),
+            Err(s) => return Err(s.into()),
+        };
+        resp.chunks
+            .into_iter()
+            .map(|c| {
+                Ok(ChunkMeta {
+                    digest: B3Digest::try_from(&c.digest)
+                        .map_err(|e| Error::Storage(format!("server sent an invalid chunk digest: {e}")))?,
+                    size: c.size,
+                })
+            })
+            .collect::<Result<Vec<_>, Error>>()
+            .map(Some)
+    }
+}
+
+struct GrpcChunkFetcher {
+    client: BlobServiceClient<Channel>,
+}
+
+#[async_trait]
+impl ChunkFetcher for GrpcChunkFetcher {
+    async fn fetch_chunk(&self, chunk: &ChunkMeta) -> Result<Bytes, Error> {
+        let req = proto::ReadBlobRequest { digest: chunk.digest.to_bytes() };
+        let mut stream = self.client.clone().read(req).await?.into_inner();
+        let mut buf = BytesMut::with_capacity(chunk.size as usize);
+        while let Some(msg) = stream.message().await? {
+            if (buf.len() + msg.data.len()) as u64 > chunk.size {
+                return Err(Error::Storage(format!("chunk {} is longer than {} bytes", chunk.digest, chunk.size)));
+            }
+            buf.extend_from_slice(&msg.data);
+        }
+        let data = buf.freeze();
+        verify_chunk(chunk, &data)?;
+        Ok(data)
+    }
+}
+
+/// Streams one blob's bytes, verifying the digest; the last message is held
+/// back until the digest matched.
+fn verified_stream(client: BlobServiceClient<Channel>, digest: B3Digest) -> BoxStream<'static, std::io::Result<Bytes>> {
+    async_stream::try_stream! {
+        let req = proto::ReadBlobRequest { digest: digest.to_bytes() };
+        let mut resp = client.clone().read(req).await.map_err(Error::from)?.into_inner();
+        let mut hasher = blake3::Hasher::new();
+        let mut held: Option<Bytes> = None;
+        while let Some(msg) = resp.message().await.map_err(Error::from)? {
+            hasher.update(&msg.data);
+            if let Some(prev) = held.replace(msg.data) {
+                yield prev;
+            }
+        }
+        let actual = B3Digest::from(hasher.finalize());
+        if actual != digest {
+            Err(std::io::Error::from(Error::Storage(format!("blob {digest} failed verification (got {actual})"))))?;
+        }
+        if let Some(last) = held {
+            yield last;
+        }
+    }
+    .boxed()
+}
+
+/// A seekable reader over an unchunked remote blob: forward seeks skip,
+/// backward seeks reopen the stream.
+struct GrpcStreamReader {
+    client: BlobServiceClient<Channel>,
+    digest: B3Digest,
+    inner: StreamReader<BoxStream<'static, std::io::Result<Bytes>>, Bytes>,
+    inner_pos: u64,
+    target: u64,
+}
+
+impl GrpcStreamReader {
+    fn new(client: BlobServiceClient<Channel>, digest: B3Digest) -> Self {
+        let inner = StreamReader::new(verified_stream(client.clone(), digest));
+        Self { client, digest, inner, inner_pos: 0, target: 0 }
+    }
+}
+
+impl AsyncRead for GrpcStreamReader {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut self.inner).poll_read(cx, buf))?;
+        let n = (buf.filled().len() - before) as u64;
+        self.inner_pos += n;
+        self.target = self.inner_pos;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncSeek for GrpcStreamReader {
+    fn start_seek(mut self: Pin<&mut Self>, position: SeekFrom) -> std::io::Result<()> {
+        let target = match position {
+            SeekFrom::Start(p) => Some(p),
+            SeekFrom::Current(d) => self.inner_pos.checked_add_signed(d),
+            SeekFrom::End(_) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::Unsupported,
+                    "seeking from the end of an unchunked remote blob",
+                ))
+            }
+        }
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "seek before start"))?;
+        if target < self.inner_pos {
+            self.inner = StreamReader::new(verified_stream(self.client.clone(), self.digest));
+            self.inner_pos = 0;
+        }
+        self.target = target;
+        Ok(())
+    }
+
+    fn poll_complete(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<u64>> {
+        while self.inner_pos < self.target {
+            let available = ready!(Pin::new(&mut self.inner).poll_fill_buf(cx))?.len() as u64;
+            if available == 0 {
+                // Past the end: later reads return EOF.
+                self.inner_pos = self.target;
+                break;
+            }
+            let n = available.min(self.target - self.inner_pos);
+            Pin::new(&mut self.inner).consume(n as usize);
+            self.inner_pos += n;
+        }
+        Poll::Ready(Ok(self.inner_pos))
+    }
+}
+
+struct GrpcBlobWriter {
+    client: BlobServiceClient<Channel>,
+    hasher: blake3::Hasher,
+    tx: Option<mpsc::Sender<proto::BlobChunk>>,
+    task: Option<JoinHandle<Result<Bytes, tonic::Status>>>,
+    done: Option<B3Digest>,
+}
+
+impl GrpcBlobWriter {
+    fn start(&mut self) {
+        if self.task.is_some() {
+            return;
+        }
+        let (tx, rx) = mpsc::channel(4);
+        let mut client = self.client.clone();
+        self.task = Some(tokio::spawn(async move {
+            let resp = client.put(tokio_stream::wrappers::ReceiverStream::new(rx)).await?;
+            Ok(resp.into_inner().digest)
+        }));
+        self.tx = Some(tx);
+    }
+
+    async fn finish(&mut self) -> Result<Bytes, Error> {
+        self.tx = None;
+        match self.task.take() {
+            Some(t) => Ok(t.await.map_err(Error::storage)??),
+            None => Err(Error::InvalidRequest("writer already failed".into())),
+        }
+    }
+}
+
+#[async_trait]
+impl BlobWriter for GrpcBlobWriter {
+    async fn write(&mut self, mut data: Bytes) -> Result<(), Error> {
+        if self.done.is_some() {
+            return Err(Error::InvalidRequest("write after close".into()));
+        }
+        self.start();
+        self.hasher.update(&data);
+        while !data.is_empty() {
+            let piece = data.split_to(data.len().min(BLOB_MESSAGE_CHUNK));
+            let sent = match &self.tx {
+                Some(tx) => tx.send(proto::BlobChunk { data: piece }).await.is_ok(),
+                None => false,
+            };
+            if !sent {
+                // The upload ended early; report why.
+                self.finish().await?;
+                return Err(Error::Storage("upload stream ended early".into()));
+            }
+        }
+        Ok(())
+    }
+
+    async fn close(&mut self) -> Result<B3Digest, Error> {
+        if let Some(d) = self.done {
+            return Ok(d);
+        }
+        self.start();
+        let returned = self.finish().await?;
+        let returned = B3Digest::try_from(&returned)
+            .map_err(|e| Error::Storage(format!("server returned an invalid digest: {e}")))?;
+        let local = B3Digest::from(self.hasher.finalize());
+        if returned != local {
+            return Err(Error::Storage(format!("server returned digest {returned} for data with digest {local}")));
+        }
+        self.done = Some(local);
+        Ok(local)
+    }
+}

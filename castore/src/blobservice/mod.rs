@@ -1,0 +1,102 @@
+//! Blob storage: the [BlobService] trait and its backends.
+//!
+//! A blob is addressed by the BLAKE3 digest of its bytes. Backends may split
+//! blobs into chunks (content-defined, see [object_store]); chunking never
+//! changes a blob's digest.
+use crate::{B3Digest, Error};
+use async_trait::async_trait;
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeek};
+
+mod cache;
+mod chunked_reader;
+mod grpc;
+mod memory;
+mod object_store;
+
+pub use cache::CacheBlobService;
+pub use chunked_reader::{ChunkFetcher, ChunkedReader};
+pub use grpc::GrpcBlobService;
+pub use memory::MemoryBlobService;
+pub use object_store::{ChunkingParams, ObjectStoreBlobService};
+
+/// One chunk of a blob: its digest and length.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChunkMeta {
+    /// BLAKE3 digest of the chunk's bytes.
+    pub digest: B3Digest,
+    /// Length in bytes.
+    pub size: u64,
+}
+
+/// A readable, seekable blob. Readers verify what they return: a corrupted
+/// backend yields an error, never wrong bytes.
+pub trait BlobReader: AsyncRead + AsyncSeek + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncSeek + Send + Unpin + 'static> BlobReader for T {}
+
+/// Writes one blob. Nothing is visible under the blob's digest before
+/// [BlobWriter::close] returns it; a writer dropped unclosed leaves no blob.
+#[async_trait]
+pub trait BlobWriter: Send {
+    /// Appends bytes.
+    async fn write(&mut self, data: Bytes) -> Result<(), Error>;
+    /// Finishes the blob and returns its digest.
+    async fn close(&mut self) -> Result<B3Digest, Error>;
+}
+
+/// Stores and serves blobs by BLAKE3 digest.
+#[async_trait]
+pub trait BlobService: Send + Sync {
+    /// Whether the blob exists.
+    async fn has(&self, digest: &B3Digest) -> Result<bool, Error>;
+    /// Opens a blob (or, where the backend stores chunks, a chunk) for reading.
+    async fn open_read(&self, digest: &B3Digest) -> Result<Option<Box<dyn BlobReader>>, Error>;
+    /// Starts writing a new blob.
+    async fn open_write(&self) -> Box<dyn BlobWriter>;
+    /// The blob's chunks: `None` if the blob does not exist, an empty list if
+    /// the backend keeps it in one piece (read it whole).
+    async fn chunks(&self, digest: &B3Digest) -> Result<Option<Vec<ChunkMeta>>, Error> {
+        Ok(self.has(digest).await?.then(Vec::new))
+    }
+}
+
+/// Copies everything from `reader` into a new blob and returns its digest and size.
+pub async fn copy_to_blob<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    writer: &mut dyn BlobWriter,
+) -> Result<(B3Digest, u64), Error> {
+    let mut total = 0u64;
+    loop {
+        let mut buf = bytes::BytesMut::with_capacity(crate::BLOB_MESSAGE_CHUNK);
+        while buf.len() < crate::BLOB_MESSAGE_CHUNK {
+            if reader.read_buf(&mut buf).await? == 0 {
+                break;
+            }
+        }
+        if buf.is_empty() {
+            break;
+        }
+        total += buf.len() as u64;
+        writer.write(buf.freeze()).await?;
+    }
+    Ok((writer.close().await?, total))
+}
+
+/// Reads a whole blob into memory (for tests and small blobs only).
+pub async fn read_all(svc: &dyn BlobService, digest: &B3Digest) -> Result<Option<Vec<u8>>, Error> {
+    match svc.open_read(digest).await? {
+        None => Ok(None),
+        Some(mut r) => {
+            let mut v = Vec::new();
+            r.read_to_end(&mut v).await?;
+            Ok(Some(v))
+        }
+    }
+}
+
+/// Stores bytes as a blob (convenience for small blobs).
+pub async fn put_bytes(svc: &dyn BlobService, data: Bytes) -> Result<B3Digest, Error> {
+    let mut w = svc.open_write().await;
+    w.write(data).await?;
+    w.close().await
+}

@@ -1,0 +1,332 @@
+//! Blobs on any `object_store` backend (local files, memory, S3).
+//!
+//! Layout under the base path:
+//! - `chunks/<2 hex>/<digest hex>`: one content-defined chunk, a one-byte tag
+//!   (`0` raw, `1` zstd) followed by the (compressed) bytes;
+//! - `blobs/<2 hex>/<digest hex>`: for blobs of more than one chunk, the chunk
+//!   list encoded as a `StatBlobResponse`.
+//!
+//! A blob of a single chunk is stored as that chunk only (its digest is the
+//! blob's digest). Every chunk is verified against its digest when read.
+use super::chunked_reader::{verify_chunk, ChunkFetcher, ChunkedReader};
+use super::{BlobReader, BlobService, BlobWriter, ChunkMeta};
+use crate::{B3Digest, Error};
+use arca_proto::castore as proto;
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use futures::stream::{FuturesOrdered, StreamExt};
+use object_store::{path::Path, ObjectStore, ObjectStoreExt, PutPayload};
+use prost::Message;
+use std::sync::Arc;
+use tokio::task::JoinHandle;
+use tracing::instrument;
+
+const TAG_RAW: u8 = 0;
+const TAG_ZSTD: u8 = 1;
+/// Chunks uploaded concurrently by one writer.
+const UPLOADS_IN_FLIGHT: usize = 8;
+
+/// Content-defined chunking parameters (FastCDC 2020), in bytes.
+#[derive(Clone, Copy, Debug)]
+pub struct ChunkingParams {
+    /// Smallest chunk (except a blob's last).
+    pub min: usize,
+    /// Target average.
+    pub avg: usize,
+    /// Largest chunk.
+    pub max: usize,
+}
+
+impl Default for ChunkingParams {
+    fn default() -> Self {
+        Self { min: 64 * 1024, avg: 256 * 1024, max: 1024 * 1024 }
+    }
+}
+
+struct Inner {
+    store: Arc<dyn ObjectStore>,
+    base: Path,
+    params: ChunkingParams,
+    zstd_level: i32,
+}
+
+impl Inner {
+    fn chunk_path(&self, d: &B3Digest) -> Path {
+        let h = d.to_hex();
+        self.base.clone().join("chunks").join(&h[..2]).join(h)
+    }
+    fn blob_path(&self, d: &B3Digest) -> Path {
+        let h = d.to_hex();
+        self.base.clone().join("blobs").join(&h[..2]).join(h)
+    }
+
+    async fn exists(&self, p: &Path) -> Result<bool, Error> {
+        match self.store.head(p).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn get_opt(&self, p: &Path) -> Result<Option<Bytes>, Error> {
+        match self.store.get(p).await {
+            Ok(r) => Ok(Some(r.bytes().await?)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The chunk list of a multi-chunk blob.
+    async fn chunk_list(&self, d: &B3Digest) -> Result<Option<Vec<ChunkMeta>>, Error> {
+        let Some(raw) = self.get_opt(&self.blob_path(d)).await? else { return Ok(None) };
+        let resp = proto::StatBlobResponse::decode(raw)
+            .map_err(|e| Error::Storage(format!("blob {d}: corrupt chunk list: {e}")))?;
+        resp.chunks
+            .into_iter()
+            .map(|c| {
+                Ok(ChunkMeta {
+                    digest: B3Digest::try_from(&c.digest)
+                        .map_err(|e| Error::Storage(format!("blob {d}: corrupt chunk list: {e}")))?,
+                    size: c.size,
+                })
+            })
+            .collect::<Result<Vec<_>, Error>>()
+            .map(Some)
+    }
+
+    /// A chunk's raw bytes, decoded and verified; `None` if absent.
+    async fn read_chunk(&self, d: &B3Digest, expected_size: Option<u64>) -> Result<Option<Bytes>, Error> {
+        let Some(stored) = self.get_opt(&self.chunk_path(d)).await? else { return Ok(None) };
+        let d = *d;
+        let data = tokio::task::spawn_blocking(move || -> Result<Bytes, Error> {
+            let data = decode_chunk(&d, stored)?;
+            let meta = ChunkMeta { digest: d, size: expected_size.unwrap_or(data.len() as u64) };
+            verify_chunk(&meta, &data)?;
+            Ok(data)
+        })
+        .await
+        .map_err(Error::storage)??;
+        Ok(Some(data))
+    }
+
+    /// Hashes, and unless present, compresses and stores one chunk.
+    async fn upload_chunk(self: Arc<Self>, data: Bytes) -> Result<ChunkMeta, Error> {
+        let size = data.len() as u64;
+        let to_hash = data.clone();
+        let digest = tokio::task::spawn_blocking(move || B3Digest::of(&to_hash)).await.map_err(Error::storage)?;
+        let path = self.chunk_path(&digest);
+        if !self.exists(&path).await? {
+            let level = self.zstd_level;
+            let encoded = tokio::task::spawn_blocking(move || encode_chunk(&data, level))
+                .await
+                .map_err(Error::storage)??;
+            self.store.put(&path, PutPayload::from(encoded)).await?;
+        }
+        Ok(ChunkMeta { digest, size })
+    }
+}
+
+fn encode_chunk(data: &[u8], level: i32) -> Result<Bytes, Error> {
+    if data.len() >= 512 {
+        let compressed = zstd::bulk::compress(data, level).map_err(Error::storage)?;
+        // Only worth it when it saves at least 1/16th.
+        if compressed.len() < data.len() - data.len() / 16 {
+            let mut out = BytesMut::with_capacity(compressed.len() + 1);
+            out.extend_from_slice(&[TAG_ZSTD]);
+            out.extend_from_slice(&compressed);
+            return Ok(out.freeze());
+        }
+    }
+    let mut out = BytesMut::with_capacity(data.len() + 1);
+    out.extend_from_slice(&[TAG_RAW]);
+    out.extend_from_slice(data);
+    Ok(out.freeze())
+}
+
+fn decode_chunk(d: &B3Digest, stored: Bytes) -> Result<Bytes, Error> {
+    match stored.first() {
+        Some(&TAG_RAW) => Ok(stored.slice(1..)),
+        Some(&TAG_ZSTD) => zstd::bulk::decompress(&stored[1..], fastcdc::v2020::MAXIMUM_MAX as usize)
+            .map(Bytes::from)
+            .map_err(|e| Error::Storage(format!("chunk {d}: corrupt compressed data: {e}"))),
+        _ => Err(Error::Storage(format!("chunk {d}: unknown encoding"))),
+    }
+}
+
+/// Blob service on an `object_store` backend, with FastCDC chunking and
+/// per-chunk zstd compression.
+#[derive(Clone)]
+pub struct ObjectStoreBlobService {
+    inner: Arc<Inner>,
+}
+
+impl ObjectStoreBlobService {
+    /// A service storing under `base` in `store`.
+    pub fn new(store: Arc<dyn ObjectStore>, base: Path) -> Self {
+        Self::with_params(store, base, ChunkingParams::default(), 1)
+    }
+
+    /// Like [Self::new] with explicit chunking parameters and zstd level.
+    pub fn with_params(store: Arc<dyn ObjectStore>, base: Path, params: ChunkingParams, zstd_level: i32) -> Self {
+        Self { inner: Arc::new(Inner { store, base, params, zstd_level }) }
+    }
+}
+
+struct Fetcher(Arc<Inner>);
+
+#[async_trait]
+impl ChunkFetcher for Fetcher {
+    async fn fetch_chunk(&self, chunk: &ChunkMeta) -> Result<Bytes, Error> {
+        self.0
+            .read_chunk(&chunk.digest, Some(chunk.size))
+            .await?
+            .ok_or_else(|| Error::Storage(format!("chunk {} is missing", chunk.digest)))
+    }
+}
+
+#[async_trait]
+impl BlobService for ObjectStoreBlobService {
+    #[instrument(skip(self), level = "debug")]
+    async fn has(&self, digest: &B3Digest) -> Result<bool, Error> {
+        Ok(self.inner.exists(&self.inner.chunk_path(digest)).await?
+            || self.inner.exists(&self.inner.blob_path(digest)).await?)
+    }
+
+    #[instrument(skip(self), level = "debug")]
+    async fn open_read(&self, digest: &B3Digest) -> Result<Option<Box<dyn BlobReader>>, Error> {
+        if let Some(data) = self.inner.read_chunk(digest, None).await? {
+            return Ok(Some(Box::new(std::io::Cursor::new(data))));
+        }
+        match self.inner.chunk_list(digest).await? {
+            None => Ok(None),
+            Some(chunks) => {
+                Ok(Some(Box::new(ChunkedReader::new(chunks, Arc::new(Fetcher(self.inner.clone()))))))
+            }
+        }
+    }
+
+    async fn open_write(&self) -> Box<dyn BlobWriter> {
+        Box::new(ObjectStoreBlobWriter {
+            inner: self.inner.clone(),
+            buf: BytesMut::new(),
+            blob_hasher: blake3::Hasher::new(),
+            first_chunk: None,
+            emitted: 0,
+            uploads: FuturesOrdered::new(),
+            chunks: Vec::new(),
+            done: None,
+        })
+    }
+
+    #[instrument(skip(self), level = "debug")]
+    async fn chunks(&self, digest: &B3Digest) -> Result<Option<Vec<ChunkMeta>>, Error> {
+        if let Some(list) = self.inner.chunk_list(digest).await? {
+            return Ok(Some(list));
+        }
+        Ok(self.inner.exists(&self.inner.chunk_path(digest)).await?.then(Vec::new))
+    }
+}
+
+struct ObjectStoreBlobWriter {
+    inner: Arc<Inner>,
+    buf: BytesMut,
+    /// Hashes the whole blob; only fed once a second chunk shows up (a
+    /// single-chunk blob's digest is its chunk's digest).
+    blob_hasher: blake3::Hasher,
+    first_chunk: Option<Bytes>,
+    emitted: usize,
+    uploads: FuturesOrdered<JoinHandle<Result<ChunkMeta, Error>>>,
+    chunks: Vec<ChunkMeta>,
+    done: Option<B3Digest>,
+}
+
+impl ObjectStoreBlobWriter {
+    async fn emit(&mut self, chunk: Bytes) -> Result<(), Error> {
+        self.emitted += 1;
+        match self.emitted {
+            1 => self.first_chunk = Some(chunk.clone()),
+            2 => {
+                let first = self.first_chunk.take().expect("first chunk kept");
+                self.blob_hasher.update(&first);
+                self.blob_hasher.update(&chunk);
+            }
+            _ => {
+                self.blob_hasher.update(&chunk);
+            }
+        }
+        self.uploads.push_back(tokio::spawn(self.inner.clone().upload_chunk(chunk)));
+        while self.uploads.len() >= UPLOADS_IN_FLIGHT {
+            self.collect_one().await?;
+        }
+        Ok(())
+    }
+
+    async fn collect_one(&mut self) -> Result<(), Error> {
+        if let Some(r) = self.uploads.next().await {
+            self.chunks.push(r.map_err(Error::storage)??);
+        }
+        Ok(())
+    }
+
+    fn next_cut(&self, at_end: bool) -> Option<usize> {
+        let p = self.inner.params;
+        if self.buf.is_empty() || (!at_end && self.buf.len() < p.max) {
+            return None;
+        }
+        fastcdc::v2020::FastCDC::new(&self.buf, p.min, p.avg, p.max)
+            .next()
+            .map(|c| c.length)
+    }
+}
+
+#[async_trait]
+impl BlobWriter for ObjectStoreBlobWriter {
+    async fn write(&mut self, data: Bytes) -> Result<(), Error> {
+        if self.done.is_some() {
+            return Err(Error::InvalidRequest("write after close".into()));
+        }
+        self.buf.extend_from_slice(&data);
+        while let Some(cut) = self.next_cut(false) {
+            let chunk = self.buf.split_to(cut).freeze();
+            self.emit(chunk).await?;
+        }
+        Ok(())
+    }
+
+    async fn close(&mut self) -> Result<B3Digest, Error> {
+        if let Some(d) = self.done {
+            return Ok(d);
+        }
+        while let Some(cut) = self.next_cut(true) {
+            let chunk = self.buf.split_to(cut).freeze();
+            self.emit(chunk).await?;
+        }
+        if self.emitted == 0 {
+            // The empty blob is stored as one empty chunk.
+            self.emit(Bytes::new()).await?;
+        }
+        while !self.uploads.is_empty() {
+            self.collect_one().await?;
+        }
+        let digest = if self.chunks.len() == 1 {
+            self.chunks[0].digest
+        } else {
+            let digest = B3Digest::from(self.blob_hasher.finalize());
+            let list = proto::StatBlobResponse {
+                chunks: self
+                    .chunks
+                    .iter()
+                    .map(|c| proto::stat_blob_response::ChunkMeta { digest: c.digest.to_bytes(), size: c.size })
+                    .collect(),
+                bao: Bytes::new(),
+            };
+            let path = self.inner.blob_path(&digest);
+            if !self.inner.exists(&path).await? {
+                self.inner.store.put(&path, PutPayload::from(list.encode_to_vec())).await?;
+            }
+            digest
+        };
+        self.done = Some(digest);
+        Ok(digest)
+    }
+}

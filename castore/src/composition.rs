@@ -1,0 +1,698 @@
+//! Service stacks from URLs or a TOML composition file (see `cli.md`).
+//!
+//! A URL describes one service, and layers nest URLs in their query:
+//! `cache://?near=memory://&far=grpc+http://127.0.0.1:8000`. A TOML file
+//! names entries in `[blobservices.*]` and `[directoryservices.*]` that
+//! refer to each other by name; `default` is the entry point. Unknown names
+//! and reference cycles are refused before anything is built.
+use crate::blobservice::{
+    BlobService, CacheBlobService, GrpcBlobService, MemoryBlobService, ObjectStoreBlobService,
+};
+use crate::directoryservice::{
+    CacheDirectoryService, DirectoryService, GrpcDirectoryService, LruDirectoryService,
+    MemoryDirectoryService, ObjectStoreDirectoryService, SledDirectoryService,
+};
+use parking_lot::Mutex;
+use std::collections::{BTreeMap, HashMap};
+use std::num::NonZeroUsize;
+use std::path::PathBuf;
+use std::sync::Arc;
+use url::Url;
+
+/// Which kind of service an entry describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ServiceKind {
+    /// Blobs.
+    Blob,
+    /// Directories.
+    Directory,
+}
+
+impl ServiceKind {
+    fn section(self) -> &'static str {
+        match self {
+            ServiceKind::Blob => "blobservices",
+            ServiceKind::Directory => "directoryservices",
+        }
+    }
+    fn noun(self) -> &'static str {
+        match self {
+            ServiceKind::Blob => "blob",
+            ServiceKind::Directory => "directory",
+        }
+    }
+}
+
+/// A configuration problem, with the offending URL or names in the message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CompositionError {
+    /// A URL that cannot be used.
+    #[error("invalid service URL {url:?}: {reason}")]
+    InvalidUrl {
+        /// The URL as given.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A TOML entry that cannot be used.
+    #[error("{section}.{name}: {reason}")]
+    InvalidEntry {
+        /// `blobservices` or `directoryservices`.
+        section: String,
+        /// The entry's name.
+        name: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A reference to a name that has no entry.
+    #[error("{section}.{from} refers to unknown entry {name:?}")]
+    UnknownName {
+        /// Section of both entries.
+        section: String,
+        /// The entry holding the reference.
+        from: String,
+        /// The missing name.
+        name: String,
+    },
+    /// Entries referring to each other in a loop.
+    #[error("reference cycle in {section}: {}", cycle.join(" -> "))]
+    Cycle {
+        /// Section of the entries.
+        section: String,
+        /// The names along the loop, first repeated at the end.
+        cycle: Vec<String>,
+    },
+    /// The TOML file itself is malformed.
+    #[error("composition file: {0}")]
+    Toml(String),
+    /// Building a service failed (e.g. a database could not be opened).
+    #[error("building {0}")]
+    Build(String),
+}
+
+/// A reference from a layer to another service: inline or by name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServiceRef {
+    /// A nested configuration (from a URL).
+    Inline(Box<ServiceConfig>),
+    /// An entry of the same section of a composition file.
+    Named(String),
+}
+
+/// One service's configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServiceConfig {
+    /// `memory://`
+    Memory,
+    /// `sled:///abs/path`, or `sled://` for a temporary database.
+    Sled {
+        /// Database directory; `None` for a temporary one.
+        path: Option<PathBuf>,
+    },
+    /// `objectstore+<object_store URL>`; query pairs are object_store options.
+    ObjectStore {
+        /// The object_store URL (`file:///…`, `memory:///`, `s3://bucket/prefix`).
+        url: Url,
+        /// Options such as `endpoint`, `region`, `access_key_id`, `allow_http`.
+        options: Vec<(String, String)>,
+    },
+    /// `grpc+http://host:port`, `grpc+https://…`, `grpc+unix:///abs/socket`.
+    Grpc {
+        /// The URL as given.
+        url: Url,
+    },
+    /// `cache://?near=URL&far=URL`
+    Cache {
+        /// The fast, local layer.
+        near: ServiceRef,
+        /// The authoritative layer.
+        far: ServiceRef,
+    },
+    /// `lru://?capacity=N[&inner=URL]`
+    Lru {
+        /// Most directories kept.
+        capacity: NonZeroUsize,
+        /// Where misses are read from and writes go to.
+        inner: Option<ServiceRef>,
+    },
+}
+
+/// Splits a raw query into decoded pairs. Unlike form decoding, `+` stays a
+/// plus (nested URLs such as `grpc+http://…` need it).
+fn query_pairs(url: &Url) -> Result<Vec<(String, String)>, String> {
+    let Some(q) = url.query() else { return Ok(vec![]) };
+    q.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').ok_or_else(|| format!("query part {pair:?} has no '='"))?;
+            let dec = |s: &str| {
+                percent_encoding::percent_decode_str(s)
+                    .decode_utf8()
+                    .map(|c| c.into_owned())
+                    .map_err(|_| format!("query part {pair:?} is not valid UTF-8 after decoding"))
+            };
+            Ok((dec(k)?, dec(v)?))
+        })
+        .collect()
+}
+
+impl ServiceConfig {
+    /// Parses a service URL for a service of `kind`.
+    pub fn from_url(kind: ServiceKind, s: &str) -> Result<Self, CompositionError> {
+        let err = |reason: String| CompositionError::InvalidUrl { url: s.to_string(), reason };
+        let url = Url::parse(s).map_err(|e| err(e.to_string()))?;
+        let pairs = query_pairs(&url).map_err(err)?;
+        let no_query = || {
+            if pairs.is_empty() {
+                Ok(())
+            } else {
+                Err(err(format!("{}:// takes no query parameters", url.scheme())))
+            }
+        };
+        let config = match url.scheme() {
+            "memory" => {
+                no_query()?;
+                if url.has_host() && url.host_str() != Some("") || !(url.path().is_empty() || url.path() == "/") {
+                    return Err(err("memory:// takes no host or path".into()));
+                }
+                ServiceConfig::Memory
+            }
+            "sled" => {
+                no_query()?;
+                if url.host_str().is_some_and(|h| !h.is_empty()) {
+                    return Err(err("expected sled:///absolute/path (three slashes) or sled:// for a temporary database".into()));
+                }
+                let path = url.path();
+                ServiceConfig::Sled { path: (!path.is_empty() && path != "/").then(|| PathBuf::from(path)) }
+            }
+            scheme if scheme.starts_with("objectstore+") => {
+                let inner = s.strip_prefix("objectstore+").expect("checked");
+                let inner = inner.split_once('?').map(|(a, _)| a).unwrap_or(inner);
+                let ourl = Url::parse(inner).map_err(|e| err(e.to_string()))?;
+                match ourl.scheme() {
+                    "file" if ourl.path().len() <= 1 => return Err(err("expected objectstore+file:///absolute/path".into())),
+                    "file" if ourl.host_str().is_some_and(|h| !h.is_empty()) => {
+                        return Err(err("expected objectstore+file:///absolute/path (three slashes)".into()))
+                    }
+                    "s3" | "s3a" if ourl.host_str().is_none_or(|h| h.is_empty()) => {
+                        return Err(err("expected objectstore+s3://bucket/prefix".into()))
+                    }
+                    "file" | "memory" | "s3" | "s3a" | "gs" | "az" | "azure" | "abfs" | "abfss" | "http" | "https" => {}
+                    other => return Err(err(format!("object_store does not know the scheme {other:?}"))),
+                }
+                if ourl.scheme() != "file" && ourl.scheme() != "memory" {
+                    // Check options now, so a typo fails at start, not at first use.
+                    object_store::parse_url_opts(&ourl, pairs.clone()).map_err(|e| err(e.to_string()))?;
+                }
+                ServiceConfig::ObjectStore { url: ourl, options: pairs }
+            }
+            "grpc+http" | "grpc+https" | "grpc+unix" => {
+                no_query()?;
+                crate::grpc::channel_from_url(&url).map_err(|e| err(e.to_string()))?;
+                ServiceConfig::Grpc { url }
+            }
+            "cache" => {
+                let mut near = None;
+                let mut far = None;
+                for (k, v) in pairs {
+                    match k.as_str() {
+                        "near" => near = Some(ServiceRef::Inline(Box::new(Self::from_url(kind, &v)?))),
+                        "far" => far = Some(ServiceRef::Inline(Box::new(Self::from_url(kind, &v)?))),
+                        other => return Err(err(format!("unknown parameter {other:?} (expected near, far)"))),
+                    }
+                }
+                ServiceConfig::Cache {
+                    near: near.ok_or_else(|| err("missing near=URL".into()))?,
+                    far: far.ok_or_else(|| err("missing far=URL".into()))?,
+                }
+            }
+            "lru" => {
+                let mut capacity = None;
+                let mut inner = None;
+                for (k, v) in pairs {
+                    match k.as_str() {
+                        "capacity" => {
+                            capacity = Some(
+                                v.parse::<NonZeroUsize>()
+                                    .map_err(|_| err(format!("capacity {v:?} is not a positive integer")))?,
+                            )
+                        }
+                        "inner" => inner = Some(ServiceRef::Inline(Box::new(Self::from_url(kind, &v)?))),
+                        other => return Err(err(format!("unknown parameter {other:?} (expected capacity, inner)"))),
+                    }
+                }
+                ServiceConfig::Lru { capacity: capacity.ok_or_else(|| err("missing capacity=N".into()))?, inner }
+            }
+            other => return Err(err(format!("unknown scheme {other:?}"))),
+        };
+        config.check_kind(kind).map_err(err)?;
+        Ok(config)
+    }
+
+    fn check_kind(&self, kind: ServiceKind) -> Result<(), String> {
+        match (self, kind) {
+            (ServiceConfig::Sled { .. }, ServiceKind::Blob) => Err("sled is not available for blob services".into()),
+            (ServiceConfig::Lru { .. }, ServiceKind::Blob) => Err("lru is not available for blob services".into()),
+            _ => Ok(()),
+        }
+    }
+
+    fn named_refs(&self) -> Vec<&str> {
+        fn of(r: &ServiceRef) -> Vec<&str> {
+            match r {
+                ServiceRef::Named(n) => vec![n.as_str()],
+                ServiceRef::Inline(c) => c.named_refs(),
+            }
+        }
+        match self {
+            ServiceConfig::Cache { near, far } => [of(near), of(far)].concat(),
+            ServiceConfig::Lru { inner: Some(i), .. } => of(i),
+            _ => Vec::new(),
+        }
+    }
+}
+
+fn entry_from_toml(kind: ServiceKind, name: &str, value: &toml::Value) -> Result<ServiceConfig, CompositionError> {
+    let err = |reason: String| CompositionError::InvalidEntry { section: kind.section().into(), name: name.into(), reason };
+    let table = value.as_table().ok_or_else(|| err("expected a table".into()))?;
+    let get_str = |key: &str| -> Result<Option<String>, CompositionError> {
+        match table.get(key) {
+            None => Ok(None),
+            Some(toml::Value::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(err(format!("{key} must be a string"))),
+        }
+    };
+    let require = |key: &str| get_str(key)?.ok_or_else(|| err(format!("missing {key}")));
+    let reference = |key: &str| -> Result<Option<ServiceRef>, CompositionError> {
+        Ok(match get_str(key)? {
+            None => None,
+            Some(v) if v.contains("://") => Some(ServiceRef::Inline(Box::new(ServiceConfig::from_url(kind, &v)?))),
+            Some(v) => Some(ServiceRef::Named(v)),
+        })
+    };
+    let ty = require("type")?;
+    let allowed: &[&str] = match ty.as_str() {
+        "memory" => &["type"],
+        "sled" => &["type", "path"],
+        "objectstore" => &["type", "url", "options"],
+        "grpc" | "url" => &["type", "url"],
+        "cache" => &["type", "near", "far"],
+        "lru" => &["type", "capacity", "inner"],
+        other => {
+            return Err(err(format!(
+                "unknown type {other:?} (expected memory, sled, objectstore, grpc, cache, lru or url)"
+            )))
+        }
+    };
+    if let Some(k) = table.keys().find(|k| !allowed.contains(&k.as_str())) {
+        return Err(err(format!("unknown key {k:?} for type {ty:?} (allowed: {})", allowed.join(", "))));
+    }
+    let config = match ty.as_str() {
+        "memory" => ServiceConfig::Memory,
+        "sled" => ServiceConfig::Sled { path: get_str("path")?.map(PathBuf::from) },
+        "objectstore" => {
+            let url = require("url")?;
+            let url = url.strip_prefix("objectstore+").unwrap_or(&url).to_string();
+            let mut full = format!("objectstore+{url}");
+            if let Some(opts) = table.get("options") {
+                let opts = opts.as_table().ok_or_else(|| err("options must be a table".into()))?;
+                let mut ser = url::form_urlencoded::Serializer::new(String::new());
+                for (k, v) in opts {
+                    ser.append_pair(k, v.as_str().ok_or_else(|| err(format!("option {k} must be a string")))?);
+                }
+                let q = ser.finish().replace('+', "%20");
+                full.push(if full.contains('?') { '&' } else { '?' });
+                full.push_str(&q);
+            }
+            ServiceConfig::from_url(kind, &full)?
+        }
+        "grpc" | "url" => ServiceConfig::from_url(kind, &require("url")?)?,
+        "cache" => ServiceConfig::Cache {
+            near: reference("near")?.ok_or_else(|| err("missing near".into()))?,
+            far: reference("far")?.ok_or_else(|| err("missing far".into()))?,
+        },
+        "lru" => {
+            let capacity = match table.get("capacity") {
+                Some(toml::Value::Integer(n)) if *n > 0 => NonZeroUsize::new(*n as usize).expect("positive"),
+                _ => return Err(err("capacity must be a positive integer".into())),
+            };
+            ServiceConfig::Lru { capacity, inner: reference("inner")? }
+        }
+        _ => unreachable!("type checked above"),
+    };
+    config.check_kind(kind).map_err(err)?;
+    Ok(config)
+}
+
+/// Named service configurations for blobs and directories.
+#[derive(Debug, Clone, Default)]
+pub struct Composition {
+    blob: BTreeMap<String, ServiceConfig>,
+    directory: BTreeMap<String, ServiceConfig>,
+}
+
+impl Composition {
+    /// A composition whose `default` entries are the given URLs.
+    pub fn from_urls(blob_url: &str, directory_url: &str) -> Result<Self, CompositionError> {
+        let mut c = Composition::default();
+        c.blob.insert("default".into(), ServiceConfig::from_url(ServiceKind::Blob, blob_url)?);
+        c.directory.insert("default".into(), ServiceConfig::from_url(ServiceKind::Directory, directory_url)?);
+        Ok(c)
+    }
+
+    /// Parses a composition file and checks every reference (unknown names,
+    /// cycles). Other top-level sections (such as `pathinfoservices`) are
+    /// left to the crates that own them.
+    pub fn from_toml(text: &str) -> Result<Self, CompositionError> {
+        let doc: toml::Table = text.parse().map_err(|e: toml::de::Error| CompositionError::Toml(e.to_string()))?;
+        let mut c = Composition::default();
+        for kind in [ServiceKind::Blob, ServiceKind::Directory] {
+            let Some(section) = doc.get(kind.section()) else { continue };
+            let section = section
+                .as_table()
+                .ok_or_else(|| CompositionError::Toml(format!("{} must be a table", kind.section())))?;
+            let map = c.section_mut(kind);
+            for (name, value) in section {
+                map.insert(name.clone(), entry_from_toml(kind, name, value)?);
+            }
+        }
+        c.check()?;
+        Ok(c)
+    }
+
+    fn section(&self, kind: ServiceKind) -> &BTreeMap<String, ServiceConfig> {
+        match kind {
+            ServiceKind::Blob => &self.blob,
+            ServiceKind::Directory => &self.directory,
+        }
+    }
+
+    fn section_mut(&mut self, kind: ServiceKind) -> &mut BTreeMap<String, ServiceConfig> {
+        match kind {
+            ServiceKind::Blob => &mut self.blob,
+            ServiceKind::Directory => &mut self.directory,
+        }
+    }
+
+    /// Checks that every named reference exists and that none forms a cycle.
+    pub fn check(&self) -> Result<(), CompositionError> {
+        for kind in [ServiceKind::Blob, ServiceKind::Directory] {
+            let section = self.section(kind);
+            for (from, config) in section {
+                for name in config.named_refs() {
+                    if !section.contains_key(name) {
+                        return Err(CompositionError::UnknownName {
+                            section: kind.section().into(),
+                            from: from.clone(),
+                            name: name.into(),
+                        });
+                    }
+                }
+            }
+            // Depth-first search with the current path as the stack.
+            let mut done: Vec<&str> = Vec::new();
+            for start in section.keys() {
+                let mut path: Vec<&str> = Vec::new();
+                visit(section, start, &mut path, &mut done).map_err(|cycle| CompositionError::Cycle {
+                    section: kind.section().into(),
+                    cycle,
+                })?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn visit<'a>(
+    section: &'a BTreeMap<String, ServiceConfig>,
+    name: &'a str,
+    path: &mut Vec<&'a str>,
+    done: &mut Vec<&'a str>,
+) -> Result<(), Vec<String>> {
+    if done.contains(&name) {
+        return Ok(());
+    }
+    if let Some(pos) = path.iter().position(|n| *n == name) {
+        let mut cycle: Vec<String> = path[pos..].iter().map(|s| s.to_string()).collect();
+        cycle.push(name.to_string());
+        return Err(cycle);
+    }
+    path.push(name);
+    if let Some(config) = section.get(name) {
+        for r in config.named_refs() {
+            visit(section, r, path, done)?;
+        }
+    }
+    path.pop();
+    done.push(name);
+    Ok(())
+}
+
+/// Builds services from a [Composition], each named entry once.
+pub struct Builder {
+    composition: Composition,
+    blobs: Mutex<HashMap<String, Arc<dyn BlobService>>>,
+    directories: Mutex<HashMap<String, Arc<dyn DirectoryService>>>,
+}
+
+impl Builder {
+    /// A builder over a checked composition.
+    pub fn new(composition: Composition) -> Self {
+        Self { composition, blobs: Default::default(), directories: Default::default() }
+    }
+
+    /// The blob service named `name` (usually `default`).
+    pub fn blob_service(&self, name: &str) -> Result<Arc<dyn BlobService>, CompositionError> {
+        if let Some(s) = self.blobs.lock().get(name) {
+            return Ok(s.clone());
+        }
+        let config = self.named(ServiceKind::Blob, name)?;
+        let svc = self.build_blob(&config, name)?;
+        self.blobs.lock().insert(name.to_string(), svc.clone());
+        Ok(svc)
+    }
+
+    /// The directory service named `name` (usually `default`).
+    pub fn directory_service(&self, name: &str) -> Result<Arc<dyn DirectoryService>, CompositionError> {
+        if let Some(s) = self.directories.lock().get(name) {
+            return Ok(s.clone());
+        }
+        let config = self.named(ServiceKind::Directory, name)?;
+        let svc = self.build_directory(&config, name)?;
+        self.directories.lock().insert(name.to_string(), svc.clone());
+        Ok(svc)
+    }
+
+    fn named(&self, kind: ServiceKind, name: &str) -> Result<ServiceConfig, CompositionError> {
+        self.composition.section(kind).get(name).cloned().ok_or_else(|| CompositionError::UnknownName {
+            section: kind.section().into(),
+            from: "(entry point)".into(),
+            name: name.into(),
+        })
+    }
+
+    fn build_blob(&self, config: &ServiceConfig, name: &str) -> Result<Arc<dyn BlobService>, CompositionError> {
+        let resolve = |r: &ServiceRef| match r {
+            ServiceRef::Named(n) => self.blob_service(n),
+            ServiceRef::Inline(c) => self.build_blob(c, name),
+        };
+        let build_err = |e: String| CompositionError::Build(format!("{} service {name:?}: {e}", ServiceKind::Blob.noun()));
+        Ok(match config {
+            ServiceConfig::Memory => Arc::new(MemoryBlobService::default()),
+            ServiceConfig::ObjectStore { url, options } => {
+                let (store, base) = object_store_from(url, options).map_err(build_err)?;
+                Arc::new(ObjectStoreBlobService::new(store, base))
+            }
+            ServiceConfig::Grpc { url } => {
+                Arc::new(GrpcBlobService::from_channel(crate::grpc::channel_from_url(url).map_err(|e| build_err(e.to_string()))?))
+            }
+            ServiceConfig::Cache { near, far } => Arc::new(CacheBlobService::new(resolve(near)?, resolve(far)?)),
+            ServiceConfig::Sled { .. } | ServiceConfig::Lru { .. } => {
+                return Err(build_err("not available for blob services".into()))
+            }
+        })
+    }
+
+    fn build_directory(&self, config: &ServiceConfig, name: &str) -> Result<Arc<dyn DirectoryService>, CompositionError> {
+        let resolve = |r: &ServiceRef| match r {
+            ServiceRef::Named(n) => self.directory_service(n),
+            ServiceRef::Inline(c) => self.build_directory(c, name),
+        };
+        let build_err =
+            |e: String| CompositionError::Build(format!("{} service {name:?}: {e}", ServiceKind::Directory.noun()));
+        Ok(match config {
+            ServiceConfig::Memory => Arc::new(MemoryDirectoryService::default()),
+            ServiceConfig::Sled { path: None } => {
+                Arc::new(SledDirectoryService::temporary().map_err(|e| build_err(e.to_string()))?)
+            }
+            ServiceConfig::Sled { path: Some(p) } => {
+                Arc::new(SledDirectoryService::open(p).map_err(|e| build_err(e.to_string()))?)
+            }
+            ServiceConfig::ObjectStore { url, options } => {
+                let (store, base) = object_store_from(url, options).map_err(build_err)?;
+                Arc::new(ObjectStoreDirectoryService::new(store, base))
+            }
+            ServiceConfig::Grpc { url } => Arc::new(GrpcDirectoryService::from_channel(
+                crate::grpc::channel_from_url(url).map_err(|e| build_err(e.to_string()))?,
+            )),
+            ServiceConfig::Cache { near, far } => {
+                Arc::new(CacheDirectoryService::new(resolve(near)?, resolve(far)?))
+            }
+            ServiceConfig::Lru { capacity, inner } => Arc::new(LruDirectoryService::new(
+                *capacity,
+                inner.as_ref().map(resolve).transpose()?,
+            )),
+        })
+    }
+}
+
+/// Opens an object store from its URL and options.
+pub fn object_store_from(
+    url: &Url,
+    options: &[(String, String)],
+) -> Result<(Arc<dyn object_store::ObjectStore>, object_store::path::Path), String> {
+    if url.scheme() == "file" {
+        // Local files: the directory is created, keys are relative to it.
+        let dir = PathBuf::from(url.path());
+        std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        let fs = object_store::local::LocalFileSystem::new_with_prefix(&dir)
+            .map_err(|e| e.to_string())?
+            .with_automatic_cleanup(true);
+        return Ok((Arc::new(fs), object_store::path::Path::default()));
+    }
+    let (store, path) = object_store::parse_url_opts(url, options.iter().cloned()).map_err(|e| e.to_string())?;
+    Ok((Arc::from(store), path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn blob(s: &str) -> Result<ServiceConfig, CompositionError> {
+        ServiceConfig::from_url(ServiceKind::Blob, s)
+    }
+    fn dir(s: &str) -> Result<ServiceConfig, CompositionError> {
+        ServiceConfig::from_url(ServiceKind::Directory, s)
+    }
+
+    #[test]
+    fn parses_every_scheme() {
+        assert_eq!(blob("memory://").unwrap(), ServiceConfig::Memory);
+        assert_eq!(dir("sled://").unwrap(), ServiceConfig::Sled { path: None });
+        assert_eq!(dir("sled:///var/lib/x").unwrap(), ServiceConfig::Sled { path: Some("/var/lib/x".into()) });
+        assert!(matches!(blob("objectstore+file:///tmp/b").unwrap(), ServiceConfig::ObjectStore { .. }));
+        assert!(matches!(blob("objectstore+memory:///").unwrap(), ServiceConfig::ObjectStore { .. }));
+        match blob("objectstore+s3://bucket/prefix?endpoint=http://127.0.0.1:9000&region=us-east-1&allow_http=true").unwrap() {
+            ServiceConfig::ObjectStore { url, options } => {
+                assert_eq!(url.as_str(), "s3://bucket/prefix");
+                assert!(options.contains(&("endpoint".into(), "http://127.0.0.1:9000".into())));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(blob("grpc+http://127.0.0.1:8000").unwrap(), ServiceConfig::Grpc { .. }));
+        assert!(matches!(blob("grpc+unix:///run/arca.sock").unwrap(), ServiceConfig::Grpc { .. }));
+        assert!(matches!(dir("lru://?capacity=10").unwrap(), ServiceConfig::Lru { inner: None, .. }));
+    }
+
+    #[test]
+    fn nested_urls_keep_their_plus() {
+        let c = blob("cache://?near=memory://&far=grpc+http://127.0.0.1:8000").unwrap();
+        match c {
+            ServiceConfig::Cache { near, far } => {
+                assert_eq!(near, ServiceRef::Inline(Box::new(ServiceConfig::Memory)));
+                match far {
+                    ServiceRef::Inline(f) => assert!(matches!(*f, ServiceConfig::Grpc { ref url } if url.scheme() == "grpc+http")),
+                    other => panic!("{other:?}"),
+                }
+            }
+            other => panic!("{other:?}"),
+        }
+        // Percent-encoded nested queries.
+        let c = dir("lru://?capacity=5&inner=cache%3A%2F%2F%3Fnear%3Dmemory%3A%2F%2F%26far%3Dsled%3A%2F%2F").unwrap();
+        assert!(matches!(c, ServiceConfig::Lru { inner: Some(_), .. }));
+    }
+
+    #[test]
+    fn malformed_urls_have_clear_errors() {
+        for (url, needle) in [
+            ("nonsense", "relative URL"),
+            ("ftp://x", "unknown scheme"),
+            ("sled://relative/path", "three slashes"),
+            ("memory://?x=1", "no query"),
+            ("cache://?near=memory://", "missing far"),
+            ("cache://?near=memory://&far=memory://&extra=1", "unknown parameter"),
+            ("lru://?capacity=0", "positive integer"),
+            ("lru://", "missing capacity"),
+            ("grpc+http://", "empty host"),
+            ("objectstore+file://", "absolute path"),
+            ("objectstore+s3://", "bucket"),
+            ("objectstore+bogus://x", "does not know"),
+        ] {
+            let e = dir(url).unwrap_err().to_string();
+            assert!(e.contains(needle), "{url}: {e}");
+        }
+        assert!(blob("sled:///x").unwrap_err().to_string().contains("not available for blob"));
+        assert!(blob("lru://?capacity=3").unwrap_err().to_string().contains("not available for blob"));
+    }
+
+    #[test]
+    fn toml_composition_with_names() {
+        let c = Composition::from_toml(
+            r#"
+            [blobservices.default]
+            type = "cache"
+            near = "local"
+            far = "upstream"
+            [blobservices.local]
+            type = "memory"
+            [blobservices.upstream]
+            type = "objectstore"
+            url = "memory:///"
+            [directoryservices.default]
+            type = "lru"
+            capacity = 100
+            inner = "sled://"
+            "#,
+        )
+        .unwrap();
+        let b = Builder::new(c);
+        b.blob_service("default").unwrap();
+        b.directory_service("default").unwrap();
+        assert!(Arc::ptr_eq(&b.blob_service("local").unwrap(), &b.blob_service("local").unwrap()));
+    }
+
+    #[test]
+    fn toml_unknown_names_and_cycles_are_refused_with_names() {
+        let e = Composition::from_toml("[blobservices.default]\ntype = \"cache\"\nnear = \"a\"\nfar = \"nowhere\"\n[blobservices.a]\ntype=\"memory\"\n")
+            .unwrap_err();
+        assert!(matches!(&e, CompositionError::UnknownName { from, name, .. } if from == "default" && name == "nowhere"), "{e}");
+        assert!(e.to_string().contains("nowhere"));
+
+        let e = Composition::from_toml(
+            "[directoryservices.a]\ntype=\"lru\"\ncapacity=1\ninner=\"b\"\n[directoryservices.b]\ntype=\"cache\"\nnear=\"a\"\nfar=\"a\"\n",
+        )
+        .unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, CompositionError::Cycle { .. }), "{msg}");
+        assert!(msg.contains("a -> b -> a"), "{msg}");
+
+        let e = Composition::from_toml("[blobservices.x]\ntype=\"cache\"\nnear=\"x\"\nfar=\"x\"\n").unwrap_err();
+        assert!(e.to_string().contains("x -> x"), "{e}");
+    }
+
+    #[test]
+    fn toml_bad_entries() {
+        for (text, needle) in [
+            ("[blobservices.a]\ntype=\"weird\"\n", "unknown type"),
+            ("[blobservices.a]\ntype=\"memory\"\nurl=\"x\"\n", "unknown key"),
+            ("[blobservices.a]\nurl=\"x\"\n", "missing type"),
+            ("[directoryservices.a]\ntype=\"lru\"\ncapacity=-1\n", "positive integer"),
+            ("[blobservices.a]\ntype=\"sled\"\n", "not available for blob"),
+            ("[blobservices]\na = 1\n", "expected a table"),
+            ("not toml", "composition file"),
+        ] {
+            let e = Composition::from_toml(text).unwrap_err().to_string();
+            assert!(e.contains(needle), "{text}: {e}");
+        }
+    }
+}

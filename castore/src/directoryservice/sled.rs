@@ -1,0 +1,54 @@
+//! Directories in an embedded sled database (the daemon's default).
+use super::{DirectoryService, ValidatedClosure};
+use crate::{B3Digest, Directory, Error};
+use async_trait::async_trait;
+use std::path::Path;
+
+/// A sled tree mapping digest → canonical encoding. A closure is written in
+/// one atomic batch and flushed before `put_closure` returns.
+#[derive(Clone)]
+pub struct SledDirectoryService {
+    db: sled::Db,
+}
+
+impl SledDirectoryService {
+    /// Opens (creating) the database at `path`.
+    pub fn open(path: &Path) -> Result<Self, Error> {
+        let db = sled::Config::new()
+            .path(path)
+            .open()
+            .map_err(|e| Error::Storage(format!("opening sled database {}: {e}", path.display())))?;
+        Ok(Self { db })
+    }
+
+    /// A temporary database, deleted when dropped.
+    pub fn temporary() -> Result<Self, Error> {
+        let db = sled::Config::new().temporary(true).open().map_err(Error::storage)?;
+        Ok(Self { db })
+    }
+}
+
+#[async_trait]
+impl DirectoryService for SledDirectoryService {
+    #[tracing::instrument(skip(self), level = "debug")]
+    async fn get(&self, digest: &B3Digest) -> Result<Option<Directory>, Error> {
+        let Some(raw) = self.db.get(digest.as_bytes()).map_err(Error::storage)? else { return Ok(None) };
+        let dir = Directory::decode(&raw).map_err(|e| Error::Storage(format!("stored directory {digest} is corrupt: {e}")))?;
+        if dir.digest() != *digest {
+            return Err(Error::Storage(format!("stored directory {digest} failed verification")));
+        }
+        Ok(Some(dir))
+    }
+
+    #[tracing::instrument(skip_all, fields(root = %closure.root()), level = "debug")]
+    async fn put_closure(&self, closure: ValidatedClosure) -> Result<B3Digest, Error> {
+        let root = closure.root();
+        let mut batch = sled::Batch::default();
+        for (d, dir) in closure.directories() {
+            batch.insert(d.as_bytes().as_slice(), dir.encode());
+        }
+        self.db.apply_batch(batch).map_err(Error::storage)?;
+        self.db.flush_async().await.map_err(Error::storage)?;
+        Ok(root)
+    }
+}

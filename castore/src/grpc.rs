@@ -1,0 +1,189 @@
+//! gRPC plumbing: server wrappers exposing any [BlobService] /
+//! [DirectoryService] as `tvix.castore.v1`, and client channels from URLs.
+use crate::directoryservice::ClosureValidator;
+use crate::{B3Digest, BlobService, DirectoryService, Error};
+use arca_proto::castore as proto;
+use arca_proto::castore::blob_service_server::BlobServiceServer;
+use arca_proto::castore::directory_service_server::DirectoryServiceServer;
+use futures::stream::{BoxStream, StreamExt};
+use std::sync::Arc;
+use tokio_util::io::ReaderStream;
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::instrument;
+
+fn digest_arg(raw: &bytes::Bytes) -> Result<B3Digest, Status> {
+    B3Digest::try_from(raw).map_err(|e| Status::invalid_argument(format!("invalid digest: {e}")))
+}
+
+/// Serves a [BlobService] as `tvix.castore.v1.BlobService`.
+pub struct GrpcBlobServiceWrapper {
+    svc: Arc<dyn BlobService>,
+}
+
+impl GrpcBlobServiceWrapper {
+    /// Wraps `svc`.
+    pub fn new(svc: Arc<dyn BlobService>) -> Self {
+        Self { svc }
+    }
+
+    /// The tonic server, with Arca's message limits.
+    pub fn into_server(self) -> BlobServiceServer<Self> {
+        BlobServiceServer::new(self)
+            .max_decoding_message_size(crate::MAX_BLOB_MESSAGE_SIZE)
+            .max_encoding_message_size(crate::MAX_BLOB_MESSAGE_SIZE)
+    }
+}
+
+#[tonic::async_trait]
+impl proto::blob_service_server::BlobService for GrpcBlobServiceWrapper {
+    type ReadStream = BoxStream<'static, Result<proto::BlobChunk, Status>>;
+
+    #[instrument(skip_all, err)]
+    async fn stat(&self, request: Request<proto::StatBlobRequest>) -> Result<Response<proto::StatBlobResponse>, Status> {
+        let req = request.into_inner();
+        let digest = digest_arg(&req.digest)?;
+        let chunks = if req.send_chunks {
+            self.svc.chunks(&digest).await?
+        } else {
+            self.svc.has(&digest).await?.then(Vec::new)
+        };
+        match chunks {
+            None => Err(Status::not_found(format!("blob {digest}"))),
+            Some(chunks) => Ok(Response::new(proto::StatBlobResponse {
+                chunks: chunks
+                    .into_iter()
+                    .map(|c| proto::stat_blob_response::ChunkMeta { digest: c.digest.to_bytes(), size: c.size })
+                    .collect(),
+                bao: Default::default(),
+            })),
+        }
+    }
+
+    #[instrument(skip_all, err)]
+    async fn read(&self, request: Request<proto::ReadBlobRequest>) -> Result<Response<Self::ReadStream>, Status> {
+        let digest = digest_arg(&request.into_inner().digest)?;
+        let reader = self.svc.open_read(&digest).await?.ok_or_else(|| Status::not_found(format!("blob {digest}")))?;
+        let stream = ReaderStream::with_capacity(reader, crate::BLOB_MESSAGE_CHUNK)
+            .map(|r| r.map(|data| proto::BlobChunk { data }).map_err(|e| Status::from(Error::from(e))));
+        Ok(Response::new(stream.boxed()))
+    }
+
+    #[instrument(skip_all, err)]
+    async fn put(&self, request: Request<Streaming<proto::BlobChunk>>) -> Result<Response<proto::PutBlobResponse>, Status> {
+        let mut stream = request.into_inner();
+        let mut writer = self.svc.open_write().await;
+        while let Some(msg) = stream.message().await? {
+            writer.write(msg.data).await?;
+        }
+        let digest = writer.close().await?;
+        Ok(Response::new(proto::PutBlobResponse { digest: digest.to_bytes() }))
+    }
+}
+
+/// Serves a [DirectoryService] as `tvix.castore.v1.DirectoryService`.
+pub struct GrpcDirectoryServiceWrapper {
+    svc: Arc<dyn DirectoryService>,
+}
+
+impl GrpcDirectoryServiceWrapper {
+    /// Wraps `svc`.
+    pub fn new(svc: Arc<dyn DirectoryService>) -> Self {
+        Self { svc }
+    }
+
+    /// The tonic server, accepting directories larger than tonic's default limit.
+    pub fn into_server(self) -> DirectoryServiceServer<Self> {
+        DirectoryServiceServer::new(self)
+            .max_decoding_message_size(crate::MAX_DIRECTORY_MESSAGE_SIZE)
+            .max_encoding_message_size(crate::MAX_DIRECTORY_MESSAGE_SIZE)
+    }
+}
+
+#[tonic::async_trait]
+impl proto::directory_service_server::DirectoryService for GrpcDirectoryServiceWrapper {
+    type GetStream = BoxStream<'static, Result<proto::Directory, Status>>;
+
+    #[instrument(skip_all, err)]
+    async fn get(&self, request: Request<proto::GetDirectoryRequest>) -> Result<Response<Self::GetStream>, Status> {
+        let req = request.into_inner();
+        let digest = match &req.by_what {
+            Some(proto::get_directory_request::ByWhat::Digest(d)) => digest_arg(d)?,
+            None => return Err(Status::invalid_argument("no digest given")),
+        };
+        if !req.recursive {
+            let dir = self.svc.get(&digest).await?.ok_or_else(|| Status::not_found(format!("directory {digest}")))?;
+            return Ok(Response::new(futures::stream::once(async move { Ok(dir.to_proto()) }).boxed()));
+        }
+        let svc = self.svc.clone();
+        let mut stream = async_stream::try_stream! {
+            let mut inner = svc.get_recursive(&digest);
+            while let Some(d) = inner.next().await {
+                yield d.map_err(Status::from)?.to_proto();
+            }
+        }
+        .boxed();
+        // Look at the first item so an unknown root is NOT_FOUND on the call itself.
+        let head = match stream.next().await {
+            Some(Ok(d)) => d,
+            Some(Err(e)) => return Err(e),
+            None => return Err(Status::not_found(format!("directory {digest}"))),
+        };
+        let stream = futures::stream::once(async move { Ok(head) }).chain(stream);
+        Ok(Response::new(stream.boxed()))
+    }
+
+    #[instrument(skip_all, err)]
+    async fn put(&self, request: Request<Streaming<proto::Directory>>) -> Result<Response<proto::PutDirectoryResponse>, Status> {
+        let mut stream = request.into_inner();
+        let mut validator = ClosureValidator::new();
+        while let Some(msg) = stream.message().await? {
+            let dir = crate::Directory::try_from(msg).map_err(Error::from)?;
+            validator.add(dir)?;
+        }
+        let root = self.svc.put_closure(validator.finalize()?).await?;
+        Ok(Response::new(proto::PutDirectoryResponse { root_digest: root.to_bytes() }))
+    }
+}
+
+/// A lazy gRPC channel for `grpc+http://host:port`, `grpc+https://…` or
+/// `grpc+unix:///abs/socket`.
+pub fn channel_from_url(url: &url::Url) -> Result<Channel, Error> {
+    let bad = |m: &str| Error::InvalidRequest(format!("{url}: {m}"));
+    match url.scheme() {
+        "grpc+unix" => {
+            if url.host_str().is_some_and(|h| !h.is_empty()) || url.path().is_empty() {
+                return Err(bad("expected grpc+unix:///absolute/path/to/socket"));
+            }
+            let path = url.path().to_string();
+            let endpoint = Endpoint::from_static("http://[::1]:1");
+            Ok(endpoint.connect_with_connector_lazy(tower::service_fn(move |_: tonic::transport::Uri| {
+                let path = path.clone();
+                async move {
+                    let stream = tokio::net::UnixStream::connect(path).await?;
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+                }
+            })))
+        }
+        "grpc+http" | "grpc+https" => {
+            let host = url.host_str().ok_or_else(|| bad("missing host"))?;
+            if url.path().len() > 1 {
+                return Err(bad("gRPC URLs take no path"));
+            }
+            let scheme = url.scheme().trim_start_matches("grpc+");
+            let port = url.port().map(|p| format!(":{p}")).unwrap_or_default();
+            let mut endpoint = Endpoint::from_shared(format!("{scheme}://{host}{port}")).map_err(|e| bad(&e.to_string()))?;
+            if scheme == "https" {
+                endpoint = endpoint
+                    .tls_config(ClientTlsConfig::new().with_native_roots())
+                    .map_err(|e| bad(&e.to_string()))?;
+            }
+            Ok(endpoint
+                .tcp_nodelay(true)
+                .http2_adaptive_window(true)
+                .connect_timeout(std::time::Duration::from_secs(10))
+                .connect_lazy())
+        }
+        other => Err(bad(&format!("unknown gRPC scheme {other:?}"))),
+    }
+}

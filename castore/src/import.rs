@@ -1,0 +1,235 @@
+//! Importing a filesystem tree into castore: files hashed and uploaded in
+//! parallel, symlinks stored (never followed), the exec bit kept, and the
+//! directory closure put leaves first.
+use crate::blobservice::copy_to_blob;
+use crate::directoryservice::ClosureValidator;
+use crate::{B3Digest, BlobService, Directory, DirectoryService, Error, Node, PathComponent, SymlinkTarget};
+use futures::stream::{StreamExt, TryStreamExt};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Why an import failed. Nothing refers to partially uploaded data: the
+/// directory closure is only written once every file is stored.
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    /// Reading the tree failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path being read.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A socket, FIFO or device.
+    #[error("{path}: cannot import a {kind}")]
+    UnsupportedType {
+        /// The offending path.
+        path: PathBuf,
+        /// What it is.
+        kind: &'static str,
+    },
+    /// A name or symlink target castore cannot represent.
+    #[error("{path}: {reason}")]
+    Invalid {
+        /// The offending path.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// A file changed size while it was imported.
+    #[error("{path}: changed while importing (expected {expected} bytes, read {actual})")]
+    Changed {
+        /// The file.
+        path: PathBuf,
+        /// Size when walked.
+        expected: u64,
+        /// Bytes read.
+        actual: u64,
+    },
+    /// The store refused or failed.
+    #[error("{path}: {source}")]
+    Store {
+        /// What was being stored.
+        path: PathBuf,
+        /// The cause.
+        source: Error,
+    },
+}
+
+/// Receives progress while importing.
+pub trait ImportProgress: Send + Sync {
+    /// The walk is done: this many files and bytes will be uploaded.
+    fn walked(&self, _files: u64, _bytes: u64) {}
+    /// A file was stored.
+    fn file_done(&self, _bytes: u64) {}
+}
+
+/// Progress that goes nowhere.
+pub struct NoProgress;
+impl ImportProgress for NoProgress {}
+
+/// Counts of what an import saw.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct ImportStats {
+    /// Regular files.
+    pub files: u64,
+    /// Bytes in regular files.
+    pub bytes: u64,
+    /// Directories.
+    pub directories: u64,
+    /// Symlinks.
+    pub symlinks: u64,
+}
+
+enum Kind {
+    File { size: u64, executable: bool, index: usize },
+    Symlink(SymlinkTarget),
+    Directory,
+}
+
+struct Entry {
+    path: PathBuf,
+    depth: usize,
+    name: Option<PathComponent>,
+    kind: Kind,
+}
+
+fn walk(root: &Path) -> Result<(Vec<Entry>, Vec<(PathBuf, u64)>), ImportError> {
+    let mut entries = Vec::new();
+    let mut files = Vec::new();
+    for e in walkdir::WalkDir::new(root).follow_links(false).follow_root_links(false).contents_first(true) {
+        let e = e.map_err(|err| {
+            let path = err.path().unwrap_or(root).to_path_buf();
+            ImportError::Io { path, source: err.into_io_error().unwrap_or_else(|| std::io::Error::other("walk failed")) }
+        })?;
+        let path = e.path().to_path_buf();
+        let ft = e.file_type();
+        let name = if e.depth() == 0 {
+            None
+        } else {
+            Some(PathComponent::try_from(e.file_name().as_bytes()).map_err(|err| ImportError::Invalid {
+                path: path.clone(),
+                reason: format!("invalid name: {err}"),
+            })?)
+        };
+        let kind = if ft.is_dir() {
+            Kind::Directory
+        } else if ft.is_symlink() {
+            let target = std::fs::read_link(&path).map_err(|source| ImportError::Io { path: path.clone(), source })?;
+            Kind::Symlink(SymlinkTarget::try_from(target.as_os_str().as_bytes()).map_err(|err| ImportError::Invalid {
+                path: path.clone(),
+                reason: format!("invalid symlink target: {err}"),
+            })?)
+        } else if ft.is_file() {
+            let meta = e.metadata().map_err(|err| ImportError::Io {
+                path: path.clone(),
+                source: err.into_io_error().unwrap_or_else(|| std::io::Error::other("metadata failed")),
+            })?;
+            files.push((path.clone(), meta.len()));
+            Kind::File { size: meta.len(), executable: meta.permissions().mode() & 0o100 != 0, index: files.len() - 1 }
+        } else {
+            let kind = if ft.is_socket() {
+                "socket"
+            } else if ft.is_fifo() {
+                "FIFO"
+            } else if ft.is_block_device() {
+                "block device"
+            } else if ft.is_char_device() {
+                "character device"
+            } else {
+                "file of unknown type"
+            };
+            return Err(ImportError::UnsupportedType { path, kind });
+        };
+        entries.push(Entry { path, depth: e.depth(), name, kind });
+    }
+    Ok((entries, files))
+}
+
+/// Imports `root` (a directory, file or symlink) and returns its node.
+pub async fn import_path(
+    root: &Path,
+    blobs: Arc<dyn BlobService>,
+    directories: Arc<dyn DirectoryService>,
+    concurrency: usize,
+    progress: Arc<dyn ImportProgress>,
+) -> Result<(Node, ImportStats), ImportError> {
+    let owned = root.to_path_buf();
+    let (entries, files) = tokio::task::spawn_blocking(move || walk(&owned))
+        .await
+        .map_err(|e| ImportError::Io { path: root.to_path_buf(), source: std::io::Error::other(e) })??;
+    let mut stats = ImportStats {
+        files: files.len() as u64,
+        bytes: files.iter().map(|(_, s)| s).sum(),
+        ..Default::default()
+    };
+    progress.walked(stats.files, stats.bytes);
+
+    // Upload all files, many at a time.
+    let digests: Vec<B3Digest> = futures::stream::iter(files.into_iter())
+        .map(|(path, expected)| {
+            let blobs = blobs.clone();
+            let progress = progress.clone();
+            async move {
+                let mut f = tokio::fs::File::open(&path)
+                    .await
+                    .map_err(|source| ImportError::Io { path: path.clone(), source })?;
+                let mut w = blobs.open_write().await;
+                let (digest, actual) = copy_to_blob(&mut f, w.as_mut()).await.map_err(|source| ImportError::Store { path: path.clone(), source })?;
+                if actual != expected {
+                    return Err(ImportError::Changed { path, expected, actual });
+                }
+                progress.file_done(actual);
+                Ok::<_, ImportError>(digest)
+            }
+        })
+        .buffered(concurrency.max(1))
+        .try_collect()
+        .await?;
+
+    // Build directories bottom-up (the walk lists contents first).
+    let mut pending: Vec<Vec<(PathComponent, Node)>> = Vec::new();
+    let mut validator = ClosureValidator::new();
+    let mut root_node = None;
+    for e in entries {
+        let node = match e.kind {
+            Kind::File { size, executable, index } => Node::File { digest: digests[index], size, executable },
+            Kind::Symlink(target) => {
+                stats.symlinks += 1;
+                Node::Symlink { target }
+            }
+            Kind::Directory => {
+                stats.directories += 1;
+                let children = if pending.len() > e.depth + 1 { std::mem::take(&mut pending[e.depth + 1]) } else { Vec::new() };
+                let mut dir = Directory::new();
+                for (name, node) in children {
+                    dir.add(name, node).map_err(|err| ImportError::Invalid { path: e.path.clone(), reason: err.to_string() })?;
+                }
+                let node = Node::Directory { digest: dir.digest(), size: dir.size() };
+                validator.add(dir).map_err(|source| ImportError::Store { path: e.path.clone(), source })?;
+                node
+            }
+        };
+        match e.name {
+            None => root_node = Some(node),
+            Some(name) => {
+                if pending.len() <= e.depth {
+                    pending.resize_with(e.depth + 1, Vec::new);
+                }
+                pending[e.depth].push((name, node));
+            }
+        }
+    }
+    let root_node = root_node.ok_or_else(|| ImportError::Invalid { path: root.to_path_buf(), reason: "nothing to import".into() })?;
+    if let Node::Directory { digest, .. } = &root_node {
+        let closure = validator.finalize().map_err(|source| ImportError::Store { path: root.to_path_buf(), source })?;
+        debug_assert_eq!(closure.root(), *digest);
+        directories
+            .put_closure(closure)
+            .await
+            .map_err(|source| ImportError::Store { path: root.to_path_buf(), source })?;
+    }
+    Ok((root_node, stats))
+}

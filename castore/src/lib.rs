@@ -1,0 +1,36 @@
+//! Arca's content-addressed store ("castore").
+//!
+//! Blobs are addressed by their BLAKE3 digest; directories form a Merkle DAG
+//! whose nodes are addressed by the BLAKE3 digest of their canonical protobuf
+//! encoding. Two small service traits, [BlobService] and [DirectoryService],
+//! have one module per backend; layers (cache, lru) compose them, and
+//! [composition] builds any stack from URLs or a TOML file.
+#![warn(missing_docs)]
+
+pub mod blobservice;
+pub mod composition;
+mod digest;
+mod directory;
+pub mod directoryservice;
+mod errors;
+pub mod grpc;
+pub mod import;
+mod names;
+mod node;
+
+pub use digest::{B3Digest, DigestError, B3_LEN};
+pub use directory::{Directory, DirectoryError};
+pub use errors::Error;
+pub use names::{NameError, PathComponent, SymlinkTarget};
+pub use node::Node;
+pub use blobservice::BlobService;
+pub use directoryservice::DirectoryService;
+
+/// Largest gRPC message Arca accepts for directories: far above any real
+/// directory (a 255-byte name per entry gives ~3.3 million entries), far
+/// below what could exhaust memory.
+pub const MAX_DIRECTORY_MESSAGE_SIZE: usize = 1024 * 1024 * 1024;
+/// Largest gRPC message Arca accepts for blob data and everything else.
+pub const MAX_BLOB_MESSAGE_SIZE: usize = 16 * 1024 * 1024;
+/// Size of the data messages Arca sends when streaming blobs.
+pub const BLOB_MESSAGE_CHUNK: usize = 1024 * 1024;
