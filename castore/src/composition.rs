@@ -208,7 +208,7 @@ impl ServiceConfig {
             }
             "grpc+http" | "grpc+https" | "grpc+unix" => {
                 no_query()?;
-                crate::grpc::channel_from_url(&url).map_err(|e| err(e.to_string()))?;
+                crate::grpc::parse_grpc_url(&url).map_err(|e| err(e.to_string()))?;
                 ServiceConfig::Grpc { url }
             }
             "cache" => {
@@ -623,8 +623,8 @@ mod tests {
             ("cache://?near=memory://&far=memory://&extra=1", "unknown parameter"),
             ("lru://?capacity=0", "positive integer"),
             ("lru://", "missing capacity"),
-            ("grpc+http://", "empty host"),
-            ("objectstore+file://", "absolute path"),
+            ("grpc+http://", "missing host"),
+            ("objectstore+file://", "absolute/path"),
             ("objectstore+s3://", "bucket"),
             ("objectstore+bogus://x", "does not know"),
         ] {

@@ -146,16 +146,51 @@ impl proto::directory_service_server::DirectoryService for GrpcDirectoryServiceW
     }
 }
 
-/// A lazy gRPC channel for `grpc+http://host:port`, `grpc+https://…` or
-/// `grpc+unix:///abs/socket`.
-pub fn channel_from_url(url: &url::Url) -> Result<Channel, Error> {
+/// Where a gRPC URL points.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GrpcTarget {
+    /// A Unix domain socket.
+    Unix(std::path::PathBuf),
+    /// `http://host:port` or `https://host:port`.
+    Tcp {
+        /// The endpoint URI.
+        uri: String,
+        /// Whether TLS is used.
+        tls: bool,
+    },
+}
+
+/// Checks a `grpc+http://host:port`, `grpc+https://…` or
+/// `grpc+unix:///abs/socket` URL.
+pub fn parse_grpc_url(url: &url::Url) -> Result<GrpcTarget, Error> {
     let bad = |m: &str| Error::InvalidRequest(format!("{url}: {m}"));
     match url.scheme() {
         "grpc+unix" => {
-            if url.host_str().is_some_and(|h| !h.is_empty()) || url.path().is_empty() {
+            if url.host_str().is_some_and(|h| !h.is_empty()) || url.path().len() <= 1 {
                 return Err(bad("expected grpc+unix:///absolute/path/to/socket"));
             }
-            let path = url.path().to_string();
+            Ok(GrpcTarget::Unix(url.path().into()))
+        }
+        "grpc+http" | "grpc+https" => {
+            let host = url.host_str().filter(|h| !h.is_empty()).ok_or_else(|| bad("missing host"))?;
+            if url.path().len() > 1 {
+                return Err(bad("gRPC URLs take no path"));
+            }
+            let scheme = url.scheme().trim_start_matches("grpc+");
+            let port = url.port().map(|p| format!(":{p}")).unwrap_or_default();
+            let uri = format!("{scheme}://{host}{port}");
+            Endpoint::from_shared(uri.clone()).map_err(|e| bad(&e.to_string()))?;
+            Ok(GrpcTarget::Tcp { uri, tls: scheme == "https" })
+        }
+        other => Err(bad(&format!("unknown gRPC scheme {other:?}"))),
+    }
+}
+
+/// A lazy gRPC channel for a URL accepted by [parse_grpc_url]. Needs a Tokio runtime.
+pub fn channel_from_url(url: &url::Url) -> Result<Channel, Error> {
+    let bad = |m: &str| Error::InvalidRequest(format!("{url}: {m}"));
+    match parse_grpc_url(url)? {
+        GrpcTarget::Unix(path) => {
             let endpoint = Endpoint::from_static("http://[::1]:1");
             Ok(endpoint.connect_with_connector_lazy(tower::service_fn(move |_: tonic::transport::Uri| {
                 let path = path.clone();
@@ -165,15 +200,9 @@ pub fn channel_from_url(url: &url::Url) -> Result<Channel, Error> {
                 }
             })))
         }
-        "grpc+http" | "grpc+https" => {
-            let host = url.host_str().ok_or_else(|| bad("missing host"))?;
-            if url.path().len() > 1 {
-                return Err(bad("gRPC URLs take no path"));
-            }
-            let scheme = url.scheme().trim_start_matches("grpc+");
-            let port = url.port().map(|p| format!(":{p}")).unwrap_or_default();
-            let mut endpoint = Endpoint::from_shared(format!("{scheme}://{host}{port}")).map_err(|e| bad(&e.to_string()))?;
-            if scheme == "https" {
+        GrpcTarget::Tcp { uri, tls } => {
+            let mut endpoint = Endpoint::from_shared(uri).map_err(|e| bad(&e.to_string()))?;
+            if tls {
                 endpoint = endpoint
                     .tls_config(ClientTlsConfig::new().with_native_roots())
                     .map_err(|e| bad(&e.to_string()))?;
@@ -184,6 +213,5 @@ pub fn channel_from_url(url: &url::Url) -> Result<Channel, Error> {
                 .connect_timeout(std::time::Duration::from_secs(10))
                 .connect_lazy())
         }
-        other => Err(bad(&format!("unknown gRPC scheme {other:?}"))),
     }
 }

@@ -142,3 +142,15 @@ pub async fn get_closure(svc: &dyn DirectoryService, root: &B3Digest) -> Result<
     }
     Ok(out)
 }
+
+/// Validates directories given leaves first and stores them as one closure.
+pub async fn put_all(
+    svc: &dyn DirectoryService,
+    dirs: impl IntoIterator<Item = Directory>,
+) -> Result<B3Digest, Error> {
+    let mut v = ClosureValidator::new();
+    for d in dirs {
+        v.add(d)?;
+    }
+    svc.put_closure(v.finalize()?).await
+}
