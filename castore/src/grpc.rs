@@ -39,7 +39,7 @@ impl GrpcBlobServiceWrapper {
 impl proto::blob_service_server::BlobService for GrpcBlobServiceWrapper {
     type ReadStream = BoxStream<'static, Result<proto::BlobChunk, Status>>;
 
-    #[instrument(skip_all, err)]
+    #[instrument(skip_all, err(level = "debug"))]
     async fn stat(&self, request: Request<proto::StatBlobRequest>) -> Result<Response<proto::StatBlobResponse>, Status> {
         let req = request.into_inner();
         let digest = digest_arg(&req.digest)?;
@@ -60,7 +60,7 @@ impl proto::blob_service_server::BlobService for GrpcBlobServiceWrapper {
         }
     }
 
-    #[instrument(skip_all, err)]
+    #[instrument(skip_all, err(level = "debug"))]
     async fn read(&self, request: Request<proto::ReadBlobRequest>) -> Result<Response<Self::ReadStream>, Status> {
         let digest = digest_arg(&request.into_inner().digest)?;
         let reader = self.svc.open_read(&digest).await?.ok_or_else(|| Status::not_found(format!("blob {digest}")))?;
@@ -69,7 +69,7 @@ impl proto::blob_service_server::BlobService for GrpcBlobServiceWrapper {
         Ok(Response::new(stream.boxed()))
     }
 
-    #[instrument(skip_all, err)]
+    #[instrument(skip_all, err(level = "debug"))]
     async fn put(&self, request: Request<Streaming<proto::BlobChunk>>) -> Result<Response<proto::PutBlobResponse>, Status> {
         let mut stream = request.into_inner();
         let mut writer = self.svc.open_write().await;
@@ -104,7 +104,7 @@ impl GrpcDirectoryServiceWrapper {
 impl proto::directory_service_server::DirectoryService for GrpcDirectoryServiceWrapper {
     type GetStream = BoxStream<'static, Result<proto::Directory, Status>>;
 
-    #[instrument(skip_all, err)]
+    #[instrument(skip_all, err(level = "debug"))]
     async fn get(&self, request: Request<proto::GetDirectoryRequest>) -> Result<Response<Self::GetStream>, Status> {
         let req = request.into_inner();
         let digest = match &req.by_what {
@@ -133,7 +133,7 @@ impl proto::directory_service_server::DirectoryService for GrpcDirectoryServiceW
         Ok(Response::new(stream.boxed()))
     }
 
-    #[instrument(skip_all, err)]
+    #[instrument(skip_all, err(level = "debug"))]
     async fn put(&self, request: Request<Streaming<proto::Directory>>) -> Result<Response<proto::PutDirectoryResponse>, Status> {
         let mut stream = request.into_inner();
         let mut validator = ClosureValidator::new();

@@ -49,6 +49,12 @@ impl DirectoryService for ObjectStoreDirectoryService {
     #[tracing::instrument(skip_all, fields(root = %closure.root()), level = "debug")]
     async fn put_closure(&self, closure: ValidatedClosure) -> Result<B3Digest, Error> {
         let root = closure.root();
+        // Closures are only ever written whole, leaves first, so a stored root means a stored closure.
+        match self.store.head(&self.path(&root)).await {
+            Ok(_) => return Ok(root),
+            Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
         let levels = closure.levels();
         let max_level = levels.iter().copied().max().unwrap_or(0);
         let dirs = closure.into_directories();

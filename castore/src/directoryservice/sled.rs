@@ -43,6 +43,10 @@ impl DirectoryService for SledDirectoryService {
     #[tracing::instrument(skip_all, fields(root = %closure.root()), level = "debug")]
     async fn put_closure(&self, closure: ValidatedClosure) -> Result<B3Digest, Error> {
         let root = closure.root();
+        // Closures are only ever written whole, so a stored root means a stored closure.
+        if self.db.contains_key(root.as_bytes()).map_err(Error::storage)? {
+            return Ok(root);
+        }
         let mut batch = sled::Batch::default();
         for (d, dir) in closure.directories() {
             batch.insert(d.as_bytes().as_slice(), dir.encode());

@@ -1,0 +1,150 @@
+//! `arca daemon`: the gRPC server.
+use crate::services::{build, Defaults};
+use crate::ServiceArgs;
+use anyhow::{bail, Context, Result};
+use arca_castore::grpc::{GrpcBlobServiceWrapper, GrpcDirectoryServiceWrapper};
+use arca_proto::castore::blob_service_server::BlobServiceServer;
+use arca_proto::castore::directory_service_server::DirectoryServiceServer;
+use std::os::fd::FromRawFd;
+use std::path::PathBuf;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+
+#[derive(clap::Args)]
+pub struct DaemonArgs {
+    /// Where to listen: HOST:PORT or unix:///path/to/socket. Ignored under
+    /// systemd socket activation.
+    #[arg(long, env = "ARCA_LISTEN", default_value = "127.0.0.1:8000")]
+    listen: String,
+}
+
+enum Listener {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener, Option<PathBuf>),
+}
+
+/// The socket passed by systemd (LISTEN_PID/LISTEN_FDS), if any.
+fn socket_activation() -> Result<Option<Listener>> {
+    let pid_matches = std::env::var("LISTEN_PID").ok().and_then(|p| p.parse::<u32>().ok()) == Some(std::process::id());
+    let fds = std::env::var("LISTEN_FDS").ok().and_then(|n| n.parse::<u32>().ok()).unwrap_or(0);
+    if !pid_matches || fds == 0 {
+        return Ok(None);
+    }
+    if fds > 1 {
+        bail!("socket activation passed {fds} sockets; arca daemon takes one");
+    }
+    const FD: i32 = 3;
+    // SAFETY: getsockname only writes into the storage we pass.
+    let family = unsafe {
+        let mut addr: libc::sockaddr_storage = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        if libc::getsockname(FD, &mut addr as *mut _ as *mut libc::sockaddr, &mut len) != 0 {
+            bail!("LISTEN_FDS is set but fd 3 is not a socket: {}", std::io::Error::last_os_error());
+        }
+        addr.ss_family as i32
+    };
+    // SAFETY: systemd hands fd 3 to us; nothing else in this process owns it.
+    Ok(Some(match family {
+        libc::AF_UNIX => {
+            let l = unsafe { std::os::unix::net::UnixListener::from_raw_fd(FD) };
+            l.set_nonblocking(true)?;
+            Listener::Unix(tokio::net::UnixListener::from_std(l)?, None)
+        }
+        libc::AF_INET | libc::AF_INET6 => {
+            let l = unsafe { std::net::TcpListener::from_raw_fd(FD) };
+            l.set_nonblocking(true)?;
+            Listener::Tcp(tokio::net::TcpListener::from_std(l)?)
+        }
+        other => bail!("socket activation passed a socket of unsupported family {other}"),
+    }))
+}
+
+async fn bind(listen: &str) -> Result<Listener> {
+    if let Some(l) = socket_activation()? {
+        return Ok(l);
+    }
+    if let Some(rest) = listen.strip_prefix("unix://") {
+        let path = PathBuf::from(rest);
+        if !path.is_absolute() {
+            bail!("--listen {listen}: expected unix:///absolute/path");
+        }
+        if path.exists() {
+            // A socket left behind by an earlier run; refuse to clobber anything else.
+            let meta = std::fs::symlink_metadata(&path)?;
+            use std::os::unix::fs::FileTypeExt;
+            if !meta.file_type().is_socket() {
+                bail!("--listen {listen}: {} exists and is not a socket", path.display());
+            }
+            std::fs::remove_file(&path).with_context(|| format!("removing stale socket {}", path.display()))?;
+        }
+        let l = tokio::net::UnixListener::bind(&path).with_context(|| format!("listening on {listen}"))?;
+        return Ok(Listener::Unix(l, Some(path)));
+    }
+    let l = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listening on {listen}"))?;
+    Ok(Listener::Tcp(l))
+}
+
+async fn shutdown_signal() {
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers; stop the daemon with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: draining"),
+        _ = int.recv() => tracing::info!("SIGINT: draining"),
+    }
+}
+
+pub async fn run(args: DaemonArgs, service_args: ServiceArgs) -> Result<()> {
+    let services = build(&service_args, Defaults::Embedded)?;
+    let listener = bind(&args.listen).await?;
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<BlobServiceServer<GrpcBlobServiceWrapper>>().await;
+    health_reporter.set_serving::<DirectoryServiceServer<GrpcDirectoryServiceWrapper>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(arca_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building reflection service")?;
+    let reflection_alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(arca_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .context("building reflection service")?;
+
+    let router = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .http2_adaptive_window(Some(true))
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(reflection_alpha)
+        .add_service(GrpcBlobServiceWrapper::new(services.blob.clone()).into_server())
+        .add_service(GrpcDirectoryServiceWrapper::new(services.directory.clone()).into_server());
+
+    let shutdown = {
+        let reporter = health_reporter.clone();
+        async move {
+            shutdown_signal().await;
+            reporter.set_not_serving::<BlobServiceServer<GrpcBlobServiceWrapper>>().await;
+            reporter.set_not_serving::<DirectoryServiceServer<GrpcDirectoryServiceWrapper>>().await;
+        }
+    };
+    match listener {
+        Listener::Tcp(l) => {
+            let addr = l.local_addr()?;
+            eprintln!("arca daemon listening on {addr}");
+            router.serve_with_incoming_shutdown(TcpListenerStream::new(l), shutdown).await?;
+        }
+        Listener::Unix(l, path) => {
+            let shown = path.as_ref().map(|p| format!("unix://{}", p.display())).unwrap_or_else(|| "the activated socket".into());
+            eprintln!("arca daemon listening on {shown}");
+            router.serve_with_incoming_shutdown(UnixListenerStream::new(l), shutdown).await?;
+            if let Some(p) = path {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+    }
+    eprintln!("arca daemon stopped");
+    Ok(())
+}

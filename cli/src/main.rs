@@ -1,0 +1,122 @@
+//! `arca`: the command-line interface of the Arca store.
+use anyhow::{anyhow, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+mod castore_cmds;
+mod daemon;
+mod progress;
+mod services;
+
+const EXAMPLES: &str = "\
+Examples:
+  arca daemon                                  serve the embedded store on 127.0.0.1:8000
+  arca daemon --listen unix:///run/arca.sock   serve on a Unix socket
+  arca castore import ./some/tree              import a tree through the daemon, print its root node
+  arca castore ls <digest>                     list a directory
+  arca castore cat <digest> > file             write a blob to stdout
+  BLOB_SERVICE_ADDR=objectstore+file:///var/lib/arca/blobs arca castore import ./tree
+                                               import straight into a local store, no daemon";
+
+/// Arca: a content-addressed store for Nix-style software deployment.
+#[derive(Parser)]
+#[command(name = "arca", version, about, after_help = EXAMPLES)]
+struct Cli {
+    /// More output: -v shows error context and info logs, -vv debug logs.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+
+    #[command(flatten)]
+    services: ServiceArgs,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Which services make up the store (see `docs/user-guide.md` for URL schemes).
+#[derive(Args, Clone, Debug)]
+pub struct ServiceArgs {
+    /// Blob service URL [daemon default: objectstore+file://$DATA/blobs; others: grpc+http://127.0.0.1:8000].
+    #[arg(long, env = "BLOB_SERVICE_ADDR", global = true)]
+    pub blob_service_addr: Option<String>,
+    /// Directory service URL [daemon default: sled://$DATA/directories.sled; others: grpc+http://127.0.0.1:8000].
+    #[arg(long, env = "DIRECTORY_SERVICE_ADDR", global = true)]
+    pub directory_service_addr: Option<String>,
+    /// A TOML file composing the services; replaces the URLs.
+    #[arg(long, env = "ARCA_STORE_COMPOSITION", global = true)]
+    pub store_composition: Option<PathBuf>,
+    /// Data directory of the embedded store [default: $XDG_DATA_HOME/arca or ~/.local/share/arca].
+    #[arg(long, env = "ARCA_DATA_DIR", global = true)]
+    pub data_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the store over gRPC (castore services, health, reflection).
+    #[command(after_help = "Examples:\n  arca daemon\n  arca daemon --listen 0.0.0.0:8000 --data-dir /var/lib/arca\n  arca daemon --listen unix:///run/arca/arca.sock\n\nUnder systemd socket activation (LISTEN_FDS) the passed socket is used.\nSIGTERM or SIGINT stops accepting, drains running calls and exits 0.")]
+    Daemon(daemon::DaemonArgs),
+    /// Work with the content-addressed layer directly.
+    #[command(subcommand)]
+    Castore(castore_cmds::CastoreCommand),
+}
+
+fn init_tracing(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ARCA_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.verbose);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let verbose = cli.verbose;
+    let result: Result<()> = runtime.block_on(async move {
+        match cli.command {
+            Command::Daemon(args) => daemon::run(args, cli.services).await,
+            Command::Castore(cmd) => castore_cmds::run(cmd, cli.services).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if verbose > 0 {
+                eprintln!("error: {e:?}");
+            } else {
+                eprintln!("error: {e:#}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The default data directory.
+pub fn default_data_dir() -> Result<PathBuf> {
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+        return Ok(PathBuf::from(x).join("arca"));
+    }
+    let home = std::env::var_os("HOME").ok_or_else(|| anyhow!("neither XDG_DATA_HOME nor HOME is set; pass --data-dir"))?;
+    Ok(PathBuf::from(home).join(".local/share/arca"))
+}
+
+/// Resolves the data directory and creates it.
+pub fn data_dir(args: &ServiceArgs) -> Result<PathBuf> {
+    let dir = match &args.data_dir {
+        Some(d) => d.clone(),
+        None => default_data_dir()?,
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating data directory {}", dir.display()))?;
+    std::fs::canonicalize(&dir).with_context(|| format!("resolving {}", dir.display()))
+}

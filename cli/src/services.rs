@@ -1,0 +1,47 @@
+//! Turning the service flags into services.
+use crate::ServiceArgs;
+use anyhow::{Context, Result};
+use arca_castore::composition::{Builder, Composition};
+use arca_castore::{BlobService, DirectoryService};
+use std::sync::Arc;
+
+/// The services of a store.
+pub struct Services {
+    pub blob: Arc<dyn BlobService>,
+    pub directory: Arc<dyn DirectoryService>,
+}
+
+/// Where the services live when no flag says otherwise.
+pub enum Defaults {
+    /// The daemon: the embedded store under the data dir.
+    Embedded,
+    /// Every other command: a daemon on 127.0.0.1:8000.
+    Daemon,
+}
+
+/// Builds the services from flags, env vars or a composition file.
+pub fn build(args: &ServiceArgs, defaults: Defaults) -> Result<Services> {
+    let composition = if let Some(file) = &args.store_composition {
+        let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        Composition::from_toml(&text).with_context(|| format!("in {}", file.display()))?
+    } else {
+        let (blob, dir) = match defaults {
+            Defaults::Embedded => {
+                let data = crate::data_dir(args)?;
+                (
+                    format!("objectstore+file://{}", data.join("blobs").display()),
+                    format!("sled://{}", data.join("directories.sled").display()),
+                )
+            }
+            Defaults::Daemon => ("grpc+http://127.0.0.1:8000".to_string(), "grpc+http://127.0.0.1:8000".to_string()),
+        };
+        let blob = args.blob_service_addr.clone().unwrap_or(blob);
+        let dir = args.directory_service_addr.clone().unwrap_or(dir);
+        Composition::from_urls(&blob, &dir)?
+    };
+    let builder = Builder::new(composition);
+    Ok(Services {
+        blob: builder.blob_service("default").context("blob service")?,
+        directory: builder.directory_service("default").context("directory service")?,
+    })
+}
