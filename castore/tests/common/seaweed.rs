@@ -110,8 +110,13 @@ impl Seaweed {
 
 impl Drop for Seaweed {
     fn drop(&mut self) {
-        let pgid = self.child.id() as i32;
-        let _ = Command::new("kill").args(["-KILL", &format!("-{pgid}")]).status();
+        // weed runs in its own process group (process_group(0) above); kill
+        // the whole group, never anything else.
+        let pgid = self.child.id() as libc::pid_t;
+        if pgid > 1 {
+            // SAFETY: plain syscall on a process group we created.
+            unsafe { libc::kill(-pgid, libc::SIGKILL) };
+        }
         let _ = self.child.wait();
     }
 }
