@@ -191,7 +191,9 @@ pub fn channel_from_url(url: &url::Url) -> Result<Channel, Error> {
     let bad = |m: &str| Error::InvalidRequest(format!("{url}: {m}"));
     match parse_grpc_url(url)? {
         GrpcTarget::Unix(path) => {
-            let endpoint = Endpoint::from_static("http://[::1]:1");
+            let endpoint = Endpoint::from_static("http://[::1]:1")
+                .initial_stream_window_size(crate::HTTP2_STREAM_WINDOW)
+                .initial_connection_window_size(crate::HTTP2_CONNECTION_WINDOW);
             Ok(endpoint.connect_with_connector_lazy(tower::service_fn(move |_: tonic::transport::Uri| {
                 let path = path.clone();
                 async move {
@@ -209,7 +211,8 @@ pub fn channel_from_url(url: &url::Url) -> Result<Channel, Error> {
             }
             Ok(endpoint
                 .tcp_nodelay(true)
-                .http2_adaptive_window(true)
+                .initial_stream_window_size(crate::HTTP2_STREAM_WINDOW)
+                .initial_connection_window_size(crate::HTTP2_CONNECTION_WINDOW)
                 .connect_timeout(std::time::Duration::from_secs(10))
                 .connect_lazy())
         }

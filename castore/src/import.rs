@@ -1,7 +1,6 @@
 //! Importing a filesystem tree into castore: files hashed and uploaded in
 //! parallel, symlinks stored (never followed), the exec bit kept, and the
 //! directory closure put leaves first.
-use crate::blobservice::copy_to_blob;
 use crate::directoryservice::ClosureValidator;
 use crate::{B3Digest, BlobService, Directory, DirectoryService, Error, Node, PathComponent, SymlinkTarget};
 use futures::stream::{StreamExt, TryStreamExt};
@@ -148,6 +147,50 @@ fn walk(root: &Path) -> Result<(Vec<Entry>, Vec<(PathBuf, u64)>), ImportError> {
     Ok((entries, files))
 }
 
+/// Size of the pieces a file is read in.
+const READ_PIECE: usize = 1024 * 1024;
+
+/// Reads a file on the blocking pool in 1 MiB pieces (one copy from the
+/// kernel), two pieces ahead of the consumer. O_NOFOLLOW: a file swapped for
+/// a symlink after the walk is refused, not followed.
+fn read_file_chunks(path: PathBuf) -> tokio::sync::mpsc::Receiver<std::io::Result<bytes::Bytes>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(&path) {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = tx.blocking_send(Err(e));
+                return;
+            }
+        };
+        loop {
+            let mut buf = bytes::BytesMut::zeroed(READ_PIECE);
+            let mut filled = 0;
+            while filled < READ_PIECE {
+                match f.read(&mut buf[filled..]) {
+                    Ok(0) => break,
+                    Ok(n) => filled += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(e));
+                        return;
+                    }
+                }
+            }
+            if filled == 0 {
+                return;
+            }
+            buf.truncate(filled);
+            if tx.blocking_send(Ok(buf.freeze())).is_err() || filled < READ_PIECE {
+                return;
+            }
+        }
+    });
+    rx
+}
+
 /// Imports `root` (a directory, file or symlink) and returns its node.
 pub async fn import_path(
     root: &Path,
@@ -168,26 +211,50 @@ pub async fn import_path(
     progress.walked(stats.files, stats.bytes);
 
     // Upload all files, many at a time.
-    let digests: Vec<B3Digest> = futures::stream::iter(files.into_iter())
-        .map(|(path, expected)| {
+    // Unordered: one large file must not hold back the others' slots.
+    let file_count = files.len();
+    let uploaded: Vec<(usize, B3Digest)> = futures::stream::iter(files.into_iter().enumerate())
+        .map(|(index, (path, expected))| {
             let blobs = blobs.clone();
             let progress = progress.clone();
             async move {
-                let mut f = tokio::fs::File::open(&path)
-                    .await
-                    .map_err(|source| ImportError::Io { path: path.clone(), source })?;
+                // Hash locally first: content the store already has is not sent again.
+                let hash_path = path.clone();
+                let local = tokio::task::spawn_blocking(move || -> std::io::Result<B3Digest> {
+                    let mut h = blake3::Hasher::new();
+                    h.update_mmap_rayon(&hash_path)?;
+                    Ok(B3Digest::from(h.finalize()))
+                })
+                .await
+                .map_err(|e| ImportError::Io { path: path.clone(), source: std::io::Error::other(e) })?
+                .map_err(|source| ImportError::Io { path: path.clone(), source })?;
+                if blobs.has(&local).await.map_err(|source| ImportError::Store { path: path.clone(), source })? {
+                    progress.file_done(expected);
+                    return Ok((index, local));
+                }
                 let mut w = blobs.open_write().await;
-                let (digest, actual) = copy_to_blob(&mut f, w.as_mut()).await.map_err(|source| ImportError::Store { path: path.clone(), source })?;
-                if actual != expected {
+                let mut chunks = read_file_chunks(path.clone());
+                let mut actual = 0u64;
+                while let Some(chunk) = chunks.recv().await {
+                    let chunk = chunk.map_err(|source| ImportError::Io { path: path.clone(), source })?;
+                    actual += chunk.len() as u64;
+                    w.write(chunk).await.map_err(|source| ImportError::Store { path: path.clone(), source })?;
+                }
+                let digest = w.close().await.map_err(|source| ImportError::Store { path: path.clone(), source })?;
+                if actual != expected || digest != local {
                     return Err(ImportError::Changed { path, expected, actual });
                 }
                 progress.file_done(actual);
-                Ok::<_, ImportError>(digest)
+                Ok::<_, ImportError>((index, digest))
             }
         })
-        .buffered(concurrency.max(1))
+        .buffer_unordered(concurrency.max(1))
         .try_collect()
         .await?;
+    let mut digests = vec![B3Digest::from([0u8; 32]); file_count];
+    for (index, digest) in uploaded {
+        digests[index] = digest;
+    }
 
     // Build directories bottom-up (the walk lists contents first).
     let mut pending: Vec<Vec<(PathComponent, Node)>> = Vec::new();

@@ -34,3 +34,9 @@ pub const MAX_DIRECTORY_MESSAGE_SIZE: usize = 1024 * 1024 * 1024;
 pub const MAX_BLOB_MESSAGE_SIZE: usize = 16 * 1024 * 1024;
 /// Size of the data messages Arca sends when streaming blobs.
 pub const BLOB_MESSAGE_CHUNK: usize = 1024 * 1024;
+/// HTTP/2 flow-control window per stream. Fixed (not adaptive): on loopback
+/// the adaptive window grows without bound and a fast sender can park
+/// gigabytes in a slow receiver's buffers.
+pub const HTTP2_STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+/// HTTP/2 flow-control window per connection (bounds buffering per client).
+pub const HTTP2_CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;

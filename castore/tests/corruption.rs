@@ -69,3 +69,27 @@ async fn tampered_directories_fail_verification() {
     std::fs::write(&path, b"\xff\xff\xff garbage").unwrap();
     assert!(matches!(d.get(&root).await, Err(Error::Storage(_))));
 }
+
+#[tokio::test]
+async fn a_reordered_chunk_list_fails_whole_blob_verification() {
+    use arca_proto::castore as proto;
+    use prost::Message;
+    let (b, _d, g) = from_urls("objectstore+file://{tmp}/blobs", "memory://");
+    let root = g.tmp.as_ref().unwrap().path().join("blobs");
+    let data = test_data(4 * 1024 * 1024, 11);
+    let digest = put_bytes(&*b, data.clone().into()).await.unwrap();
+    let h = digest.to_hex();
+    let list_path = root.join("blobs").join(&h[..2]).join(&h);
+    let mut list = proto::StatBlobResponse::decode(&std::fs::read(&list_path).unwrap()[..]).unwrap();
+    assert!(list.chunks.len() > 2);
+    // Every chunk is intact and verifies on its own; only their order is wrong.
+    list.chunks.swap(0, 1);
+    std::fs::write(&list_path, list.encode_to_vec()).unwrap();
+    let r = read_all(&*b, &digest).await;
+    assert!(matches!(r, Err(Error::Storage(ref m)) if m.contains("verification")), "{r:?}");
+    // An absurd chunk size is refused before anything is read.
+    list.chunks.swap(0, 1);
+    list.chunks[0].size = u64::MAX;
+    std::fs::write(&list_path, list.encode_to_vec()).unwrap();
+    assert!(matches!(b.open_read(&digest).await.map(|_| ()), Err(Error::Storage(_))));
+}

@@ -95,7 +95,25 @@ async fn shutdown_signal() {
     }
 }
 
+/// Refuses a gRPC service URL pointing at the daemon's own address: every
+/// call would be forwarded to itself, forever.
+fn refuse_self_reference(listen: &str, args: &ServiceArgs) -> Result<()> {
+    let own = [format!("grpc+http://{listen}"), format!("grpc+{listen}")];
+    for (flag, url) in [
+        ("--blob-service-addr / BLOB_SERVICE_ADDR", &args.blob_service_addr),
+        ("--directory-service-addr / DIRECTORY_SERVICE_ADDR", &args.directory_service_addr),
+    ] {
+        if let Some(url) = url {
+            if own.iter().any(|o| url.trim_end_matches('/') == o) {
+                bail!("{flag} is {url}, the daemon's own address: it would forward every call to itself");
+            }
+        }
+    }
+    Ok(())
+}
+
 pub async fn run(args: DaemonArgs, service_args: ServiceArgs) -> Result<()> {
+    refuse_self_reference(&args.listen, &service_args)?;
     let services = build(&service_args, Defaults::Embedded)?;
     let listener = bind(&args.listen).await?;
 
@@ -115,7 +133,8 @@ pub async fn run(args: DaemonArgs, service_args: ServiceArgs) -> Result<()> {
 
     let router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
-        .http2_adaptive_window(Some(true))
+        .initial_stream_window_size(Some(arca_castore::HTTP2_STREAM_WINDOW))
+        .initial_connection_window_size(Some(arca_castore::HTTP2_CONNECTION_WINDOW))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)

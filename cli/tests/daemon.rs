@@ -251,3 +251,14 @@ fn health_and_reflection_are_served() {
         }
     });
 }
+
+#[test]
+fn daemon_refuses_to_forward_to_itself() {
+    let out = Command::new(arca_bin())
+        .args(["daemon", "--listen", "127.0.0.1:18555"])
+        .env("BLOB_SERVICE_ADDR", "grpc+http://127.0.0.1:18555")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("own address"), "{}", stderr(&out));
+}

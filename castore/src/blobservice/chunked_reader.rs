@@ -13,6 +13,21 @@ use tokio_util::io::StreamReader;
 
 /// How many chunks are fetched ahead of the one being read.
 const READ_AHEAD: usize = 4;
+/// Largest chunk accepted in a chunk list (FastCDC's maximum).
+pub const MAX_CHUNK_SIZE: u64 = 16 * 1024 * 1024;
+
+/// Checks an untrusted chunk list: every chunk 1..=16 MiB, total without
+/// overflow. Returns the total size.
+pub fn validate_chunk_list(chunks: &[ChunkMeta]) -> Result<u64, Error> {
+    let mut total = 0u64;
+    for c in chunks {
+        if c.size == 0 || c.size > MAX_CHUNK_SIZE {
+            return Err(Error::Storage(format!("chunk {} has an invalid size {}", c.digest, c.size)));
+        }
+        total = total.checked_add(c.size).ok_or_else(|| Error::Storage("chunk sizes overflow".into()))?;
+    }
+    Ok(total)
+}
 
 /// Fetches one chunk, whole and verified against its digest.
 #[async_trait::async_trait]
@@ -40,20 +55,25 @@ pub(crate) fn verify_chunk(chunk: &ChunkMeta, data: &Bytes) -> Result<(), Error>
 
 type ByteStream = BoxStream<'static, std::io::Result<Bytes>>;
 
-/// Reads a chunked blob. Seeking drops the read-ahead and restarts at the
-/// chunk holding the new position.
+/// Reads a chunked blob. Every chunk is verified against its digest; a read
+/// from the start also checks the whole blob's digest before the last chunk
+/// is handed out (so a wrong or reordered chunk list is caught). Seeking drops
+/// the read-ahead and restarts at the chunk holding the new position.
 pub struct ChunkedReader {
     /// (offset, chunk) pairs, offsets ascending.
     chunks: Arc<[(u64, ChunkMeta)]>,
     size: u64,
     fetcher: Arc<dyn ChunkFetcher>,
+    blob_digest: B3Digest,
     pos: u64,
     inner: Option<StreamReader<ByteStream, Bytes>>,
 }
 
 impl ChunkedReader {
-    /// A reader over `chunks`, in order.
-    pub fn new(chunks: Vec<ChunkMeta>, fetcher: Arc<dyn ChunkFetcher>) -> Self {
+    /// A reader over `chunks` (validated: sizes bounded, no overflow), in order,
+    /// of the blob `blob_digest`.
+    pub fn new(chunks: Vec<ChunkMeta>, fetcher: Arc<dyn ChunkFetcher>, blob_digest: B3Digest) -> Result<Self, Error> {
+        validate_chunk_list(&chunks)?;
         let mut offset = 0u64;
         let chunks: Vec<(u64, ChunkMeta)> = chunks
             .into_iter()
@@ -63,7 +83,7 @@ impl ChunkedReader {
                 (o, c)
             })
             .collect();
-        Self { chunks: chunks.into(), size: offset, fetcher, pos: 0, inner: None }
+        Ok(Self { chunks: chunks.into(), size: offset, fetcher, blob_digest, pos: 0, inner: None })
     }
 
     /// Total length of the blob.
@@ -77,13 +97,38 @@ impl ChunkedReader {
         let skip_first = self.chunks.get(idx).map(|(off, _)| pos - off).unwrap_or(0) as usize;
         let chunks = self.chunks.clone();
         let fetcher = self.fetcher.clone();
-        stream::iter(idx..chunks.len())
+        let count = chunks.len();
+        let fetched = stream::iter(idx..count)
             .map(move |i| {
                 let chunk = chunks[i].1.clone();
                 let fetcher = fetcher.clone();
                 async move { fetcher.fetch_chunk(&chunk).await }
             })
-            .buffered(READ_AHEAD)
+            .buffered(READ_AHEAD);
+        if pos == 0 {
+            // From the start: hash everything, check before the last chunk goes out.
+            let expected = self.blob_digest;
+            let verified: BoxStream<'static, Result<Bytes, Error>> = async_stream::try_stream! {
+                let mut hasher = blake3::Hasher::new();
+                let mut seen = 0usize;
+                futures::pin_mut!(fetched);
+                while let Some(chunk) = fetched.next().await {
+                    let chunk = chunk?;
+                    hasher.update(&chunk);
+                    seen += 1;
+                    if seen == count {
+                        let actual = B3Digest::from(hasher.finalize());
+                        if actual != expected {
+                            Err(Error::Storage(format!("blob {expected} failed verification (got {actual})")))?;
+                        }
+                    }
+                    yield chunk;
+                }
+            }
+            .boxed();
+            return verified.map_err(std::io::Error::from).boxed();
+        }
+        fetched
             .enumerate()
             .map(move |(n, r)| r.map(|b| if n == 0 { b.slice(skip_first.min(b.len())..) } else { b }))
             .map_err(std::io::Error::from)
@@ -107,7 +152,12 @@ impl AsyncRead for ChunkedReader {
                 self.pos += (buf.filled().len() - before) as u64;
                 Poll::Ready(Ok(()))
             }
-            other => other,
+            Poll::Ready(Err(e)) => {
+                // The stream ended with the error; a later read restarts at pos.
+                self.inner = None;
+                Poll::Ready(Err(e))
+            }
+            Poll::Pending => Poll::Pending,
         }
     }
 }

@@ -59,13 +59,21 @@ impl BlobService for GrpcBlobService {
             Some(chunks) if chunks.len() > 1 => Ok(Some(Box::new(ChunkedReader::new(
                 chunks,
                 Arc::new(GrpcChunkFetcher { client: self.client.clone() }),
-            )))),
+                *digest,
+            )?))),
             Some(_) => Ok(Some(Box::new(GrpcStreamReader::new(self.client.clone(), *digest)))),
         }
     }
 
     async fn open_write(&self) -> Box<dyn BlobWriter> {
-        Box::new(GrpcBlobWriter { client: self.client.clone(), hasher: blake3::Hasher::new(), tx: None, task: None, done: None })
+        Box::new(GrpcBlobWriter {
+            client: self.client.clone(),
+            hasher: blake3::Hasher::new(),
+            tx: None,
+            task: None,
+            done: None,
+            failed: false,
+        })
     }
 
     #[instrument(skip(self), level = "debug")]
@@ -86,7 +94,10 @@ impl BlobService for GrpcBlobService {
                 })
             })
             .collect::<Result<Vec<_>, Error>>()
-            .map(Some)
+            .and_then(|list| {
+                super::validate_chunk_list(&list).map_err(|e| Error::Storage(format!("server sent a bad chunk list: {e}")))?;
+                Ok(Some(list))
+            })
     }
 }
 
@@ -145,19 +156,36 @@ struct GrpcStreamReader {
     inner: StreamReader<BoxStream<'static, std::io::Result<Bytes>>, Bytes>,
     inner_pos: u64,
     target: u64,
+    /// Once failed, every later call fails too (never a silent EOF or a wrong position).
+    failed: Option<(std::io::ErrorKind, String)>,
 }
 
 impl GrpcStreamReader {
     fn new(client: BlobServiceClient<Channel>, digest: B3Digest) -> Self {
         let inner = StreamReader::new(verified_stream(client.clone(), digest));
-        Self { client, digest, inner, inner_pos: 0, target: 0 }
+        Self { client, digest, inner, inner_pos: 0, target: 0, failed: None }
+    }
+
+    fn check(&self) -> std::io::Result<()> {
+        match &self.failed {
+            Some((kind, msg)) => Err(std::io::Error::new(*kind, msg.clone())),
+            None => Ok(()),
+        }
+    }
+
+    fn fail(&mut self, e: std::io::Error) -> std::io::Error {
+        self.failed = Some((e.kind(), e.to_string()));
+        e
     }
 }
 
 impl AsyncRead for GrpcStreamReader {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        self.check()?;
         let before = buf.filled().len();
-        ready!(Pin::new(&mut self.inner).poll_read(cx, buf))?;
+        if let Err(e) = ready!(Pin::new(&mut self.inner).poll_read(cx, buf)) {
+            return Poll::Ready(Err(self.fail(e)));
+        }
         let n = (buf.filled().len() - before) as u64;
         self.inner_pos += n;
         self.target = self.inner_pos;
@@ -167,6 +195,7 @@ impl AsyncRead for GrpcStreamReader {
 
 impl AsyncSeek for GrpcStreamReader {
     fn start_seek(mut self: Pin<&mut Self>, position: SeekFrom) -> std::io::Result<()> {
+        self.check()?;
         let target = match position {
             SeekFrom::Start(p) => Some(p),
             SeekFrom::Current(d) => self.inner_pos.checked_add_signed(d),
@@ -187,8 +216,12 @@ impl AsyncSeek for GrpcStreamReader {
     }
 
     fn poll_complete(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<u64>> {
+        self.check()?;
         while self.inner_pos < self.target {
-            let available = ready!(Pin::new(&mut self.inner).poll_fill_buf(cx))?.len() as u64;
+            let available = match ready!(Pin::new(&mut self.inner).poll_fill_buf(cx)) {
+                Ok(b) => b.len() as u64,
+                Err(e) => return Poll::Ready(Err(self.fail(e))),
+            };
             if available == 0 {
                 // Past the end: later reads return EOF.
                 self.inner_pos = self.target;
@@ -208,12 +241,26 @@ struct GrpcBlobWriter {
     tx: Option<mpsc::Sender<proto::BlobChunk>>,
     task: Option<JoinHandle<Result<Bytes, tonic::Status>>>,
     done: Option<B3Digest>,
+    failed: bool,
+}
+
+impl Drop for GrpcBlobWriter {
+    /// An unclosed writer cancels its upload (the call is reset, not
+    /// completed), so the server never stores a truncated blob.
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
 }
 
 impl GrpcBlobWriter {
-    fn start(&mut self) {
+    fn start(&mut self) -> Result<(), Error> {
+        if self.failed {
+            return Err(Error::Storage("blob upload failed earlier; start a new one".into()));
+        }
         if self.task.is_some() {
-            return;
+            return Ok(());
         }
         let (tx, rx) = mpsc::channel(4);
         let mut client = self.client.clone();
@@ -222,14 +269,17 @@ impl GrpcBlobWriter {
             Ok(resp.into_inner().digest)
         }));
         self.tx = Some(tx);
+        Ok(())
     }
 
     async fn finish(&mut self) -> Result<Bytes, Error> {
         self.tx = None;
-        match self.task.take() {
-            Some(t) => Ok(t.await.map_err(Error::storage)??),
-            None => Err(Error::InvalidRequest("writer already failed".into())),
-        }
+        let r = match self.task.take() {
+            Some(t) => t.await.map_err(Error::storage).and_then(|r| r.map_err(Error::from)),
+            None => Err(Error::Storage("blob upload failed earlier; start a new one".into())),
+        };
+        self.failed |= r.is_err();
+        r
     }
 }
 
@@ -239,7 +289,7 @@ impl BlobWriter for GrpcBlobWriter {
         if self.done.is_some() {
             return Err(Error::InvalidRequest("write after close".into()));
         }
-        self.start();
+        self.start()?;
         self.hasher.update(&data);
         while !data.is_empty() {
             let piece = data.split_to(data.len().min(BLOB_MESSAGE_CHUNK));
@@ -249,6 +299,7 @@ impl BlobWriter for GrpcBlobWriter {
             };
             if !sent {
                 // The upload ended early; report why.
+                self.failed = true;
                 self.finish().await?;
                 return Err(Error::Storage("upload stream ended early".into()));
             }
@@ -260,12 +311,13 @@ impl BlobWriter for GrpcBlobWriter {
         if let Some(d) = self.done {
             return Ok(d);
         }
-        self.start();
+        self.start()?;
         let returned = self.finish().await?;
         let returned = B3Digest::try_from(&returned)
             .map_err(|e| Error::Storage(format!("server returned an invalid digest: {e}")))?;
         let local = B3Digest::from(self.hasher.finalize());
         if returned != local {
+            self.failed = true;
             return Err(Error::Storage(format!("server returned digest {returned} for data with digest {local}")));
         }
         self.done = Some(local);

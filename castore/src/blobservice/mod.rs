@@ -15,7 +15,7 @@ mod memory;
 mod object_store;
 
 pub use cache::CacheBlobService;
-pub use chunked_reader::{ChunkFetcher, ChunkedReader};
+pub use chunked_reader::{validate_chunk_list, ChunkFetcher, ChunkedReader, MAX_CHUNK_SIZE};
 pub use grpc::GrpcBlobService;
 pub use memory::MemoryBlobService;
 pub use object_store::{ChunkingParams, ObjectStoreBlobService};

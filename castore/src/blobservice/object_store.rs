@@ -25,6 +25,9 @@ const TAG_RAW: u8 = 0;
 const TAG_ZSTD: u8 = 1;
 /// Chunks uploaded concurrently by one writer.
 const UPLOADS_IN_FLIGHT: usize = 8;
+/// Chunks being hashed, compressed or uploaded at once by all writers of a
+/// service together: bounds memory (at most this many chunks of ≤ 1 MiB).
+const SERVICE_UPLOADS_IN_FLIGHT: usize = 32;
 
 /// Content-defined chunking parameters (FastCDC 2020), in bytes.
 #[derive(Clone, Copy, Debug)]
@@ -48,6 +51,7 @@ struct Inner {
     base: Path,
     params: ChunkingParams,
     zstd_level: i32,
+    upload_permits: Arc<tokio::sync::Semaphore>,
 }
 
 impl Inner {
@@ -91,7 +95,10 @@ impl Inner {
                 })
             })
             .collect::<Result<Vec<_>, Error>>()
-            .map(Some)
+            .and_then(|list| {
+                super::validate_chunk_list(&list).map_err(|e| Error::Storage(format!("blob {d}: {e}")))?;
+                Ok(Some(list))
+            })
     }
 
     /// A chunk's raw bytes, decoded and verified; `None` if absent.
@@ -168,7 +175,8 @@ impl ObjectStoreBlobService {
 
     /// Like [Self::new] with explicit chunking parameters and zstd level.
     pub fn with_params(store: Arc<dyn ObjectStore>, base: Path, params: ChunkingParams, zstd_level: i32) -> Self {
-        Self { inner: Arc::new(Inner { store, base, params, zstd_level }) }
+        let upload_permits = Arc::new(tokio::sync::Semaphore::new(SERVICE_UPLOADS_IN_FLIGHT));
+        Self { inner: Arc::new(Inner { store, base, params, zstd_level, upload_permits }) }
     }
 }
 
@@ -200,7 +208,7 @@ impl BlobService for ObjectStoreBlobService {
         match self.inner.chunk_list(digest).await? {
             None => Ok(None),
             Some(chunks) => {
-                Ok(Some(Box::new(ChunkedReader::new(chunks, Arc::new(Fetcher(self.inner.clone()))))))
+                Ok(Some(Box::new(ChunkedReader::new(chunks, Arc::new(Fetcher(self.inner.clone())), *digest)?)))
             }
         }
     }
@@ -214,6 +222,8 @@ impl BlobService for ObjectStoreBlobService {
             emitted: 0,
             uploads: FuturesOrdered::new(),
             chunks: Vec::new(),
+            hashed: 0,
+            failed: false,
             done: None,
         })
     }
@@ -237,12 +247,17 @@ struct ObjectStoreBlobWriter {
     emitted: usize,
     uploads: FuturesOrdered<JoinHandle<Result<ChunkMeta, Error>>>,
     chunks: Vec<ChunkMeta>,
+    /// Bytes cut into chunks so far.
+    hashed: u64,
+    /// Set by any error: a failed writer never stores a blob.
+    failed: bool,
     done: Option<B3Digest>,
 }
 
 impl ObjectStoreBlobWriter {
     async fn emit(&mut self, chunk: Bytes) -> Result<(), Error> {
         self.emitted += 1;
+        self.hashed += chunk.len() as u64;
         match self.emitted {
             1 => self.first_chunk = Some(chunk.clone()),
             2 => {
@@ -254,7 +269,13 @@ impl ObjectStoreBlobWriter {
                 self.blob_hasher.update(&chunk);
             }
         }
-        self.uploads.push_back(tokio::spawn(self.inner.clone().upload_chunk(chunk)));
+        let permit = self.inner.upload_permits.clone().acquire_owned().await.map_err(Error::storage)?;
+        let upload = self.inner.clone().upload_chunk(chunk);
+        self.uploads.push_back(tokio::spawn(async move {
+            let result = upload.await;
+            drop(permit);
+            result
+        }));
         while self.uploads.len() >= UPLOADS_IN_FLIGHT {
             self.collect_one().await?;
         }
@@ -277,11 +298,34 @@ impl ObjectStoreBlobWriter {
             .next()
             .map(|c| c.length)
     }
+
+    fn check_usable(&self) -> Result<(), Error> {
+        if self.failed {
+            return Err(Error::Storage("blob writer failed earlier; start a new one".into()));
+        }
+        Ok(())
+    }
 }
 
 #[async_trait]
 impl BlobWriter for ObjectStoreBlobWriter {
     async fn write(&mut self, data: Bytes) -> Result<(), Error> {
+        self.check_usable()?;
+        let r = self.write_inner(data).await;
+        self.failed |= r.is_err();
+        r
+    }
+
+    async fn close(&mut self) -> Result<B3Digest, Error> {
+        self.check_usable()?;
+        let r = self.close_inner().await;
+        self.failed |= r.is_err();
+        r
+    }
+}
+
+impl ObjectStoreBlobWriter {
+    async fn write_inner(&mut self, data: Bytes) -> Result<(), Error> {
         if self.done.is_some() {
             return Err(Error::InvalidRequest("write after close".into()));
         }
@@ -293,7 +337,7 @@ impl BlobWriter for ObjectStoreBlobWriter {
         Ok(())
     }
 
-    async fn close(&mut self) -> Result<B3Digest, Error> {
+    async fn close_inner(&mut self) -> Result<B3Digest, Error> {
         if let Some(d) = self.done {
             return Ok(d);
         }
@@ -307,6 +351,10 @@ impl BlobWriter for ObjectStoreBlobWriter {
         }
         while !self.uploads.is_empty() {
             self.collect_one().await?;
+        }
+        let stored: u64 = self.chunks.iter().map(|c| c.size).sum();
+        if stored != self.hashed || self.chunks.len() != self.emitted {
+            return Err(Error::Storage(format!("stored {stored} of {} bytes", self.hashed)));
         }
         let digest = if self.chunks.len() == 1 {
             self.chunks[0].digest

@@ -53,10 +53,15 @@ impl DirectoryService for CacheDirectoryService {
     fn get_recursive(&self, root: &B3Digest) -> BoxStream<'_, Result<Directory, Error>> {
         let root = *root;
         async_stream::try_stream! {
-            if self.near.get(&root).await?.is_some() {
-                let mut s = self.near.get_recursive(&root);
-                while let Some(d) = s.next().await {
-                    yield d?;
+            // near may hold only part of a closure (an evicting lru://): then use far.
+            let from_near = if self.near.get(&root).await?.is_some() {
+                get_closure(self.near.as_ref(), &root).await.ok()
+            } else {
+                None
+            };
+            if let Some(closure) = from_near {
+                for d in closure {
+                    yield d;
                 }
             } else {
                 let closure = self.fill(&root).await?.ok_or_else(|| Error::NotFound(format!("directory {root}")))?;

@@ -70,7 +70,8 @@ pub trait DirectoryService: Send + Sync {
 /// checking each child's size against its parent's claim.
 pub fn traverse<S: DirectoryService + ?Sized>(svc: &S, root: B3Digest) -> BoxStream<'_, Result<Directory, Error>> {
     async_stream::try_stream! {
-        let mut seen = HashSet::from([root]);
+        // digest -> size first claimed for it (None: the root, whose size nobody claims)
+        let mut seen: HashMap<B3Digest, Option<u64>> = HashMap::from([(root, None)]);
         // (digest, size claimed by the parent; None for the root)
         let mut level: Vec<(B3Digest, Option<u64>)> = vec![(root, None)];
         while !level.is_empty() {
@@ -93,8 +94,15 @@ pub fn traverse<S: DirectoryService + ?Sized>(svc: &S, root: B3Digest) -> BoxStr
                     }
                 }
                 for (_, child, size) in dir.child_directories() {
-                    if seen.insert(child) {
-                        next.push((child, Some(size)));
+                    match seen.get(&child) {
+                        None => {
+                            seen.insert(child, Some(size));
+                            next.push((child, Some(size)));
+                        }
+                        Some(Some(claimed)) if *claimed != size => {
+                            Err(Error::Storage(format!("directory {child} is claimed with sizes {claimed} and {size}")))?;
+                        }
+                        Some(_) => {}
                     }
                 }
                 yield dir;

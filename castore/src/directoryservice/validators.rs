@@ -3,6 +3,7 @@
 use crate::{B3Digest, Directory, Error};
 use std::collections::{HashMap, HashSet};
 
+
 /// A closure that passed [ClosureValidator]: leaves first, root last,
 /// connected, sizes consistent.
 #[derive(Debug, Clone)]
@@ -127,19 +128,20 @@ impl ClosureValidator {
 /// parent claims; and the closure must be complete at the end.
 pub struct RecursiveReceiveValidator {
     expected: HashMap<B3Digest, Option<u64>>,
-    received: HashSet<B3Digest>,
+    /// Received directories and their sizes.
+    received: HashMap<B3Digest, u64>,
 }
 
 impl RecursiveReceiveValidator {
     /// Expects the closure of `root`.
     pub fn new(root: B3Digest) -> Self {
-        Self { expected: HashMap::from([(root, None)]), received: HashSet::new() }
+        Self { expected: HashMap::from([(root, None)]), received: HashMap::new() }
     }
 
     /// Checks one received directory.
     pub fn check(&mut self, dir: &Directory) -> Result<(), Error> {
         let digest = dir.digest();
-        if self.received.contains(&digest) {
+        if self.received.contains_key(&digest) {
             return Err(Error::Storage(format!("directory {digest} was sent twice")));
         }
         match self.expected.remove(&digest) {
@@ -152,9 +154,14 @@ impl RecursiveReceiveValidator {
             }
             Some(_) => {}
         }
-        self.received.insert(digest);
+        self.received.insert(digest, dir.size());
         for (_, child, size) in dir.child_directories() {
-            if self.received.contains(&child) {
+            if let Some(actual) = self.received.get(&child) {
+                if *actual != size {
+                    return Err(Error::Storage(format!(
+                        "directory {digest} claims size {size} for {child}, which has size {actual}"
+                    )));
+                }
                 continue;
             }
             match self.expected.get(&child) {

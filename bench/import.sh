@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# bench/import.sh [TREE_SOURCE] — import throughput of `arca castore import`
+# through `arca daemon` into its default store (objectstore+file blobs, sled
+# directories), against references measured in the same run:
+#   - b3sum of every file (hashing alone),
+#   - cp -a + sync of the same tree (copying alone),
+# and the stored bytes against the logical size, first import and re-import.
+#
+# TREE_SOURCE defaults to /usr/lib/x86_64-linux-gnu (≈ 660 MB of shared libraries).
+# Needs: b3sum, hyperfine (apt-get install b3sum hyperfine). Prints a Markdown report.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SRC=${1:-/usr/lib/x86_64-linux-gnu}
+RUNS=${RUNS:-3}
+WORK=${BENCH_WORK:-$(mktemp -d /var/tmp/arca-bench.XXXXXX)}
+trap 'kill "${DAEMON_PID:-}" 2>/dev/null || true; rm -rf "$WORK"' EXIT
+
+for t in b3sum hyperfine; do command -v $t >/dev/null || { echo "missing $t: apt-get install -y $t" >&2; exit 2; }; done
+cargo build --release -q -p arca-cli
+ARCA=$PWD/target/release/arca
+
+# A private copy of the tree (so every tool reads the same files, warm in the page cache).
+cp -a "$SRC" "$WORK/tree"
+TREE=$WORK/tree
+FILES=$(find "$TREE" -type f | wc -l)
+LOGICAL=$(find "$TREE" -type f -printf '%s\n' | awk '{s+=$1} END {print s}')
+cat "$(find "$TREE" -type f | head -1)" >/dev/null
+find "$TREE" -type f -print0 | xargs -0 cat >/dev/null
+
+PORT=${BENCH_PORT:-18765}
+start_daemon() {
+  rm -rf "$WORK/data"
+  env -u BLOB_SERVICE_ADDR -u DIRECTORY_SERVICE_ADDR "$ARCA" daemon --listen "127.0.0.1:$PORT" --data-dir "$WORK/data" 2>"$WORK/daemon.log" &
+  DAEMON_PID=$!
+  for _ in $(seq 100); do grep -q "listening on" "$WORK/daemon.log" && return; sleep 0.05; done
+  echo "daemon did not start" >&2; cat "$WORK/daemon.log" >&2; exit 1
+}
+stop_daemon() { kill -TERM "$DAEMON_PID"; wait "$DAEMON_PID" || true; }
+export BLOB_SERVICE_ADDR=grpc+http://127.0.0.1:$PORT DIRECTORY_SERVICE_ADDR=grpc+http://127.0.0.1:$PORT
+
+JSON=$WORK/hf.json
+hyperfine --runs "$RUNS" --warmup 1 --export-json "$JSON" \
+  -n b3sum "find $TREE -type f -print0 | xargs -0 b3sum >/dev/null" \
+  -n "cp -a + sync" --prepare "rm -rf $WORK/copy; sync" "cp -a $TREE $WORK/copy && sync" \
+  >/dev/null
+median() { python3 -c "import json,sys; r={x['command']:x for x in json.load(open('$JSON'))['results']}; print('%.3f' % r[sys.argv[1]]['median'])" "$1"; }
+T_B3=$(median b3sum)
+T_CP=$(median "cp -a + sync")
+
+# arca: a fresh daemon store for every run (first import), then re-imports.
+T_ARCA_ALL=()
+for i in $(seq "$RUNS"); do
+  start_daemon
+  s=$(date +%s.%N)
+  "$ARCA" castore import "$TREE" >"$WORK/out.json"
+  sync
+  e=$(date +%s.%N)
+  T_ARCA_ALL+=("$(echo "$e - $s" | bc)")
+  if [ "$i" -lt "$RUNS" ]; then stop_daemon; fi
+done
+T_ARCA=$(printf '%s\n' "${T_ARCA_ALL[@]}" | sort -n | sed -n "$(( (RUNS + 1) / 2 ))p")
+STORED=$(du -sb "$WORK/data/blobs" | cut -f1)
+DIRS=$(du -sb "$WORK/data/directories.sled" | cut -f1)
+s=$(date +%s.%N)
+"$ARCA" castore import "$TREE" >"$WORK/out2.json"
+sync
+e=$(date +%s.%N)
+T_REIMPORT=$(echo "$e - $s" | bc)
+STORED2=$(du -sb "$WORK/data/blobs" | cut -f1)
+cmp -s "$WORK/out.json" "$WORK/out2.json" || { echo "re-import gave another root" >&2; exit 1; }
+RSS=$(ps -o rss= -p "$DAEMON_PID" | tr -d ' ')
+stop_daemon
+
+ratio() { python3 -c "print('%.2f' % ($1 / $2))"; }
+cat <<EOF
+### Import of \`$SRC\` ($FILES files, $(( LOGICAL / 1000000 )) MB) — $(date -u +%Y-%m-%d), $(nproc) cores
+
+| what | median time (s) | vs arca |
+|---|---|---|
+| \`b3sum\` of every file | $T_B3 | $(ratio "$T_B3" "$T_ARCA") |
+| \`cp -a\` + \`sync\` | $T_CP | $(ratio "$T_CP" "$T_ARCA") |
+| \`arca castore import\` through the daemon (fresh store) + \`sync\` | $T_ARCA | 1.00 |
+| same import again (everything already stored) | $T_REIMPORT | |
+
+- throughput: $(python3 -c "print('%.0f' % ($LOGICAL / 1e6 / $T_ARCA))") MB/s; arca / (cp -a + sync) = $(ratio "$T_ARCA" "$T_CP")
+- stored blob bytes: $STORED of $LOGICAL logical = $(ratio "$STORED" "$LOGICAL"); directories (sled): $DIRS bytes
+- re-import added $(( STORED2 - STORED )) blob bytes; daemon RSS after the imports: $(( RSS / 1024 )) MiB
+- root: $(cat "$WORK/out.json")
+EOF
