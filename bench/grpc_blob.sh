@@ -2,10 +2,11 @@
 # bench/grpc_blob.sh [SIZE_MIB] — one large blob over gRPC on loopback, each way,
 # through the real binaries: `arca castore import FILE` (upload; the client
 # hashes locally, the server hashes again) and `arca castore cat DIGEST`
-# (download; the client verifies the digest), against a daemon whose blob
-# service is `memory://` (so only transport and hashing are measured) and
-# against the default store (objectstore+file: chunking, zstd, disk).
-# Reference in the same run: b3sum of the file, and cat of the file.
+# (download; the client verifies the digest). Against a daemon whose blob
+# service is `memory://` (transport and hashing only) and against the default
+# store (objectstore+file: chunking, zstd, files). Every upload goes to a
+# fresh daemon, so nothing is deduplicated. References in the same run:
+# b3sum and cat of the same file.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE_MIB=${1:-1024}
@@ -16,7 +17,7 @@ command -v hyperfine >/dev/null || { echo "missing hyperfine: apt-get install -y
 cargo build --release -q -p arca-cli
 ARCA=$PWD/target/release/arca
 PORT=${BENCH_PORT:-18766}
-export BLOB_SERVICE_ADDR=grpc+http://127.0.0.1:$PORT DIRECTORY_SERVICE_ADDR=grpc+http://127.0.0.1:$PORT
+CLIENT_ENV=(env BLOB_SERVICE_ADDR=grpc+http://127.0.0.1:$PORT DIRECTORY_SERVICE_ADDR=grpc+http://127.0.0.1:$PORT)
 
 # Incompressible data, so compression cannot flatter the default store.
 head -c "$((SIZE_MIB * 1024 * 1024))" /dev/urandom >"$WORK/blob"
@@ -30,32 +31,33 @@ start_daemon() {
   echo "daemon did not start" >&2; exit 1
 }
 stop_daemon() { kill -TERM "$DAEMON_PID"; wait "$DAEMON_PID" || true; }
+now() { date +%s.%N; }
+median() { sort -n | sed -n "$(( (RUNS + 1) / 2 ))p"; }
+gbps() { python3 -c "print('%.2f' % ($SIZE_MIB * 1048576 / $1 / 1e9))"; }
 
 JSON=$WORK/hf.json
-row() { # name, json
-  python3 - "$1" "$JSON" "$SIZE_MIB" <<'EOF'
-import json, sys
-name, path, mib = sys.argv[1], sys.argv[2], int(sys.argv[3])
-for r in json.load(open(path))["results"]:
-    gbps = mib * 1024 * 1024 / r["median"] / 1e9
-    print(f"| {name}: {r['command']} | {r['median']:.3f} | {gbps:.2f} |")
-EOF
-}
+hyperfine --runs "$RUNS" --warmup 1 --export-json "$JSON" -n b3sum "b3sum $WORK/blob" -n cat "cat $WORK/blob" >/dev/null
+ref() { python3 -c "import json; r={x['command']:x for x in json.load(open('$JSON'))['results']}; print('%.3f' % r['$1']['median'])"; }
 
 echo "### One ${SIZE_MIB} MiB blob over gRPC on loopback — $(date -u +%Y-%m-%d), $(nproc) cores"
 echo
 echo "| what | median time (s) | GB/s |"
 echo "|---|---|---|"
-hyperfine --runs "$RUNS" --export-json "$JSON" -n "b3sum" "b3sum $WORK/blob" -n "cat" "cat $WORK/blob" >/dev/null
-row "reference" 
+for r in b3sum cat; do t=$(ref $r); echo "| reference: \`$r\` of the file | $t | $(gbps "$t") |"; done
 for store in memory default; do
-  if [ $store = memory ]; then start_daemon --blob-service-addr memory://; else start_daemon; fi
-  DIGEST=$("$ARCA" castore import "$WORK/blob" | python3 -c 'import json,sys; print(json.load(sys.stdin)["digest"])')
-  hyperfine --runs "$RUNS" --export-json "$JSON" \
-    -n "upload (castore import)" "$ARCA castore import $WORK/blob" \
-    -n "download (castore cat)" "$ARCA castore cat $DIGEST >/dev/null" >/dev/null
-  row "daemon blob store $store"
-  RSS=$(ps -o rss= -p "$DAEMON_PID" | tr -d ' ')
-  stop_daemon
-  echo "| daemon RSS after ($store) | $((RSS / 1024)) MiB | |"
+  UP=(); DOWN=(); RSS=0
+  for _ in $(seq "$RUNS"); do
+    if [ $store = memory ]; then start_daemon --blob-service-addr memory://; else start_daemon; fi
+    s=$(now); OUT=$("${CLIENT_ENV[@]}" "$ARCA" castore import "$WORK/blob"); e=$(now)
+    UP+=("$(echo "$e - $s" | bc)")
+    DIGEST=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["digest"])' "$OUT")
+    s=$(now); "${CLIENT_ENV[@]}" "$ARCA" castore cat "$DIGEST" >/dev/null; e=$(now)
+    DOWN+=("$(echo "$e - $s" | bc)")
+    RSS=$(ps -o rss= -p "$DAEMON_PID" | tr -d ' ')
+    stop_daemon
+  done
+  U=$(printf '%s\n' "${UP[@]}" | median); D=$(printf '%s\n' "${DOWN[@]}" | median)
+  echo "| daemon blob store \`$store\`: upload (\`arca castore import\`) | $U | $(gbps "$U") |"
+  echo "| daemon blob store \`$store\`: download (\`arca castore cat\`) | $D | $(gbps "$D") |"
+  echo "| daemon RSS after (\`$store\`) | $((RSS / 1024)) MiB | |"
 done

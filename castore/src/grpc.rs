@@ -193,7 +193,8 @@ pub fn channel_from_url(url: &url::Url) -> Result<Channel, Error> {
         GrpcTarget::Unix(path) => {
             let endpoint = Endpoint::from_static("http://[::1]:1")
                 .initial_stream_window_size(crate::HTTP2_STREAM_WINDOW)
-                .initial_connection_window_size(crate::HTTP2_CONNECTION_WINDOW);
+                .initial_connection_window_size(crate::HTTP2_CONNECTION_WINDOW)
+                .max_frame_size(crate::HTTP2_MAX_FRAME_SIZE);
             Ok(endpoint.connect_with_connector_lazy(tower::service_fn(move |_: tonic::transport::Uri| {
                 let path = path.clone();
                 async move {
@@ -213,6 +214,7 @@ pub fn channel_from_url(url: &url::Url) -> Result<Channel, Error> {
                 .tcp_nodelay(true)
                 .initial_stream_window_size(crate::HTTP2_STREAM_WINDOW)
                 .initial_connection_window_size(crate::HTTP2_CONNECTION_WINDOW)
+                .max_frame_size(crate::HTTP2_MAX_FRAME_SIZE)
                 .connect_timeout(std::time::Duration::from_secs(10))
                 .connect_lazy())
         }

@@ -40,3 +40,6 @@ pub const BLOB_MESSAGE_CHUNK: usize = 1024 * 1024;
 pub const HTTP2_STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 /// HTTP/2 flow-control window per connection (bounds buffering per client).
 pub const HTTP2_CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
+/// Largest HTTP/2 frame Arca accepts (the default of 16 KiB makes bulk
+/// transfers frame-bound).
+pub const HTTP2_MAX_FRAME_SIZE: u32 = 1024 * 1024;

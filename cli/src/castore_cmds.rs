@@ -66,8 +66,10 @@ pub async fn run(cmd: CastoreCommand, args: ServiceArgs) -> Result<()> {
                 .await
                 .with_context(|| format!("reading blob {digest}"))?
                 .ok_or_else(|| anyhow!("blob {digest} not found"))?;
+            // Large pieces: every write to tokio's stdout is a hop to the blocking pool.
+            let mut reader = tokio::io::BufReader::with_capacity(1024 * 1024, &mut reader);
             let mut out = tokio::io::stdout();
-            tokio::io::copy(&mut reader, &mut out).await.with_context(|| format!("reading blob {digest}"))?;
+            tokio::io::copy_buf(&mut reader, &mut out).await.with_context(|| format!("reading blob {digest}"))?;
             out.flush().await?;
         }
         CastoreCommand::Ls { digest, json } => {

@@ -135,6 +135,7 @@ pub async fn run(args: DaemonArgs, service_args: ServiceArgs) -> Result<()> {
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(arca_castore::HTTP2_STREAM_WINDOW))
         .initial_connection_window_size(Some(arca_castore::HTTP2_CONNECTION_WINDOW))
+        .max_frame_size(Some(arca_castore::HTTP2_MAX_FRAME_SIZE))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)
