@@ -1,0 +1,25 @@
+//! Arca's Nix layer: the pure formats Nix uses to name and describe store
+//! paths.
+//!
+//! - [nixbase32]: Nix's base-32 encoding of hashes.
+//! - [hash]: typed hashes (`sha256:<nixbase32>`, SRI) as narinfo files write them.
+//! - [store_path]: `/nix/store/<hash>-<name>` paths, and how content-addressed
+//!   ones (`nix-store --add`, `builtins.toFile`, fixed outputs) are computed.
+//! - [narinfo]: binary-cache `.narinfo` files, parsed and written back byte for byte.
+//! - [signature]: ed25519 signatures over store path fingerprints, with Nix's key formats.
+//!
+//! Everything here is checked against the real Nix: the tests hold values Nix
+//! 2.8 printed, and narinfo files it wrote.
+#![warn(missing_docs)]
+
+pub mod hash;
+pub mod narinfo;
+pub mod nixbase32;
+pub mod signature;
+pub mod store_path;
+
+pub use hash::{HashAlgo, HashError, NixHash};
+pub use narinfo::{Compression, NarInfo, NarInfoError, MAX_NARINFO_SIZE};
+pub use nixbase32::Nixbase32Error;
+pub use signature::{fingerprint, PublicKey, SecretKey, Signature, SignatureError};
+pub use store_path::{compress_hash, ContentAddress, ContentAddressError, StorePath, StorePathError, STORE_DIR};
