@@ -95,9 +95,21 @@ struct Entry {
     kind: Kind,
 }
 
-fn walk(root: &Path) -> Result<(Vec<Entry>, Vec<(PathBuf, u64)>), ImportError> {
+/// The walk: every entry (contents first), the files to upload (one per
+/// inode: hard links share one upload), and the count and bytes of all files.
+struct Walk {
+    entries: Vec<Entry>,
+    uploads: Vec<(PathBuf, u64)>,
+    file_count: u64,
+    file_bytes: u64,
+}
+
+fn walk(root: &Path) -> Result<Walk, ImportError> {
+    use std::os::unix::fs::MetadataExt;
     let mut entries = Vec::new();
     let mut files = Vec::new();
+    let mut by_inode: std::collections::HashMap<(u64, u64), usize> = std::collections::HashMap::new();
+    let (mut file_count, mut file_bytes) = (0u64, 0u64);
     for e in walkdir::WalkDir::new(root).follow_links(false).follow_root_links(false).contents_first(true) {
         let e = e.map_err(|err| {
             let path = err.path().unwrap_or(root).to_path_buf();
@@ -126,8 +138,18 @@ fn walk(root: &Path) -> Result<(Vec<Entry>, Vec<(PathBuf, u64)>), ImportError> {
                 path: path.clone(),
                 source: err.into_io_error().unwrap_or_else(|| std::io::Error::other("metadata failed")),
             })?;
-            files.push((path.clone(), meta.len()));
-            Kind::File { size: meta.len(), executable: meta.permissions().mode() & 0o100 != 0, index: files.len() - 1 }
+            file_count += 1;
+            file_bytes += meta.len();
+            let index = if meta.nlink() > 1 {
+                *by_inode.entry((meta.dev(), meta.ino())).or_insert_with(|| {
+                    files.push((path.clone(), meta.len()));
+                    files.len() - 1
+                })
+            } else {
+                files.push((path.clone(), meta.len()));
+                files.len() - 1
+            };
+            Kind::File { size: meta.len(), executable: meta.permissions().mode() & 0o100 != 0, index }
         } else {
             let kind = if ft.is_socket() {
                 "socket"
@@ -144,7 +166,7 @@ fn walk(root: &Path) -> Result<(Vec<Entry>, Vec<(PathBuf, u64)>), ImportError> {
         };
         entries.push(Entry { path, depth: e.depth(), name, kind });
     }
-    Ok((entries, files))
+    Ok(Walk { entries, uploads: files, file_count, file_bytes })
 }
 
 /// Size of the pieces a file is read in.
@@ -200,15 +222,11 @@ pub async fn import_path(
     progress: Arc<dyn ImportProgress>,
 ) -> Result<(Node, ImportStats), ImportError> {
     let owned = root.to_path_buf();
-    let (entries, files) = tokio::task::spawn_blocking(move || walk(&owned))
+    let Walk { entries, uploads: files, file_count, file_bytes } = tokio::task::spawn_blocking(move || walk(&owned))
         .await
         .map_err(|e| ImportError::Io { path: root.to_path_buf(), source: std::io::Error::other(e) })??;
-    let mut stats = ImportStats {
-        files: files.len() as u64,
-        bytes: files.iter().map(|(_, s)| s).sum(),
-        ..Default::default()
-    };
-    progress.walked(stats.files, stats.bytes);
+    let mut stats = ImportStats { files: file_count, bytes: file_bytes, ..Default::default() };
+    progress.walked(files.len() as u64, files.iter().map(|(_, s)| s).sum());
 
     // Upload all files, many at a time.
     // Unordered: one large file must not hold back the others' slots.

@@ -132,8 +132,8 @@ async fn bad_requests_and_unknown_digests_have_precise_codes() {
 
 #[tokio::test]
 async fn oversized_blob_messages_are_refused() {
-    let (mut b, _d, _s) = raw_clients().await;
-    let mut b = b.clone().max_encoding_message_size(usize::MAX);
+    let (b, _d, _s) = raw_clients().await;
+    let mut b = b.max_encoding_message_size(usize::MAX);
     let huge = proto::BlobChunk { data: Bytes::from(vec![0u8; arca_castore::MAX_BLOB_MESSAGE_SIZE + 1]) };
     let err = b.put(futures::stream::iter(vec![huge])).await.unwrap_err();
     assert_eq!(err.code(), Code::OutOfRange, "{err:?}");

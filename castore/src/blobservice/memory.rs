@@ -30,14 +30,15 @@ impl BlobService for MemoryBlobService {
     }
 
     async fn open_write(&self) -> Box<dyn BlobWriter> {
-        Box::new(MemoryBlobWriter { blobs: self.blobs.clone(), hasher: blake3::Hasher::new(), buf: BytesMut::new(), done: None })
+        Box::new(MemoryBlobWriter { blobs: self.blobs.clone(), hasher: blake3::Hasher::new(), pieces: Vec::new(), done: None })
     }
 }
 
 struct MemoryBlobWriter {
     blobs: Arc<RwLock<HashMap<B3Digest, Bytes>>>,
     hasher: blake3::Hasher,
-    buf: BytesMut,
+    /// The pieces as written; joined once on close (no repeated regrowth).
+    pieces: Vec<Bytes>,
     done: Option<B3Digest>,
 }
 
@@ -48,7 +49,7 @@ impl BlobWriter for MemoryBlobWriter {
             return Err(Error::InvalidRequest("write after close".into()));
         }
         self.hasher.update(&data);
-        self.buf.extend_from_slice(&data);
+        self.pieces.push(data);
         Ok(())
     }
 
@@ -57,7 +58,16 @@ impl BlobWriter for MemoryBlobWriter {
             return Ok(d);
         }
         let digest = B3Digest::from(self.hasher.finalize());
-        let data = std::mem::take(&mut self.buf).freeze();
+        let pieces = std::mem::take(&mut self.pieces);
+        let data = if pieces.len() == 1 {
+            pieces.into_iter().next().expect("one piece")
+        } else {
+            let mut buf = BytesMut::with_capacity(pieces.iter().map(|p| p.len()).sum());
+            for p in pieces {
+                buf.extend_from_slice(&p);
+            }
+            buf.freeze()
+        };
         self.blobs.write().entry(digest).or_insert(data);
         self.done = Some(digest);
         Ok(digest)

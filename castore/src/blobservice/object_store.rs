@@ -116,32 +116,47 @@ impl Inner {
         Ok(Some(data))
     }
 
-    /// Hashes, and unless present, compresses and stores one chunk.
+    /// Hashes and compresses a chunk (one trip to the blocking pool), and
+    /// stores it unless it is already there.
     async fn upload_chunk(self: Arc<Self>, data: Bytes) -> Result<ChunkMeta, Error> {
         let size = data.len() as u64;
-        let to_hash = data.clone();
-        let digest = tokio::task::spawn_blocking(move || B3Digest::of(&to_hash)).await.map_err(Error::storage)?;
+        let level = self.zstd_level;
+        let (digest, encoded) = tokio::task::spawn_blocking(move || {
+            let digest = B3Digest::of(&data);
+            encode_chunk(&data, level).map(|e| (digest, e))
+        })
+        .await
+        .map_err(Error::storage)??;
         let path = self.chunk_path(&digest);
         if !self.exists(&path).await? {
-            let level = self.zstd_level;
-            let encoded = tokio::task::spawn_blocking(move || encode_chunk(&data, level))
-                .await
-                .map_err(Error::storage)??;
             self.store.put(&path, PutPayload::from(encoded)).await?;
         }
         Ok(ChunkMeta { digest, size })
     }
 }
 
+thread_local! {
+    /// One zstd compression context per blocking thread, reused across chunks.
+    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Tag byte + zstd frame when that saves at least 1/16, else tag byte + raw bytes.
 fn encode_chunk(data: &[u8], level: i32) -> Result<Bytes, Error> {
     if data.len() >= 512 {
-        let compressed = zstd::bulk::compress(data, level).map_err(Error::storage)?;
-        // Only worth it when it saves at least 1/16th.
-        if compressed.len() < data.len() - data.len() / 16 {
-            let mut out = BytesMut::with_capacity(compressed.len() + 1);
-            out.extend_from_slice(&[TAG_ZSTD]);
-            out.extend_from_slice(&compressed);
-            return Ok(out.freeze());
+        let mut out = vec![0u8; 1 + zstd::zstd_safe::compress_bound(data.len())];
+        out[0] = TAG_ZSTD;
+        let written = COMPRESSOR.with(|cell| -> Result<usize, Error> {
+            let mut slot = cell.borrow_mut();
+            if slot.as_ref().is_none_or(|(l, _)| *l != level) {
+                *slot = Some((level, zstd::bulk::Compressor::new(level).map_err(Error::storage)?));
+            }
+            let (_, c) = slot.as_mut().expect("set above");
+            c.compress_to_buffer(data, &mut out[1..]).map_err(Error::storage)
+        })?;
+        if written < data.len() - data.len() / 16 {
+            out.truncate(1 + written);
+            return Ok(Bytes::from(out));
         }
     }
     let mut out = BytesMut::with_capacity(data.len() + 1);
