@@ -5,6 +5,7 @@
 //! - [hash]: typed hashes (`sha256:<nixbase32>`, SRI) as narinfo files write them.
 //! - [store_path]: `/nix/store/<hash>-<name>` paths, and how content-addressed
 //!   ones (`nix-store --add`, `builtins.toFile`, fixed outputs) are computed.
+//! - [nar]: NAR archives: streaming reader and writer, ingest into castore, rendering from it.
 //! - [narinfo]: binary-cache `.narinfo` files, parsed and written back byte for byte.
 //! - [signature]: ed25519 signatures over store path fingerprints, with Nix's key formats.
 //!
@@ -13,6 +14,7 @@
 #![warn(missing_docs)]
 
 pub mod hash;
+pub mod nar;
 pub mod narinfo;
 pub mod nixbase32;
 pub mod signature;

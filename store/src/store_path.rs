@@ -520,7 +520,7 @@ mod tests {
             let expected = if i < 12 { (i as u8) ^ (i as u8 + 20) } else { i as u8 };
             assert_eq!(o, expected, "byte {i}");
         }
-        assert_eq!(compress_hash::<0>(&input), []);
+        assert_eq!(compress_hash::<0>(&input), [0u8; 0]);
         assert_eq!(compress_hash::<4>(&[1, 2, 3, 4, 1, 2, 3, 4]), [0; 4]);
     }
 

@@ -1,0 +1,242 @@
+//! Rendering a castore node as a NAR.
+//!
+//! The directory closure is fetched up front with
+//! [DirectoryService::get_recursive]; then the tree is written depth first in
+//! NAR order while the next few blobs are already being fetched (each into a
+//! small bounded queue, so memory stays bounded whatever the file sizes).
+//! Every blob is checked to have the size its node claims.
+use super::hashing::HashingWriter;
+use super::writer::{NarWriter, WriteError};
+use super::CHUNK_SIZE;
+use arca_castore::{B3Digest, BlobService, Directory, DirectoryService, Node, PathComponent};
+use bytes::BytesMut;
+use futures::stream::StreamExt;
+use std::collections::HashMap;
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWrite};
+use tokio::sync::mpsc;
+
+/// Blobs fetched ahead of the one being written.
+const PREFETCH: usize = 8;
+/// Pieces (at most 1 MiB each) queued per blob being fetched.
+const PIECES_AHEAD: usize = 2;
+
+/// Why rendering a NAR failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    /// Fetching directories failed (one missing, corrupt, ...).
+    #[error("fetching directories failed: {0}")]
+    Directory(#[source] arca_castore::Error),
+    /// A directory referred to is not in the closure returned.
+    #[error("directory {0} is missing")]
+    MissingDirectory(B3Digest),
+    /// A blob referred to is not stored.
+    #[error("blob {0} is missing")]
+    MissingBlob(B3Digest),
+    /// Reading a blob failed.
+    #[error("reading blob {digest} failed: {source}")]
+    Blob {
+        /// The blob.
+        digest: B3Digest,
+        /// The cause.
+        #[source]
+        source: arca_castore::Error,
+    },
+    /// A blob is not the size its node claims.
+    #[error("blob {digest} has {actual} bytes, its node claims {expected}")]
+    BlobSize {
+        /// The blob.
+        digest: B3Digest,
+        /// The size in the node.
+        expected: u64,
+        /// Bytes the blob had (at least).
+        actual: u64,
+    },
+    /// Writing the NAR failed.
+    #[error(transparent)]
+    Write(#[from] WriteError),
+}
+
+/// One step of the walk in NAR order.
+enum Step<'a> {
+    Node(Option<&'a PathComponent>, &'a Node),
+    EndDirectory,
+}
+
+/// Walks the tree in NAR order, calling `f` for every step.
+fn walk<'a>(
+    root: &'a Node,
+    dirs: &'a HashMap<B3Digest, Directory>,
+    mut f: impl FnMut(Step<'a>) -> Result<(), RenderError>,
+) -> Result<(), RenderError> {
+    let mut stack: Vec<Box<dyn Iterator<Item = (&'a PathComponent, &'a Node)> + 'a>> = Vec::new();
+    let mut next = Some((None, root));
+    loop {
+        let (name, node) = match next.take() {
+            Some(n) => n,
+            None => match stack.last_mut().map(|it| it.next()) {
+                None => return Ok(()),
+                Some(Some((name, node))) => (Some(name), node),
+                Some(None) => {
+                    stack.pop();
+                    f(Step::EndDirectory)?;
+                    continue;
+                }
+            },
+        };
+        f(Step::Node(name, node))?;
+        if let Node::Directory { digest, .. } = node {
+            let dir = dirs.get(digest).ok_or(RenderError::MissingDirectory(*digest))?;
+            stack.push(Box::new(dir.entries()));
+        }
+    }
+}
+
+/// Fetches the directory closure of `root` (nothing for a file or symlink).
+async fn fetch_directories(
+    root: &Node,
+    directories: &dyn DirectoryService,
+) -> Result<HashMap<B3Digest, Directory>, RenderError> {
+    let mut dirs = HashMap::new();
+    if let Node::Directory { digest, size } = root {
+        let mut stream = directories.get_recursive(digest);
+        while let Some(dir) = stream.next().await {
+            let dir = dir.map_err(RenderError::Directory)?;
+            dirs.insert(dir.digest(), dir);
+        }
+        match dirs.get(digest) {
+            None => return Err(RenderError::MissingDirectory(*digest)),
+            Some(d) if d.size() != *size => {
+                return Err(RenderError::Directory(arca_castore::Error::Storage(format!(
+                    "directory {digest} has size {}, the node claims {size}",
+                    d.size()
+                ))))
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(dirs)
+}
+
+/// Reads one blob into a bounded queue of pieces.
+fn fetch_blob(
+    blobs: Arc<dyn BlobService>,
+    digest: B3Digest,
+    size: u64,
+) -> mpsc::Receiver<Result<bytes::Bytes, RenderError>> {
+    let (tx, rx) = mpsc::channel(PIECES_AHEAD);
+    tokio::spawn(async move {
+        let mut reader = match blobs.open_read(&digest).await {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                let _ = tx.send(Err(RenderError::MissingBlob(digest))).await;
+                return;
+            }
+            Err(source) => {
+                let _ = tx.send(Err(RenderError::Blob { digest, source })).await;
+                return;
+            }
+        };
+        let mut total = 0u64;
+        loop {
+            // Read one byte past the claimed size, to notice longer blobs.
+            let left = size.saturating_sub(total).saturating_add(1);
+            let want = usize::try_from(left).unwrap_or(CHUNK_SIZE).min(CHUNK_SIZE);
+            let mut buf = BytesMut::with_capacity(want);
+            while buf.len() < want {
+                match reader.read_buf(&mut buf).await {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e) => {
+                        let _ = tx.send(Err(RenderError::Blob { digest, source: e.into() })).await;
+                        return;
+                    }
+                }
+            }
+            if buf.is_empty() {
+                return;
+            }
+            total += buf.len() as u64;
+            if total > size {
+                let _ = tx.send(Err(RenderError::BlobSize { digest, expected: size, actual: total })).await;
+                return;
+            }
+            if tx.send(Ok(buf.freeze())).await.is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Writes the NAR of `node` to `writer` and returns the writer (flushed).
+pub async fn render_nar<W: AsyncWrite + Unpin>(
+    node: &Node,
+    blobs: Arc<dyn BlobService>,
+    directories: &dyn DirectoryService,
+    writer: W,
+) -> Result<W, RenderError> {
+    let dirs = fetch_directories(node, directories).await?;
+
+    // The files in NAR order, fetched a few ahead.
+    let mut files = Vec::new();
+    walk(node, &dirs, |step| {
+        if let Step::Node(_, Node::File { digest, size, .. }) = step {
+            files.push((*digest, *size));
+        }
+        Ok(())
+    })?;
+    let empty = B3Digest::of(b"");
+    let mut fetched = futures::stream::iter(files)
+        .map(|(digest, size)| {
+            let blobs = blobs.clone();
+            async move {
+                if size == 0 && digest == empty {
+                    None
+                } else {
+                    Some(fetch_blob(blobs, digest, size))
+                }
+            }
+        })
+        .buffered(PREFETCH);
+
+    let mut nar = NarWriter::new(writer).await?;
+    let mut steps = Vec::new();
+    walk(node, &dirs, |step| {
+        steps.push(step);
+        Ok(())
+    })?;
+    for step in steps {
+        match step {
+            Step::EndDirectory => nar.end_directory().await?,
+            Step::Node(name, Node::Directory { .. }) => nar.start_directory(name).await?,
+            Step::Node(name, Node::Symlink { target }) => nar.symlink(name, target).await?,
+            Step::Node(name, Node::File { digest, size, executable }) => {
+                nar.start_file(name, *executable, *size).await?;
+                let mut written = 0u64;
+                if let Some(Some(mut rx)) = fetched.next().await {
+                    while let Some(piece) = rx.recv().await {
+                        let piece = piece?;
+                        written += piece.len() as u64;
+                        nar.write_contents(&piece).await?;
+                    }
+                }
+                if written != *size {
+                    return Err(RenderError::BlobSize { digest: *digest, expected: *size, actual: written });
+                }
+                nar.end_file().await?;
+            }
+        }
+    }
+    Ok(nar.finish().await?)
+}
+
+/// The size and SHA-256 of the NAR of `node`, rendered into a hashing sink.
+pub async fn calculate_nar(
+    node: &Node,
+    blobs: Arc<dyn BlobService>,
+    directories: &dyn DirectoryService,
+) -> Result<(u64, [u8; 32]), RenderError> {
+    let sink = render_nar(node, blobs, directories, HashingWriter::new()).await?;
+    Ok(sink.finalize())
+}
