@@ -251,6 +251,7 @@ pub async fn import_path(
                     return Ok((index, local));
                 }
                 let mut w = blobs.open_write().await;
+                w.expect_digest(local);
                 let mut chunks = read_file_chunks(path.clone());
                 let mut actual = 0u64;
                 while let Some(chunk) = chunks.recv().await {

@@ -216,3 +216,17 @@ async fn clients_verify_what_servers_send() {
     let r = get_closure(&*d, &dir_digest).await;
     assert!(matches!(r, Err(Error::Storage(_))), "{r:?}");
 }
+
+#[tokio::test]
+async fn expected_digest_is_checked_against_the_server() {
+    let (b, _d, _g) = behind_grpc(from_urls("memory://", "memory://")).await;
+    let mut w = b.open_write().await;
+    w.expect_digest(B3Digest::of(b"what the caller hashed"));
+    w.write(Bytes::from_static(b"what was actually sent")).await.unwrap();
+    let r = w.close().await;
+    assert!(matches!(r, Err(Error::Storage(ref m)) if m.contains("server returned digest")), "{r:?}");
+    let mut w = b.open_write().await;
+    w.expect_digest(B3Digest::of(b"right"));
+    w.write(Bytes::from_static(b"right")).await.unwrap();
+    assert_eq!(w.close().await.unwrap(), B3Digest::of(b"right"));
+}

@@ -73,6 +73,7 @@ impl BlobService for GrpcBlobService {
             task: None,
             done: None,
             failed: false,
+            expected: None,
         })
     }
 
@@ -242,6 +243,9 @@ struct GrpcBlobWriter {
     task: Option<JoinHandle<Result<Bytes, tonic::Status>>>,
     done: Option<B3Digest>,
     failed: bool,
+    /// Set by `expect_digest`: the server's digest is compared with it and
+    /// the data is not hashed again here.
+    expected: Option<B3Digest>,
 }
 
 impl Drop for GrpcBlobWriter {
@@ -290,7 +294,9 @@ impl BlobWriter for GrpcBlobWriter {
             return Err(Error::InvalidRequest("write after close".into()));
         }
         self.start()?;
-        self.hasher.update(&data);
+        if self.expected.is_none() {
+            self.hasher.update(&data);
+        }
         while !data.is_empty() {
             let piece = data.split_to(data.len().min(BLOB_MESSAGE_CHUNK));
             let sent = match &self.tx {
@@ -315,12 +321,19 @@ impl BlobWriter for GrpcBlobWriter {
         let returned = self.finish().await?;
         let returned = B3Digest::try_from(&returned)
             .map_err(|e| Error::Storage(format!("server returned an invalid digest: {e}")))?;
-        let local = B3Digest::from(self.hasher.finalize());
+        let local = match self.expected {
+            Some(d) => d,
+            None => B3Digest::from(self.hasher.finalize()),
+        };
         if returned != local {
             self.failed = true;
             return Err(Error::Storage(format!("server returned digest {returned} for data with digest {local}")));
         }
         self.done = Some(local);
         Ok(local)
+    }
+
+    fn expect_digest(&mut self, digest: B3Digest) {
+        self.expected = Some(digest);
     }
 }

@@ -42,6 +42,12 @@ pub trait BlobWriter: Send {
     async fn write(&mut self, data: Bytes) -> Result<(), Error>;
     /// Finishes the blob and returns its digest.
     async fn close(&mut self) -> Result<B3Digest, Error>;
+
+    /// Tells the writer the digest the caller already computed for the data
+    /// it will write. A writer may then skip its own hashing where the
+    /// backend verifies anyway (the gRPC client compares the server's digest
+    /// with this one); `close` fails if the data does not have this digest.
+    fn expect_digest(&mut self, _digest: B3Digest) {}
 }
 
 /// Stores and serves blobs by BLAKE3 digest.
