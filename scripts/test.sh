@@ -20,8 +20,10 @@ apt_install() {
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
-# curl: SeaweedFS readiness checks; python3-venv: SeaweedFS install.
+# curl: SeaweedFS readiness checks.
 command -v curl >/dev/null || apt_install curl
+# The real Nix is the oracle of the Nix-layer tests (nix-store --dump/--add, nix-hash, nix key).
+command -v nix-store >/dev/null || apt_install nix-bin
 
 # cargo-nextest
 if ! cargo nextest --version >/dev/null 2>&1; then
