@@ -8,14 +8,20 @@
 //! - [nar]: NAR archives: streaming reader and writer, ingest into castore, rendering from it.
 //! - [narinfo]: binary-cache `.narinfo` files, parsed and written back byte for byte.
 //! - [signature]: ed25519 signatures over store path fingerprints, with Nix's key formats.
+//! - [pathinfo]: [PathInfo], what the store knows about a store path, validated from the wire.
+//! - [pathinfoservice]: the [PathInfoService] trait, its backends and layers, and URL composition.
+//! - [grpc]: the `tvix.store.v1.PathInfoService` server wrapper.
 //!
 //! Everything here is checked against the real Nix: the tests hold values Nix
 //! 2.8 printed, and narinfo files it wrote.
 #![warn(missing_docs)]
 
+pub mod grpc;
 pub mod hash;
 pub mod nar;
 pub mod narinfo;
+pub mod pathinfo;
+pub mod pathinfoservice;
 pub mod nixbase32;
 pub mod signature;
 pub mod store_path;
@@ -25,3 +31,5 @@ pub use narinfo::{Compression, NarInfo, NarInfoError, MAX_NARINFO_SIZE};
 pub use nixbase32::Nixbase32Error;
 pub use signature::{fingerprint, PublicKey, SecretKey, Signature, SignatureError};
 pub use store_path::{compress_hash, ContentAddress, ContentAddressError, StorePath, StorePathError, STORE_DIR};
+pub use pathinfo::{PathInfo, PathInfoError};
+pub use pathinfoservice::PathInfoService;

@@ -1,0 +1,59 @@
+//! Path infos in an embedded sled database (the daemon's default).
+use super::{decode_stored, encode, PathInfoService};
+use crate::pathinfo::PathInfo;
+use crate::store_path::DIGEST_LEN;
+use arca_castore::Error;
+use async_trait::async_trait;
+use futures::stream::{BoxStream, StreamExt};
+use std::path::Path;
+
+/// A sled tree mapping the 20-byte digest → the protobuf encoding. Every
+/// read is decoded and validated again; writes are flushed before `put` returns.
+#[derive(Clone)]
+pub struct SledPathInfoService {
+    db: sled::Db,
+}
+
+impl SledPathInfoService {
+    /// Opens (creating) the database at `path`.
+    pub fn open(path: &Path) -> Result<Self, Error> {
+        let db = sled::Config::new()
+            .path(path)
+            .open()
+            .map_err(|e| Error::Storage(format!("opening sled database {}: {e}", path.display())))?;
+        Ok(Self { db })
+    }
+
+    /// A temporary database, deleted when dropped.
+    pub fn temporary() -> Result<Self, Error> {
+        let db = sled::Config::new().temporary(true).open().map_err(Error::storage)?;
+        Ok(Self { db })
+    }
+}
+
+#[async_trait]
+impl PathInfoService for SledPathInfoService {
+    #[tracing::instrument(skip(self), fields(digest = %crate::nixbase32::encode(&digest)), level = "debug")]
+    async fn get(&self, digest: [u8; DIGEST_LEN]) -> Result<Option<PathInfo>, Error> {
+        let Some(raw) = self.db.get(digest).map_err(Error::storage)? else { return Ok(None) };
+        let what = format!("stored path info {}", crate::nixbase32::encode(&digest));
+        Ok(Some(decode_stored(&raw, Some(&digest), &what)?))
+    }
+
+    #[tracing::instrument(skip_all, fields(path = %info.store_path), level = "debug")]
+    async fn put(&self, info: PathInfo) -> Result<PathInfo, Error> {
+        self.db.insert(info.digest(), encode(&info)?).map_err(Error::storage)?;
+        self.db.flush_async().await.map_err(Error::storage)?;
+        Ok(info)
+    }
+
+    fn list(&self) -> BoxStream<'_, Result<PathInfo, Error>> {
+        futures::stream::iter(self.db.iter().map(|kv| {
+            let (k, v) = kv.map_err(Error::storage)?;
+            let key: [u8; DIGEST_LEN] =
+                k.as_ref().try_into().map_err(|_| Error::Storage(format!("sled key of {} bytes", k.len())))?;
+            decode_stored(&v, Some(&key), &format!("stored path info {}", crate::nixbase32::encode(&key)))
+        }))
+        .boxed()
+    }
+}
