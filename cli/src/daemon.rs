@@ -5,6 +5,10 @@ use anyhow::{bail, Context, Result};
 use arca_castore::grpc::{GrpcBlobServiceWrapper, GrpcDirectoryServiceWrapper};
 use arca_proto::castore::blob_service_server::BlobServiceServer;
 use arca_proto::castore::directory_service_server::DirectoryServiceServer;
+use arca_proto::store::path_info_service_server::PathInfoServiceServer;
+use arca_store::grpc::GrpcPathInfoServiceWrapper;
+use arca_store::pathinfoservice::CheckedPathInfoService;
+use std::sync::Arc;
 use std::os::fd::FromRawFd;
 use std::path::PathBuf;
 use tokio::signal::unix::{signal, SignalKind};
@@ -102,6 +106,7 @@ fn refuse_self_reference(listen: &str, args: &ServiceArgs) -> Result<()> {
     for (flag, url) in [
         ("--blob-service-addr / BLOB_SERVICE_ADDR", &args.blob_service_addr),
         ("--directory-service-addr / DIRECTORY_SERVICE_ADDR", &args.directory_service_addr),
+        ("--path-info-service-addr / PATH_INFO_SERVICE_ADDR", &args.path_info_service_addr),
     ] {
         if let Some(url) = url {
             if own.iter().any(|o| url.trim_end_matches('/') == o) {
@@ -120,6 +125,7 @@ pub async fn run(args: DaemonArgs, service_args: ServiceArgs) -> Result<()> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<BlobServiceServer<GrpcBlobServiceWrapper>>().await;
     health_reporter.set_serving::<DirectoryServiceServer<GrpcDirectoryServiceWrapper>>().await;
+    health_reporter.set_serving::<PathInfoServiceServer<GrpcPathInfoServiceWrapper>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(arca_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -140,7 +146,21 @@ pub async fn run(args: DaemonArgs, service_args: ServiceArgs) -> Result<()> {
         .add_service(reflection)
         .add_service(reflection_alpha)
         .add_service(GrpcBlobServiceWrapper::new(services.blob.clone()).into_server())
-        .add_service(GrpcDirectoryServiceWrapper::new(services.directory.clone()).into_server());
+        .add_service(GrpcDirectoryServiceWrapper::new(services.directory.clone()).into_server())
+        .add_service(
+            GrpcPathInfoServiceWrapper::new(
+                // Path infos enter the store here: refuse any whose castore
+                // closure or references are missing.
+                Arc::new(CheckedPathInfoService::new(
+                    services.path_info.clone(),
+                    services.blob.clone(),
+                    services.directory.clone(),
+                )),
+                services.blob.clone(),
+                services.directory.clone(),
+            )
+            .into_server(),
+        );
 
     let shutdown = {
         let reporter = health_reporter.clone();
@@ -148,6 +168,7 @@ pub async fn run(args: DaemonArgs, service_args: ServiceArgs) -> Result<()> {
             shutdown_signal().await;
             reporter.set_not_serving::<BlobServiceServer<GrpcBlobServiceWrapper>>().await;
             reporter.set_not_serving::<DirectoryServiceServer<GrpcDirectoryServiceWrapper>>().await;
+            reporter.set_not_serving::<PathInfoServiceServer<GrpcPathInfoServiceWrapper>>().await;
         }
     };
     match listener {

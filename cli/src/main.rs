@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 mod castore_cmds;
 mod daemon;
+mod nix_cmds;
 mod progress;
 mod services;
 
@@ -43,6 +44,9 @@ pub struct ServiceArgs {
     /// Directory service URL [daemon default: sled://$DATA/directories.sled; others: grpc+http://127.0.0.1:8000].
     #[arg(long, env = "DIRECTORY_SERVICE_ADDR", global = true)]
     pub directory_service_addr: Option<String>,
+    /// Path-info service URL [daemon default: sled://$DATA/pathinfo.sled; others: grpc+http://127.0.0.1:8000].
+    #[arg(long, env = "PATH_INFO_SERVICE_ADDR", global = true)]
+    pub path_info_service_addr: Option<String>,
     /// A TOML file composing the services; replaces the URLs.
     #[arg(long, env = "ARCA_STORE_COMPOSITION", global = true)]
     pub store_composition: Option<PathBuf>,
@@ -59,6 +63,15 @@ enum Command {
     /// Work with the content-addressed layer directly.
     #[command(subcommand)]
     Castore(castore_cmds::CastoreCommand),
+    /// Add files or directories as store paths, exactly as `nix-store --add` would.
+    #[command(after_help = "Example:\n  arca import ./hello.txt ./src\n  /nix/store/…-hello.txt\n  /nix/store/…-src")]
+    Import(nix_cmds::ImportArgs),
+    /// NAR export and import.
+    #[command(subcommand)]
+    Nar(nix_cmds::NarCommand),
+    /// Show store paths' metadata (narinfo-style, or `nix path-info --json` style).
+    #[command(after_help = "Examples:\n  arca path-info /nix/store/…-hello\n  arca path-info --json --recursive /nix/store/…-hello\n\nExit code 1 if a path is missing.")]
+    PathInfo(nix_cmds::PathInfoArgs),
 }
 
 fn init_tracing(verbose: u8) {
@@ -87,6 +100,9 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Daemon(args) => daemon::run(args, cli.services).await,
             Command::Castore(cmd) => castore_cmds::run(cmd, cli.services).await,
+            Command::Import(args) => nix_cmds::import(args, cli.services).await,
+            Command::Nar(cmd) => nix_cmds::nar(cmd, cli.services).await,
+            Command::PathInfo(args) => nix_cmds::path_info(args, cli.services).await,
         }
     });
     match result {

@@ -3,12 +3,14 @@ use crate::ServiceArgs;
 use anyhow::{Context, Result};
 use arca_castore::composition::{Builder, Composition};
 use arca_castore::{BlobService, DirectoryService};
+use arca_store::pathinfoservice::PathInfoService;
 use std::sync::Arc;
 
 /// The services of a store.
 pub struct Services {
     pub blob: Arc<dyn BlobService>,
     pub directory: Arc<dyn DirectoryService>,
+    pub path_info: Arc<dyn PathInfoService>,
 }
 
 /// Where the services live when no flag says otherwise.
@@ -21,6 +23,10 @@ pub enum Defaults {
 
 /// Builds the services from flags, env vars or a composition file.
 pub fn build(args: &ServiceArgs, defaults: Defaults) -> Result<Services> {
+    let default_path_info = match defaults {
+        Defaults::Embedded => format!("sled://{}", crate::data_dir(args)?.join("pathinfo.sled").display()),
+        Defaults::Daemon => "grpc+http://127.0.0.1:8000".to_string(),
+    };
     let composition = if let Some(file) = &args.store_composition {
         let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
         Composition::from_toml(&text).with_context(|| format!("in {}", file.display()))?
@@ -40,8 +46,11 @@ pub fn build(args: &ServiceArgs, defaults: Defaults) -> Result<Services> {
         Composition::from_urls(&blob, &dir)?
     };
     let builder = Builder::new(composition);
-    Ok(Services {
-        blob: builder.blob_service("default").context("blob service")?,
-        directory: builder.directory_service("default").context("directory service")?,
-    })
+    let blob = builder.blob_service("default").context("blob service")?;
+    let directory = builder.directory_service("default").context("directory service")?;
+    let path_info_url = args.path_info_service_addr.clone().unwrap_or(default_path_info);
+    let path_info =
+        arca_store::pathinfoservice::pathinfo_service_from_url(&path_info_url, blob.clone(), directory.clone())
+            .context("path-info service")?;
+    Ok(Services { blob, directory, path_info })
 }

@@ -1,0 +1,242 @@
+//! The Nix-layer commands: `arca import`, `arca nar dump|add`, `arca path-info`.
+use crate::services::{build, Defaults, Services};
+use crate::ServiceArgs;
+use anyhow::{anyhow, bail, Context, Result};
+use arca_store::nar::{dump_path, ingest_nar, render_nar, HashingWriter};
+use arca_store::pathinfo::PathInfo;
+use arca_store::{ContentAddress, NixHash, StorePath};
+use clap::{Args, Subcommand};
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::io::AsyncWriteExt;
+
+#[derive(Args)]
+pub struct ImportArgs {
+    /// Files or directories to add.
+    #[arg(required = true)]
+    paths: Vec<PathBuf>,
+    /// Store path name (default: the file name); only with a single PATH.
+    #[arg(long)]
+    name: Option<String>,
+    /// Files uploaded at once.
+    #[arg(long, default_value_t = 32)]
+    jobs: usize,
+}
+
+#[derive(Subcommand)]
+pub enum NarCommand {
+    /// Write a store path's NAR to stdout (byte-identical to `nix-store --dump`).
+    #[command(after_help = "Example:\n  arca nar dump /nix/store/…-hello > hello.nar")]
+    Dump {
+        /// The store path (absolute, or its basename).
+        store_path: String,
+    },
+    /// Ingest a NAR as a content-addressed store path and print the path.
+    #[command(after_help = "Examples:\n  arca nar add --name hello hello.nar\n  nix-store --dump ./dir | arca nar add --name dir")]
+    Add {
+        /// Name of the store path.
+        #[arg(long)]
+        name: String,
+        /// The NAR file; `-` or nothing reads stdin.
+        file: Option<PathBuf>,
+    },
+}
+
+#[derive(Args)]
+pub struct PathInfoArgs {
+    /// Print JSON with the field names of `nix path-info --json`.
+    #[arg(long)]
+    json: bool,
+    /// Include the closure (every path referred to, transitively).
+    #[arg(long, short)]
+    recursive: bool,
+    /// Store paths (absolute, or basenames).
+    #[arg(required = true)]
+    paths: Vec<String>,
+}
+
+fn parse_store_path(s: &str) -> Result<StorePath> {
+    let parsed = if s.starts_with('/') { StorePath::from_absolute_path(s) } else { StorePath::from_basename(s) };
+    parsed.with_context(|| format!("{s:?} is not a store path"))
+}
+
+/// Looks a path up by digest and checks the name too.
+async fn lookup(services: &Services, path: &StorePath) -> Result<Option<PathInfo>> {
+    let info = services.path_info.get(*path.digest()).await.with_context(|| format!("looking up {path}"))?;
+    Ok(info.filter(|i| i.store_path == *path))
+}
+
+/// `arca import PATH...`
+pub async fn import(args: ImportArgs, service_args: ServiceArgs) -> Result<()> {
+    if args.name.is_some() && args.paths.len() != 1 {
+        bail!("--name needs exactly one PATH");
+    }
+    let services = build(&service_args, Defaults::Daemon)?;
+    for path in &args.paths {
+        let name = match &args.name {
+            Some(n) => n.clone(),
+            None => path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .ok_or_else(|| anyhow!("{}: no usable file name; pass --name", path.display()))?
+                .to_string(),
+        };
+        arca_store::store_path::validate_name(&name).with_context(|| format!("{}: invalid store path name", path.display()))?;
+
+        // The NAR hash is computed from the files on disk while castore imports them.
+        let nar_path = path.clone();
+        let nar_hash = tokio::spawn(async move { dump_path(&nar_path, HashingWriter::new()).await.map(|w| w.finalize()) });
+        let bar = Arc::new(crate::progress::ImportBar::new());
+        let imported = arca_castore::import::import_path(
+            path,
+            services.blob.clone(),
+            services.directory.clone(),
+            args.jobs,
+            bar.clone(),
+        )
+        .await;
+        bar.finish();
+        let (node, _) = imported?;
+        let (nar_size, nar_sha256) =
+            nar_hash.await.context("hashing the NAR")?.with_context(|| format!("{}: computing the NAR", path.display()))?;
+        let store_path = StorePath::from_source(nar_sha256, &[], &name)?;
+        let info = PathInfo {
+            store_path: store_path.clone(),
+            node,
+            references: vec![],
+            nar_size,
+            nar_sha256,
+            signatures: vec![],
+            deriver: None,
+            ca: Some(ContentAddress::Fixed { recursive: true, hash: NixHash::sha256(nar_sha256) }),
+        };
+        services.path_info.put(info).await.with_context(|| format!("registering {store_path}"))?;
+        println!("{store_path}");
+    }
+    Ok(())
+}
+
+/// `arca nar dump|add`
+pub async fn nar(cmd: NarCommand, service_args: ServiceArgs) -> Result<()> {
+    let services = build(&service_args, Defaults::Daemon)?;
+    match cmd {
+        NarCommand::Dump { store_path } => {
+            let path = parse_store_path(&store_path)?;
+            let info = lookup(&services, &path).await?.ok_or_else(|| anyhow!("path '{path}' is not valid"))?;
+            let out = tokio::io::BufWriter::with_capacity(1024 * 1024, tokio::io::stdout());
+            let mut out = render_nar(&info.node, services.blob.clone(), services.directory.as_ref(), out)
+                .await
+                .with_context(|| format!("rendering the NAR of {path}"))?;
+            out.flush().await?;
+        }
+        NarCommand::Add { name, file } => {
+            arca_store::store_path::validate_name(&name).context("invalid store path name")?;
+            let reader: Box<dyn tokio::io::AsyncRead + Unpin + Send> = match &file {
+                Some(f) if f.as_os_str() != "-" => Box::new(
+                    tokio::fs::File::open(f).await.with_context(|| format!("opening {}", f.display()))?,
+                ),
+                _ => Box::new(tokio::io::stdin()),
+            };
+            let reader = tokio::io::BufReader::with_capacity(1024 * 1024, reader);
+            let (node, nar_size, nar_sha256) = ingest_nar(reader, services.blob.clone(), services.directory.as_ref())
+                .await
+                .context("ingesting the NAR")?;
+            let store_path = StorePath::from_source(nar_sha256, &[], &name)?;
+            let info = PathInfo {
+                store_path: store_path.clone(),
+                node,
+                references: vec![],
+                nar_size,
+                nar_sha256,
+                signatures: vec![],
+                deriver: None,
+                ca: Some(ContentAddress::Fixed { recursive: true, hash: NixHash::sha256(nar_sha256) }),
+            };
+            services.path_info.put(info).await.with_context(|| format!("registering {store_path}"))?;
+            println!("{store_path}");
+        }
+    }
+    Ok(())
+}
+
+/// `arca path-info`
+pub async fn path_info(args: PathInfoArgs, service_args: ServiceArgs) -> Result<()> {
+    let services = build(&service_args, Defaults::Daemon)?;
+    let mut found: BTreeMap<String, PathInfo> = BTreeMap::new();
+    let mut missing = Vec::new();
+    let mut queue: VecDeque<StorePath> = VecDeque::new();
+    for p in &args.paths {
+        queue.push_back(parse_store_path(p)?);
+    }
+    let mut seen: HashSet<StorePath> = queue.iter().cloned().collect();
+    while let Some(path) = queue.pop_front() {
+        match lookup(&services, &path).await? {
+            None => missing.push(path),
+            Some(info) => {
+                if args.recursive {
+                    for r in &info.references {
+                        if seen.insert(r.clone()) {
+                            queue.push_back(r.clone());
+                        }
+                    }
+                }
+                found.insert(path.to_absolute_path(), info);
+            }
+        }
+    }
+    if args.json {
+        let list: Vec<serde_json::Value> = found.values().map(to_json).collect();
+        println!("{}", serde_json::Value::Array(list));
+    } else {
+        let mut out = String::new();
+        for info in found.values() {
+            out.push_str(&format!("StorePath: {}\n", info.store_path));
+            out.push_str(&format!("NarHash: {}\n", NixHash::sha256(info.nar_sha256)));
+            out.push_str(&format!("NarSize: {}\n", info.nar_size));
+            let mut refs: Vec<String> = info.references.iter().map(|r| r.basename()).collect();
+            refs.sort();
+            out.push_str(&format!("References: {}\n", refs.join(" ")));
+            if let Some(d) = &info.deriver {
+                out.push_str(&format!("Deriver: {}\n", d.basename()));
+            }
+            for s in &info.signatures {
+                out.push_str(&format!("Sig: {s}\n"));
+            }
+            if let Some(ca) = &info.ca {
+                out.push_str(&format!("CA: {ca}\n"));
+            }
+            out.push('\n');
+        }
+        print!("{out}");
+    }
+    if let Some(first) = missing.first() {
+        for m in &missing {
+            eprintln!("error: path '{m}' is not valid");
+        }
+        bail!("{} of the paths asked for {} not in the store (first: {first})", missing.len(), if missing.len() == 1 { "is" } else { "are" });
+    }
+    Ok(())
+}
+
+/// The fields and formats of `nix path-info --json`.
+fn to_json(info: &PathInfo) -> serde_json::Value {
+    let mut refs: Vec<String> = info.references.iter().map(|r| r.to_absolute_path()).collect();
+    refs.sort();
+    let mut v = serde_json::json!({
+        "path": info.store_path.to_absolute_path(),
+        "narHash": NixHash::sha256(info.nar_sha256).to_sri(),
+        "narSize": info.nar_size,
+        "references": refs,
+    });
+    if let Some(d) = &info.deriver {
+        v["deriver"] = d.to_absolute_path().into();
+    }
+    if !info.signatures.is_empty() {
+        v["signatures"] = info.signatures.iter().map(|s| s.to_string()).collect::<Vec<_>>().into();
+    }
+    if let Some(ca) = &info.ca {
+        v["ca"] = ca.to_string().into();
+    }
+    v
+}
