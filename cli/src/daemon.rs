@@ -20,6 +20,10 @@ pub struct DaemonArgs {
     /// systemd socket activation.
     #[arg(long, env = "ARCA_LISTEN", default_value = "127.0.0.1:8000")]
     listen: String,
+    /// A Nix secret key file (`nix key generate-secret`): every path info
+    /// put through the daemon gets a signature by it (existing ones are kept).
+    #[arg(long, env = "ARCA_SIGNING_KEY")]
+    signing_key: Option<PathBuf>,
 }
 
 enum Listener {
@@ -120,6 +124,12 @@ fn refuse_self_reference(listen: &str, args: &ServiceArgs) -> Result<()> {
 pub async fn run(args: DaemonArgs, service_args: ServiceArgs) -> Result<()> {
     refuse_self_reference(&args.listen, &service_args)?;
     let services = build(&service_args, Defaults::Embedded)?;
+    let mut path_info = services.path_info.clone();
+    if let Some(key_file) = &args.signing_key {
+        let text = std::fs::read_to_string(key_file).with_context(|| format!("reading {}", key_file.display()))?;
+        let key: arca_store::SecretKey = text.trim().parse().with_context(|| format!("{} is not a Nix secret key", key_file.display()))?;
+        path_info = Arc::new(arca_store::pathinfoservice::SigningPathInfoService::new(path_info, key));
+    }
     let listener = bind(&args.listen).await?;
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -152,7 +162,7 @@ pub async fn run(args: DaemonArgs, service_args: ServiceArgs) -> Result<()> {
                 // Path infos enter the store here: refuse any whose castore
                 // closure or references are missing.
                 Arc::new(CheckedPathInfoService::new(
-                    services.path_info.clone(),
+                    path_info,
                     services.blob.clone(),
                     services.directory.clone(),
                 )),
