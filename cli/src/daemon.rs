@@ -13,6 +13,7 @@ use std::os::fd::FromRawFd;
 use std::path::PathBuf;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_stream::StreamExt;
 
 #[derive(clap::Args)]
 pub struct DaemonArgs {
@@ -185,7 +186,15 @@ pub async fn run(args: DaemonArgs, service_args: ServiceArgs) -> Result<()> {
         Listener::Tcp(l) => {
             let addr = l.local_addr()?;
             eprintln!("arca daemon listening on {addr}");
-            router.serve_with_incoming_shutdown(TcpListenerStream::new(l), shutdown).await?;
+            // serve_with_incoming does not apply the server's tcp_nodelay: set it on
+            // each connection, or small responses wait for delayed ACKs (40 ms each).
+            let incoming = TcpListenerStream::new(l).map(|s| {
+                s.and_then(|s| {
+                    s.set_nodelay(true)?;
+                    Ok(s)
+                })
+            });
+            router.serve_with_incoming_shutdown(incoming, shutdown).await?;
         }
         Listener::Unix(l, path) => {
             let shown = path.as_ref().map(|p| format!("unix://{}", p.display())).unwrap_or_else(|| "the activated socket".into());

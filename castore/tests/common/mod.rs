@@ -42,9 +42,14 @@ pub async fn serve(blob: Arc<dyn BlobService>, dir: Arc<dyn DirectoryService>) -
         tonic::transport::Server::builder()
             .add_service(GrpcBlobServiceWrapper::new(blob).into_server())
             .add_service(GrpcDirectoryServiceWrapper::new(dir).into_server())
-            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
-                let _ = rx.await;
-            })
+            .serve_with_incoming_shutdown(
+                tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listener), |s| {
+                    s.and_then(|s| s.set_nodelay(true).map(|_| s))
+                }),
+                async {
+                    let _ = rx.await;
+                },
+            )
             .await
             .expect("server runs");
     });

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# bench/nix.sh [TREE_SOURCE] — the Nix layer against the real Nix on the same tree:
+#   `arca import` (through the daemon, fresh default store) vs `nix-store --add`
+#   (fresh chroot store), and `arca nar dump` out of the daemon vs
+#   `nix-store --dump` of the tree on disk. Checks the outputs agree.
+# TREE_SOURCE defaults to /usr/lib/x86_64-linux-gnu. Needs nix-bin, hyperfine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SRC=${1:-/usr/lib/x86_64-linux-gnu}
+RUNS=${RUNS:-3}
+WORK=${BENCH_WORK:-$(mktemp -d /var/tmp/arca-bench.XXXXXX)}
+trap 'kill "${DAEMON_PID:-}" 2>/dev/null || true; chmod -R u+w "$WORK" 2>/dev/null; rm -rf "$WORK"' EXIT
+for t in nix-store hyperfine; do command -v $t >/dev/null || { echo "missing $t" >&2; exit 2; }; done
+export NIX_CONFIG="build-users-group =
+experimental-features = nix-command
+substituters ="
+cargo build --release -q -p arca-cli
+ARCA=$PWD/target/release/arca
+PORT=${BENCH_PORT:-18767}
+CLIENT_ENV=(env BLOB_SERVICE_ADDR=grpc+http://127.0.0.1:$PORT DIRECTORY_SERVICE_ADDR=grpc+http://127.0.0.1:$PORT PATH_INFO_SERVICE_ADDR=grpc+http://127.0.0.1:$PORT)
+
+cp -a "$SRC" "$WORK/tree"
+TREE=$WORK/tree
+find "$TREE" -type f -print0 | xargs -0 cat >/dev/null
+SIZE=$(du -sb "$TREE" | cut -f1)
+
+start_daemon() {
+  rm -rf "$WORK/data"
+  env -u BLOB_SERVICE_ADDR -u DIRECTORY_SERVICE_ADDR -u PATH_INFO_SERVICE_ADDR \
+    "$ARCA" daemon --listen "127.0.0.1:$PORT" --data-dir "$WORK/data" 2>"$WORK/daemon.log" &
+  DAEMON_PID=$!
+  for _ in $(seq 100); do grep -q "listening on" "$WORK/daemon.log" && return; sleep 0.05; done
+  echo "daemon did not start" >&2; exit 1
+}
+stop_daemon() { kill -TERM "$DAEMON_PID"; wait "$DAEMON_PID" || true; }
+now() { date +%s.%N; }
+median() { sort -n | sed -n "$(( (RUNS + 1) / 2 ))p"; }
+
+NIX_ADD=(); ARCA_ADD=(); NIX_DUMP=(); ARCA_DUMP=()
+for _ in $(seq "$RUNS"); do
+  chmod -R u+w "$WORK/nixroot" 2>/dev/null || true; rm -rf "$WORK/nixroot"
+  s=$(now); NP=$(nix-store --store "local?root=$WORK/nixroot" --add "$TREE" 2>/dev/null); sync; e=$(now)
+  NIX_ADD+=("$(echo "$e - $s" | bc)")
+  start_daemon
+  s=$(now); AP=$("${CLIENT_ENV[@]}" "$ARCA" import "$TREE"); sync; e=$(now)
+  ARCA_ADD+=("$(echo "$e - $s" | bc)")
+  [ "$NP" = "$AP" ] || { echo "store paths differ: nix $NP, arca $AP" >&2; exit 1; }
+  s=$(now); nix-store --dump "$TREE" >"$WORK/nix.nar"; e=$(now)
+  NIX_DUMP+=("$(echo "$e - $s" | bc)")
+  s=$(now); "${CLIENT_ENV[@]}" "$ARCA" nar dump "$AP" >"$WORK/arca.nar"; e=$(now)
+  ARCA_DUMP+=("$(echo "$e - $s" | bc)")
+  cmp -s "$WORK/nix.nar" "$WORK/arca.nar" || { echo "NARs differ" >&2; exit 1; }
+  stop_daemon
+done
+NA=$(printf '%s\n' "${NIX_ADD[@]}" | median); AA=$(printf '%s\n' "${ARCA_ADD[@]}" | median)
+ND=$(printf '%s\n' "${NIX_DUMP[@]}" | median); AD=$(printf '%s\n' "${ARCA_DUMP[@]}" | median)
+NARSIZE=$(stat -c %s "$WORK/nix.nar")
+ratio() { python3 -c "print('%.2f' % ($1 / $2))"; }
+cat <<EOF
+### Nix layer on \`$SRC\` ($((SIZE / 1000000)) MB on disk, NAR $((NARSIZE / 1000000)) MB) — $(date -u +%Y-%m-%d), $(nproc) cores
+
+| what | median time (s) | ratio |
+|---|---|---|
+| \`nix-store --add\` (fresh chroot store) + \`sync\` | $NA | 1.00 |
+| \`arca import\` through the daemon (fresh default store) + \`sync\` | $AA | $(ratio "$AA" "$NA") of nix-store --add |
+| \`nix-store --dump\` of the tree on disk | $ND | 1.00 |
+| \`arca nar dump\` out of the daemon | $AD | $(ratio "$AD" "$ND") of nix-store --dump |
+
+Store path and NAR bytes were checked equal to Nix's in every run ($AP).
+EOF
