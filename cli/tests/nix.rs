@@ -167,3 +167,49 @@ fn daemon_signatures_are_the_ones_nix_makes_and_verifies() {
     assert_eq!(theirs[0]["signatures"], serde_json::Value::Array(our_sigs));
     nix(&["nix", "store", "verify", "--store", &store, "--sigs-needed", "1", "--trusted-public-keys", &public, &path]);
 }
+
+/// Builds the shared real-Nix fixture (a 6-path closure and binary caches).
+fn fixture() -> tempfile::TempDir {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/make-nix-fixture.sh");
+    assert!(script.exists(), "{} missing", script.display());
+    let out = tempfile::tempdir().unwrap();
+    let status = Command::new("bash")
+        .arg(&script)
+        .arg(out.path())
+        .env("FIXTURE_HTTP_SELFTEST", "0")
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "make-nix-fixture.sh failed");
+    out
+}
+
+#[test]
+fn fixture_closure_trees_and_narinfos() {
+    if !have_nix() {
+        return;
+    }
+    let fx = fixture();
+    let d = Daemon::start();
+    let nix_root = fx.path().join("check-root");
+    let closure = std::fs::read_to_string(fx.path().join("closure.txt")).unwrap();
+    let paths: Vec<&str> = closure.lines().filter(|l| !l.is_empty()).collect();
+    assert!(paths.len() >= 6, "{closure}");
+    for p in &paths {
+        let tree = fx.path().join("nix-root").join(p.trim_start_matches('/'));
+        check_against_nix(&d, &tree, &nix_root);
+    }
+    // Every narinfo of every fixture cache parses and writes back byte for byte.
+    let mut count = 0;
+    for cache in ["cache-xz", "cache-none", "cache-zstd", "cache-xz-signed"] {
+        for e in std::fs::read_dir(fx.path().join(cache)).unwrap().flatten() {
+            if e.path().extension().is_some_and(|x| x == "narinfo") {
+                let text = std::fs::read_to_string(e.path()).unwrap();
+                let parsed: arca_store::NarInfo = text.parse().unwrap_or_else(|err| panic!("{}: {err}", e.path().display()));
+                assert_eq!(parsed.to_string(), text, "{}", e.path().display());
+                count += 1;
+            }
+        }
+    }
+    assert_eq!(count, 4 * paths.len(), "one narinfo per path per cache");
+}
