@@ -67,6 +67,30 @@ async fn lookup(services: &Services, path: &StorePath) -> Result<Option<PathInfo
     Ok(info.filter(|i| i.store_path == *path))
 }
 
+/// Registers `node` as the content-addressed source path `nix-store --add`
+/// would make of it (no references, `CA: fixed:r:sha256:…`).
+async fn register_source_path(
+    services: &Services,
+    name: &str,
+    node: arca_castore::Node,
+    nar_size: u64,
+    nar_sha256: [u8; 32],
+) -> Result<StorePath> {
+    let store_path = StorePath::from_source(nar_sha256, &[], name)?;
+    let info = PathInfo {
+        store_path: store_path.clone(),
+        node,
+        references: vec![],
+        nar_size,
+        nar_sha256,
+        signatures: vec![],
+        deriver: None,
+        ca: Some(ContentAddress::Fixed { recursive: true, hash: NixHash::sha256(nar_sha256) }),
+    };
+    services.path_info.put(info).await.with_context(|| format!("registering {store_path}"))?;
+    Ok(store_path)
+}
+
 /// `arca import PATH...`
 pub async fn import(args: ImportArgs, service_args: ServiceArgs) -> Result<()> {
     if args.name.is_some() && args.paths.len() != 1 {
@@ -100,18 +124,7 @@ pub async fn import(args: ImportArgs, service_args: ServiceArgs) -> Result<()> {
         let (node, _) = imported?;
         let (nar_size, nar_sha256) =
             nar_hash.await.context("hashing the NAR")?.with_context(|| format!("{}: computing the NAR", path.display()))?;
-        let store_path = StorePath::from_source(nar_sha256, &[], &name)?;
-        let info = PathInfo {
-            store_path: store_path.clone(),
-            node,
-            references: vec![],
-            nar_size,
-            nar_sha256,
-            signatures: vec![],
-            deriver: None,
-            ca: Some(ContentAddress::Fixed { recursive: true, hash: NixHash::sha256(nar_sha256) }),
-        };
-        services.path_info.put(info).await.with_context(|| format!("registering {store_path}"))?;
+        let store_path = register_source_path(&services, &name, node, nar_size, nar_sha256).await?;
         println!("{store_path}");
     }
     Ok(())
@@ -142,18 +155,7 @@ pub async fn nar(cmd: NarCommand, service_args: ServiceArgs) -> Result<()> {
             let (node, nar_size, nar_sha256) = ingest_nar(reader, services.blob.clone(), services.directory.as_ref())
                 .await
                 .context("ingesting the NAR")?;
-            let store_path = StorePath::from_source(nar_sha256, &[], &name)?;
-            let info = PathInfo {
-                store_path: store_path.clone(),
-                node,
-                references: vec![],
-                nar_size,
-                nar_sha256,
-                signatures: vec![],
-                deriver: None,
-                ca: Some(ContentAddress::Fixed { recursive: true, hash: NixHash::sha256(nar_sha256) }),
-            };
-            services.path_info.put(info).await.with_context(|| format!("registering {store_path}"))?;
+            let store_path = register_source_path(&services, &name, node, nar_size, nar_sha256).await?;
             println!("{store_path}");
         }
     }
