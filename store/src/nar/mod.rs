@@ -17,6 +17,8 @@
 //! - [ingest]: a NAR into castore (blobs uploaded as they stream by, the
 //!   directory closure stored only once the whole NAR proved valid).
 //! - [render]: a castore node back into a NAR, or just its size and SHA-256.
+//! - [seekable]: a castore node as a seekable NAR reader whose length is
+//!   known without reading any blob (for HTTP Range requests).
 //!
 //! Entries are ordered by the raw bytes of their names, in NARs and in castore
 //! directories alike, so a tree's NAR order and castore order agree.
@@ -24,6 +26,7 @@
 pub mod ingest;
 pub mod reader;
 pub mod render;
+pub mod seekable;
 pub mod writer;
 
 mod hashing;
@@ -32,6 +35,7 @@ pub use hashing::{HashingReader, HashingWriter};
 pub use ingest::{ingest_nar, ingest_nar_expecting, ExpectedNar, IngestError};
 pub use reader::{Event, NarError, NarReader};
 pub use render::{calculate_nar, render_nar, RenderError};
+pub use seekable::SeekableNar;
 pub use writer::{dump_path, DumpError, NarWriter, WriteError};
 
 /// The first token of every NAR.

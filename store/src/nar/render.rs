@@ -58,13 +58,13 @@ pub enum RenderError {
 }
 
 /// One step of the walk in NAR order.
-enum Step<'a> {
+pub(crate) enum Step<'a> {
     Node(Option<&'a PathComponent>, &'a Node),
     EndDirectory,
 }
 
 /// Walks the tree in NAR order, calling `f` for every step.
-fn walk<'a>(
+pub(crate) fn walk<'a>(
     root: &'a Node,
     dirs: &'a HashMap<B3Digest, Directory>,
     mut f: impl FnMut(Step<'a>) -> Result<(), RenderError>,
@@ -93,7 +93,7 @@ fn walk<'a>(
 }
 
 /// Fetches the directory closure of `root` (nothing for a file or symlink).
-async fn fetch_directories(
+pub(crate) async fn fetch_directories(
     root: &Node,
     directories: &dyn DirectoryService,
 ) -> Result<HashMap<B3Digest, Directory>, RenderError> {
