@@ -165,12 +165,40 @@ fn encode_chunk(data: &[u8], level: i32) -> Result<Bytes, Error> {
     Ok(out.freeze())
 }
 
+thread_local! {
+    /// One zstd decompression context per blocking thread, reused across chunks.
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Decodes a stored chunk. The output buffer is sized from the zstd frame
+/// header (bounded by the largest chunk), not allocated at the maximum.
 fn decode_chunk(d: &B3Digest, stored: Bytes) -> Result<Bytes, Error> {
+    let corrupt = |e: String| Error::Storage(format!("chunk {d}: corrupt compressed data: {e}"));
     match stored.first() {
         Some(&TAG_RAW) => Ok(stored.slice(1..)),
-        Some(&TAG_ZSTD) => zstd::bulk::decompress(&stored[1..], fastcdc::v2020::MAXIMUM_MAX as usize)
-            .map(Bytes::from)
-            .map_err(|e| Error::Storage(format!("chunk {d}: corrupt compressed data: {e}"))),
+        Some(&TAG_ZSTD) => {
+            let frame = &stored[1..];
+            let size = match zstd::zstd_safe::get_frame_content_size(frame) {
+                Ok(Some(n)) if n <= super::MAX_CHUNK_SIZE => n as usize,
+                Ok(Some(n)) => return Err(corrupt(format!("claims {n} bytes"))),
+                Ok(None) => return Err(corrupt("no content size".into())),
+                Err(e) => return Err(corrupt(format!("{e:?}"))),
+            };
+            let mut out = vec![0u8; size];
+            let written = DECOMPRESSOR.with(|cell| -> Result<usize, Error> {
+                let mut slot = cell.borrow_mut();
+                if slot.is_none() {
+                    *slot = Some(zstd::bulk::Decompressor::new().map_err(Error::storage)?);
+                }
+                let dec = slot.as_mut().expect("set above");
+                dec.decompress_to_buffer(frame, &mut out[..]).map_err(|e| corrupt(e.to_string()))
+            })?;
+            if written != size {
+                return Err(corrupt(format!("{written} bytes, the frame says {size}")));
+            }
+            Ok(Bytes::from(out))
+        }
         _ => Err(Error::Storage(format!("chunk {d}: unknown encoding"))),
     }
 }
