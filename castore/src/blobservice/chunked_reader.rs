@@ -55,6 +55,27 @@ pub(crate) fn verify_chunk(chunk: &ChunkMeta, data: &Bytes) -> Result<(), Error>
 
 type ByteStream = BoxStream<'static, std::io::Result<Bytes>>;
 
+/// A spawned fetch that is cancelled when the reader no longer wants it
+/// (after a seek or a drop).
+struct AbortOnDrop(tokio::task::JoinHandle<Result<Bytes, Error>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl std::future::Future for AbortOnDrop {
+    type Output = Result<Bytes, Error>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match Pin::new(&mut self.0).poll(cx) {
+            Poll::Ready(Ok(r)) => Poll::Ready(r),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(Error::Storage(format!("chunk fetch failed: {e}")))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
 /// Reads a chunked blob. Every chunk is verified against its digest; a read
 /// from the start also checks the whole blob's digest before the last chunk
 /// is handed out (so a wrong or reordered chunk list is caught). Seeking drops
@@ -98,11 +119,14 @@ impl ChunkedReader {
         let chunks = self.chunks.clone();
         let fetcher = self.fetcher.clone();
         let count = chunks.len();
+        // Each fetch is its own task: futures inside `buffered` only progress
+        // while the consumer polls, and a consumer busy writing its output
+        // would stall the read-ahead.
         let fetched = stream::iter(idx..count)
             .map(move |i| {
                 let chunk = chunks[i].1.clone();
                 let fetcher = fetcher.clone();
-                async move { fetcher.fetch_chunk(&chunk).await }
+                AbortOnDrop(tokio::spawn(async move { fetcher.fetch_chunk(&chunk).await }))
             })
             .buffered(READ_AHEAD);
         if pos == 0 {
