@@ -26,19 +26,25 @@ pub enum ServiceKind {
     Blob,
     /// Directories.
     Directory,
+    /// Path infos (built by `arca-store`; parsed and checked here so one
+    /// file describes the whole store).
+    PathInfo,
 }
 
 impl ServiceKind {
-    fn section(self) -> &'static str {
+    /// The TOML section holding entries of this kind.
+    pub fn section(self) -> &'static str {
         match self {
             ServiceKind::Blob => "blobservices",
             ServiceKind::Directory => "directoryservices",
+            ServiceKind::PathInfo => "pathinfoservices",
         }
     }
     fn noun(self) -> &'static str {
         match self {
             ServiceKind::Blob => "blob",
             ServiceKind::Directory => "directory",
+            ServiceKind::PathInfo => "path-info",
         }
     }
 }
@@ -349,6 +355,7 @@ fn entry_from_toml(kind: ServiceKind, name: &str, value: &toml::Value) -> Result
 pub struct Composition {
     blob: BTreeMap<String, ServiceConfig>,
     directory: BTreeMap<String, ServiceConfig>,
+    pathinfo: BTreeMap<String, ServiceConfig>,
 }
 
 impl Composition {
@@ -361,12 +368,16 @@ impl Composition {
     }
 
     /// Parses a composition file and checks every reference (unknown names,
-    /// cycles). Other top-level sections (such as `pathinfoservices`) are
-    /// left to the crates that own them.
+    /// cycles) in `blobservices`, `directoryservices` and `pathinfoservices`.
     pub fn from_toml(text: &str) -> Result<Self, CompositionError> {
         let doc: toml::Table = text.parse().map_err(|e: toml::de::Error| CompositionError::Toml(e.to_string()))?;
         let mut c = Composition::default();
-        for kind in [ServiceKind::Blob, ServiceKind::Directory] {
+        if let Some(k) = doc.keys().find(|k| ![ServiceKind::Blob, ServiceKind::Directory, ServiceKind::PathInfo].iter().any(|kind| kind.section() == k.as_str())) {
+            return Err(CompositionError::Toml(format!(
+                "unknown section {k:?} (expected blobservices, directoryservices, pathinfoservices)"
+            )));
+        }
+        for kind in [ServiceKind::Blob, ServiceKind::Directory, ServiceKind::PathInfo] {
             let Some(section) = doc.get(kind.section()) else { continue };
             let section = section
                 .as_table()
@@ -384,19 +395,26 @@ impl Composition {
         match kind {
             ServiceKind::Blob => &self.blob,
             ServiceKind::Directory => &self.directory,
+            ServiceKind::PathInfo => &self.pathinfo,
         }
+    }
+
+    /// The entry `name` of `kind`, if any.
+    pub fn get(&self, kind: ServiceKind, name: &str) -> Option<&ServiceConfig> {
+        self.section(kind).get(name)
     }
 
     fn section_mut(&mut self, kind: ServiceKind) -> &mut BTreeMap<String, ServiceConfig> {
         match kind {
             ServiceKind::Blob => &mut self.blob,
             ServiceKind::Directory => &mut self.directory,
+            ServiceKind::PathInfo => &mut self.pathinfo,
         }
     }
 
     /// Checks that every named reference exists and that none forms a cycle.
     pub fn check(&self) -> Result<(), CompositionError> {
-        for kind in [ServiceKind::Blob, ServiceKind::Directory] {
+        for kind in [ServiceKind::Blob, ServiceKind::Directory, ServiceKind::PathInfo] {
             let section = self.section(kind);
             for (from, config) in section {
                 for name in config.named_refs() {
@@ -690,6 +708,8 @@ mod tests {
             ("[blobservices.a]\ntype=\"sled\"\n", "not available for blob"),
             ("[blobservices]\na = 1\n", "expected a table"),
             ("not toml", "composition file"),
+            ("[blobservice.a]\ntype=\"memory\"\n", "unknown section"),
+            ("[pathinfoservices.a]\ntype=\"cache\"\nnear=\"a\"\nfar=\"a\"\n", "a -> a"),
         ] {
             let e = Composition::from_toml(text).unwrap_err().to_string();
             assert!(e.contains(needle), "{text}: {e}");

@@ -45,12 +45,25 @@ pub fn build(args: &ServiceArgs, defaults: Defaults) -> Result<Services> {
         let dir = args.directory_service_addr.clone().unwrap_or(dir);
         Composition::from_urls(&blob, &dir)?
     };
-    let builder = Builder::new(composition);
+    let has_path_info_entry =
+        composition.get(arca_castore::composition::ServiceKind::PathInfo, "default").is_some();
+    let builder = Builder::new(composition.clone());
     let blob = builder.blob_service("default").context("blob service")?;
     let directory = builder.directory_service("default").context("directory service")?;
-    let path_info_url = args.path_info_service_addr.clone().unwrap_or(default_path_info);
-    let path_info =
-        arca_store::pathinfoservice::pathinfo_service_from_url(&path_info_url, blob.clone(), directory.clone())
-            .context("path-info service")?;
+    let path_info = match (&args.path_info_service_addr, has_path_info_entry) {
+        // The flag wins; then the file's [pathinfoservices.default]; then the default URL.
+        (None, true) => arca_store::pathinfoservice::pathinfo_service_from_composition(
+            &composition,
+            "default",
+            blob.clone(),
+            directory.clone(),
+        ),
+        (url, _) => arca_store::pathinfoservice::pathinfo_service_from_url(
+            url.as_deref().unwrap_or(&default_path_info),
+            blob.clone(),
+            directory.clone(),
+        ),
+    }
+    .context("path-info service")?;
     Ok(Services { blob, directory, path_info })
 }

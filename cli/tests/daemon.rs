@@ -188,7 +188,8 @@ fn daemon_serves_a_composition_file() {
     std::fs::write(
         &f,
         format!(
-            "[blobservices.default]\ntype=\"cache\"\nnear=\"mem\"\nfar=\"disk\"\n[blobservices.mem]\ntype=\"memory\"\n[blobservices.disk]\ntype=\"objectstore\"\nurl=\"file://{}/b\"\n[directoryservices.default]\ntype=\"lru\"\ncapacity=1000\ninner=\"sled:///{}/d\"\n",
+            "[blobservices.default]\ntype=\"cache\"\nnear=\"mem\"\nfar=\"disk\"\n[blobservices.mem]\ntype=\"memory\"\n[blobservices.disk]\ntype=\"objectstore\"\nurl=\"file://{}/b\"\n[directoryservices.default]\ntype=\"lru\"\ncapacity=1000\ninner=\"sled:///{}/d\"\n[pathinfoservices.default]\ntype=\"lru\"\ncapacity=1000\ninner=\"disk\"\n[pathinfoservices.disk]\ntype=\"sled\"\npath=\"{}/p\"\n",
+            t.path().display(),
             t.path().display(),
             t.path().display()
         ),
@@ -201,6 +202,17 @@ fn daemon_serves_a_composition_file() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("424a7f6ce08d805d15b428062faae96299a1675d708c3a39261afe38cdd04feb"));
     assert!(dir_bytes(&t.path().join("b")) > 0, "blobs reached the far store");
+    // the Nix layer goes through [pathinfoservices]
+    let out = Command::new(arca_bin())
+        .args(["import", tree.to_str().unwrap()])
+        .env("BLOB_SERVICE_ADDR", &d.url)
+        .env("DIRECTORY_SERVICE_ADDR", &d.url)
+        .env("PATH_INFO_SERVICE_ADDR", &d.url)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).starts_with("/nix/store/"), "{}", stdout(&out));
+    assert!(t.path().join("p").exists(), "path infos reached the sled entry of the file");
 }
 
 #[test]

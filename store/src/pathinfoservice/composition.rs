@@ -45,10 +45,54 @@ pub fn pathinfo_service_from_config(
     blobs: Arc<dyn BlobService>,
     directories: Arc<dyn DirectoryService>,
 ) -> Result<Arc<dyn PathInfoService>, CompositionError> {
+    build(config, None, &mut std::collections::HashMap::new(), &blobs, &directories)
+}
+
+/// Builds the `[pathinfoservices]` entry `name` of a (checked) composition
+/// file; named references resolve within the section, each entry built once.
+pub fn pathinfo_service_from_composition(
+    composition: &arca_castore::composition::Composition,
+    name: &str,
+    blobs: Arc<dyn BlobService>,
+    directories: Arc<dyn DirectoryService>,
+) -> Result<Arc<dyn PathInfoService>, CompositionError> {
+    named(composition, name, &mut std::collections::HashMap::new(), &blobs, &directories)
+}
+
+type Built = std::collections::HashMap<String, Arc<dyn PathInfoService>>;
+
+fn named(
+    composition: &arca_castore::composition::Composition,
+    name: &str,
+    built: &mut Built,
+    blobs: &Arc<dyn BlobService>,
+    directories: &Arc<dyn DirectoryService>,
+) -> Result<Arc<dyn PathInfoService>, CompositionError> {
+    if let Some(s) = built.get(name) {
+        return Ok(s.clone());
+    }
+    let config = composition.get(ServiceKind::PathInfo, name).ok_or_else(|| CompositionError::UnknownName {
+        section: ServiceKind::PathInfo.section().into(),
+        from: "(entry point)".into(),
+        name: name.into(),
+    })?;
+    let svc = build(config, Some(composition), built, blobs, directories)?;
+    built.insert(name.to_string(), svc.clone());
+    Ok(svc)
+}
+
+fn build(
+    config: &ServiceConfig,
+    composition: Option<&arca_castore::composition::Composition>,
+    built: &mut Built,
+    blobs: &Arc<dyn BlobService>,
+    directories: &Arc<dyn DirectoryService>,
+) -> Result<Arc<dyn PathInfoService>, CompositionError> {
     let build_err = |e: String| CompositionError::Build(format!("path-info service: {e}"));
-    let resolve = |r: &ServiceRef| match r {
-        ServiceRef::Inline(c) => pathinfo_service_from_config(c, blobs.clone(), directories.clone()),
-        ServiceRef::Named(n) => Err(build_err(format!("named reference {n:?} outside a composition file"))),
+    let mut resolve = |r: &ServiceRef| match (r, composition) {
+        (ServiceRef::Inline(c), _) => build(c, composition, built, blobs, directories),
+        (ServiceRef::Named(n), Some(comp)) => named(comp, n, built, blobs, directories),
+        (ServiceRef::Named(n), None) => Err(build_err(format!("named reference {n:?} outside a composition file"))),
     };
     Ok(match config {
         ServiceConfig::Memory => Arc::new(MemoryPathInfoService::default()),
@@ -65,7 +109,10 @@ pub fn pathinfo_service_from_config(
         ServiceConfig::Grpc { url } => Arc::new(GrpcPathInfoService::from_channel(
             arca_castore::grpc::channel_from_url(url).map_err(|e| build_err(e.to_string()))?,
         )),
-        ServiceConfig::Cache { near, far } => Arc::new(CachePathInfoService::new(resolve(near)?, resolve(far)?)),
+        ServiceConfig::Cache { near, far } => {
+            let near = resolve(near)?;
+            Arc::new(CachePathInfoService::new(near, resolve(far)?))
+        }
         ServiceConfig::Lru { capacity, inner } => {
             Arc::new(LruPathInfoService::new(*capacity, inner.as_ref().map(resolve).transpose()?))
         }

@@ -24,7 +24,7 @@ mod sled;
 
 pub use self::cache::CachePathInfoService;
 pub use self::checked::CheckedPathInfoService;
-pub use self::composition::{pathinfo_service_from_config, pathinfo_service_from_url};
+pub use self::composition::{pathinfo_service_from_composition, pathinfo_service_from_config, pathinfo_service_from_url};
 pub use self::grpc::GrpcPathInfoService;
 pub use self::lru::LruPathInfoService;
 pub use self::memory::MemoryPathInfoService;
