@@ -11,20 +11,27 @@ pub struct SledDirectoryService {
     db: sled::Db,
 }
 
+/// Opens (creating) the sled database at `path`, or a temporary one
+/// (deleted when dropped) for `None`. Shared by every sled backend.
+pub fn open_sled(path: Option<&Path>) -> Result<sled::Db, Error> {
+    match path {
+        Some(path) => sled::Config::new()
+            .path(path)
+            .open()
+            .map_err(|e| Error::Storage(format!("opening sled database {}: {e}", path.display()))),
+        None => sled::Config::new().temporary(true).open().map_err(Error::storage),
+    }
+}
+
 impl SledDirectoryService {
     /// Opens (creating) the database at `path`.
     pub fn open(path: &Path) -> Result<Self, Error> {
-        let db = sled::Config::new()
-            .path(path)
-            .open()
-            .map_err(|e| Error::Storage(format!("opening sled database {}: {e}", path.display())))?;
-        Ok(Self { db })
+        Ok(Self { db: open_sled(Some(path))? })
     }
 
     /// A temporary database, deleted when dropped.
     pub fn temporary() -> Result<Self, Error> {
-        let db = sled::Config::new().temporary(true).open().map_err(Error::storage)?;
-        Ok(Self { db })
+        Ok(Self { db: open_sled(None)? })
     }
 }
 

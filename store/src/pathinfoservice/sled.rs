@@ -17,17 +17,12 @@ pub struct SledPathInfoService {
 impl SledPathInfoService {
     /// Opens (creating) the database at `path`.
     pub fn open(path: &Path) -> Result<Self, Error> {
-        let db = sled::Config::new()
-            .path(path)
-            .open()
-            .map_err(|e| Error::Storage(format!("opening sled database {}: {e}", path.display())))?;
-        Ok(Self { db })
+        Ok(Self { db: arca_castore::directoryservice::open_sled(Some(path))? })
     }
 
     /// A temporary database, deleted when dropped.
     pub fn temporary() -> Result<Self, Error> {
-        let db = sled::Config::new().temporary(true).open().map_err(Error::storage)?;
-        Ok(Self { db })
+        Ok(Self { db: arca_castore::directoryservice::open_sled(None)? })
     }
 }
 
