@@ -9,6 +9,8 @@
 # b3sum and cat of the same file.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
 SIZE_MIB=${1:-1024}
 RUNS=${RUNS:-3}
 WORK=${BENCH_WORK:-$(mktemp -d /var/tmp/arca-bench.XXXXXX)}
@@ -23,16 +25,6 @@ CLIENT_ENV=(env BLOB_SERVICE_ADDR=grpc+http://127.0.0.1:$PORT DIRECTORY_SERVICE_
 head -c "$((SIZE_MIB * 1024 * 1024))" /dev/urandom >"$WORK/blob"
 cat "$WORK/blob" >/dev/null
 
-start_daemon() {
-  rm -rf "$WORK/data"
-  env -u BLOB_SERVICE_ADDR -u DIRECTORY_SERVICE_ADDR "$ARCA" daemon --listen "127.0.0.1:$PORT" --data-dir "$WORK/data" "$@" 2>"$WORK/daemon.log" &
-  DAEMON_PID=$!
-  for _ in $(seq 100); do grep -q "listening on" "$WORK/daemon.log" && return; sleep 0.05; done
-  echo "daemon did not start" >&2; exit 1
-}
-stop_daemon() { kill -TERM "$DAEMON_PID"; wait "$DAEMON_PID" || true; }
-now() { date +%s.%N; }
-median() { sort -n | sed -n "$(( (RUNS + 1) / 2 ))p"; }
 gbps() { python3 -c "print('%.2f' % ($SIZE_MIB * 1048576 / $1 / 1e9))"; }
 
 JSON=$WORK/hf.json

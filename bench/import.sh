@@ -10,6 +10,8 @@
 # Needs: b3sum, hyperfine (apt-get install b3sum hyperfine). Prints a Markdown report.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
 SRC=${1:-/usr/lib/x86_64-linux-gnu}
 RUNS=${RUNS:-3}
 WORK=${BENCH_WORK:-$(mktemp -d /var/tmp/arca-bench.XXXXXX)}
@@ -28,14 +30,6 @@ cat "$(find "$TREE" -type f | head -1)" >/dev/null
 find "$TREE" -type f -print0 | xargs -0 cat >/dev/null
 
 PORT=${BENCH_PORT:-18765}
-start_daemon() {
-  rm -rf "$WORK/data"
-  env -u BLOB_SERVICE_ADDR -u DIRECTORY_SERVICE_ADDR "$ARCA" daemon --listen "127.0.0.1:$PORT" --data-dir "$WORK/data" 2>"$WORK/daemon.log" &
-  DAEMON_PID=$!
-  for _ in $(seq 100); do grep -q "listening on" "$WORK/daemon.log" && return; sleep 0.05; done
-  echo "daemon did not start" >&2; cat "$WORK/daemon.log" >&2; exit 1
-}
-stop_daemon() { kill -TERM "$DAEMON_PID"; wait "$DAEMON_PID" || true; }
 export BLOB_SERVICE_ADDR=grpc+http://127.0.0.1:$PORT DIRECTORY_SERVICE_ADDR=grpc+http://127.0.0.1:$PORT
 
 JSON=$WORK/hf.json
@@ -43,9 +37,9 @@ hyperfine --runs "$RUNS" --warmup 1 --export-json "$JSON" \
   -n b3sum "find $TREE -type f -print0 | xargs -0 b3sum >/dev/null" \
   -n "cp -a + sync" --prepare "rm -rf $WORK/copy; sync" "cp -a $TREE $WORK/copy && sync" \
   >/dev/null
-median() { python3 -c "import json,sys; r={x['command']:x for x in json.load(open('$JSON'))['results']}; print('%.3f' % r[sys.argv[1]]['median'])" "$1"; }
-T_B3=$(median b3sum)
-T_CP=$(median "cp -a + sync")
+hf_median() { python3 -c "import json,sys; r={x['command']:x for x in json.load(open('$JSON'))['results']}; print('%.3f' % r[sys.argv[1]]['median'])" "$1"; }
+T_B3=$(hf_median b3sum)
+T_CP=$(hf_median "cp -a + sync")
 
 # arca: a fresh daemon store for every run (first import), then re-imports.
 T_ARCA_ALL=()
@@ -58,7 +52,7 @@ for i in $(seq "$RUNS"); do
   T_ARCA_ALL+=("$(echo "$e - $s" | bc)")
   if [ "$i" -lt "$RUNS" ]; then stop_daemon; fi
 done
-T_ARCA=$(printf '%s\n' "${T_ARCA_ALL[@]}" | sort -n | sed -n "$(( (RUNS + 1) / 2 ))p")
+T_ARCA=$(printf "%s\n" "${T_ARCA_ALL[@]}" | median)
 STORED=$(du -sb "$WORK/data/blobs" | cut -f1)
 DIRS=$(du -sb "$WORK/data/directories.sled" | cut -f1)
 s=$(date +%s.%N)
@@ -71,7 +65,6 @@ cmp -s "$WORK/out.json" "$WORK/out2.json" || { echo "re-import gave another root
 RSS=$(ps -o rss= -p "$DAEMON_PID" | tr -d ' ')
 stop_daemon
 
-ratio() { python3 -c "print('%.2f' % ($1 / $2))"; }
 cat <<EOF
 ### Import of \`$SRC\` ($FILES files, $(( LOGICAL / 1000000 )) MB) — $(date -u +%Y-%m-%d), $(nproc) cores
 

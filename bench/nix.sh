@@ -6,6 +6,8 @@
 # TREE_SOURCE defaults to /usr/lib/x86_64-linux-gnu. Needs nix-bin, hyperfine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
 SRC=${1:-/usr/lib/x86_64-linux-gnu}
 RUNS=${RUNS:-3}
 WORK=${BENCH_WORK:-$(mktemp -d /var/tmp/arca-bench.XXXXXX)}
@@ -24,17 +26,6 @@ TREE=$WORK/tree
 find "$TREE" -type f -print0 | xargs -0 cat >/dev/null
 SIZE=$(du -sb "$TREE" | cut -f1)
 
-start_daemon() {
-  rm -rf "$WORK/data"
-  env -u BLOB_SERVICE_ADDR -u DIRECTORY_SERVICE_ADDR -u PATH_INFO_SERVICE_ADDR \
-    "$ARCA" daemon --listen "127.0.0.1:$PORT" --data-dir "$WORK/data" 2>"$WORK/daemon.log" &
-  DAEMON_PID=$!
-  for _ in $(seq 100); do grep -q "listening on" "$WORK/daemon.log" && return; sleep 0.05; done
-  echo "daemon did not start" >&2; exit 1
-}
-stop_daemon() { kill -TERM "$DAEMON_PID"; wait "$DAEMON_PID" || true; }
-now() { date +%s.%N; }
-median() { sort -n | sed -n "$(( (RUNS + 1) / 2 ))p"; }
 
 NIX_ADD=(); ARCA_ADD=(); NIX_DUMP=(); ARCA_DUMP=()
 for _ in $(seq "$RUNS"); do
@@ -55,7 +46,6 @@ done
 NA=$(printf '%s\n' "${NIX_ADD[@]}" | median); AA=$(printf '%s\n' "${ARCA_ADD[@]}" | median)
 ND=$(printf '%s\n' "${NIX_DUMP[@]}" | median); AD=$(printf '%s\n' "${ARCA_DUMP[@]}" | median)
 NARSIZE=$(stat -c %s "$WORK/nix.nar")
-ratio() { python3 -c "print('%.2f' % ($1 / $2))"; }
 cat <<EOF
 ### Nix layer on \`$SRC\` ($((SIZE / 1000000)) MB on disk, NAR $((NARSIZE / 1000000)) MB) — $(date -u +%Y-%m-%d), $(nproc) cores
 

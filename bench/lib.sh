@@ -1,0 +1,24 @@
+# Shared helpers of the bench/ scripts (sourced, not run).
+# Expects ARCA, PORT and WORK to be set by the caller.
+
+# Starts `arca daemon` on 127.0.0.1:$PORT with a fresh data dir under $WORK;
+# extra arguments go to the daemon. The client env vars are removed so the
+# daemon never points at itself.
+start_daemon() {
+  rm -rf "$WORK/data"
+  env -u BLOB_SERVICE_ADDR -u DIRECTORY_SERVICE_ADDR -u PATH_INFO_SERVICE_ADDR \
+    "$ARCA" daemon --listen "127.0.0.1:$PORT" --data-dir "$WORK/data" "$@" 2>"$WORK/daemon.log" &
+  DAEMON_PID=$!
+  for _ in $(seq 100); do grep -q "listening on" "$WORK/daemon.log" 2>/dev/null && return; sleep 0.05; done
+  echo "daemon did not start" >&2; cat "$WORK/daemon.log" >&2; exit 1
+}
+
+stop_daemon() { kill -TERM "$DAEMON_PID"; wait "$DAEMON_PID" || true; }
+
+now() { date +%s.%N; }
+
+# The median of the numbers on stdin (RUNS of them).
+median() { sort -n | sed -n "$(( (RUNS + 1) / 2 ))p"; }
+
+# a / b with two decimals.
+ratio() { python3 -c "print('%.2f' % ($1 / $2))"; }
