@@ -232,19 +232,8 @@ impl Key {
 
     fn name(&self) -> &str {
         match self {
-            Key::StorePath => "StorePath",
-            Key::Url => "URL",
-            Key::Compression => "Compression",
-            Key::FileHash => "FileHash",
-            Key::FileSize => "FileSize",
-            Key::NarHash => "NarHash",
-            Key::NarSize => "NarSize",
-            Key::References => "References",
-            Key::Deriver => "Deriver",
-            Key::System => "System",
-            Key::Sig => "Sig",
-            Key::Ca => "CA",
             Key::Unknown(s) => s,
+            known => known.field(),
         }
     }
 
