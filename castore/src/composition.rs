@@ -141,6 +141,68 @@ pub enum ServiceConfig {
         /// Where misses are read from and writes go to.
         inner: Option<ServiceRef>,
     },
+    /// `nix+http://host[:port][/sub/path]`, `nix+https://…`, `nix+file:///abs/dir`,
+    /// each with an optional `?trusted-public-keys=name:key%20name2:key2`:
+    /// fetch-through from a Nix binary cache (path-info services only; built
+    /// by `arca-store`).
+    NixBinaryCache {
+        /// The cache's own URL: the given one without `nix+` and without the
+        /// query (`http://…`, `https://…` or `file:///…`).
+        url: Url,
+        /// The trusted public keys as written (`name:base64`); their
+        /// encoding is checked by `arca-store`, which knows the key format.
+        trusted_public_keys: Vec<String>,
+    },
+}
+
+/// Splits a `trusted-public-keys` value (space-separated, as Nix writes it)
+/// and checks each key has the `name:key` shape.
+fn split_keys(value: &str) -> Result<Vec<String>, String> {
+    value
+        .split_whitespace()
+        .map(|k| match k.split_once(':') {
+            Some((name, key)) if !name.is_empty() && !key.is_empty() => Ok(k.to_string()),
+            _ => Err(format!("trusted public key {k:?} is not of the form name:base64key")),
+        })
+        .collect()
+}
+
+/// Parses `nix+http(s)://…` / `nix+file:///…` (see [ServiceConfig::NixBinaryCache]).
+fn nix_cache_from_url(s: &str, outer: &Url, pairs: Vec<(String, String)>) -> Result<ServiceConfig, String> {
+    if matches!(outer.scheme(), "nix+http" | "nix+https") && outer.host_str().is_none_or(|h| h.is_empty()) {
+        return Err(format!("missing host: expected {}://host[:port][/path]", outer.scheme()));
+    }
+    let inner = s.strip_prefix("nix+").ok_or("expected a nix+ URL")?;
+    let inner = inner.split_once('?').map(|(a, _)| a).unwrap_or(inner);
+    let inner = inner.split_once('#').map(|(a, _)| a).unwrap_or(inner);
+    let url = Url::parse(inner).map_err(|e| format!("{inner}: {e}"))?;
+    match url.scheme() {
+        "http" | "https" => {
+            if url.host_str().is_none_or(|h| h.is_empty()) {
+                return Err(format!("missing host: expected nix+{}://host[:port][/path]", url.scheme()));
+            }
+            if !url.username().is_empty() || url.password().is_some() {
+                return Err("credentials in the URL are not supported".into());
+            }
+        }
+        "file" => {
+            if !s.starts_with("nix+file:///") || url.host_str().is_some_and(|h| !h.is_empty()) {
+                return Err("expected nix+file:///absolute/path (three slashes)".into());
+            }
+            if url.path().len() <= 1 {
+                return Err("expected nix+file:///absolute/path, not the root directory".into());
+            }
+        }
+        other => return Err(format!("unknown scheme nix+{other} (expected nix+http, nix+https, nix+file)")),
+    }
+    let mut trusted_public_keys = Vec::new();
+    for (k, v) in pairs {
+        match k.as_str() {
+            "trusted-public-keys" => trusted_public_keys.extend(split_keys(&v)?),
+            other => return Err(format!("unknown parameter {other:?} (expected trusted-public-keys)")),
+        }
+    }
+    Ok(ServiceConfig::NixBinaryCache { url, trusted_public_keys })
 }
 
 /// Splits a raw query into decoded pairs. Unlike form decoding, `+` stays a
@@ -249,6 +311,7 @@ impl ServiceConfig {
                 }
                 ServiceConfig::Lru { capacity: capacity.ok_or_else(|| err("missing capacity=N".into()))?, inner }
             }
+            "nix+http" | "nix+https" | "nix+file" => nix_cache_from_url(s, &url, pairs).map_err(err)?,
             other => return Err(err(format!("unknown scheme {other:?}"))),
         };
         config.check_kind(kind).map_err(err)?;
@@ -259,6 +322,10 @@ impl ServiceConfig {
         match (self, kind) {
             (ServiceConfig::Sled { .. }, ServiceKind::Blob) => Err("sled is not available for blob services".into()),
             (ServiceConfig::Lru { .. }, ServiceKind::Blob) => Err("lru is not available for blob services".into()),
+            (ServiceConfig::NixBinaryCache { .. }, ServiceKind::Blob | ServiceKind::Directory) => Err(format!(
+                "a Nix binary cache (nix+http://, nix+https://, nix+file://) only serves path infos, not {}s",
+                kind.noun()
+            )),
             _ => Ok(()),
         }
     }
@@ -304,9 +371,10 @@ fn entry_from_toml(kind: ServiceKind, name: &str, value: &toml::Value) -> Result
         "grpc" | "url" => &["type", "url"],
         "cache" => &["type", "near", "far"],
         "lru" => &["type", "capacity", "inner"],
+        "nix" => &["type", "url", "trusted_public_keys"],
         other => {
             return Err(err(format!(
-                "unknown type {other:?} (expected memory, sled, objectstore, grpc, cache, lru or url)"
+                "unknown type {other:?} (expected memory, sled, objectstore, grpc, cache, lru, nix or url)"
             )))
         }
     };
@@ -343,6 +411,21 @@ fn entry_from_toml(kind: ServiceKind, name: &str, value: &toml::Value) -> Result
                 _ => return Err(err("capacity must be a positive integer".into())),
             };
             ServiceConfig::Lru { capacity, inner: reference("inner")? }
+        }
+        "nix" => {
+            let url = require("url")?;
+            let full = if url.starts_with("nix+") { url } else { format!("nix+{url}") };
+            let mut config = ServiceConfig::from_url(kind, &full)?;
+            if let (ServiceConfig::NixBinaryCache { trusted_public_keys, .. }, Some(keys)) =
+                (&mut config, table.get("trusted_public_keys"))
+            {
+                let keys = keys.as_array().ok_or_else(|| err("trusted_public_keys must be an array of strings".into()))?;
+                for k in keys {
+                    let k = k.as_str().ok_or_else(|| err("trusted_public_keys must be an array of strings".into()))?;
+                    trusted_public_keys.extend(split_keys(k).map_err(err)?);
+                }
+            }
+            config
         }
         _ => unreachable!("type checked above"),
     };
@@ -525,7 +608,7 @@ impl Builder {
                 Arc::new(GrpcBlobService::from_channel(crate::grpc::channel_from_url(url).map_err(|e| build_err(e.to_string()))?))
             }
             ServiceConfig::Cache { near, far } => Arc::new(CacheBlobService::new(resolve(near)?, resolve(far)?)),
-            ServiceConfig::Sled { .. } | ServiceConfig::Lru { .. } => {
+            ServiceConfig::Sled { .. } | ServiceConfig::Lru { .. } | ServiceConfig::NixBinaryCache { .. } => {
                 return Err(build_err("not available for blob services".into()))
             }
         })
@@ -560,6 +643,9 @@ impl Builder {
                 *capacity,
                 inner.as_ref().map(resolve).transpose()?,
             )),
+            ServiceConfig::NixBinaryCache { .. } => {
+                return Err(build_err("a Nix binary cache only serves path infos".into()))
+            }
         })
     }
 }
@@ -651,6 +737,77 @@ mod tests {
         }
         assert!(blob("sled:///x").unwrap_err().to_string().contains("not available for blob"));
         assert!(blob("lru://?capacity=3").unwrap_err().to_string().contains("not available for blob"));
+    }
+
+    fn pathinfo(s: &str) -> Result<ServiceConfig, CompositionError> {
+        ServiceConfig::from_url(ServiceKind::PathInfo, s)
+    }
+
+    #[test]
+    fn nix_binary_cache_urls() {
+        match pathinfo("nix+http://127.0.0.1:8080/sub/path?trusted-public-keys=a-1:AAAA%20b-1:B+/=").unwrap() {
+            ServiceConfig::NixBinaryCache { url, trusted_public_keys } => {
+                assert_eq!(url.as_str(), "http://127.0.0.1:8080/sub/path");
+                // `+` stays a plus, `%20` separates keys, `=` inside a value is kept.
+                assert_eq!(trusted_public_keys, vec!["a-1:AAAA".to_string(), "b-1:B+/=".to_string()]);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            pathinfo("nix+https://cache.example.org").unwrap(),
+            ServiceConfig::NixBinaryCache { ref url, ref trusted_public_keys } if url.as_str() == "https://cache.example.org/" && trusted_public_keys.is_empty()
+        ));
+        assert!(matches!(
+            pathinfo("nix+file:///var/cache/nix").unwrap(),
+            ServiceConfig::NixBinaryCache { ref url, .. } if url.scheme() == "file" && url.path() == "/var/cache/nix"
+        ));
+        // Nested in a layer.
+        let c = pathinfo("cache://?near=sled:///tmp/x&far=nix+http://127.0.0.1:1?trusted-public-keys=k:AAAA").unwrap();
+        assert!(matches!(c, ServiceConfig::Cache { far: ServiceRef::Inline(ref f), .. } if matches!(**f, ServiceConfig::NixBinaryCache { .. })));
+
+        for (url, needle) in [
+            ("nix+http://", "host"),
+            ("nix+https:///path", "host"),
+            ("nix+file://relative/path", "three slashes"),
+            ("nix+file:relative", "three slashes"),
+            ("nix+file:///", "absolute/path"),
+            ("nix+ftp://x", "unknown scheme"),
+            ("nix+http://h?priority=10", "unknown parameter"),
+            ("nix+http://h?trusted-public-keys=nocolon", "name:base64key"),
+            ("nix+http://h?trusted-public-keys=:x", "name:base64key"),
+            ("nix+http://user:pw@h", "credentials"),
+        ] {
+            let e = pathinfo(url).unwrap_err().to_string();
+            assert!(e.contains(needle), "{url}: {e}");
+        }
+        for bad in [blob("nix+http://h"), dir("nix+http://h"), dir("cache://?near=memory://&far=nix+file:///x")] {
+            let e = bad.unwrap_err().to_string();
+            assert!(e.contains("only serves path infos"), "{e}");
+        }
+    }
+
+    #[test]
+    fn toml_nix_entries() {
+        let c = Composition::from_toml(
+            "[pathinfoservices.default]\ntype = \"nix\"\nurl = \"https://cache.example.org\"\ntrusted_public_keys = [\"a-1:AAAA\", \"b-1:BBBB c-1:CCCC\"]\n",
+        )
+        .unwrap();
+        match c.get(ServiceKind::PathInfo, "default").unwrap() {
+            ServiceConfig::NixBinaryCache { url, trusted_public_keys } => {
+                assert_eq!(url.as_str(), "https://cache.example.org/");
+                assert_eq!(trusted_public_keys.len(), 3);
+            }
+            other => panic!("{other:?}"),
+        }
+        for (text, needle) in [
+            ("[pathinfoservices.a]\ntype=\"nix\"\n", "missing url"),
+            ("[pathinfoservices.a]\ntype=\"nix\"\nurl=\"http://h\"\ntrusted_public_keys=\"k:A\"\n", "array"),
+            ("[pathinfoservices.a]\ntype=\"nix\"\nurl=\"http://h\"\ntrusted_public_keys=[\"bad\"]\n", "name:base64key"),
+            ("[blobservices.a]\ntype=\"nix\"\nurl=\"http://h\"\n", "only serves path infos"),
+        ] {
+            let e = Composition::from_toml(text).unwrap_err().to_string();
+            assert!(e.contains(needle), "{text}: {e}");
+        }
     }
 
     #[test]

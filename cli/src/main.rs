@@ -127,12 +127,17 @@ pub fn default_data_dir() -> Result<PathBuf> {
     Ok(PathBuf::from(home).join(".local/share/arca"))
 }
 
+/// The data directory (not created).
+pub fn data_dir_path(args: &ServiceArgs) -> Result<PathBuf> {
+    match &args.data_dir {
+        Some(d) => Ok(d.clone()),
+        None => default_data_dir(),
+    }
+}
+
 /// Resolves the data directory and creates it.
 pub fn data_dir(args: &ServiceArgs) -> Result<PathBuf> {
-    let dir = match &args.data_dir {
-        Some(d) => d.clone(),
-        None => default_data_dir()?,
-    };
+    let dir = data_dir_path(args)?;
     std::fs::create_dir_all(&dir).with_context(|| format!("creating data directory {}", dir.display()))?;
     std::fs::canonicalize(&dir).with_context(|| format!("resolving {}", dir.display()))
 }

@@ -3,7 +3,8 @@ use crate::ServiceArgs;
 use anyhow::{Context, Result};
 use arca_castore::composition::{Builder, Composition};
 use arca_castore::{BlobService, DirectoryService};
-use arca_store::pathinfoservice::PathInfoService;
+use arca_store::pathinfoservice::{PathInfoService, StoreServices};
+use arca_store::LazyNarIndex;
 use std::sync::Arc;
 
 /// The services of a store.
@@ -50,19 +51,18 @@ pub fn build(args: &ServiceArgs, defaults: Defaults) -> Result<Services> {
     let builder = Builder::new(composition.clone());
     let blob = builder.blob_service("default").context("blob service")?;
     let directory = builder.directory_service("default").context("directory service")?;
+    // Opened only if a nix+http(s)/nix+file binary cache is configured.
+    let nar_index = match crate::data_dir_path(args) {
+        Ok(data) => LazyNarIndex::at(data.join("narindex.sled")),
+        Err(_) => LazyNarIndex::temporary(),
+    };
+    let store = StoreServices::new(blob.clone(), directory.clone(), nar_index);
     let path_info = match (&args.path_info_service_addr, has_path_info_entry) {
         // The flag wins; then the file's [pathinfoservices.default]; then the default URL.
-        (None, true) => arca_store::pathinfoservice::pathinfo_service_from_composition(
-            &composition,
-            "default",
-            blob.clone(),
-            directory.clone(),
-        ),
-        (url, _) => arca_store::pathinfoservice::pathinfo_service_from_url(
-            url.as_deref().unwrap_or(&default_path_info),
-            blob.clone(),
-            directory.clone(),
-        ),
+        (None, true) => arca_store::pathinfoservice::pathinfo_service_from_composition(&composition, "default", &store),
+        (url, _) => {
+            arca_store::pathinfoservice::pathinfo_service_from_url(url.as_deref().unwrap_or(&default_path_info), &store)
+        }
     }
     .context("path-info service")?;
     Ok(Services { blob, directory, path_info })

@@ -6,6 +6,7 @@
 //! - [store_path]: `/nix/store/<hash>-<name>` paths, and how content-addressed
 //!   ones (`nix-store --add`, `builtins.toFile`, fixed outputs) are computed.
 //! - [nar]: NAR archives: streaming reader and writer, ingest into castore, rendering from it.
+//! - [nar_index]: the persistent NarHash → castore node index and narinfo cache.
 //! - [narinfo]: binary-cache `.narinfo` files, parsed and written back byte for byte.
 //! - [signature]: ed25519 signatures over store path fingerprints, with Nix's key formats.
 //! - [pathinfo]: [PathInfo], what the store knows about a store path, validated from the wire.
@@ -19,6 +20,7 @@
 pub mod grpc;
 pub mod hash;
 pub mod nar;
+pub mod nar_index;
 pub mod narinfo;
 pub mod pathinfo;
 pub mod pathinfoservice;
@@ -33,3 +35,4 @@ pub use signature::{fingerprint, PublicKey, SecretKey, Signature, SignatureError
 pub use store_path::{compress_hash, ContentAddress, ContentAddressError, StorePath, StorePathError, STORE_DIR};
 pub use pathinfo::{PathInfo, PathInfoError};
 pub use pathinfoservice::PathInfoService;
+pub use nar_index::{CachedNarInfo, LazyNarIndex, NarIndex, NarinfoTtl};

@@ -10,7 +10,9 @@ use arca_proto::store::path_info_service_client::PathInfoServiceClient;
 use arca_store::grpc::GrpcPathInfoServiceWrapper;
 use arca_store::pathinfoservice::{
     pathinfo_service_from_url, CheckedPathInfoService, GrpcPathInfoService, PathInfoService, SigningPathInfoService,
+    StoreServices,
 };
+use arca_store::LazyNarIndex;
 use arca_store::{compress_hash, NixHash, PathInfo, PublicKey, SecretKey, Signature, StorePath};
 use bytes::Bytes;
 use futures::TryStreamExt;
@@ -90,7 +92,7 @@ async fn make(url: &str, layer: Layer, grpc: bool) -> Env {
     let url = url.replace("{tmp}", &tmp.path().display().to_string());
     let blob: Arc<dyn BlobService> = Arc::new(MemoryBlobService::default());
     let dir: Arc<dyn DirectoryService> = Arc::new(MemoryDirectoryService::default());
-    let raw = pathinfo_service_from_url(&url, blob.clone(), dir.clone()).unwrap();
+    let raw = pathinfo_service_from_url(&url, &StoreServices::new(blob.clone(), dir.clone(), LazyNarIndex::temporary())).unwrap();
     let mut pis: Arc<dyn PathInfoService> = Arc::new(CheckedPathInfoService::new(raw, blob.clone(), dir.clone()));
     if let Layer::Signed = layer {
         pis = Arc::new(SigningPathInfoService::new(pis, secret_key()));
@@ -351,7 +353,7 @@ async fn references_check_can_be_switched_off() {
     let tmp = tempfile::tempdir().unwrap();
     let blob: Arc<dyn BlobService> = Arc::new(MemoryBlobService::default());
     let dir: Arc<dyn DirectoryService> = Arc::new(MemoryDirectoryService::default());
-    let raw = pathinfo_service_from_url(MEMORY, blob.clone(), dir.clone()).unwrap();
+    let raw = pathinfo_service_from_url(MEMORY, &StoreServices::new(blob.clone(), dir.clone(), LazyNarIndex::temporary())).unwrap();
     let pis = CheckedPathInfoService::new(raw, blob, dir).require_references(false);
     let dep = store_path("absent-dependency");
     pis.put(info("refers-anyway", symlink(), &[&dep])).await.unwrap();
@@ -365,8 +367,8 @@ async fn references_check_can_be_switched_off() {
 async fn cache_fills_near_from_far() {
     let blob: Arc<dyn BlobService> = Arc::new(MemoryBlobService::default());
     let dir: Arc<dyn DirectoryService> = Arc::new(MemoryDirectoryService::default());
-    let near = pathinfo_service_from_url(MEMORY, blob.clone(), dir.clone()).unwrap();
-    let far = pathinfo_service_from_url(MEMORY, blob.clone(), dir.clone()).unwrap();
+    let near = pathinfo_service_from_url(MEMORY, &StoreServices::new(blob.clone(), dir.clone(), LazyNarIndex::temporary())).unwrap();
+    let far = pathinfo_service_from_url(MEMORY, &StoreServices::new(blob.clone(), dir.clone(), LazyNarIndex::temporary())).unwrap();
     let cache = arca_store::pathinfoservice::CachePathInfoService::new(near.clone(), far.clone());
     let i = far.put(info("in-far", symlink(), &[])).await.unwrap();
     assert_eq!(near.get(*i.digest()).await.unwrap(), None);

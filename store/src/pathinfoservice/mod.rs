@@ -3,7 +3,8 @@
 //! Path infos are keyed by the 20-byte digest of their store path. Backends
 //! only store and return validated [PathInfo]s: whatever they read back
 //! (from disk, an object store, a remote server) is decoded and validated
-//! again. Layers ([LruPathInfoService], [CachePathInfoService],
+//! again. [NixHttpPathInfoService] reads through from a Nix binary cache,
+//! ingesting NARs into castore. Layers ([LruPathInfoService], [CachePathInfoService],
 //! [SigningPathInfoService], [CheckedPathInfoService]) compose them, and
 //! [pathinfo_service_from_url] builds a stack from a URL.
 use crate::pathinfo::PathInfo;
@@ -18,16 +19,20 @@ mod composition;
 mod grpc;
 mod lru;
 mod memory;
+mod nix_http;
 mod object_store;
 mod signing;
 mod sled;
 
 pub use self::cache::CachePathInfoService;
 pub use self::checked::CheckedPathInfoService;
-pub use self::composition::{pathinfo_service_from_composition, pathinfo_service_from_config, pathinfo_service_from_url};
+pub use self::composition::{
+    pathinfo_service_from_composition, pathinfo_service_from_config, pathinfo_service_from_url, StoreServices,
+};
 pub use self::grpc::GrpcPathInfoService;
 pub use self::lru::LruPathInfoService;
 pub use self::memory::MemoryPathInfoService;
+pub use self::nix_http::{NixHttpPathInfoService, MAX_NARINFO_DOWNLOAD};
 pub use self::object_store::ObjectStorePathInfoService;
 pub use self::signing::SigningPathInfoService;
 pub use self::sled::SledPathInfoService;
