@@ -43,3 +43,19 @@ pub const HTTP2_CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
 /// Largest HTTP/2 frame Arca accepts (the default of 16 KiB makes bulk
 /// transfers frame-bound).
 pub const HTTP2_MAX_FRAME_SIZE: u32 = 1024 * 1024;
+
+/// Runs CPU-bound work (hashing, compression) on the blocking pool, at most
+/// one job per core at a time: the blocking pool would otherwise grow a
+/// thread (and a compression context) for every chunk in flight.
+pub(crate) async fn cpu_bound<F, R>(f: F) -> Result<R, Error>
+where
+    F: FnOnce() -> R + Send + 'static,
+    R: Send + 'static,
+{
+    static PERMITS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+    let permits = PERMITS.get_or_init(|| {
+        tokio::sync::Semaphore::new(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2))
+    });
+    let _permit = permits.acquire().await.map_err(Error::storage)?;
+    tokio::task::spawn_blocking(f).await.map_err(Error::storage)
+}

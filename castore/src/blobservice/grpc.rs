@@ -52,16 +52,18 @@ impl BlobService for GrpcBlobService {
         }
     }
 
+    /// One round trip: the `Read` call itself (a missing blob is
+    /// `NOT_FOUND` on the call). Sequential reads from the start take the
+    /// server's one stream, verified against the blob's digest; a seek that
+    /// is not a short skip forward switches to chunk-wise reads (each chunk
+    /// verified) when the blob is chunked.
     #[instrument(skip(self), level = "debug")]
     async fn open_read(&self, digest: &B3Digest) -> Result<Option<Box<dyn BlobReader>>, Error> {
-        match self.chunks(digest).await? {
-            None => Ok(None),
-            Some(chunks) if chunks.len() > 1 => Ok(Some(Box::new(ChunkedReader::new(
-                chunks,
-                Arc::new(GrpcChunkFetcher { client: self.client.clone() }),
-                *digest,
-            )?))),
-            Some(_) => Ok(Some(Box::new(GrpcStreamReader::new(self.client.clone(), *digest)))),
+        let req = proto::ReadBlobRequest { digest: digest.to_bytes() };
+        match self.client.clone().read(req).await {
+            Ok(resp) => Ok(Some(Box::new(GrpcBlobReader::new(self.clone(), *digest, resp.into_inner())))),
+            Err(s) if s.code() == Code::NotFound => Ok(None),
+            Err(s) => Err(s.into()),
         }
     }
 
@@ -124,12 +126,22 @@ impl ChunkFetcher for GrpcChunkFetcher {
     }
 }
 
-/// Streams one blob's bytes, verifying the digest; the last message is held
-/// back until the digest matched.
-fn verified_stream(client: BlobServiceClient<Channel>, digest: B3Digest) -> BoxStream<'static, std::io::Result<Bytes>> {
+/// Streams one blob's bytes from a `Read` response (or, with `None`, from
+/// a new call), verifying the digest; the last message is held back until
+/// the digest matched.
+fn verified_stream(
+    client: BlobServiceClient<Channel>,
+    digest: B3Digest,
+    response: Option<tonic::Streaming<proto::BlobChunk>>,
+) -> BoxStream<'static, std::io::Result<Bytes>> {
     async_stream::try_stream! {
-        let req = proto::ReadBlobRequest { digest: digest.to_bytes() };
-        let mut resp = client.clone().read(req).await.map_err(Error::from)?.into_inner();
+        let mut resp = match response {
+            Some(r) => r,
+            None => {
+                let req = proto::ReadBlobRequest { digest: digest.to_bytes() };
+                client.clone().read(req).await.map_err(Error::from)?.into_inner()
+            }
+        };
         let mut hasher = blake3::Hasher::new();
         let mut held: Option<Bytes> = None;
         while let Some(msg) = resp.message().await.map_err(Error::from)? {
@@ -149,22 +161,36 @@ fn verified_stream(client: BlobServiceClient<Channel>, digest: B3Digest) -> BoxS
     .boxed()
 }
 
-/// A seekable reader over an unchunked remote blob: forward seeks skip,
-/// backward seeks reopen the stream.
-struct GrpcStreamReader {
-    client: BlobServiceClient<Channel>,
+/// Forward seeks up to this far are served by skipping stream bytes; longer
+/// ones (and backward ones) switch to chunk-wise reads.
+const MAX_STREAM_SKIP: u64 = 4 * 1024 * 1024;
+
+type ChunkListFuture = Pin<Box<dyn std::future::Future<Output = Result<Option<Vec<ChunkMeta>>, Error>> + Send>>;
+
+enum ReadMode {
+    /// The server's one stream of the whole blob, at `pos`.
+    Stream { inner: StreamReader<BoxStream<'static, std::io::Result<Bytes>>, Bytes>, pos: u64 },
+    /// Chunk-wise random access.
+    Chunked(ChunkedReader),
+}
+
+/// A seekable reader over a remote blob.
+struct GrpcBlobReader {
+    service: GrpcBlobService,
     digest: B3Digest,
-    inner: StreamReader<BoxStream<'static, std::io::Result<Bytes>>, Bytes>,
-    inner_pos: u64,
+    mode: ReadMode,
+    /// Where the caller wants to be (stream mode; reached in `poll_complete`).
     target: u64,
+    /// A seek that needs the chunk list first, and its fetch.
+    switch: Option<(SeekFrom, Option<ChunkListFuture>)>,
     /// Once failed, every later call fails too (never a silent EOF or a wrong position).
     failed: Option<(std::io::ErrorKind, String)>,
 }
 
-impl GrpcStreamReader {
-    fn new(client: BlobServiceClient<Channel>, digest: B3Digest) -> Self {
-        let inner = StreamReader::new(verified_stream(client.clone(), digest));
-        Self { client, digest, inner, inner_pos: 0, target: 0, failed: None }
+impl GrpcBlobReader {
+    fn new(service: GrpcBlobService, digest: B3Digest, response: tonic::Streaming<proto::BlobChunk>) -> Self {
+        let inner = StreamReader::new(verified_stream(service.client.clone(), digest, Some(response)));
+        Self { service, digest, mode: ReadMode::Stream { inner, pos: 0 }, target: 0, switch: None, failed: None }
     }
 
     fn check(&self) -> std::io::Result<()> {
@@ -178,61 +204,118 @@ impl GrpcStreamReader {
         self.failed = Some((e.kind(), e.to_string()));
         e
     }
-}
 
-impl AsyncRead for GrpcStreamReader {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        self.check()?;
-        let before = buf.filled().len();
-        if let Err(e) = ready!(Pin::new(&mut self.inner).poll_read(cx, buf)) {
-            return Poll::Ready(Err(self.fail(e)));
+    /// Finishes a seek that needed the chunk list.
+    fn poll_switch(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let Some((position, fut)) = self.switch.as_mut() else { return Poll::Ready(Ok(())) };
+        let fut = fut.get_or_insert_with(|| {
+            let service = self.service.clone();
+            let digest = self.digest;
+            Box::pin(async move { service.chunks(&digest).await })
+        });
+        let chunks = ready!(fut.as_mut().poll(cx));
+        let position = *position;
+        self.switch = None;
+        let chunks = chunks.map_err(std::io::Error::from)?;
+        match chunks {
+            Some(chunks) if chunks.len() > 1 => {
+                let mut reader =
+                    ChunkedReader::new(chunks, Arc::new(GrpcChunkFetcher { client: self.service.client.clone() }), self.digest)
+                        .map_err(std::io::Error::from)?;
+                Pin::new(&mut reader).start_seek(position)?;
+                self.mode = ReadMode::Chunked(reader);
+                Ok(()).into()
+            }
+            Some(_) => {
+                let target = match position {
+                    SeekFrom::Start(p) => p,
+                    _ => {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::Unsupported,
+                            "seeking from the end of an unchunked remote blob",
+                        ))
+                        .into()
+                    }
+                };
+                // One piece: restart the stream and skip to the target.
+                let inner = StreamReader::new(verified_stream(self.service.client.clone(), self.digest, None));
+                self.mode = ReadMode::Stream { inner, pos: 0 };
+                self.target = target;
+                Ok(()).into()
+            }
+            None => Err(std::io::Error::from(Error::Storage(format!("blob {} disappeared", self.digest)))).into(),
         }
-        let n = (buf.filled().len() - before) as u64;
-        self.inner_pos += n;
-        self.target = self.inner_pos;
-        Poll::Ready(Ok(()))
     }
 }
 
-impl AsyncSeek for GrpcStreamReader {
+impl AsyncRead for GrpcBlobReader {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        self.check()?;
+        let this = &mut *self;
+        let result = match &mut this.mode {
+            ReadMode::Chunked(r) => ready!(Pin::new(r).poll_read(cx, buf)),
+            ReadMode::Stream { inner, pos } => {
+                let before = buf.filled().len();
+                let r = ready!(Pin::new(inner).poll_read(cx, buf));
+                *pos += (buf.filled().len() - before) as u64;
+                this.target = *pos;
+                r
+            }
+        };
+        Poll::Ready(result.map_err(|e| self.fail(e)))
+    }
+}
+
+impl AsyncSeek for GrpcBlobReader {
     fn start_seek(mut self: Pin<&mut Self>, position: SeekFrom) -> std::io::Result<()> {
         self.check()?;
+        self.switch = None;
+        let pos = match &mut self.mode {
+            ReadMode::Chunked(r) => return Pin::new(r).start_seek(position),
+            ReadMode::Stream { pos, .. } => *pos,
+        };
         let target = match position {
             SeekFrom::Start(p) => Some(p),
-            SeekFrom::Current(d) => self.inner_pos.checked_add_signed(d),
+            SeekFrom::Current(d) => pos.checked_add_signed(d),
             SeekFrom::End(_) => {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::Unsupported,
-                    "seeking from the end of an unchunked remote blob",
-                ))
+                self.switch = Some((position, None));
+                return Ok(());
             }
         }
         .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "seek before start"))?;
-        if target < self.inner_pos {
-            self.inner = StreamReader::new(verified_stream(self.client.clone(), self.digest));
-            self.inner_pos = 0;
+        if target < pos || target - pos > MAX_STREAM_SKIP {
+            self.switch = Some((SeekFrom::Start(target), None));
+        } else {
+            self.target = target;
         }
-        self.target = target;
         Ok(())
     }
 
     fn poll_complete(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<u64>> {
         self.check()?;
-        while self.inner_pos < self.target {
-            let available = match ready!(Pin::new(&mut self.inner).poll_fill_buf(cx)) {
+        if let Err(e) = ready!(self.poll_switch(cx)) {
+            return Poll::Ready(Err(self.fail(e)));
+        }
+        let this = &mut *self;
+        let (inner, pos) = match &mut this.mode {
+            ReadMode::Chunked(r) => return Pin::new(r).poll_complete(cx),
+            ReadMode::Stream { inner, pos } => (inner, pos),
+        };
+        while *pos < this.target {
+            let available = match ready!(Pin::new(&mut *inner).poll_fill_buf(cx)) {
                 Ok(b) => b.len() as u64,
                 Err(e) => return Poll::Ready(Err(self.fail(e))),
             };
             if available == 0 {
                 // Past the end: later reads return EOF.
-                self.inner_pos = self.target;
+                *pos = this.target;
                 break;
             }
-            let n = available.min(self.target - self.inner_pos);
-            Pin::new(&mut self.inner).consume(n as usize);
-            self.inner_pos += n;
+            let n = available.min(this.target - *pos);
+            Pin::new(&mut *inner).consume(n as usize);
+            *pos += n;
         }
-        Poll::Ready(Ok(self.inner_pos))
+        Poll::Ready(Ok(*pos))
     }
 }
 

@@ -105,14 +105,13 @@ impl Inner {
     async fn read_chunk(&self, d: &B3Digest, expected_size: Option<u64>) -> Result<Option<Bytes>, Error> {
         let Some(stored) = self.get_opt(&self.chunk_path(d)).await? else { return Ok(None) };
         let d = *d;
-        let data = tokio::task::spawn_blocking(move || -> Result<Bytes, Error> {
+        let data = crate::cpu_bound(move || -> Result<Bytes, Error> {
             let data = decode_chunk(&d, stored)?;
             let meta = ChunkMeta { digest: d, size: expected_size.unwrap_or(data.len() as u64) };
             verify_chunk(&meta, &data)?;
             Ok(data)
         })
-        .await
-        .map_err(Error::storage)??;
+        .await??;
         Ok(Some(data))
     }
 
@@ -121,15 +120,14 @@ impl Inner {
     async fn upload_chunk(self: Arc<Self>, data: Bytes) -> Result<ChunkMeta, Error> {
         let size = data.len() as u64;
         let level = self.zstd_level;
-        let (digest, encoded) = tokio::task::spawn_blocking(move || {
+        let (digest, encoded) = crate::cpu_bound(move || {
             let digest = B3Digest::of(&data);
-            encode_chunk(&data, level).map(|e| (digest, e))
+            encode_chunk(data, level).map(|e| (digest, e))
         })
-        .await
-        .map_err(Error::storage)??;
+        .await??;
         let path = self.chunk_path(&digest);
         if !self.exists(&path).await? {
-            self.store.put(&path, PutPayload::from(encoded)).await?;
+            self.store.put(&path, encoded).await?;
         }
         Ok(ChunkMeta { digest, size })
     }
@@ -141,28 +139,31 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
-/// Tag byte + zstd frame when that saves at least 1/16, else tag byte + raw bytes.
-fn encode_chunk(data: &[u8], level: i32) -> Result<Bytes, Error> {
+/// Tag byte + zstd frame when that saves at least 1/16, else tag byte + raw
+/// bytes (the raw bytes are not copied: the payload has two parts).
+fn encode_chunk(data: Bytes, level: i32) -> Result<PutPayload, Error> {
     if data.len() >= 512 {
-        let mut out = vec![0u8; 1 + zstd::zstd_safe::compress_bound(data.len())];
-        out[0] = TAG_ZSTD;
-        let written = COMPRESSOR.with(|cell| -> Result<usize, Error> {
+        // Only the first byte is initialised; zstd writes into the spare capacity.
+        let mut out = Vec::with_capacity(1 + zstd::zstd_safe::compress_bound(data.len()));
+        out.push(TAG_ZSTD);
+        let compressed = COMPRESSOR.with(|cell| -> Result<Option<Vec<u8>>, Error> {
             let mut slot = cell.borrow_mut();
             if slot.as_ref().is_none_or(|(l, _)| *l != level) {
                 *slot = Some((level, zstd::bulk::Compressor::new(level).map_err(Error::storage)?));
             }
             let (_, c) = slot.as_mut().expect("set above");
-            c.compress_to_buffer(data, &mut out[1..]).map_err(Error::storage)
+            let mut dst = std::io::Cursor::new(std::mem::take(&mut out));
+            dst.set_position(1);
+            c.compress_to_buffer(&data, &mut dst).map_err(Error::storage)?;
+            Ok(Some(dst.into_inner()))
         })?;
-        if written < data.len() - data.len() / 16 {
-            out.truncate(1 + written);
-            return Ok(Bytes::from(out));
+        if let Some(out) = compressed {
+            if out.len() - 1 < data.len() - data.len() / 16 {
+                return Ok(PutPayload::from(Bytes::from(out)));
+            }
         }
     }
-    let mut out = BytesMut::with_capacity(data.len() + 1);
-    out.extend_from_slice(&[TAG_RAW]);
-    out.extend_from_slice(data);
-    Ok(out.freeze())
+    Ok(PutPayload::from_iter([Bytes::from_static(&[TAG_RAW]), data]))
 }
 
 thread_local! {
