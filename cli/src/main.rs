@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 mod castore_cmds;
+mod copy;
 mod daemon;
 mod nix_cmds;
 mod progress;
@@ -72,6 +73,9 @@ enum Command {
     /// Show store paths' metadata (narinfo-style, or `nix path-info --json` style).
     #[command(after_help = "Examples:\n  arca path-info /nix/store/…-hello\n  arca path-info --json --recursive /nix/store/…-hello\n\nExit code 1 if a path is missing.")]
     PathInfo(nix_cmds::PathInfoArgs),
+    /// Copy store paths with their closure from a Nix binary cache or another store.
+    #[command(after_help = "Examples:\n  arca copy --from nix+https://cache.nixos.org /nix/store/…-hello-2.12\n  arca copy --from 'nix+http://127.0.0.1:5000?trusted-public-keys=cache-1:AbC…=' --jobs 64 /nix/store/…-hello\n  arca copy --from grpc+http://other-host:8000 --no-closure /nix/store/…-hello\n\nPaths already in the store are skipped with their closure, so an interrupted copy resumes.\nA path info is stored only after all its references. Exit code 1 if any path failed.")]
+    Copy(copy::CopyArgs),
 }
 
 fn init_tracing(verbose: u8) {
@@ -117,6 +121,7 @@ fn main() -> ExitCode {
             Command::Import(args) => nix_cmds::import(args, cli.services).await,
             Command::Nar(cmd) => nix_cmds::nar(cmd, cli.services).await,
             Command::PathInfo(args) => nix_cmds::path_info(args, cli.services).await,
+            Command::Copy(args) => copy::run(args, cli.services).await,
         }
     });
     match result {

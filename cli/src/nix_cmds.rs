@@ -56,7 +56,7 @@ pub struct PathInfoArgs {
     paths: Vec<String>,
 }
 
-fn parse_store_path(s: &str) -> Result<StorePath> {
+pub(crate) fn parse_store_path(s: &str) -> Result<StorePath> {
     let parsed = if s.starts_with('/') { StorePath::from_absolute_path(s) } else { StorePath::from_basename(s) };
     parsed.with_context(|| format!("{s:?} is not a store path"))
 }

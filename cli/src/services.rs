@@ -51,12 +51,7 @@ pub fn build(args: &ServiceArgs, defaults: Defaults) -> Result<Services> {
     let builder = Builder::new(composition.clone());
     let blob = builder.blob_service("default").context("blob service")?;
     let directory = builder.directory_service("default").context("directory service")?;
-    // Opened only if a nix+http(s)/nix+file binary cache is configured.
-    let nar_index = match crate::data_dir_path(args) {
-        Ok(data) => LazyNarIndex::at(data.join("narindex.sled")),
-        Err(_) => LazyNarIndex::temporary(),
-    };
-    let store = StoreServices::new(blob.clone(), directory.clone(), nar_index);
+    let store = StoreServices::new(blob.clone(), directory.clone(), nar_index(args));
     let path_info = match (&args.path_info_service_addr, has_path_info_entry) {
         // The flag wins; then the file's [pathinfoservices.default]; then the default URL.
         (None, true) => arca_store::pathinfoservice::pathinfo_service_from_composition(&composition, "default", &store),
@@ -66,4 +61,13 @@ pub fn build(args: &ServiceArgs, defaults: Defaults) -> Result<Services> {
     }
     .context("path-info service")?;
     Ok(Services { blob, directory, path_info })
+}
+
+/// The store's NAR index, `$ARCA_DATA_DIR/narindex.sled`; opened only if a
+/// `nix+http(s)://` or `nix+file://` binary cache is used.
+pub fn nar_index(args: &ServiceArgs) -> LazyNarIndex {
+    match crate::data_dir_path(args) {
+        Ok(data) => LazyNarIndex::at(data.join("narindex.sled")),
+        Err(_) => LazyNarIndex::temporary(),
+    }
 }

@@ -50,6 +50,39 @@ pub fn pathinfo_service_from_url(url: &str, services: &StoreServices) -> Result<
     pathinfo_service_from_config(&config, services)
 }
 
+/// The binary-cache service a `nix+http(s)://` or `nix+file://` URL names,
+/// as its concrete type (for its narinfo-level API, used by `arca copy`);
+/// `None` for URLs of other schemes.
+pub fn binary_cache_from_url(
+    url: &str,
+    services: &StoreServices,
+) -> Result<Option<NixHttpPathInfoService>, CompositionError> {
+    if !url.starts_with("nix+") {
+        return Ok(None);
+    }
+    match ServiceConfig::from_url(ServiceKind::PathInfo, url)? {
+        ServiceConfig::NixBinaryCache { url, trusted_public_keys } => {
+            binary_cache(&url, &trusted_public_keys, services).map(Some)
+        }
+        _ => Ok(None),
+    }
+}
+
+fn binary_cache(
+    url: &url::Url,
+    trusted_public_keys: &[String],
+    services: &StoreServices,
+) -> Result<NixHttpPathInfoService, CompositionError> {
+    let build_err = |e: String| CompositionError::Build(format!("path-info service: {e}"));
+    let keys = trusted_public_keys
+        .iter()
+        .map(|k| k.parse::<PublicKey>().map_err(|e| build_err(format!("{url}: invalid trusted public key {k:?}: {e}"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    let index = services.nar_index.get().map_err(|e| build_err(format!("{url}: NAR index: {e}")))?;
+    NixHttpPathInfoService::new(url.as_str(), keys, services.blobs.clone(), services.directories.clone(), index)
+        .map_err(|e| build_err(e.to_string()))
+}
+
 /// Builds a path-info service from a parsed configuration (inline
 /// references only: names belong to a composition file).
 pub fn pathinfo_service_from_config(
@@ -125,24 +158,7 @@ fn build(
             Arc::new(LruPathInfoService::new(*capacity, inner.as_ref().map(resolve).transpose()?))
         }
         ServiceConfig::NixBinaryCache { url, trusted_public_keys } => {
-            let keys = trusted_public_keys
-                .iter()
-                .map(|k| {
-                    k.parse::<PublicKey>()
-                        .map_err(|e| build_err(format!("{url}: invalid trusted public key {k:?}: {e}")))
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            let index = services.nar_index.get().map_err(|e| build_err(format!("{url}: NAR index: {e}")))?;
-            Arc::new(
-                NixHttpPathInfoService::new(
-                    url.as_str(),
-                    keys,
-                    services.blobs.clone(),
-                    services.directories.clone(),
-                    index,
-                )
-                .map_err(|e| build_err(e.to_string()))?,
-            )
+            Arc::new(binary_cache(url, trusted_public_keys, services)?)
         }
     })
 }

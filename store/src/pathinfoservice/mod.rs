@@ -27,7 +27,8 @@ mod sled;
 pub use self::cache::CachePathInfoService;
 pub use self::checked::CheckedPathInfoService;
 pub use self::composition::{
-    pathinfo_service_from_composition, pathinfo_service_from_config, pathinfo_service_from_url, StoreServices,
+    binary_cache_from_url, pathinfo_service_from_composition, pathinfo_service_from_config, pathinfo_service_from_url,
+    StoreServices,
 };
 pub use self::grpc::GrpcPathInfoService;
 pub use self::lru::LruPathInfoService;

@@ -495,6 +495,22 @@ impl NixHttpPathInfoService {
         &self.inner.cache
     }
 
+    /// The checked narinfo of the path with this digest (StorePath and
+    /// signatures, as for `get`), without downloading its NAR: for walking a
+    /// closure before the content arrives. Answers from the narinfo cache
+    /// when fresh and records absence like `get`.
+    pub async fn lookup(&self, digest: [u8; DIGEST_LEN]) -> Result<Option<NarInfo>, Error> {
+        Ok(self.inner.lookup(digest, unix_now()).await?.map(|(narinfo, _, _)| narinfo))
+    }
+
+    /// The path info for a narinfo returned by [Self::lookup]: its NAR is
+    /// downloaded, checked and ingested (unless the NAR index has it), and
+    /// recorded like `get` does. The narinfo's trust is checked again.
+    pub async fn fetch_narinfo(&self, narinfo: NarInfo) -> Result<PathInfo, Error> {
+        let trust = self.inner.trust(&narinfo)?;
+        self.inner.complete(narinfo, trust, false, unix_now()).await
+    }
+
     /// The NAR index this service records into.
     pub fn nar_index(&self) -> &Arc<NarIndex> {
         &self.inner.index
@@ -772,8 +788,15 @@ impl Inner {
 
     /// The whole get, run once per digest at a time.
     async fn fetch(&self, digest: [u8; DIGEST_LEN]) -> Result<Option<PathInfo>, Error> {
-        let hash = nixbase32::encode(&digest);
         let now = unix_now();
+        let Some((narinfo, trust, from_cache)) = self.lookup(digest, now).await? else { return Ok(None) };
+        self.complete(narinfo, trust, from_cache, now).await.map(Some)
+    }
+
+    /// The checked narinfo of `digest` (from the narinfo cache when fresh),
+    /// whether it came from the cache; `None` if the cache lacks the path.
+    async fn lookup(&self, digest: [u8; DIGEST_LEN], now: u64) -> Result<Option<(NarInfo, Trust, bool)>, Error> {
+        let hash = nixbase32::encode(&digest);
         let mut cached = None;
         match self.index.get_narinfo(&self.cache, &digest, now)? {
             CachedNarInfo::Absent => {
@@ -787,18 +810,23 @@ impl Inner {
             },
             CachedNarInfo::Missing => {}
         }
-        let from_cache = cached.is_some();
-        let (narinfo, trust) = match cached {
-            Some(c) => c,
-            None => {
-                let Some(raw) = self.source.narinfo(&hash).await? else {
-                    tracing::debug!("absent");
-                    self.index.put_narinfo(&self.cache, &digest, now, None)?;
-                    return Ok(None);
-                };
-                self.check_narinfo(&digest, &raw)?
-            }
+        if let Some((narinfo, trust)) = cached {
+            return Ok(Some((narinfo, trust, true)));
+        }
+        let Some(raw) = self.source.narinfo(&hash).await? else {
+            tracing::debug!("absent");
+            self.index.put_narinfo(&self.cache, &digest, now, None)?;
+            return Ok(None);
         };
+        let (narinfo, trust) = self.check_narinfo(&digest, &raw)?;
+        Ok(Some((narinfo, trust, false)))
+    }
+
+    /// Turns a checked narinfo into a path info: the NAR comes from the NAR
+    /// index when castore still holds it, else it is downloaded and
+    /// ingested; then the NAR and the narinfo are recorded.
+    async fn complete(&self, narinfo: NarInfo, trust: Trust, from_cache: bool, now: u64) -> Result<PathInfo, Error> {
+        let digest = *narinfo.store_path().digest();
         let path = narinfo.store_path();
         let nar_sha256 = narinfo.nar_sha256();
 
@@ -830,7 +858,7 @@ impl Inner {
         if !from_cache {
             self.index.put_narinfo(&self.cache, &digest, now, Some(&narinfo.to_string()))?;
         }
-        Ok(Some(PathInfo::from_narinfo(&narinfo, node)))
+        Ok(PathInfo::from_narinfo(&narinfo, node))
     }
 }
 
