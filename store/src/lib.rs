@@ -6,7 +6,9 @@
 //! - [store_path]: `/nix/store/<hash>-<name>` paths, and how content-addressed
 //!   ones (`nix-store --add`, `builtins.toFile`, fixed outputs) are computed.
 //! - [nar]: NAR archives: streaming reader and writer, ingest into castore, rendering from it.
-//! - [nar_index]: the persistent NarHash → castore node index and narinfo cache.
+//! - [nar_index]: the persistent NarHash → castore node index, NAR upload records and narinfo cache.
+//! - [compression]: the compressions of binary caches, as stream decoders and encoders.
+//! - [http_cache]: the Nix binary cache over HTTP (serving and accepting uploads).
 //! - [narinfo]: binary-cache `.narinfo` files, parsed and written back byte for byte.
 //! - [signature]: ed25519 signatures over store path fingerprints, with Nix's key formats.
 //! - [pathinfo]: [PathInfo], what the store knows about a store path, validated from the wire.
@@ -17,8 +19,10 @@
 //! 2.8 printed, and narinfo files it wrote.
 #![warn(missing_docs)]
 
+pub mod compression;
 pub mod grpc;
 pub mod hash;
+pub mod http_cache;
 pub mod nar;
 pub mod nar_index;
 pub mod narinfo;
@@ -35,4 +39,4 @@ pub use signature::{fingerprint, PublicKey, SecretKey, Signature, SignatureError
 pub use store_path::{compress_hash, ContentAddress, ContentAddressError, StorePath, StorePathError, STORE_DIR};
 pub use pathinfo::{PathInfo, PathInfoError};
 pub use pathinfoservice::PathInfoService;
-pub use nar_index::{CachedNarInfo, LazyNarIndex, NarIndex, NarinfoTtl};
+pub use nar_index::{CachedNarInfo, LazyNarIndex, NarIndex, NarUpload, NarinfoTtl};

@@ -94,10 +94,10 @@ fn failed(r: Result<Option<PathInfo>, Error>, needle: &str, path: &str) -> Strin
 }
 
 /// Asserts nothing was recorded for `path` (no NAR index entry, no cached narinfo).
-fn nothing_recorded(env: &Env, svc: &NixHttpPathInfoService, fx: &Path, path: &str) {
-    assert_eq!(env.index.get_nar(&nar_sha256(fx, path)).unwrap(), None, "NAR index entry for {path}");
+async fn nothing_recorded(env: &Env, svc: &NixHttpPathInfoService, fx: &Path, path: &str) {
+    assert_eq!(env.index.get_nar(&nar_sha256(fx, path)).await.unwrap(), None, "NAR index entry for {path}");
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
-    let cached = env.index.get_narinfo(svc.cache_url(), &digest_of(path), now).unwrap();
+    let cached = env.index.get_narinfo(svc.cache_url(), &digest_of(path), now).await.unwrap();
     assert!(!matches!(cached, CachedNarInfo::Present(_)), "narinfo of {path} cached: {cached:?}");
 }
 
@@ -132,7 +132,7 @@ async fn closure_from(cache: &str, signed: bool) {
     let keys: Vec<&str> = if signed { vec![key.as_str()] } else { vec![] };
     let svc = env.service(&format!("nix+{}", server.url(cache)), &keys);
     check_closure(&env, &svc, &fx).await;
-    assert_eq!(env.index.nar_count(), 6);
+    assert_eq!(env.index.nar_count().await.unwrap(), 6);
     // Each narinfo and each NAR was fetched once.
     assert_eq!(server.count_ending(".narinfo"), 6, "{:?}", server.requests());
     assert_eq!(server.nar_requests(), 6, "{:?}", server.requests());
@@ -195,13 +195,13 @@ async fn tampered_nar_bytes_are_refused() {
         let env = Env::new();
         let svc = env.service(&format!("nix+{}", server.url("")), &[]);
         failed(svc.get(digest_of(&leaf)).await, needle, &leaf);
-        nothing_recorded(&env, &svc, &fx, &leaf);
+        nothing_recorded(&env, &svc, &fx, &leaf).await;
 
         // Fixed upstream: the next get works.
         server.set_root(&fx.join(cache));
         let info = svc.get(digest_of(&leaf)).await.unwrap().unwrap();
         assert!(env.render(&info).await == nar_bytes(&fx, &leaf), "{cache}");
-        assert!(env.index.get_nar(&nar_sha256(&fx, &leaf)).unwrap().is_some());
+        assert!(env.index.get_nar(&nar_sha256(&fx, &leaf)).await.unwrap().is_some());
     }
 }
 
@@ -240,7 +240,7 @@ async fn tampered_narinfos_are_refused() {
         let keys: Vec<&str> = if signed { vec![&key] } else { vec![] };
         let svc = env.service(&format!("nix+{}", server.url("")), &keys);
         failed(svc.get(digest_of(&leaf)).await, needle, &leaf);
-        nothing_recorded(&env, &svc, &fx, &leaf);
+        nothing_recorded(&env, &svc, &fx, &leaf).await;
         server.set_root(&fx.join(cache));
         assert!(svc.get(digest_of(&leaf)).await.unwrap().is_some(), "{cache}/{needle}: not fixed");
     }
@@ -259,8 +259,8 @@ async fn narinfo_under_the_wrong_hash() {
     let svc = env.service(&format!("nix+{}", server.url("")), &[]);
     let e = failed(svc.get(digest_of(&base)).await, "StorePath mismatch", &base);
     assert!(e.contains(&leaf), "{e}");
-    nothing_recorded(&env, &svc, &fx, &base);
-    assert_eq!(env.index.nar_count(), 0);
+    nothing_recorded(&env, &svc, &fx, &base).await;
+    assert_eq!(env.index.nar_count().await.unwrap(), 0);
     assert_eq!(server.nar_requests(), 0);
     server.set_root(&fx.join("cache-xz"));
     assert!(svc.get(digest_of(&base)).await.unwrap().is_some());
@@ -279,7 +279,7 @@ async fn signatures_are_required_with_keys() {
     let svc = env.service(&format!("nix+{}", server.url("cache-xz")), &[&key]);
     let e = failed(svc.get(digest_of(&leaf)).await, "signature", &leaf);
     assert!(e.contains("signed by: none"), "{e}");
-    nothing_recorded(&env, &svc, &fx, &leaf);
+    nothing_recorded(&env, &svc, &fx, &leaf).await;
     assert_eq!(server.nar_requests(), 0, "downloaded before checking the signature");
 
     // Signed, but by another key: one with the same name, one with another.
@@ -289,7 +289,7 @@ async fn signatures_are_required_with_keys() {
         let env = Env::new();
         let svc = env.service(&format!("nix+{}", server.url("cache-xz-signed")), &[wrong]);
         failed(svc.get(digest_of(&leaf)).await, "signature", &leaf);
-        nothing_recorded(&env, &svc, &fx, &leaf);
+        nothing_recorded(&env, &svc, &fx, &leaf).await;
         // Any one trusted key is enough.
         let svc = env.service(&format!("nix+{}", server.url("cache-xz-signed")), &[wrong, &key]);
         assert!(svc.get(digest_of(&leaf)).await.unwrap().is_some());
@@ -326,7 +326,7 @@ async fn content_addresses_are_verified_without_signatures() {
     let svc = env.service(&format!("nix+{}", server.url("")), &[&key]);
     let e = failed(svc.get(digest_of(&note)).await, "signature", &note);
     assert!(e.contains("does not give this store path"), "{e}");
-    nothing_recorded(&env, &svc, &fx, &note);
+    nothing_recorded(&env, &svc, &fx, &note).await;
 
     // The right CA, but other contents (with a NarHash and NarSize that match them).
     let tmp = tempfile::tempdir().unwrap();
@@ -346,7 +346,7 @@ async fn content_addresses_are_verified_without_signatures() {
     let env = Env::new();
     let svc = env.service(&format!("nix+{}", server.url("")), &[&key]);
     failed(svc.get(digest_of(&note)).await, "content address mismatch", &note);
-    assert_eq!(env.index.get_nar(&forged_hash.as_sha256().unwrap()).unwrap(), None);
+    assert_eq!(env.index.get_nar(&forged_hash.as_sha256().unwrap()).await.unwrap(), None);
     // Without keys nothing is checked, as in Nix with require-sigs off.
     let env = Env::new();
     let svc = env.service(&format!("nix+{}", server.url("")), &[]);
@@ -367,7 +367,7 @@ async fn truncated_nars_are_refused() {
         let env = Env::new();
         let svc = env.service(&format!("nix+{}", server.url("")), &[]);
         failed(svc.get(digest_of(&leaf)).await, "truncated NAR", &leaf);
-        nothing_recorded(&env, &svc, &fx, &leaf);
+        nothing_recorded(&env, &svc, &fx, &leaf).await;
         server.set_root(&fx.join(cache));
         assert!(svc.get(digest_of(&leaf)).await.unwrap().is_some());
     }
@@ -393,7 +393,7 @@ async fn file_size_and_file_hash_are_checked() {
         let env = Env::new();
         let svc = env.service(&format!("nix+{}", server.url("")), &[&key]);
         failed(svc.get(digest_of(&leaf)).await, needle, &leaf);
-        nothing_recorded(&env, &svc, &fx, &leaf);
+        nothing_recorded(&env, &svc, &fx, &leaf).await;
         server.set_root(&fx.join("cache-xz-signed"));
         assert!(svc.get(digest_of(&leaf)).await.unwrap().is_some());
     }
@@ -432,7 +432,7 @@ async fn absent_paths_are_cached_negatively() {
     let nar_url = format!("/cache-xz/{}", narinfo_field(&narinfo_path(&fx.join("cache-xz"), &leaf), "URL").unwrap());
     server.set_status(&nar_url, StatusCode::NOT_FOUND);
     failed(svc.get(digest_of(&leaf)).await, "not its NAR", &leaf);
-    nothing_recorded(&env, &svc, &fx, &leaf);
+    nothing_recorded(&env, &svc, &fx, &leaf).await;
 
     // With a negative TTL of 0 every miss asks again.
     env.index.set_ttl(NarinfoTtl { negative: Duration::ZERO, ..NarinfoTtl::NIX_DEFAULT });

@@ -40,6 +40,7 @@
 //! Not supported: NAR `URL`s that are absolute or leave the cache (`..`);
 //! `nix-cache-info` is not read (its `StoreDir` is assumed to be `/nix/store`).
 use super::PathInfoService;
+use crate::compression::{Decoder, Limited, RawFailure, RawTap};
 use crate::nar::{ingest_nar_expecting, ExpectedNar, IngestError, NarError};
 use crate::nar_index::{CachedNarInfo, NarIndex};
 use crate::narinfo::{Compression, NarInfo};
@@ -48,7 +49,6 @@ use crate::signature::PublicKey;
 use crate::store_path::{ContentAddress, DIGEST_LEN};
 use crate::{nixbase32, HashAlgo, NixHash};
 use arca_castore::{BlobService, DirectoryService, Error, Node};
-use async_compression::tokio::bufread::{BrotliDecoder, BzDecoder, GzipDecoder, XzDecoder, ZstdDecoder};
 use async_trait::async_trait;
 use futures::future::{BoxFuture, FutureExt, Shared};
 use futures::stream::{BoxStream, StreamExt, TryStreamExt};
@@ -56,11 +56,9 @@ use parking_lot::Mutex;
 use sha2::{Digest, Sha256, Sha512};
 use std::collections::HashMap;
 use std::path::{Component, PathBuf};
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tokio::io::{AsyncBufRead, AsyncRead, AsyncReadExt, BufReader, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, BufReader};
 use tracing::Instrument;
 use url::Url;
 
@@ -282,150 +280,6 @@ impl Source {
                     Err(e) => Err(Error::Unavailable(format!("reading {}: {e}", file_path.display()))),
                 }
             }
-        }
-    }
-}
-
-/// What went wrong below the decompressor.
-#[derive(Debug, Clone)]
-enum RawFailure {
-    /// More bytes than the limit (FileSize, or trailing bytes).
-    TooLong,
-    /// Reading failed (network, file system).
-    Read(String),
-}
-
-/// Hashes (SHA-256) and counts the compressed bytes, failing past `limit`.
-struct RawTap<R> {
-    inner: R,
-    hasher: Sha256,
-    count: u64,
-    limit: Option<u64>,
-    failure: Option<RawFailure>,
-}
-
-impl<R: AsyncRead + Unpin> AsyncRead for RawTap<R> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        match Pin::new(&mut this.inner).poll_read(cx, buf) {
-            Poll::Ready(Ok(())) => {
-                let new = &buf.filled()[before..];
-                this.hasher.update(new);
-                this.count += new.len() as u64;
-                if this.limit.is_some_and(|l| this.count > l) {
-                    this.failure = Some(RawFailure::TooLong);
-                    return Poll::Ready(Err(std::io::Error::other("the NAR file is longer than expected")));
-                }
-                Poll::Ready(Ok(()))
-            }
-            Poll::Ready(Err(e)) => {
-                this.failure = Some(RawFailure::Read(e.to_string()));
-                Poll::Ready(Err(e))
-            }
-            Poll::Pending => Poll::Pending,
-        }
-    }
-}
-
-/// The decompressor the narinfo's `Compression` names.
-enum Decoder<R> {
-    None(R),
-    Xz(XzDecoder<R>),
-    Zstd(ZstdDecoder<R>),
-    Bzip2(BzDecoder<R>),
-    Gzip(GzipDecoder<R>),
-    Brotli(BrotliDecoder<R>),
-}
-
-impl<R: AsyncBufRead + Unpin> Decoder<R> {
-    fn new(compression: Compression, r: R) -> Self {
-        // Concatenated streams (pigz, pbzip2, …) decode as their concatenation.
-        match compression {
-            Compression::None => Decoder::None(r),
-            Compression::Xz => {
-                let mut d = XzDecoder::new(r);
-                d.multiple_members(true);
-                Decoder::Xz(d)
-            }
-            Compression::Zstd => {
-                let mut d = ZstdDecoder::new(r);
-                d.multiple_members(true);
-                Decoder::Zstd(d)
-            }
-            Compression::Bzip2 => {
-                let mut d = BzDecoder::new(r);
-                d.multiple_members(true);
-                Decoder::Bzip2(d)
-            }
-            Compression::Gzip => {
-                let mut d = GzipDecoder::new(r);
-                d.multiple_members(true);
-                Decoder::Gzip(d)
-            }
-            Compression::Brotli => Decoder::Brotli(BrotliDecoder::new(r)),
-        }
-    }
-
-    fn get_ref(&self) -> &R {
-        match self {
-            Decoder::None(r) => r,
-            Decoder::Xz(d) => d.get_ref(),
-            Decoder::Zstd(d) => d.get_ref(),
-            Decoder::Bzip2(d) => d.get_ref(),
-            Decoder::Gzip(d) => d.get_ref(),
-            Decoder::Brotli(d) => d.get_ref(),
-        }
-    }
-
-    fn into_inner(self) -> R {
-        match self {
-            Decoder::None(r) => r,
-            Decoder::Xz(d) => d.into_inner(),
-            Decoder::Zstd(d) => d.into_inner(),
-            Decoder::Bzip2(d) => d.into_inner(),
-            Decoder::Gzip(d) => d.into_inner(),
-            Decoder::Brotli(d) => d.into_inner(),
-        }
-    }
-}
-
-impl<R: AsyncBufRead + Unpin> AsyncRead for Decoder<R> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Decoder::None(r) => Pin::new(r).poll_read(cx, buf),
-            Decoder::Xz(d) => Pin::new(d).poll_read(cx, buf),
-            Decoder::Zstd(d) => Pin::new(d).poll_read(cx, buf),
-            Decoder::Bzip2(d) => Pin::new(d).poll_read(cx, buf),
-            Decoder::Gzip(d) => Pin::new(d).poll_read(cx, buf),
-            Decoder::Brotli(d) => Pin::new(d).poll_read(cx, buf),
-        }
-    }
-}
-
-/// Fails once more than `limit` bytes came out (bounds decompression: a
-/// NAR never exceeds its NarSize, whatever the file headers inside claim).
-struct Limited<R> {
-    inner: R,
-    count: u64,
-    limit: u64,
-    exceeded: bool,
-}
-
-impl<R: AsyncRead + Unpin> AsyncRead for Limited<R> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        match Pin::new(&mut this.inner).poll_read(cx, buf) {
-            Poll::Ready(Ok(())) => {
-                this.count += (buf.filled().len() - before) as u64;
-                if this.count > this.limit {
-                    this.exceeded = true;
-                    return Poll::Ready(Err(std::io::Error::other("the NAR is longer than NarSize")));
-                }
-                Poll::Ready(Ok(()))
-            }
-            other => other,
         }
     }
 }
@@ -678,9 +532,9 @@ impl Inner {
         let at = self.source.locate(narinfo.url());
         let started = Instant::now();
         let raw = self.source.open_nar(narinfo.url(), &path).await?;
-        let tap = RawTap { inner: raw, hasher: Sha256::new(), count: 0, limit: narinfo.file_size(), failure: None };
+        let tap = RawTap::new(raw, narinfo.file_size());
         let decoder = Decoder::new(narinfo.compression(), BufReader::with_capacity(READ_BUFFER, tap));
-        let mut nar = Limited { inner: decoder, count: 0, limit: narinfo.nar_size(), exceeded: false };
+        let mut nar = Limited::new(decoder, narinfo.nar_size());
         let expected = ExpectedNar { nar_size: Some(narinfo.nar_size()), nar_sha256: Some(narinfo.nar_sha256()) };
         let result = ingest_nar_expecting(&mut nar, self.blobs.clone(), &*self.directories, expected).await;
 
@@ -758,8 +612,7 @@ impl Inner {
                 });
             }
         }
-        let tap = raw.into_inner();
-        let (file_size, file_sha256): (u64, [u8; 32]) = (tap.count, tap.hasher.finalize().into());
+        let (file_size, file_sha256) = raw.into_inner().finalize();
         if let Some(expected) = narinfo.file_size() {
             if expected != file_size {
                 return Err(Error::Storage(format!(
@@ -798,7 +651,7 @@ impl Inner {
     async fn lookup(&self, digest: [u8; DIGEST_LEN], now: u64) -> Result<Option<(NarInfo, Trust, bool)>, Error> {
         let hash = nixbase32::encode(&digest);
         let mut cached = None;
-        match self.index.get_narinfo(&self.cache, &digest, now)? {
+        match self.index.get_narinfo(&self.cache, &digest, now).await? {
             CachedNarInfo::Absent => {
                 tracing::debug!("absent (cached answer)");
                 return Ok(None);
@@ -815,7 +668,7 @@ impl Inner {
         }
         let Some(raw) = self.source.narinfo(&hash).await? else {
             tracing::debug!("absent");
-            self.index.put_narinfo(&self.cache, &digest, now, None)?;
+            self.index.put_narinfo(&self.cache, &digest, now, None).await?;
             return Ok(None);
         };
         let (narinfo, trust) = self.check_narinfo(&digest, &raw)?;
@@ -830,7 +683,7 @@ impl Inner {
         let path = narinfo.store_path();
         let nar_sha256 = narinfo.nar_sha256();
 
-        let known = match self.index.get_nar(&nar_sha256)? {
+        let known = match self.index.get_nar(&nar_sha256).await? {
             Some((_, size)) if size != narinfo.nar_size() => {
                 return Err(Error::Storage(format!(
                     "NarSize mismatch for {path}: the narinfo says {}, the NAR with its NarHash {} has {size} bytes",
@@ -856,7 +709,7 @@ impl Inner {
             self.index.put_nar(&nar_sha256, &node, narinfo.nar_size()).await?;
         }
         if !from_cache {
-            self.index.put_narinfo(&self.cache, &digest, now, Some(&narinfo.to_string()))?;
+            self.index.put_narinfo(&self.cache, &digest, now, Some(&narinfo.to_string())).await?;
         }
         Ok(PathInfo::from_narinfo(&narinfo, node))
     }
@@ -973,7 +826,7 @@ mod tests {
         assert!(matches!(&e, Error::Unavailable(m) if m.contains("http://127.0.0.1:1/c/")), "{e}");
         // Nothing was cached negatively.
         assert_eq!(
-            s.nar_index().get_narinfo(s.cache_url(), &[1; DIGEST_LEN], unix_now()).unwrap(),
+            s.nar_index().get_narinfo(s.cache_url(), &[1; DIGEST_LEN], unix_now()).await.unwrap(),
             CachedNarInfo::Missing
         );
     }
