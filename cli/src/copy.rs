@@ -229,7 +229,7 @@ pub async fn run(args: CopyArgs, service_args: ServiceArgs) -> Result<()> {
     let started = Instant::now();
     let dest = services::build(&service_args, Defaults::Daemon)?;
     let wanted: Vec<StorePath> = args.paths.iter().map(|p| crate::nix_cmds::parse_store_path(p)).collect::<Result<_>>()?;
-    let store = StoreServices::new(dest.blob.clone(), dest.directory.clone(), services::nar_index(&service_args));
+    let store = StoreServices::new(dest.blob.clone(), dest.directory.clone(), dest.nar_index.clone());
     let source = match arca_store::pathinfoservice::binary_cache_from_url(&args.from, &store)
         .with_context(|| format!("--from {}", args.from))?
     {

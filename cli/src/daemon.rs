@@ -11,7 +11,6 @@ use arca_store::pathinfoservice::CheckedPathInfoService;
 use std::sync::Arc;
 use std::os::fd::FromRawFd;
 use std::path::PathBuf;
-use tokio::signal::unix::{signal, SignalKind};
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tokio_stream::StreamExt;
 
@@ -25,6 +24,13 @@ pub struct DaemonArgs {
     /// put through the daemon gets a signature by it (existing ones are kept).
     #[arg(long, env = "ARCA_SIGNING_KEY")]
     signing_key: Option<PathBuf>,
+    /// Also serve the store as a Nix binary cache over HTTP on this address
+    /// (HOST:PORT), like `arca serve-cache`; with --signing-key its narinfos
+    /// are signed too.
+    #[arg(long, env = "ARCA_HTTP_LISTEN")]
+    http_listen: Option<String>,
+    #[command(flatten)]
+    http: crate::serve_cache::HttpCacheArgs,
 }
 
 enum Listener {
@@ -93,17 +99,6 @@ async fn bind(listen: &str) -> Result<Listener> {
     Ok(Listener::Tcp(l))
 }
 
-async fn shutdown_signal() {
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        tracing::error!("cannot install signal handlers; stop the daemon with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: draining"),
-        _ = int.recv() => tracing::info!("SIGINT: draining"),
-    }
-}
-
 /// Refuses a gRPC service URL pointing at the daemon's own address: every
 /// call would be forwarded to itself, forever.
 fn refuse_self_reference(listen: &str, args: &ServiceArgs) -> Result<()> {
@@ -126,11 +121,19 @@ pub async fn run(args: DaemonArgs, service_args: ServiceArgs) -> Result<()> {
     refuse_self_reference(&args.listen, &service_args)?;
     let services = build(&service_args, Defaults::Embedded)?;
     let mut path_info = services.path_info.clone();
-    if let Some(key_file) = &args.signing_key {
-        let text = std::fs::read_to_string(key_file).with_context(|| format!("reading {}", key_file.display()))?;
-        let key: arca_store::SecretKey = text.trim().parse().with_context(|| format!("{} is not a Nix secret key", key_file.display()))?;
-        path_info = Arc::new(arca_store::pathinfoservice::SigningPathInfoService::new(path_info, key));
+    let key = args.signing_key.as_deref().map(crate::serve_cache::load_signing_key).transpose()?;
+    if let Some(key) = &key {
+        path_info = Arc::new(arca_store::pathinfoservice::SigningPathInfoService::new(path_info, key.clone()));
     }
+    // The binary cache over HTTP: reads from and (checked) uploads into the same stack.
+    let http = match &args.http_listen {
+        None => None,
+        Some(addr) => {
+            let router = crate::serve_cache::router(&services, path_info.clone(), key.clone(), &args.http)?;
+            let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--http-listen {addr}"))?;
+            Some((l, router))
+        }
+    };
     let listener = bind(&args.listen).await?;
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -173,38 +176,69 @@ pub async fn run(args: DaemonArgs, service_args: ServiceArgs) -> Result<()> {
             .into_server(),
         );
 
-    let shutdown = {
+    // One signal stops both servers: health turns NOT_SERVING, then both stop
+    // accepting and let running calls finish.
+    let stop = tokio_util::sync::CancellationToken::new();
+    {
         let reporter = health_reporter.clone();
-        async move {
-            shutdown_signal().await;
+        let stop = stop.clone();
+        let signalled = crate::serve_cache::shutdown_signal();
+        tokio::spawn(async move {
+            signalled.await;
             reporter.set_not_serving::<BlobServiceServer<GrpcBlobServiceWrapper>>().await;
             reporter.set_not_serving::<DirectoryServiceServer<GrpcDirectoryServiceWrapper>>().await;
             reporter.set_not_serving::<PathInfoServiceServer<GrpcPathInfoServiceWrapper>>().await;
+            stop.cancel();
+        });
+    }
+    let shutdown = stop.clone().cancelled_owned();
+    let http_server = match http {
+        None => None,
+        Some((l, router)) => {
+            let addr = l.local_addr()?;
+            let stop = stop.clone();
+            Some((addr, tokio::spawn(arca_store::http_cache::serve(l, router, stop.cancelled_owned()))))
         }
     };
-    match listener {
-        Listener::Tcp(l) => {
-            let addr = l.local_addr()?;
-            eprintln!("arca daemon listening on {addr}");
-            // serve_with_incoming does not apply the server's tcp_nodelay: set it on
-            // each connection, or small responses wait for delayed ACKs (40 ms each).
-            let incoming = TcpListenerStream::new(l).map(|s| {
-                s.and_then(|s| {
-                    s.set_nodelay(true)?;
-                    Ok(s)
-                })
-            });
-            router.serve_with_incoming_shutdown(incoming, shutdown).await?;
-        }
-        Listener::Unix(l, path) => {
-            let shown = path.as_ref().map(|p| format!("unix://{}", p.display())).unwrap_or_else(|| "the activated socket".into());
-            eprintln!("arca daemon listening on {shown}");
-            router.serve_with_incoming_shutdown(UnixListenerStream::new(l), shutdown).await?;
-            if let Some(p) = path {
-                let _ = std::fs::remove_file(p);
+    let grpc = async {
+        match listener {
+            Listener::Tcp(l) => {
+                let addr = l.local_addr()?;
+                eprintln!("arca daemon listening on {addr}");
+                if let Some((http_addr, _)) = &http_server {
+                    eprintln!("arca daemon serving the Nix binary cache on http://{http_addr}");
+                }
+                // serve_with_incoming does not apply the server's tcp_nodelay: set it on
+                // each connection, or small responses wait for delayed ACKs (40 ms each).
+                let incoming = TcpListenerStream::new(l).map(|s| {
+                    s.and_then(|s| {
+                        s.set_nodelay(true)?;
+                        Ok(s)
+                    })
+                });
+                router.serve_with_incoming_shutdown(incoming, shutdown).await?;
+            }
+            Listener::Unix(l, path) => {
+                let shown = path.as_ref().map(|p| format!("unix://{}", p.display())).unwrap_or_else(|| "the activated socket".into());
+                eprintln!("arca daemon listening on {shown}");
+                if let Some((http_addr, _)) = &http_server {
+                    eprintln!("arca daemon serving the Nix binary cache on http://{http_addr}");
+                }
+                router.serve_with_incoming_shutdown(UnixListenerStream::new(l), shutdown).await?;
+                if let Some(p) = path {
+                    let _ = std::fs::remove_file(p);
+                }
             }
         }
+        anyhow::Ok(())
+    };
+    let grpc_result = grpc.await;
+    // The gRPC server stopped (drained, or failed): stop HTTP too.
+    stop.cancel();
+    if let Some((_, task)) = http_server {
+        task.await.context("the HTTP server task failed")?.context("serving HTTP")?;
     }
+    grpc_result?;
     eprintln!("arca daemon stopped");
     Ok(())
 }

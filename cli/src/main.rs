@@ -9,6 +9,7 @@ mod copy;
 mod daemon;
 mod nix_cmds;
 mod progress;
+mod serve_cache;
 mod services;
 
 const EXAMPLES: &str = "\
@@ -54,6 +55,10 @@ pub struct ServiceArgs {
     /// Data directory of the embedded store [default: $XDG_DATA_HOME/arca or ~/.local/share/arca].
     #[arg(long, env = "ARCA_DATA_DIR", global = true)]
     pub data_dir: Option<PathBuf>,
+    /// NAR index URL: sled:///abs/path, or objectstore+file:///… / objectstore+s3://… to share it
+    /// between replicas of the HTTP binary cache [default: sled://$DATA/narindex.sled].
+    #[arg(long, env = "NAR_INDEX_ADDR", global = true)]
+    pub nar_index_addr: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -76,6 +81,9 @@ enum Command {
     /// Copy store paths with their closure from a Nix binary cache or another store.
     #[command(after_help = "Examples:\n  arca copy --from nix+https://cache.nixos.org /nix/store/…-hello-2.12\n  arca copy --from 'nix+http://127.0.0.1:5000?trusted-public-keys=cache-1:AbC…=' --jobs 64 /nix/store/…-hello\n  arca copy --from grpc+http://other-host:8000 --no-closure /nix/store/…-hello\n\nPaths already in the store are skipped with their closure, so an interrupted copy resumes.\nA path info is stored only after all its references. Exit code 1 if any path failed.")]
     Copy(copy::CopyArgs),
+    /// Serve the store as a Nix binary cache over HTTP (reads and uploads).
+    #[command(after_help = "Examples:\n  arca serve-cache                                  over the daemon on 127.0.0.1:8000, on 127.0.0.1:9000\n  arca serve-cache --listen 0.0.0.0:9000 --signing-key /etc/arca/cache.sec\n  nix copy --from http://127.0.0.1:9000 --to ./store /nix/store/…-hello\n  nix copy --to 'http://127.0.0.1:9000?compression=zstd' /nix/store/…-hello\n\nSIGTERM or SIGINT stops accepting, lets running requests finish and exits 0.")]
+    ServeCache(serve_cache::ServeCacheArgs),
 }
 
 fn init_tracing(verbose: u8) {
@@ -122,6 +130,7 @@ fn main() -> ExitCode {
             Command::Nar(cmd) => nix_cmds::nar(cmd, cli.services).await,
             Command::PathInfo(args) => nix_cmds::path_info(args, cli.services).await,
             Command::Copy(args) => copy::run(args, cli.services).await,
+            Command::ServeCache(args) => serve_cache::run(args, cli.services).await,
         }
     });
     match result {

@@ -12,6 +12,9 @@ pub struct Services {
     pub blob: Arc<dyn BlobService>,
     pub directory: Arc<dyn DirectoryService>,
     pub path_info: Arc<dyn PathInfoService>,
+    /// The NAR index the services were built with (opened on first use;
+    /// share this one: a sled index can be opened once per process).
+    pub nar_index: LazyNarIndex,
 }
 
 /// Where the services live when no flag says otherwise.
@@ -51,7 +54,8 @@ pub fn build(args: &ServiceArgs, defaults: Defaults) -> Result<Services> {
     let builder = Builder::new(composition.clone());
     let blob = builder.blob_service("default").context("blob service")?;
     let directory = builder.directory_service("default").context("directory service")?;
-    let store = StoreServices::new(blob.clone(), directory.clone(), nar_index(args));
+    let nar_index = nar_index(args)?;
+    let store = StoreServices::new(blob.clone(), directory.clone(), nar_index.clone());
     let path_info = match (&args.path_info_service_addr, has_path_info_entry) {
         // The flag wins; then the file's [pathinfoservices.default]; then the default URL.
         (None, true) => arca_store::pathinfoservice::pathinfo_service_from_composition(&composition, "default", &store),
@@ -60,14 +64,18 @@ pub fn build(args: &ServiceArgs, defaults: Defaults) -> Result<Services> {
         }
     }
     .context("path-info service")?;
-    Ok(Services { blob, directory, path_info })
+    Ok(Services { blob, directory, path_info, nar_index })
 }
 
-/// The store's NAR index, `$ARCA_DATA_DIR/narindex.sled`; opened only if a
-/// `nix+http(s)://` or `nix+file://` binary cache is used.
-pub fn nar_index(args: &ServiceArgs) -> LazyNarIndex {
-    match crate::data_dir_path(args) {
+/// The store's NAR index: `--nar-index-addr` / `NAR_INDEX_ADDR`, else
+/// `$ARCA_DATA_DIR/narindex.sled`; opened only when used (a `nix+http(s)://`
+/// or `nix+file://` binary cache, or the HTTP binary cache front).
+pub fn nar_index(args: &ServiceArgs) -> Result<LazyNarIndex> {
+    if let Some(url) = &args.nar_index_addr {
+        return LazyNarIndex::from_url(url).context("--nar-index-addr / NAR_INDEX_ADDR");
+    }
+    Ok(match crate::data_dir_path(args) {
         Ok(data) => LazyNarIndex::at(data.join("narindex.sled")),
         Err(_) => LazyNarIndex::temporary(),
-    }
+    })
 }
