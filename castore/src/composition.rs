@@ -602,10 +602,19 @@ impl Builder {
             ServiceConfig::Memory => Arc::new(MemoryBlobService::default()),
             ServiceConfig::ObjectStore { url, options } => {
                 let (store, base) = object_store_from(url, options).map_err(build_err)?;
-                Arc::new(ObjectStoreBlobService::new(store, base))
+                let svc = ObjectStoreBlobService::new(store, base);
+                if url.scheme() == "file" {
+                    // Same files, fewer trips: see `with_local_dir`.
+                    Arc::new(svc.with_local_dir(PathBuf::from(url.path())))
+                } else {
+                    Arc::new(svc)
+                }
             }
             ServiceConfig::Grpc { url } => {
-                Arc::new(GrpcBlobService::from_channel(crate::grpc::channel_from_url(url).map_err(|e| build_err(e.to_string()))?))
+                let channels = (0..crate::GRPC_BLOB_CONNECTIONS)
+                    .map(|_| crate::grpc::channel_from_url(url).map_err(|e| build_err(e.to_string())))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Arc::new(GrpcBlobService::from_channels(channels).ok_or_else(|| build_err("no channel".into()))?)
             }
             ServiceConfig::Cache { near, far } => Arc::new(CacheBlobService::new(resolve(near)?, resolve(far)?)),
             ServiceConfig::Sled { .. } | ServiceConfig::Lru { .. } | ServiceConfig::NixBinaryCache { .. } => {

@@ -34,6 +34,8 @@ pub const MAX_DIRECTORY_MESSAGE_SIZE: usize = 1024 * 1024 * 1024;
 pub const MAX_BLOB_MESSAGE_SIZE: usize = 16 * 1024 * 1024;
 /// Size of the data messages Arca sends when streaming blobs.
 pub const BLOB_MESSAGE_CHUNK: usize = 1024 * 1024;
+/// HTTP/2 connections a gRPC blob client spreads its calls over.
+pub const GRPC_BLOB_CONNECTIONS: usize = 4;
 /// HTTP/2 flow-control window per stream. Fixed (not adaptive): on loopback
 /// the adaptive window grows without bound and a fast sender can park
 /// gigabytes in a slow receiver's buffers.

@@ -24,19 +24,42 @@ use tonic::Code;
 use tracing::instrument;
 
 /// A blob service reached over gRPC.
+///
+/// Calls are spread round-robin over one or more channels (HTTP/2
+/// connections): one connection serialises all framing of concurrent
+/// uploads in one task on each side.
 #[derive(Clone)]
 pub struct GrpcBlobService {
+    clients: Arc<[BlobServiceClient<Channel>]>,
+    next: Arc<std::sync::atomic::AtomicUsize>,
+    /// The client of the call being made (picked by [Self::pick]).
     client: BlobServiceClient<Channel>,
 }
 
 impl GrpcBlobService {
     /// A client over an established (or lazy) channel.
     pub fn from_channel(channel: Channel) -> Self {
-        Self {
-            client: BlobServiceClient::new(channel)
-                .max_decoding_message_size(crate::MAX_BLOB_MESSAGE_SIZE)
-                .max_encoding_message_size(crate::MAX_BLOB_MESSAGE_SIZE),
-        }
+        Self::from_channels(vec![channel]).expect("one channel given")
+    }
+
+    /// A client spreading calls over several channels; `None` if `channels` is empty.
+    pub fn from_channels(channels: Vec<Channel>) -> Option<Self> {
+        let clients: Arc<[BlobServiceClient<Channel>]> = channels
+            .into_iter()
+            .map(|c| {
+                BlobServiceClient::new(c)
+                    .max_decoding_message_size(crate::MAX_BLOB_MESSAGE_SIZE)
+                    .max_encoding_message_size(crate::MAX_BLOB_MESSAGE_SIZE)
+            })
+            .collect();
+        let client = clients.first()?.clone();
+        Some(Self { clients, next: Arc::new(std::sync::atomic::AtomicUsize::new(0)), client })
+    }
+
+    /// This service with the next channel's client for its calls.
+    fn pick(&self) -> Self {
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.clients.len();
+        Self { clients: self.clients.clone(), next: self.next.clone(), client: self.clients[i].clone() }
     }
 }
 
@@ -59,9 +82,10 @@ impl BlobService for GrpcBlobService {
     /// verified) when the blob is chunked.
     #[instrument(skip(self), level = "debug")]
     async fn open_read(&self, digest: &B3Digest) -> Result<Option<Box<dyn BlobReader>>, Error> {
+        let this = self.pick();
         let req = proto::ReadBlobRequest { digest: digest.to_bytes() };
-        match self.client.clone().read(req).await {
-            Ok(resp) => Ok(Some(Box::new(GrpcBlobReader::new(self.clone(), *digest, resp.into_inner())))),
+        match this.client.clone().read(req).await {
+            Ok(resp) => Ok(Some(Box::new(GrpcBlobReader::new(this, *digest, resp.into_inner())))),
             Err(s) if s.code() == Code::NotFound => Ok(None),
             Err(s) => Err(s.into()),
         }
@@ -69,7 +93,7 @@ impl BlobService for GrpcBlobService {
 
     async fn open_write(&self) -> Box<dyn BlobWriter> {
         Box::new(GrpcBlobWriter {
-            client: self.client.clone(),
+            client: self.pick().client,
             hasher: blake3::Hasher::new(),
             tx: None,
             task: None,

@@ -52,6 +52,43 @@ struct Inner {
     params: ChunkingParams,
     zstd_level: i32,
     upload_permits: Arc<tokio::sync::Semaphore>,
+    /// For a local-files store: the directory `base` maps to. Chunks are
+    /// then read and written with plain file calls, each chunk in one trip
+    /// to the blocking pool (hash, compress, existence check, write), in the
+    /// same layout `object_store` uses.
+    local_dir: Option<std::path::PathBuf>,
+}
+
+/// Files written by this process (staging names must not collide).
+static STAGING_COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The file of chunk `hex` under a local store directory.
+fn local_chunk_file(dir: &std::path::Path, hex: &str) -> std::path::PathBuf {
+    dir.join("chunks").join(&hex[..2]).join(hex)
+}
+
+/// Writes `parts` to `target` atomically: a staging file in the same
+/// directory (created on demand), renamed over the target.
+fn write_file_atomically(target: &std::path::Path, parts: &[Bytes]) -> std::io::Result<()> {
+    use std::io::Write;
+    let parent = target.parent().ok_or_else(|| std::io::Error::other("chunk file without a directory"))?;
+    let n = STAGING_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut staging = target.as_os_str().to_owned();
+    staging.push(format!("#arca-{}-{n}", std::process::id()));
+    let staging = std::path::PathBuf::from(staging);
+    let open = || std::fs::OpenOptions::new().write(true).create_new(true).open(&staging);
+    let mut file = match open() {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(parent)?;
+            open()?
+        }
+        other => other?,
+    };
+    let written = parts.iter().try_for_each(|p| file.write_all(p)).and_then(|()| std::fs::rename(&staging, target));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&staging);
+    }
+    written
 }
 
 impl Inner {
@@ -103,6 +140,24 @@ impl Inner {
 
     /// A chunk's raw bytes, decoded and verified; `None` if absent.
     async fn read_chunk(&self, d: &B3Digest, expected_size: Option<u64>) -> Result<Option<Bytes>, Error> {
+        if let Some(dir) = &self.local_dir {
+            // One trip: read, decode, verify.
+            let file = local_chunk_file(dir, &d.to_hex());
+            let d = *d;
+            return tokio::task::spawn_blocking(move || -> Result<Option<Bytes>, Error> {
+                let stored = match std::fs::read(&file) {
+                    Ok(b) => Bytes::from(b),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                    Err(e) => return Err(Error::Storage(format!("reading {}: {e}", file.display()))),
+                };
+                let data = decode_chunk(&d, stored)?;
+                let meta = ChunkMeta { digest: d, size: expected_size.unwrap_or(data.len() as u64) };
+                verify_chunk(&meta, &data)?;
+                Ok(Some(data))
+            })
+            .await
+            .map_err(Error::storage)?;
+        }
         let Some(stored) = self.get_opt(&self.chunk_path(d)).await? else { return Ok(None) };
         let d = *d;
         let data = crate::cpu_bound(move || -> Result<Bytes, Error> {
@@ -120,6 +175,21 @@ impl Inner {
     async fn upload_chunk(self: Arc<Self>, data: Bytes) -> Result<ChunkMeta, Error> {
         let size = data.len() as u64;
         let level = self.zstd_level;
+        if let Some(dir) = self.local_dir.clone() {
+            // One trip: hash, existence check, compress, write.
+            return crate::cpu_bound(move || -> Result<ChunkMeta, Error> {
+                let digest = B3Digest::of(&data);
+                let file = local_chunk_file(&dir, &digest.to_hex());
+                if !file.exists() {
+                    let payload = encode_chunk(data, level)?;
+                    let parts: &[Bytes] = payload.as_ref();
+                    write_file_atomically(&file, parts)
+                        .map_err(|e| Error::Storage(format!("writing {}: {e}", file.display())))?;
+                }
+                Ok(ChunkMeta { digest, size })
+            })
+            .await?;
+        }
         let (digest, encoded) = crate::cpu_bound(move || {
             let digest = B3Digest::of(&data);
             encode_chunk(data, level).map(|e| (digest, e))
@@ -220,7 +290,23 @@ impl ObjectStoreBlobService {
     /// Like [Self::new] with explicit chunking parameters and zstd level.
     pub fn with_params(store: Arc<dyn ObjectStore>, base: Path, params: ChunkingParams, zstd_level: i32) -> Self {
         let upload_permits = Arc::new(tokio::sync::Semaphore::new(SERVICE_UPLOADS_IN_FLIGHT));
-        Self { inner: Arc::new(Inner { store, base, params, zstd_level, upload_permits }) }
+        Self { inner: Arc::new(Inner { store, base, params, zstd_level, upload_permits, local_dir: None }) }
+    }
+
+    /// Declares that `store` keeps its objects as files under `dir` (an
+    /// `object_store` `LocalFileSystem` with that prefix and an empty base):
+    /// chunks are then read and written directly, in the same layout, with
+    /// one trip to the blocking pool per chunk.
+    pub fn with_local_dir(self, dir: std::path::PathBuf) -> Self {
+        let inner = Inner {
+            store: self.inner.store.clone(),
+            base: self.inner.base.clone(),
+            params: self.inner.params,
+            zstd_level: self.inner.zstd_level,
+            upload_permits: self.inner.upload_permits.clone(),
+            local_dir: Some(dir),
+        };
+        Self { inner: Arc::new(inner) }
     }
 }
 
