@@ -256,14 +256,15 @@ fn decode_chunk(d: &B3Digest, stored: Bytes) -> Result<Bytes, Error> {
                 Ok(None) => return Err(corrupt("no content size".into())),
                 Err(e) => return Err(corrupt(format!("{e:?}"))),
             };
-            let mut out = vec![0u8; size];
+            // Uninitialised capacity: zstd writes every byte it reports.
+            let mut out = Vec::with_capacity(size);
             let written = DECOMPRESSOR.with(|cell| -> Result<usize, Error> {
                 let mut slot = cell.borrow_mut();
                 if slot.is_none() {
                     *slot = Some(zstd::bulk::Decompressor::new().map_err(Error::storage)?);
                 }
                 let dec = slot.as_mut().expect("set above");
-                dec.decompress_to_buffer(frame, &mut out[..]).map_err(|e| corrupt(e.to_string()))
+                dec.decompress_to_buffer(frame, &mut out).map_err(|e| corrupt(e.to_string()))
             })?;
             if written != size {
                 return Err(corrupt(format!("{written} bytes, the frame says {size}")));
