@@ -45,7 +45,7 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Router;
+pub use axum::Router;
 use bytes::Bytes;
 use lru::LruCache;
 use parking_lot::Mutex;
