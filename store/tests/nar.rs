@@ -656,3 +656,33 @@ async fn failed_uploads_fail_the_ingest_and_store_no_directory() {
     assert!(matches!(err, IngestError::Blob(arca_castore::Error::Unavailable(_))), "{err:?}");
     assert_eq!(dirs.stored(), 0);
 }
+
+/// A NAR string token: length (u64 LE), bytes, zero padding to 8.
+fn nar_token(out: &mut Vec<u8>, s: &[u8]) {
+    out.extend_from_slice(&(s.len() as u64).to_le_bytes());
+    out.extend_from_slice(s);
+    out.extend(std::iter::repeat_n(0u8, (8 - s.len() % 8) % 8));
+}
+
+#[tokio::test]
+async fn a_file_larger_than_the_announced_nar_is_refused_before_streaming() {
+    // A file entry announcing 1 TiB, followed by endless zeros: with NarSize
+    // known, the ingest must stop at the header, not stream a terabyte.
+    let mut header = Vec::new();
+    for t in [&b"nix-archive-1"[..], b"(", b"type", b"regular", b"contents"] {
+        nar_token(&mut header, t);
+    }
+    header.extend_from_slice(&(1u64 << 40).to_le_bytes());
+    let reader = tokio::io::AsyncReadExt::chain(&header[..], tokio::io::repeat(0));
+    let (blobs, dirs) = memory();
+    let expected = ExpectedNar { nar_size: Some(4096), nar_sha256: None };
+    let result = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        ingest_nar_expecting(reader, blobs, &*dirs, expected),
+    )
+    .await
+    .expect("refused at the header, not after streaming the contents");
+    let err = result.unwrap_err();
+    assert!(matches!(err, IngestError::NarSizeMismatch { expected: 4096, at_least: true, .. }), "{err}");
+    assert_eq!(dirs.stored(), 0);
+}

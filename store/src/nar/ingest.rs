@@ -182,6 +182,13 @@ pub async fn ingest_nar_expecting<R: AsyncRead + Unpin + Send>(
         check_size(&nar)?;
         match event {
             Event::File { name, executable, size } => {
+                // A file larger than the whole announced NAR is refused
+                // before its contents are streamed.
+                if let Some(limit) = expected.nar_size {
+                    if size > limit {
+                        return Err(IngestError::NarSizeMismatch { expected: limit, actual: size, at_least: true });
+                    }
+                }
                 let index = file_count;
                 file_count += 1;
                 // Fail early if an upload already failed.
