@@ -7,6 +7,7 @@ use std::process::ExitCode;
 mod castore_cmds;
 mod copy;
 mod daemon;
+mod mount;
 mod nix_cmds;
 mod progress;
 mod serve_cache;
@@ -84,6 +85,9 @@ enum Command {
     /// Serve the store as a Nix binary cache over HTTP (reads and uploads).
     #[command(after_help = "Examples:\n  arca serve-cache                                  over the daemon on 127.0.0.1:8000, on 127.0.0.1:9000\n  arca serve-cache --listen 0.0.0.0:9000 --signing-key /etc/arca/cache.sec\n  nix copy --from http://127.0.0.1:9000 --to ./store /nix/store/…-hello\n  nix copy --to 'http://127.0.0.1:9000?compression=zstd' /nix/store/…-hello\n\nSIGTERM or SIGINT stops accepting, lets running requests finish and exits 0.")]
     ServeCache(serve_cache::ServeCacheArgs),
+    /// Mount the store as a lazy, read-only /nix/store (FUSE).
+    #[command(after_help = "Examples:\n  arca mount /nix/store                           over the daemon on 127.0.0.1:8000\n  arca mount --list-root --threads 8 /mnt/store\n  PATH_INFO_SERVICE_ADDR=grpc+http://10.0.0.5:8000 BLOB_SERVICE_ADDR=… DIRECTORY_SERVICE_ADDR=… arca mount /nix/store\n\n/MOUNTPOINT/<hash>-<name> resolves through the path-info service; content is fetched when read.\nExtended attribute user.arca.blake3: the BLAKE3 digest of a file or directory.\nSIGTERM or SIGINT unmounts and exits 0; if the process dies, fusermount3 unmounts.")]
+    Mount(mount::MountArgs),
 }
 
 fn init_tracing(verbose: u8) {
@@ -131,6 +135,7 @@ fn main() -> ExitCode {
             Command::PathInfo(args) => nix_cmds::path_info(args, cli.services).await,
             Command::Copy(args) => copy::run(args, cli.services).await,
             Command::ServeCache(args) => serve_cache::run(args, cli.services).await,
+            Command::Mount(args) => mount::run(args, cli.services).await,
         }
     });
     match result {

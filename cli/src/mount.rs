@@ -1,0 +1,72 @@
+//! `arca mount`: the store as a lazy, read-only FUSE filesystem.
+use crate::services::{build, Defaults};
+use crate::ServiceArgs;
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::signal::unix::{signal, SignalKind};
+
+/// Flags of `arca mount`.
+#[derive(Args, Debug)]
+pub struct MountArgs {
+    /// An empty directory to mount on.
+    pub mountpoint: PathBuf,
+    /// List the store paths when the mount's root is read (else it reads as empty;
+    /// `<hash>-<name>` lookups work either way).
+    #[arg(long)]
+    pub list_root: bool,
+    /// Threads reading FUSE requests (the work itself runs on the async runtime).
+    #[arg(long, default_value_t = 4)]
+    pub threads: usize,
+    /// Let other users than the mounting one (and root) access the mount.
+    #[arg(long)]
+    pub allow_other: bool,
+}
+
+/// `arca mount MOUNTPOINT`: mounts, serves until SIGINT/SIGTERM (or an
+/// unmount from outside), unmounts, exits 0.
+pub async fn run(args: MountArgs, service_args: ServiceArgs) -> Result<()> {
+    if args.threads == 0 {
+        bail!("--threads must be at least 1");
+    }
+    let meta = std::fs::metadata(&args.mountpoint)
+        .with_context(|| format!("mount point {}", args.mountpoint.display()))?;
+    if !meta.is_dir() {
+        bail!("mount point {} is not a directory", args.mountpoint.display());
+    }
+    let services = build(&service_args, Defaults::Daemon)?;
+    let fs = arca_fuse::ArcaFs::new(
+        services.blob,
+        services.directory,
+        services.path_info,
+        arca_fuse::FsOptions { list_root: args.list_root },
+        tokio::runtime::Handle::current(),
+    );
+    // Signal handlers before mounting: a signal right after the mount still unmounts.
+    let mut term = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
+    let options = arca_fuse::MountOptions { threads: args.threads, allow_other: args.allow_other, ..Default::default() };
+    let mountpoint = args.mountpoint.clone();
+    let mut handle = tokio::task::spawn_blocking(move || arca_fuse::mount(fs, &mountpoint, &options))
+        .await?
+        .with_context(|| format!("mounting on {}", args.mountpoint.display()))?;
+    eprintln!("arca mount: mounted on {}", args.mountpoint.display());
+    tokio::select! {
+        r = handle.ended() => {
+            // Unmounted from outside.
+            r.context("FUSE session")?;
+            eprintln!("arca mount: {} was unmounted", args.mountpoint.display());
+            return Ok(());
+        }
+        _ = term.recv() => tracing::info!("SIGTERM: unmounting"),
+        _ = int.recv() => tracing::info!("SIGINT: unmounting"),
+    }
+    handle.unmount().with_context(|| format!("unmounting {}", args.mountpoint.display()))?;
+    match tokio::time::timeout(Duration::from_secs(30), handle.ended()).await {
+        Ok(r) => r.context("FUSE session")?,
+        Err(_) => bail!("{} did not unmount within 30 s", args.mountpoint.display()),
+    }
+    eprintln!("arca mount: unmounted {}", args.mountpoint.display());
+    Ok(())
+}

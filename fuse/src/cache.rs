@@ -1,0 +1,241 @@
+//! Bounded caches of immutable content, each fetch running once however
+//! many requests wait for it: directories (by digest) and small blobs (whole,
+//! by digest).
+use arca_castore::{B3Digest, BlobService, Directory, DirectoryService, Node, PathComponent};
+use bytes::Bytes;
+use futures::future::{BoxFuture, FutureExt, Shared};
+use futures::StreamExt;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::sync::Arc;
+use tokio::io::AsyncReadExt;
+
+/// Why a fetch failed, as the errno the kernel gets (details are logged).
+pub type Errno = fuser::Errno;
+
+type Flight<V> = Shared<BoxFuture<'static, Result<V, Errno>>>;
+
+/// A directory's entries in name order, searchable by name.
+pub struct Listing {
+    /// Digest of the directory.
+    pub digest: B3Digest,
+    /// (name, node), sorted by name bytes.
+    pub entries: Vec<(PathComponent, Node)>,
+}
+
+impl Listing {
+    fn new(d: &Directory) -> Self {
+        Self { digest: d.digest(), entries: d.entries().map(|(n, node)| (n.clone(), node.clone())).collect() }
+    }
+
+    /// Index of the entry called `name`.
+    pub fn find(&self, name: &[u8]) -> Option<usize> {
+        self.entries.binary_search_by(|(n, _)| n.as_bytes().cmp(name)).ok()
+    }
+}
+
+/// Directories by digest: an LRU of at most `capacity` directories, plus the
+/// fetches in flight.
+pub struct DirCache {
+    service: Arc<dyn DirectoryService>,
+    lru: Mutex<lru::LruCache<B3Digest, Arc<Listing>>>,
+    flights: Mutex<HashMap<B3Digest, Flight<Arc<Listing>>>>,
+    /// Roots whose closure was fetched ahead recently (not again).
+    prefetched: Mutex<lru::LruCache<B3Digest, ()>>,
+}
+
+impl DirCache {
+    /// A cache of up to `capacity` directories over `service`.
+    pub fn new(service: Arc<dyn DirectoryService>, capacity: usize) -> Arc<Self> {
+        let cap = std::num::NonZeroUsize::new(capacity.max(1)).expect("at least 1");
+        Arc::new(Self {
+            service,
+            lru: Mutex::new(lru::LruCache::new(cap)),
+            flights: Mutex::new(HashMap::new()),
+            prefetched: Mutex::new(lru::LruCache::new(std::num::NonZeroUsize::new(1024).expect("1024"))),
+        })
+    }
+
+    /// The directory if it is cached (no I/O).
+    pub fn cached(&self, digest: &B3Digest) -> Option<Arc<Listing>> {
+        self.lru.lock().get(digest).cloned()
+    }
+
+    /// The directory, fetched if needed (one fetch per digest at a time).
+    pub async fn get(self: &Arc<Self>, digest: B3Digest) -> Result<Arc<Listing>, Errno> {
+        if let Some(d) = self.cached(&digest) {
+            return Ok(d);
+        }
+        let flight = {
+            let mut flights = self.flights.lock();
+            if let Some(d) = self.cached(&digest) {
+                return Ok(d);
+            }
+            flights
+                .entry(digest)
+                .or_insert_with(|| {
+                    let this = self.clone();
+                    let task = tokio::spawn(async move {
+                        let r = match this.service.get(&digest).await {
+                            Ok(Some(d)) => Ok(Arc::new(Listing::new(&d))),
+                            Ok(None) => {
+                                tracing::warn!(%digest, "directory not in the store");
+                                Err(Errno::EIO)
+                            }
+                            Err(e) => {
+                                tracing::warn!(%digest, "fetching directory: {e}");
+                                Err(Errno::EIO)
+                            }
+                        };
+                        if let Ok(d) = &r {
+                            this.lru.lock().put(digest, d.clone());
+                        }
+                        this.flights.lock().remove(&digest);
+                        r
+                    });
+                    async move { task.await.unwrap_or(Err(Errno::EIO)) }.boxed().shared()
+                })
+                .clone()
+        };
+        flight.await
+    }
+
+    /// Fetches the closure of `root` in the background (one streamed call
+    /// for gRPC services) into the cache, unless done recently.
+    pub fn prefetch_closure(self: &Arc<Self>, root: B3Digest) {
+        if self.cached(&root).is_some() || self.prefetched.lock().put(root, ()).is_some() {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut stream = this.service.get_recursive(&root);
+            let mut n = 0usize;
+            while let Some(r) = stream.next().await {
+                match r {
+                    Ok(d) => {
+                        let listing = Listing::new(&d);
+                        this.lru.lock().put(listing.digest, Arc::new(listing));
+                        n += 1;
+                        // Never push out more than half the cache for one closure.
+                        if n >= this.lru.lock().cap().get() / 2 {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!(%root, "prefetching directory closure: {e}");
+                        break;
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Whole small blobs by digest: an LRU bounded in bytes, plus the fetches in
+/// flight (so a read and a read-ahead of the same blob share one fetch).
+pub struct BlobCache {
+    service: Arc<dyn BlobService>,
+    lru: Mutex<(lru::LruCache<B3Digest, Bytes>, u64)>,
+    capacity_bytes: u64,
+    flights: Mutex<HashMap<B3Digest, Flight<Bytes>>>,
+}
+
+impl BlobCache {
+    /// A cache of up to `capacity_bytes` of blob data over `service`.
+    pub fn new(service: Arc<dyn BlobService>, capacity_bytes: u64) -> Arc<Self> {
+        Arc::new(Self {
+            service,
+            lru: Mutex::new((lru::LruCache::unbounded(), 0)),
+            capacity_bytes,
+            flights: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Whether the blob is cached or being fetched.
+    pub fn has(&self, digest: &B3Digest) -> bool {
+        self.lru.lock().0.contains(digest) || self.flights.lock().contains_key(digest)
+    }
+
+    fn cached(&self, digest: &B3Digest) -> Option<Bytes> {
+        self.lru.lock().0.get(digest).cloned()
+    }
+
+    fn insert(&self, digest: B3Digest, data: Bytes) {
+        let mut guard = self.lru.lock();
+        let (lru, total) = &mut *guard;
+        if let Some(old) = lru.put(digest, data.clone()) {
+            *total -= old.len() as u64;
+        }
+        *total += data.len() as u64;
+        while *total > self.capacity_bytes {
+            match lru.pop_lru() {
+                Some((_, b)) => *total -= b.len() as u64,
+                None => break,
+            }
+        }
+    }
+
+    /// The blob's bytes (exactly `size` of them, verified by the blob
+    /// service's reader), fetched if needed.
+    pub async fn get(self: &Arc<Self>, digest: B3Digest, size: u64) -> Result<Bytes, Errno> {
+        if let Some(b) = self.cached(&digest) {
+            return Ok(b);
+        }
+        self.start(digest, size).await
+    }
+
+    /// Starts fetching the blob in the background (no-op if cached or in flight).
+    pub fn prefetch(self: &Arc<Self>, digest: B3Digest, size: u64) {
+        if !self.has(&digest) {
+            drop(self.start(digest, size));
+        }
+    }
+
+    fn start(self: &Arc<Self>, digest: B3Digest, size: u64) -> Flight<Bytes> {
+        let mut flights = self.flights.lock();
+        if let Some(b) = self.cached(&digest) {
+            return futures::future::ready(Ok(b)).boxed().shared();
+        }
+        flights
+            .entry(digest)
+            .or_insert_with(|| {
+                let this = self.clone();
+                let task = tokio::spawn(async move {
+                    let r = fetch_whole(&*this.service, digest, size).await;
+                    if let Ok(b) = &r {
+                        this.insert(digest, b.clone());
+                    }
+                    this.flights.lock().remove(&digest);
+                    r
+                });
+                async move { task.await.unwrap_or(Err(Errno::EIO)) }.boxed().shared()
+            })
+            .clone()
+    }
+}
+
+/// Reads a whole blob, checking its length against the node's size (the
+/// reader checks its digest).
+async fn fetch_whole(service: &dyn BlobService, digest: B3Digest, size: u64) -> Result<Bytes, Errno> {
+    let mut reader = match service.open_read(&digest).await {
+        Ok(Some(r)) => r,
+        Ok(None) => {
+            tracing::warn!(%digest, "blob not in the store");
+            return Err(Errno::EIO);
+        }
+        Err(e) => {
+            tracing::warn!(%digest, "opening blob: {e}");
+            return Err(Errno::EIO);
+        }
+    };
+    let mut buf = Vec::with_capacity(size as usize);
+    if let Err(e) = (&mut reader).take(size + 1).read_to_end(&mut buf).await {
+        tracing::warn!(%digest, "reading blob: {e}");
+        return Err(Errno::EIO);
+    }
+    if buf.len() as u64 != size {
+        tracing::warn!(%digest, "blob has {} bytes, its node says {size}", buf.len());
+        return Err(Errno::EIO);
+    }
+    Ok(Bytes::from(buf))
+}

@@ -1,0 +1,603 @@
+//! The FUSE filesystem: `fuser` callbacks over the castore and path-info
+//! services.
+//!
+//! fuser calls these synchronously on its session threads. Whatever is
+//! answered from memory (cached attributes, directories, symlink targets,
+//! xattrs) is answered at once; everything that needs I/O is spawned as a
+//! task on the tokio runtime, which replies when done (fuser replies may be
+//! sent from any thread), so many lookups and reads run in parallel.
+use crate::cache::{BlobCache, DirCache, Listing};
+use crate::inodes::{ino_of, InodeTable, Parent, ROOT_INO};
+use crate::read::BlobFileReader;
+use arca_castore::{B3Digest, BlobService, DirectoryService, Node};
+use arca_store::{PathInfoService, StorePath};
+use fuser::{
+    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use futures::StreamExt;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::runtime::Handle;
+
+/// How long the kernel may cache attributes and entries: the content is immutable.
+const TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Files up to this size are fetched whole (and cached); larger ones stream.
+pub const SMALL_FILE: u64 = 1024 * 1024;
+/// Bytes of small blobs kept in memory.
+const BLOB_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+/// Directories kept in memory.
+const DIR_CACHE_ENTRIES: usize = 50_000;
+/// Read-ahead of the next small files of a directory once one is read:
+/// at most this many files, this many bytes, looking this many entries ahead.
+const SIBLING_FILES: usize = 16;
+const SIBLING_BYTES: u64 = 8 * 1024 * 1024;
+const SIBLING_SCAN: usize = 64;
+/// The extended attribute holding a file's or directory's BLAKE3 digest (hex).
+pub const XATTR_BLAKE3: &str = "user.arca.blake3";
+/// Largest read the kernel is asked to send (and readahead it may use).
+const MAX_IO: u32 = 1024 * 1024;
+
+/// Settings of the filesystem.
+#[derive(Clone, Debug, Default)]
+pub struct FsOptions {
+    /// List the store paths when the root is read (else the root reads as empty).
+    pub list_root: bool,
+}
+
+/// One open file.
+struct OpenFile {
+    digest: B3Digest,
+    size: u64,
+    parent: Option<Parent>,
+    /// Set on the first read (which starts the siblings' read-ahead).
+    read_once: AtomicBool,
+    /// Large files: the streaming reader.
+    large: Option<tokio::sync::Mutex<BlobFileReader>>,
+}
+
+/// The root's listing, taken when it is opened (with `list_root`).
+type RootListing = tokio::sync::OnceCell<Result<Vec<(String, u64, FileType)>, Errno>>;
+
+struct Inner {
+    blob: Arc<dyn BlobService>,
+    path_info: Arc<dyn PathInfoService>,
+    options: FsOptions,
+    inodes: InodeTable,
+    dirs: Arc<DirCache>,
+    blobs: Arc<BlobCache>,
+    files: Mutex<HashMap<u64, Arc<OpenFile>>>,
+    root_listings: Mutex<HashMap<u64, Arc<RootListing>>>,
+    next_fh: AtomicU64,
+    uid: u32,
+    gid: u32,
+}
+
+/// A read-only view of a store: `/<hash>-<name>/…` for every store path
+/// the path-info service knows.
+pub struct ArcaFs {
+    inner: Arc<Inner>,
+    rt: Handle,
+}
+
+impl ArcaFs {
+    /// A filesystem over these services; I/O runs on `rt`.
+    pub fn new(
+        blob: Arc<dyn BlobService>,
+        directory: Arc<dyn DirectoryService>,
+        path_info: Arc<dyn PathInfoService>,
+        options: FsOptions,
+        rt: Handle,
+    ) -> Self {
+        // SAFETY: getuid/getgid cannot fail and touch no memory.
+        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        let inner = Arc::new(Inner {
+            dirs: DirCache::new(directory, DIR_CACHE_ENTRIES),
+            blobs: BlobCache::new(blob.clone(), BLOB_CACHE_BYTES),
+            blob,
+            path_info,
+            options,
+            inodes: InodeTable::new(),
+            files: Mutex::new(HashMap::new()),
+            root_listings: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            uid,
+            gid,
+        });
+        Self { inner, rt }
+    }
+
+    /// Inodes the kernel currently holds (besides the root).
+    pub fn live_inodes(&self) -> usize {
+        self.inner.inodes.len()
+    }
+
+    fn spawn<F: std::future::Future<Output = ()> + Send + 'static>(&self, f: F) {
+        self.rt.spawn(f);
+    }
+}
+
+fn kind_of(node: &Node) -> FileType {
+    match node {
+        Node::Directory { .. } => FileType::Directory,
+        Node::File { .. } => FileType::RegularFile,
+        Node::Symlink { .. } => FileType::Symlink,
+    }
+}
+
+impl Inner {
+    fn attr(&self, ino: u64, node: Option<&Node>) -> FileAttr {
+        let (kind, perm, size) = match node {
+            None => (FileType::Directory, 0o555, 0),
+            Some(Node::Directory { size, .. }) => (FileType::Directory, 0o555, *size),
+            Some(Node::File { size, executable, .. }) => {
+                (FileType::RegularFile, if *executable { 0o555 } else { 0o444 }, *size)
+            }
+            Some(Node::Symlink { target }) => (FileType::Symlink, 0o777, target.as_bytes().len() as u64),
+        };
+        // Nix store timestamps: one second after the epoch.
+        let time = SystemTime::UNIX_EPOCH + Duration::from_secs(1);
+        FileAttr {
+            ino: INodeNo(ino),
+            size,
+            blocks: size.div_ceil(512),
+            atime: time,
+            mtime: time,
+            ctime: time,
+            crtime: time,
+            kind,
+            perm,
+            nlink: 1,
+            uid: self.uid,
+            gid: self.gid,
+            rdev: 0,
+            blksize: MAX_IO,
+            flags: 0,
+        }
+    }
+
+    /// Records a lookup of `node` and answers it.
+    fn reply_entry(&self, node: &Node, parent: Option<Parent>, parent_ino: u64, reply: ReplyEntry) {
+        let ino = self.inodes.lookup(node, parent, parent_ino);
+        reply.entry(&TTL, &self.attr(ino, Some(node)), Generation(0));
+    }
+
+    /// Looks `name` up in a fetched directory.
+    fn reply_child(&self, listing: &Listing, parent_ino: u64, name: &[u8], reply: ReplyEntry) {
+        match listing.find(name) {
+            Some(index) => {
+                let node = &listing.entries[index].1;
+                self.reply_entry(node, Some(Parent { dir: listing.digest, index }), parent_ino, reply)
+            }
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    /// `<hash>-<name>` at the root: the path info by hash; the name must match.
+    async fn lookup_root(&self, name: Vec<u8>, reply: ReplyEntry) {
+        let Some(path) = std::str::from_utf8(&name).ok().and_then(|s| StorePath::from_basename(s).ok()) else {
+            return reply.error(Errno::ENOENT);
+        };
+        match self.path_info.get(*path.digest()).await {
+            Ok(Some(info)) if info.store_path.name() == path.name() => {
+                if let Node::Directory { digest, .. } = &info.node {
+                    self.dirs.prefetch_closure(*digest);
+                }
+                self.reply_entry(&info.node, None, ROOT_INO, reply)
+            }
+            Ok(_) => reply.error(Errno::ENOENT),
+            Err(e) => {
+                tracing::warn!("looking up {path}: {e}");
+                reply.error(Errno::EIO)
+            }
+        }
+    }
+
+    /// Starts fetching the small files after `parent.index` in its directory.
+    fn prefetch_siblings(&self, parent: Parent) {
+        let Some(listing) = self.dirs.cached(&parent.dir) else { return };
+        let (mut files, mut bytes) = (0usize, 0u64);
+        for (_, node) in listing.entries.iter().skip(parent.index + 1).take(SIBLING_SCAN) {
+            if let Node::File { digest, size, .. } = node {
+                if *size == 0 || *size > SMALL_FILE {
+                    continue;
+                }
+                if files >= SIBLING_FILES || bytes + size > SIBLING_BYTES {
+                    break;
+                }
+                files += 1;
+                bytes += size;
+                self.blobs.prefetch(*digest, *size);
+            }
+        }
+    }
+
+    async fn read(&self, file: Arc<OpenFile>, offset: u64, size: u32) -> Result<bytes::Bytes, Errno> {
+        if !file.read_once.swap(true, Ordering::Relaxed) {
+            if let Some(p) = file.parent {
+                self.prefetch_siblings(p);
+            }
+        }
+        match &file.large {
+            Some(reader) => reader.lock().await.read(offset, size).await,
+            None => {
+                let data = self.blobs.get(file.digest, file.size).await?;
+                let start = (offset.min(file.size)) as usize;
+                let end = (offset.saturating_add(size as u64).min(file.size)) as usize;
+                Ok(data.slice(start..end))
+            }
+        }
+    }
+
+    async fn list_root(&self) -> Result<Vec<(String, u64, FileType)>, Errno> {
+        let mut out = Vec::new();
+        let mut stream = self.path_info.list();
+        while let Some(r) = stream.next().await {
+            match r {
+                Ok(info) => out.push((info.store_path.basename(), ino_of(&info.node), kind_of(&info.node))),
+                Err(e) => {
+                    tracing::warn!("listing store paths: {e}");
+                    return Err(Errno::EIO);
+                }
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
+    fn xattr_value(&self, ino: u64) -> Option<String> {
+        match self.inodes.get(ino)?.node {
+            Node::Directory { digest, .. } | Node::File { digest, .. } => Some(digest.to_hex()),
+            Node::Symlink { .. } => None,
+        }
+    }
+}
+
+/// Answers a getxattr/listxattr request: the size, the value, or ERANGE.
+fn reply_xattr(value: &[u8], size: u32, reply: ReplyXattr) {
+    if size == 0 {
+        reply.size(value.len() as u32)
+    } else if (size as usize) < value.len() {
+        reply.error(Errno::ERANGE)
+    } else {
+        reply.data(value)
+    }
+}
+
+impl Filesystem for ArcaFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Large requests: up to 1 MiB per read, and as much readahead as the kernel allows.
+        if let Err(max) = config.set_max_write(MAX_IO) {
+            let _ = config.set_max_write(max);
+        }
+        if let Err(max) = config.set_max_readahead(MAX_IO) {
+            let _ = config.set_max_readahead(max);
+        }
+        let _ = config.set_max_background(64);
+        let _ = config.set_congestion_threshold(48);
+        for cap in [InitFlags::FUSE_PARALLEL_DIROPS, InitFlags::FUSE_CACHE_SYMLINKS, InitFlags::FUSE_MAX_PAGES] {
+            let _ = config.add_capabilities(cap);
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let name = name.as_bytes().to_vec();
+        if parent.0 == ROOT_INO {
+            let inner = self.inner.clone();
+            return self.spawn(async move { inner.lookup_root(name, reply).await });
+        }
+        let Some(entry) = self.inner.inodes.get(parent.0) else { return reply.error(Errno::ENOENT) };
+        let Node::Directory { digest, .. } = entry.node else { return reply.error(Errno::ENOTDIR) };
+        if let Some(listing) = self.inner.dirs.cached(&digest) {
+            return self.inner.reply_child(&listing, parent.0, &name, reply);
+        }
+        let inner = self.inner.clone();
+        self.spawn(async move {
+            match inner.dirs.get(digest).await {
+                Ok(listing) => inner.reply_child(&listing, parent.0, &name, reply),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.inner.inodes.forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        if ino.0 == ROOT_INO {
+            return reply.attr(&TTL, &self.inner.attr(ROOT_INO, None));
+        }
+        match self.inner.inodes.get(ino.0) {
+            Some(e) => reply.attr(&TTL, &self.inner.attr(ino.0, Some(&e.node))),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.inner.inodes.get(ino.0).map(|e| e.node) {
+            Some(Node::Symlink { target }) => reply.data(target.as_bytes()),
+            Some(_) => reply.error(Errno::EINVAL),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0 {
+            return reply.error(Errno::EROFS);
+        }
+        let Some(entry) = self.inner.inodes.get(ino.0) else { return reply.error(Errno::ENOENT) };
+        let (digest, size) = match entry.node {
+            Node::File { digest, size, .. } => (digest, size),
+            Node::Directory { .. } => return reply.error(Errno::EISDIR),
+            Node::Symlink { .. } => return reply.error(Errno::ELOOP),
+        };
+        let large = (size > SMALL_FILE)
+            .then(|| tokio::sync::Mutex::new(BlobFileReader::new(self.inner.blob.clone(), digest, size)));
+        let file = OpenFile { digest, size, parent: entry.parent, read_once: AtomicBool::new(false), large };
+        let fh = self.inner.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.inner.files.lock().insert(fh, Arc::new(file));
+        // Immutable content: keep the page cache across opens.
+        reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let Some(file) = self.inner.files.lock().get(&fh.0).cloned() else { return reply.error(Errno::EBADF) };
+        let inner = self.inner.clone();
+        self.spawn(async move {
+            match inner.read(file, offset, size).await {
+                Ok(data) => reply.data(&data),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        // Nothing to flush; ENOSYS tells the kernel to stop sending flushes.
+        reply.error(Errno::ENOSYS)
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.inner.files.lock().remove(&fh.0);
+        reply.ok();
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        if ino.0 == ROOT_INO {
+            let fh = self.inner.next_fh.fetch_add(1, Ordering::Relaxed);
+            self.inner.root_listings.lock().insert(fh, Arc::new(RootListing::new()));
+            return reply.opened(FileHandle(fh), FopenFlags::empty());
+        }
+        match self.inner.inodes.get(ino.0).map(|e| e.node) {
+            // Immutable: the kernel may cache the listing.
+            Some(Node::Directory { .. }) => {
+                reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR)
+            }
+            Some(_) => reply.error(Errno::ENOTDIR),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, reply: ReplyDirectory) {
+        if ino.0 == ROOT_INO {
+            let listing = self.inner.root_listings.lock().get(&fh.0).cloned();
+            let inner = self.inner.clone();
+            return self.spawn(async move {
+                let entries: Vec<(String, u64, FileType)> = match (&listing, inner.options.list_root) {
+                    (Some(l), true) => match l.get_or_init(|| inner.list_root()).await {
+                        Ok(v) => v.clone(),
+                        Err(e) => return reply.error(*e),
+                    },
+                    _ => Vec::new(),
+                };
+                let mut reply = reply;
+                let all = [(".".to_string(), ROOT_INO, FileType::Directory), ("..".to_string(), ROOT_INO, FileType::Directory)];
+                for (i, (name, ino, kind)) in all.iter().chain(entries.iter()).enumerate().skip(offset as usize) {
+                    if reply.add(INodeNo(*ino), i as u64 + 1, *kind, name) {
+                        break;
+                    }
+                }
+                reply.ok()
+            });
+        }
+        let Some(entry) = self.inner.inodes.get(ino.0) else { return reply.error(Errno::ENOENT) };
+        let Node::Directory { digest, .. } = entry.node else { return reply.error(Errno::ENOTDIR) };
+        let fill = move |listing: &Listing, mut reply: ReplyDirectory| {
+            let dots = [(b".".as_slice(), ino.0, FileType::Directory), (b"..".as_slice(), entry.parent_ino, FileType::Directory)];
+            let rest = listing.entries.iter().map(|(name, node)| (name.as_bytes(), ino_of(node), kind_of(node)));
+            for (i, (name, ino, kind)) in dots.into_iter().chain(rest).enumerate().skip(offset as usize) {
+                if reply.add(INodeNo(ino), i as u64 + 1, kind, OsStr::from_bytes(name)) {
+                    break;
+                }
+            }
+            reply.ok()
+        };
+        if let Some(listing) = self.inner.dirs.cached(&digest) {
+            return fill(&listing, reply);
+        }
+        let inner = self.inner.clone();
+        self.spawn(async move {
+            match inner.dirs.get(digest).await {
+                Ok(listing) => fill(&listing, reply),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        self.inner.root_listings.lock().remove(&fh.0);
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        reply.statfs(0, 0, 0, self.inner.inodes.len() as u64, 0, MAX_IO, 255, MAX_IO);
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        if name.as_bytes() != XATTR_BLAKE3.as_bytes() {
+            return reply.error(Errno::ENODATA);
+        }
+        match self.inner.xattr_value(ino.0) {
+            Some(v) => reply_xattr(v.as_bytes(), size, reply),
+            None => reply.error(Errno::ENODATA),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let names: &[u8] = match self.inner.xattr_value(ino.0) {
+            Some(_) => b"user.arca.blake3\0",
+            None => b"",
+        };
+        reply_xattr(names, size, reply)
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        if mask.contains(AccessFlags::W_OK) {
+            reply.error(Errno::EROFS)
+        } else {
+            reply.ok()
+        }
+    }
+
+    // Everything that would change the store: EROFS (the mount is `ro` too,
+    // so the kernel mostly answers these itself).
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        _size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        _mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        reply.error(Errno::EROFS)
+    }
+
+    fn mknod(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        reply.error(Errno::EROFS)
+    }
+
+    fn mkdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, _mode: u32, _umask: u32, reply: ReplyEntry) {
+        reply.error(Errno::EROFS)
+    }
+
+    fn unlink(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS)
+    }
+
+    fn rmdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS)
+    }
+
+    fn symlink(&self, _req: &Request, _parent: INodeNo, _link_name: &OsStr, _target: &Path, reply: ReplyEntry) {
+        reply.error(Errno::EROFS)
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _newparent: INodeNo,
+        _newname: &OsStr,
+        _flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::EROFS)
+    }
+
+    fn link(&self, _req: &Request, _ino: INodeNo, _newparent: INodeNo, _newname: &OsStr, reply: ReplyEntry) {
+        reply.error(Errno::EROFS)
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: u64,
+        _data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        reply.error(Errno::EROFS)
+    }
+
+    fn create(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        reply.error(Errno::EROFS)
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _value: &[u8],
+        _flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::EROFS)
+    }
+
+    fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS)
+    }
+}
