@@ -24,6 +24,8 @@ apt_install() {
 command -v curl >/dev/null || apt_install curl
 # The real Nix is the oracle of the Nix-layer tests (nix-store --dump/--add, nix-hash, nix key).
 command -v nix-store >/dev/null || apt_install nix-bin
+# fusermount3 for the FUSE tests (auto_unmount; arca mount needs no libfuse).
+command -v fusermount3 >/dev/null || apt_install fuse3
 
 # cargo-nextest
 if ! cargo nextest --version >/dev/null 2>&1; then
