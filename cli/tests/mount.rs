@@ -373,6 +373,8 @@ fn imported_tree_modes_exec_bits_large_files_and_parallel_reads() {
     std::fs::set_permissions(tree.join("same-exec"), std::fs::Permissions::from_mode(0o755)).unwrap();
     let big = common::bytes_for(99, 9 * 1024 * 1024 + 4321);
     std::fs::write(tree.join("big.bin"), &big).unwrap();
+    let big2 = common::bytes_for(98, 7 * 1024 * 1024 + 17);
+    std::fs::write(tree.join("big2.bin"), &big2).unwrap();
     for i in 0..200 {
         std::fs::write(tree.join(format!("share/doc/small-{i:03}")), common::bytes_for(1000 + i, (i as usize * 977) % 20_000)).unwrap();
     }
@@ -404,6 +406,23 @@ fn imported_tree_modes_exec_bits_large_files_and_parallel_reads() {
     }
     drop(f);
     assert!(std::fs::read(mounted.join("big.bin")).unwrap() == big);
+
+    // Several readers of one large file at different places at once.
+    std::thread::scope(|s| {
+        for start in [0usize, 3 << 20, 5 << 20, 1 << 20] {
+            let (big2, path) = (&big2, mounted.join("big2.bin"));
+            s.spawn(move || {
+                let f = std::fs::File::open(path).unwrap();
+                let mut pos = start;
+                let mut buf = vec![0u8; 100_000];
+                while pos < big2.len() {
+                    let n = f.read_at(&mut buf, pos as u64).unwrap();
+                    assert!(n > 0 && buf[..n] == big2[pos..pos + n], "reader from {start} at {pos}");
+                    pos += n;
+                }
+            });
+        }
+    });
 
     // Modes and the exec bit per file, even with the same content.
     let plain = std::fs::symlink_metadata(mounted.join("same-plain")).unwrap();

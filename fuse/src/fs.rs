@@ -6,14 +6,22 @@
 //! xattrs) is answered at once; everything that needs I/O is spawned as a
 //! task on the tokio runtime, which replies when done (fuser replies may be
 //! sent from any thread), so many lookups and reads run in parallel.
+//!
+//! Files are never opened as far as the filesystem is concerned: `open`
+//! answers ENOSYS, which tells the kernel (once) to stop sending opens and
+//! releases of files and to keep their page cache across opens
+//! (`FOPEN_KEEP_CACHE`, the kernel's default without opens). Reading a file
+//! that is already cached then costs no request at all. Read state belongs
+//! to the file: small files are whole blobs in [BlobCache], large ones have
+//! readers in a [ReaderPool] (dropped when the kernel forgets the inode).
 use crate::cache::{BlobCache, DirCache, Listing};
 use crate::inodes::{ino_of, InodeTable, Parent, ROOT_INO};
-use crate::read::BlobFileReader;
+use crate::read::ReaderPool;
 use arca_castore::{B3Digest, BlobService, DirectoryService, Node};
 use arca_store::{PathInfoService, StorePath};
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
-    KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
     ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use futures::StreamExt;
@@ -22,7 +30,7 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::runtime::Handle;
@@ -52,28 +60,16 @@ pub struct FsOptions {
     pub list_root: bool,
 }
 
-/// One open file.
-struct OpenFile {
-    digest: B3Digest,
-    size: u64,
-    parent: Option<Parent>,
-    /// Set on the first read (which starts the siblings' read-ahead).
-    read_once: AtomicBool,
-    /// Large files: the streaming reader.
-    large: Option<tokio::sync::Mutex<BlobFileReader>>,
-}
-
 /// The root's listing, taken when it is opened (with `list_root`).
 type RootListing = tokio::sync::OnceCell<Result<Vec<(String, u64, FileType)>, Errno>>;
 
 struct Inner {
-    blob: Arc<dyn BlobService>,
     path_info: Arc<dyn PathInfoService>,
     options: FsOptions,
     inodes: InodeTable,
     dirs: Arc<DirCache>,
     blobs: Arc<BlobCache>,
-    files: Mutex<HashMap<u64, Arc<OpenFile>>>,
+    readers: ReaderPool,
     root_listings: Mutex<HashMap<u64, Arc<RootListing>>>,
     next_fh: AtomicU64,
     uid: u32,
@@ -101,11 +97,10 @@ impl ArcaFs {
         let inner = Arc::new(Inner {
             dirs: DirCache::new(directory, DIR_CACHE_ENTRIES),
             blobs: BlobCache::new(blob.clone(), BLOB_CACHE_BYTES),
-            blob,
+            readers: ReaderPool::new(blob),
             path_info,
             options,
             inodes: InodeTable::new(),
-            files: Mutex::new(HashMap::new()),
             root_listings: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             uid,
@@ -219,21 +214,27 @@ impl Inner {
         }
     }
 
-    async fn read(&self, file: Arc<OpenFile>, offset: u64, size: u32) -> Result<bytes::Bytes, Errno> {
-        if !file.read_once.swap(true, Ordering::Relaxed) {
-            if let Some(p) = file.parent {
+    async fn read(
+        &self,
+        ino: u64,
+        (digest, file_size): (B3Digest, u64),
+        parent: Option<Parent>,
+        offset: u64,
+        size: u32,
+    ) -> Result<bytes::Bytes, Errno> {
+        if offset == 0 {
+            // A read from the start: the next files of the directory are likely next.
+            if let Some(p) = parent {
                 self.prefetch_siblings(p);
             }
         }
-        match &file.large {
-            Some(reader) => reader.lock().await.read(offset, size).await,
-            None => {
-                let data = self.blobs.get(file.digest, file.size).await?;
-                let start = (offset.min(file.size)) as usize;
-                let end = (offset.saturating_add(size as u64).min(file.size)) as usize;
-                Ok(data.slice(start..end))
-            }
+        if file_size > SMALL_FILE {
+            return self.readers.read(ino, digest, file_size, offset, size).await;
         }
+        let data = self.blobs.get(digest, file_size).await?;
+        let start = offset.min(file_size) as usize;
+        let end = offset.saturating_add(size as u64).min(file_size) as usize;
+        Ok(data.slice(start..end))
     }
 
     async fn list_root(&self) -> Result<Vec<(String, u64, FileType)>, Errno> {
@@ -309,7 +310,9 @@ impl Filesystem for ArcaFs {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        self.inner.inodes.forget(ino.0, nlookup);
+        if self.inner.inodes.forget(ino.0, nlookup) {
+            self.inner.readers.forget(ino.0);
+        }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -330,40 +333,29 @@ impl Filesystem for ArcaFs {
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        if flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0 {
-            return reply.error(Errno::EROFS);
-        }
-        let Some(entry) = self.inner.inodes.get(ino.0) else { return reply.error(Errno::ENOENT) };
-        let (digest, size) = match entry.node {
-            Node::File { digest, size, .. } => (digest, size),
-            Node::Directory { .. } => return reply.error(Errno::EISDIR),
-            Node::Symlink { .. } => return reply.error(Errno::ELOOP),
-        };
-        let large = (size > SMALL_FILE)
-            .then(|| tokio::sync::Mutex::new(BlobFileReader::new(self.inner.blob.clone(), digest, size)));
-        let file = OpenFile { digest, size, parent: entry.parent, read_once: AtomicBool::new(false), large };
-        let fh = self.inner.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.inner.files.lock().insert(fh, Arc::new(file));
-        // Immutable content: keep the page cache across opens.
-        reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+    fn open(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        // No per-open state: ENOSYS makes the kernel skip opens and releases
+        // of files from now on, keeping their page cache (module docs).
+        // Opens for writing never get here: the mount is read-only.
+        reply.error(Errno::ENOSYS)
     }
 
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
+        ino: INodeNo,
+        _fh: FileHandle,
         offset: u64,
         size: u32,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let Some(file) = self.inner.files.lock().get(&fh.0).cloned() else { return reply.error(Errno::EBADF) };
+        let Some(entry) = self.inner.inodes.get(ino.0) else { return reply.error(Errno::ENOENT) };
+        let Node::File { digest, size: file_size, .. } = entry.node else { return reply.error(Errno::EISDIR) };
         let inner = self.inner.clone();
         self.spawn(async move {
-            match inner.read(file, offset, size).await {
+            match inner.read(ino.0, (digest, file_size), entry.parent, offset, size).await {
                 Ok(data) => reply.data(&data),
                 Err(e) => reply.error(e),
             }
@@ -373,20 +365,6 @@ impl Filesystem for ArcaFs {
     fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
         // Nothing to flush; ENOSYS tells the kernel to stop sending flushes.
         reply.error(Errno::ENOSYS)
-    }
-
-    fn release(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        _flush: bool,
-        reply: ReplyEmpty,
-    ) {
-        self.inner.files.lock().remove(&fh.0);
-        reply.ok();
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {

@@ -113,15 +113,18 @@ impl InodeTable {
         self.map.lock().get(&ino).cloned()
     }
 
-    /// The kernel dropped `n` lookups of `ino`; the entry goes at zero.
-    pub fn forget(&self, ino: u64, n: u64) {
+    /// The kernel dropped `n` lookups of `ino`; the entry goes at zero
+    /// (then `true` is returned).
+    pub fn forget(&self, ino: u64, n: u64) -> bool {
         let mut map = self.map.lock();
         if let Some(e) = map.get_mut(&ino) {
             e.nlookup = e.nlookup.saturating_sub(n);
             if e.nlookup == 0 {
                 map.remove(&ino);
+                return true;
             }
         }
+        false
     }
 
     /// Live inodes (without the root).

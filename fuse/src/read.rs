@@ -1,5 +1,5 @@
-//! Reading large files: one blob reader per open file, driven by a task that
-//! reads ahead of the kernel's requests into a bounded queue.
+//! Reading large files: blob readers per file ([ReaderPool]), each driven by
+//! a task that reads ahead of the kernel's requests into a bounded queue.
 //!
 //! The kernel sends reads of one open file concurrently and not always in
 //! order (several read-ahead requests in flight). The reader keeps a window
@@ -9,8 +9,10 @@
 //! chunk-wise reads then).
 use arca_castore::{B3Digest, BlobService};
 use bytes::{Bytes, BytesMut};
-use std::collections::VecDeque;
+use parking_lot::Mutex;
+use std::collections::{HashMap, VecDeque};
 use std::io::SeekFrom;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::mpsc;
@@ -18,11 +20,11 @@ use tokio::sync::mpsc;
 /// Bytes per piece the read-ahead task hands over.
 const PIECE: usize = 1024 * 1024;
 /// Pieces queued ahead of the reads (so up to this many MiB read ahead).
-const AHEAD_PIECES: usize = 16;
+const AHEAD_PIECES: usize = 8;
 /// A request this far past what was received is served by reading forward.
 const MAX_FORWARD: u64 = 32 * 1024 * 1024;
 /// Received bytes kept behind the latest request, for requests arriving out of order.
-const KEEP_BEHIND: u64 = 8 * 1024 * 1024;
+const KEEP_BEHIND: u64 = 4 * 1024 * 1024;
 
 type Errno = fuser::Errno;
 
@@ -199,5 +201,96 @@ async fn read_ahead(
         if tx.send(Ok(buf.freeze())).await.is_err() {
             return;
         }
+    }
+}
+
+/// Readers kept per file (for several processes reading one file at
+/// different places) and in all.
+const READERS_PER_FILE: usize = 4;
+const READERS_TOTAL: usize = 32;
+
+/// One reader and where its last read ended.
+struct Slot {
+    /// End offset of the last read served (where the next sequential read starts).
+    next: AtomicU64,
+    last_used: AtomicU64,
+    reader: tokio::sync::Mutex<BlobFileReader>,
+}
+
+/// The large-file readers, by inode. Opens are not sent to the filesystem
+/// (see `fs`), so readers belong to files, not to open file descriptions: a
+/// read goes to the file's reader whose position is nearest (requests of one
+/// sequential reader keep going to the same one); a read far from all of them
+/// gets a new reader. Bounded per file and in all (least recently used go
+/// first); dropped when the kernel forgets the inode.
+pub struct ReaderPool {
+    service: Arc<dyn BlobService>,
+    slots: Mutex<HashMap<u64, Vec<Arc<Slot>>>>,
+    clock: AtomicU64,
+}
+
+impl ReaderPool {
+    /// An empty pool over `service`.
+    pub fn new(service: Arc<dyn BlobService>) -> Self {
+        Self { service, slots: Mutex::new(HashMap::new()), clock: AtomicU64::new(0) }
+    }
+
+    fn pick(&self, ino: u64, digest: B3Digest, size: u64, offset: u64) -> Arc<Slot> {
+        let now = self.clock.fetch_add(1, Ordering::Relaxed);
+        let mut map = self.slots.lock();
+        let slots = map.entry(ino).or_default();
+        let near = slots
+            .iter()
+            .filter(|s| {
+                let next = s.next.load(Ordering::Relaxed);
+                offset + KEEP_BEHIND >= next && offset <= next + MAX_FORWARD
+            })
+            .min_by_key(|s| s.next.load(Ordering::Relaxed).abs_diff(offset));
+        if let Some(s) = near {
+            s.last_used.store(now, Ordering::Relaxed);
+            return s.clone();
+        }
+        let slot = Arc::new(Slot {
+            next: AtomicU64::new(offset),
+            last_used: AtomicU64::new(now),
+            reader: tokio::sync::Mutex::new(BlobFileReader::new(self.service.clone(), digest, size)),
+        });
+        if slots.len() >= READERS_PER_FILE {
+            if let Some(i) = (0..slots.len()).min_by_key(|&i| slots[i].last_used.load(Ordering::Relaxed)) {
+                slots.swap_remove(i);
+            }
+        }
+        slots.push(slot.clone());
+        // Bound the total: drop the least recently used readers of any file.
+        let mut total: usize = map.values().map(Vec::len).sum();
+        while total > READERS_TOTAL {
+            let oldest = map
+                .iter()
+                .flat_map(|(ino, v)| v.iter().enumerate().map(move |(i, s)| (*ino, i, s.last_used.load(Ordering::Relaxed))))
+                .filter(|(_, _, used)| *used != now)
+                .min_by_key(|(_, _, used)| *used);
+            let Some((victim, i, _)) = oldest else { break };
+            let v = map.get_mut(&victim).expect("just seen");
+            v.swap_remove(i);
+            if v.is_empty() {
+                map.remove(&victim);
+            }
+            total -= 1;
+        }
+        slot
+    }
+
+    /// Reads `len` bytes at `offset` of the file `ino` (the blob `digest` of `size` bytes).
+    pub async fn read(&self, ino: u64, digest: B3Digest, size: u64, offset: u64, len: u32) -> Result<Bytes, Errno> {
+        let slot = self.pick(ino, digest, size, offset);
+        let mut reader = slot.reader.lock().await;
+        let data = reader.read(offset, len).await?;
+        slot.next.fetch_max(offset + data.len() as u64, Ordering::Relaxed);
+        Ok(data)
+    }
+
+    /// Drops the readers of a file the kernel forgot.
+    pub fn forget(&self, ino: u64) {
+        self.slots.lock().remove(&ino);
     }
 }
