@@ -8,7 +8,6 @@
 //! unmounted by a guard, even when a test fails.
 mod common;
 #[path = "../../store/tests/common/mod.rs"]
-#[allow(dead_code)]
 mod store_common;
 
 use common::{stderr, stdout, Daemon};

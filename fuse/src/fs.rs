@@ -351,6 +351,7 @@ impl Filesystem for ArcaFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        tracing::trace!(ino = ino.0, offset, size, "read");
         let Some(entry) = self.inner.inodes.get(ino.0) else { return reply.error(Errno::ENOENT) };
         let Node::File { digest, size: file_size, .. } = entry.node else { return reply.error(Errno::EISDIR) };
         let inner = self.inner.clone();
