@@ -3,7 +3,6 @@
 //! reads through from a binary cache.
 mod common;
 #[path = "../../store/tests/common/mod.rs"]
-#[allow(dead_code)]
 mod store_common;
 
 use common::{stderr, stdout, Daemon};
@@ -123,7 +122,7 @@ async fn refused_then_resumed(
     let manifest = store_common::manifest(fx);
     let victim = victim.to_string();
     let needle = needle.to_string();
-    let d = blocking(move || Daemon::start()).await;
+    let d = blocking(Daemon::start).await;
     let client = tempfile::tempdir().unwrap();
     let client_path = client.path().to_path_buf();
     let (d, stored_before) = {
@@ -173,7 +172,7 @@ async fn refused_then_resumed(
         .await
     };
     // Fixed upstream: the copy resumes.
-    server.set_root(&fx.to_path_buf());
+    server.set_root(fx);
     let before = server.requests().len();
     let requests_before = server.requests();
     let (root2, client2) = (root.clone(), client_path.clone());
@@ -190,7 +189,7 @@ async fn refused_then_resumed(
         assert!(!after.iter().any(|r| r.ends_with(&nar)), "NAR of {p} (stored already) fetched again: {after:?}");
         assert!(!after.iter().any(|r| r.ends_with(&format!("{h}.narinfo"))), "{p} looked up again upstream");
     }
-    assert!(requests_before.len() > 0);
+    assert!(!requests_before.is_empty());
     let paths = closure(fx);
     blocking(move || {
         for p in &paths {

@@ -6,7 +6,6 @@
 //! and stopped by its test, on 127.0.0.1.
 mod common;
 #[path = "../../store/tests/common/mod.rs"]
-#[allow(dead_code)]
 mod store_common;
 
 use common::{arca_bin, stderr, stdout, Daemon};

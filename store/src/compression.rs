@@ -213,6 +213,8 @@ impl<R: AsyncRead + Unpin> AsyncRead for Limited<R> {
 
 /// A compressor writing into `W`: bytes written are compressed with the
 /// named compression (`shutdown` ends the compressed stream).
+// One per stream: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Encoder<W> {
     /// Passes bytes through.
     None(W),

@@ -214,7 +214,8 @@ async fn tampered_narinfos_are_refused() {
     let size: u64 = narinfo_field(&narinfo_path(&fx.join("cache-xz-signed"), &leaf), "NarSize").unwrap().parse().unwrap();
     let other_hash = narinfo_field(&narinfo_path(&fx.join("cache-xz"), &base), "NarHash").unwrap();
     let base_basename = base.trim_start_matches("/nix/store/").to_string();
-    let cases: Vec<(&str, bool, Box<dyn Fn(&Path)>, &str)> = vec![
+    type Tamper = Box<dyn Fn(&Path)>;
+    let cases: Vec<(&str, bool, Tamper, &str)> = vec![
         // Signed cache, key required: any change to the fingerprint breaks the signature.
         (
             "cache-xz-signed",

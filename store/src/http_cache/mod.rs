@@ -405,7 +405,7 @@ mod tests {
         assert_eq!(parse_nar_file(&format!("{h}.nar")).unwrap().compression, Compression::None);
         assert_eq!(parse_nar_file(&format!("{h}.nar.zst")).unwrap().compression, Compression::Zstd);
         for bad in [
-            format!("{h}"),
+            h.clone(),
             format!("{h}.tar"),
             format!("{h}.narx"),
             format!("{}.nar", "1".repeat(51)),

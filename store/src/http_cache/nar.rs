@@ -107,14 +107,28 @@ impl Inner {
     /// The NAR of `node` as a streaming body, `compression` applied. Waits
     /// for the first piece, so a NAR that cannot be rendered at all (content
     /// gone, backend down) is an error answer rather than a cut connection.
+    ///
+    /// Rendering runs as a task; zstd compression runs on a blocking thread
+    /// of its own, fed piece by piece, so the two overlap (on-the-fly
+    /// compression costs about a core at level 1). The rarer compressions
+    /// are applied inline.
     async fn stream_nar(&self, node: Node, compression: Compression) -> Result<Body, HttpError> {
         let (tx, mut rx) = mpsc::channel::<std::io::Result<Bytes>>(PIECES_QUEUED);
         let blobs = self.blobs.clone();
         let directories = self.directories.clone();
         let level = self.options.zstd_level;
-        let errors = tx.clone();
+        let (render_into, inline) = match compression {
+            Compression::Zstd => {
+                let (plain_tx, plain_rx) = mpsc::channel::<std::io::Result<Bytes>>(PIECES_QUEUED);
+                let out = tx;
+                tokio::task::spawn_blocking(move || compress_zstd(plain_rx, out, level));
+                (plain_tx, Compression::None)
+            }
+            other => (tx, other),
+        };
+        let errors = render_into.clone();
         tokio::spawn(async move {
-            let writer = Encoder::new(compression, level, ChannelWriter::new(tx));
+            let writer = Encoder::new(inline, level, ChannelWriter::new(render_into));
             let result = async {
                 let mut w = render_nar(&node, blobs, directories.as_ref(), writer).await.map_err(std::io::Error::other)?;
                 w.shutdown().await
@@ -133,6 +147,61 @@ impl Inner {
                 Ok(Body::from_stream(futures::stream::once(async move { Ok(first) }).chain(rest)))
             }
         }
+    }
+}
+
+/// Compresses the pieces of `plain` with zstd into `out`, on the calling
+/// (blocking) thread; an error from upstream is passed on and ends the stream.
+fn compress_zstd(
+    mut plain: mpsc::Receiver<std::io::Result<Bytes>>,
+    out: mpsc::Sender<std::io::Result<Bytes>>,
+    level: i32,
+) {
+    let result = (|| -> std::io::Result<()> {
+        let mut enc = zstd::stream::write::Encoder::new(BlockingChannelWriter { tx: &out, buf: BytesMut::new() }, level)?;
+        while let Some(piece) = plain.blocking_recv() {
+            std::io::Write::write_all(&mut enc, &piece?)?;
+        }
+        let mut w = enc.finish()?;
+        std::io::Write::flush(&mut w)
+    })();
+    if let Err(e) = result {
+        let _ = out.blocking_send(Err(e));
+    }
+}
+
+/// A blocking [std::io::Write] into a body channel, in pieces of about [PIECE] bytes.
+struct BlockingChannelWriter<'a> {
+    tx: &'a mpsc::Sender<std::io::Result<Bytes>>,
+    buf: BytesMut,
+}
+
+impl BlockingChannelWriter<'_> {
+    fn send(&mut self) -> std::io::Result<()> {
+        let piece = self.buf.split().freeze();
+        self.tx
+            .blocking_send(Ok(piece))
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the client went away"))
+    }
+}
+
+impl std::io::Write for BlockingChannelWriter<'_> {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if self.buf.capacity() == 0 {
+            self.buf.reserve(PIECE);
+        }
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= PIECE {
+            self.send()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if !self.buf.is_empty() {
+            self.send()?;
+        }
+        Ok(())
     }
 }
 
