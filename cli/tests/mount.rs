@@ -374,6 +374,12 @@ fn imported_tree_modes_exec_bits_large_files_and_parallel_reads() {
     std::fs::write(tree.join("big.bin"), &big).unwrap();
     let big2 = common::bytes_for(98, 7 * 1024 * 1024 + 17);
     std::fs::write(tree.join("big2.bin"), &big2).unwrap();
+    // Two identical directories in different places.
+    for p in ["x/same", "y/same"] {
+        std::fs::create_dir_all(tree.join(p)).unwrap();
+        std::fs::write(tree.join(p).join("f"), b"f\n").unwrap();
+    }
+    std::fs::write(tree.join("y/other"), b"other\n").unwrap();
     for i in 0..200 {
         std::fs::write(tree.join(format!("share/doc/small-{i:03}")), common::bytes_for(1000 + i, (i as usize * 977) % 20_000)).unwrap();
     }
@@ -437,6 +443,20 @@ fn imported_tree_modes_exec_bits_large_files_and_parallel_reads() {
     let o = run(&mut Command::new(mounted.join("bin/tool")));
     assert!(o.status.success(), "running an executable from the mount: {}", stderr(&o));
     assert_eq!(stdout(&o), "7\n");
+
+    // Identical directories are distinct inodes: a directory held open (a
+    // cwd, an fd) keeps its own parent and path while its twin is used.
+    let xs = mounted.join("x/same");
+    let held = std::fs::File::open(&xs).unwrap();
+    let fd_path = PathBuf::from(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&held)));
+    assert_ne!(std::fs::metadata(&xs).unwrap().ino(), std::fs::metadata(mounted.join("y/same")).unwrap().ino());
+    assert_eq!(std::fs::read_dir(mounted.join("y/same")).unwrap().count(), 1);
+    assert_eq!(std::fs::read(mounted.join("y/same/f")).unwrap(), b"f\n");
+    let mut up: Vec<_> = std::fs::read_dir(fd_path.join("..")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    up.sort();
+    assert_eq!(up, ["same"], "`..` of x/same after using y/same");
+    assert_eq!(std::fs::read_link(&fd_path).unwrap(), xs);
+    drop(held);
 
     // Many files read at once from several threads.
     let files: Vec<PathBuf> = (0..200).map(|i| PathBuf::from(format!("share/doc/small-{i:03}"))).collect();

@@ -159,8 +159,8 @@ impl Inner {
     }
 
     /// Records a lookup of `node` and answers it.
-    fn reply_entry(&self, node: &Node, parent: Option<Parent>, parent_ino: u64, reply: ReplyEntry) {
-        let ino = self.inodes.lookup(node, parent, parent_ino);
+    fn reply_entry(&self, node: &Node, parent: Option<Parent>, parent_ino: u64, name: &[u8], reply: ReplyEntry) {
+        let ino = self.inodes.lookup(node, parent, parent_ino, name);
         reply.entry(&TTL, &self.attr(ino, Some(node)), Generation(0));
     }
 
@@ -169,7 +169,7 @@ impl Inner {
         match listing.find(name) {
             Some(index) => {
                 let node = &listing.entries[index].1;
-                self.reply_entry(node, Some(Parent { dir: listing.digest, index }), parent_ino, reply)
+                self.reply_entry(node, Some(Parent { dir: listing.digest, index }), parent_ino, name, reply)
             }
             None => reply.error(Errno::ENOENT),
         }
@@ -185,7 +185,7 @@ impl Inner {
                 if let Node::Directory { digest, .. } = &info.node {
                     self.dirs.prefetch_closure(*digest);
                 }
-                self.reply_entry(&info.node, None, ROOT_INO, reply)
+                self.reply_entry(&info.node, None, ROOT_INO, &name, reply)
             }
             Ok(_) => reply.error(Errno::ENOENT),
             Err(e) => {
@@ -242,7 +242,11 @@ impl Inner {
         let mut stream = self.path_info.list();
         while let Some(r) = stream.next().await {
             match r {
-                Ok(info) => out.push((info.store_path.basename(), ino_of(&info.node), kind_of(&info.node))),
+                Ok(info) => {
+                    let name = info.store_path.basename();
+                    let ino = ino_of(ROOT_INO, name.as_bytes(), &info.node);
+                    out.push((name, ino, kind_of(&info.node)))
+                }
                 Err(e) => {
                     tracing::warn!("listing store paths: {e}");
                     return Err(Errno::EIO);
@@ -410,7 +414,8 @@ impl Filesystem for ArcaFs {
         let Node::Directory { digest, .. } = entry.node else { return reply.error(Errno::ENOTDIR) };
         let fill = move |listing: &Listing, mut reply: ReplyDirectory| {
             let dots = [(b".".as_slice(), ino.0, FileType::Directory), (b"..".as_slice(), entry.parent_ino, FileType::Directory)];
-            let rest = listing.entries.iter().map(|(name, node)| (name.as_bytes(), ino_of(node), kind_of(node)));
+            let rest =
+                listing.entries.iter().map(|(name, node)| (name.as_bytes(), ino_of(ino.0, name.as_bytes(), node), kind_of(node)));
             for (i, (name, ino, kind)) in dots.into_iter().chain(rest).enumerate().skip(offset as usize) {
                 if reply.add(INodeNo(ino), i as u64 + 1, kind, OsStr::from_bytes(name)) {
                     break;
