@@ -25,6 +25,9 @@ pub struct HttpCacheArgs {
     /// Refuse uploads (PUT): serve only.
     #[arg(long, env = "ARCA_NO_UPLOADS")]
     pub no_uploads: bool,
+    /// Signed narinfos kept in memory (0: render and sign every request).
+    #[arg(long, env = "ARCA_NARINFO_CACHE", default_value_t = 16384)]
+    pub narinfo_cache: usize,
 }
 
 fn parse_nar_compression(s: &str) -> Result<Compression, String> {
@@ -69,7 +72,7 @@ pub fn router(
         nar_compression: args.nar_compression,
         zstd_level: args.zstd_level,
         uploads: !args.no_uploads,
-        ..HttpCacheOptions::default()
+        narinfo_cache_capacity: args.narinfo_cache,
     };
     Ok(arca_store::http_cache::router(
         CacheServices { blobs: services.blob.clone(), directories: services.directory.clone(), path_info, nar_index },

@@ -99,7 +99,7 @@ pub struct HttpCacheOptions {
     pub zstd_level: i32,
     /// Whether PUT uploads are accepted.
     pub uploads: bool,
-    /// Signed narinfos kept in memory.
+    /// Signed narinfos kept in memory (0: none; each is re-rendered and re-signed per request).
     pub narinfo_cache_capacity: usize,
 }
 
@@ -141,7 +141,7 @@ pub(crate) struct Inner {
     options: HttpCacheOptions,
     cache_info: Bytes,
     /// Store-path digest → the path info a narinfo was rendered from, and the text.
-    narinfos: Mutex<LruCache<[u8; DIGEST_LEN], (crate::PathInfo, Bytes)>>,
+    narinfos: Option<Mutex<LruCache<[u8; DIGEST_LEN], (crate::PathInfo, Bytes)>>>,
     /// NarHash → (root node, NarSize).
     nars: Mutex<LruCache<[u8; 32], (Node, u64)>>,
 }
@@ -223,7 +223,6 @@ fn method_not_allowed(method: &Method, path: &str, allow: &'static str) -> Respo
 /// The router of the binary cache over `services` (see the [module docs](self)).
 pub fn router(services: CacheServices, options: HttpCacheOptions) -> Router {
     let cache_info = Bytes::from(format!("StoreDir: {}\nWantMassQuery: 1\nPriority: {}\n", crate::STORE_DIR, options.priority));
-    let capacity = NonZeroUsize::new(options.narinfo_cache_capacity.max(1)).unwrap_or(NonZeroUsize::MIN);
     let inner = Inner {
         checked: CheckedPathInfoService::new(
             services.path_info.clone(),
@@ -234,9 +233,9 @@ pub fn router(services: CacheServices, options: HttpCacheOptions) -> Router {
         directories: services.directories,
         path_info: services.path_info,
         index: services.nar_index,
+        narinfos: NonZeroUsize::new(options.narinfo_cache_capacity).map(|n| Mutex::new(LruCache::new(n))),
         options,
         cache_info,
-        narinfos: Mutex::new(LruCache::new(capacity)),
         nars: Mutex::new(LruCache::new(NonZeroUsize::new(NAR_MEMORY).unwrap_or(NonZeroUsize::MIN))),
     };
     Router::new().fallback(dispatch).with_state(Arc::new(inner))

@@ -195,7 +195,9 @@ pub(crate) async fn put_narinfo(inner: &Arc<Inner>, hash: &str, req: Request) ->
     }
     let info = PathInfo::from_narinfo(&narinfo, upload.node);
     inner.checked.put(info).await?;
-    inner.narinfos.lock().pop(&digest);
+    if let Some(cache) = &inner.narinfos {
+        cache.lock().pop(&digest);
+    }
     tracing::info!(%path, "narinfo uploaded");
     Ok(no_content())
 }
