@@ -24,7 +24,7 @@ const AHEAD_PIECES: usize = 8;
 /// A request this far past what was received is served by reading forward.
 const MAX_FORWARD: u64 = 32 * 1024 * 1024;
 /// Received bytes kept behind the latest request, for requests arriving out of order.
-const KEEP_BEHIND: u64 = 4 * 1024 * 1024;
+const KEEP_BEHIND: u64 = 8 * 1024 * 1024;
 
 type Errno = fuser::Errno;
 
@@ -207,7 +207,7 @@ async fn read_ahead(
 /// Readers kept per file (for several processes reading one file at
 /// different places) and in all.
 const READERS_PER_FILE: usize = 4;
-const READERS_TOTAL: usize = 32;
+const READERS_TOTAL: usize = 16;
 
 /// One reader and where its last read ended.
 struct Slot {
