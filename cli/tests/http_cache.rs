@@ -375,9 +375,10 @@ fn nix_build_substitutes_from_the_daemon() {
     assert!(d.stop().success());
 }
 
-/// (c) `nix copy --to 'http://…?compression=C'` for none, xz and zstd into
-/// an empty Arca: `arca nar dump` and the NAR served over HTTP equal
-/// `nix-store --dump` of each path.
+/// (c) `nix copy --to 'http://…?compression=C'` for every compression of
+/// narinfos (none, xz, zstd, bzip2, br, and gzip, which Nix names `.nar`)
+/// into an empty Arca: `arca nar dump` and the NAR served over HTTP equal
+/// `nix-store --dump` of each path. An lz4 upload is refused and stores nothing.
 #[test]
 fn nix_copy_to_arca_in_every_compression() {
     let Some(fx) = fixture() else { return };
@@ -387,7 +388,7 @@ fn nix_copy_to_arca_in_every_compression() {
     let m = manifest(&fx);
     let http = Http::new();
     let source = format!("local?root={}", fx.join("nix-root").display());
-    for c in ["none", "xz", "zstd"] {
+    for c in ["none", "xz", "zstd", "bzip2", "br", "gzip"] {
         let (mut d, url) = daemon_with_http(&[]);
         nix_ok(&t.path().join(format!("xdg-{c}")), &["nix", "copy", "--from", &source, "--to", &format!("{url}?compression={c}"), &root]);
         let client = tempfile::tempdir().unwrap();
@@ -416,6 +417,15 @@ fn nix_copy_to_arca_in_every_compression() {
         assert!(!stderr(&again).contains("copying path"), "{}", stderr(&again));
         assert!(d.stop().success());
     }
+
+    let (mut d, url) = daemon_with_http(&[]);
+    let out = nix(&t.path().join("xdg-lz4"), &["nix", "copy", "--from", &source, "--to", &format!("{url}?compression=lz4"), &root]);
+    assert!(!out.status.success(), "an lz4 upload was accepted");
+    assert!(stderr(&out).contains("400"), "{}", stderr(&out));
+    for p in &paths {
+        assert_eq!(http.get(&format!("{url}/{}.narinfo", hash_part(p))).status, 404, "{p} stored from an lz4 upload");
+    }
+    assert!(d.stop().success());
 }
 
 /// (d) Range requests on uncompressed NARs: first bytes, middle, suffix,
