@@ -65,6 +65,9 @@ impl BlobFileReader {
     }
 
     fn restart(&mut self, offset: u64) {
+        if self.ahead.is_some() {
+            tracing::debug!(digest = %self.digest, offset, "reader restarts (a jump outside its window)");
+        }
         self.window.clear();
         self.window_start = offset;
         let (tx, rx) = mpsc::channel(AHEAD_PIECES);
