@@ -156,7 +156,8 @@ impl BlobCache {
         self.lru.lock().0.contains(digest) || self.flights.lock().contains_key(digest)
     }
 
-    fn cached(&self, digest: &B3Digest) -> Option<Bytes> {
+    /// The blob if it is cached (no I/O).
+    pub fn cached(&self, digest: &B3Digest) -> Option<Bytes> {
         self.lru.lock().0.get(digest).cloned()
     }
 

@@ -43,11 +43,19 @@ pub const SMALL_FILE: u64 = 1024 * 1024;
 const BLOB_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 /// Directories kept in memory.
 const DIR_CACHE_ENTRIES: usize = 50_000;
-/// Read-ahead of the next small files of a directory once one is read:
-/// at most this many files, this many bytes, looking this many entries ahead.
+/// Read-ahead of the next small files of a directory (and its
+/// subdirectories) once one is read from its start: at most this many
+/// files, this many bytes, looking at this many entries.
 const SIBLING_FILES: usize = 16;
 const SIBLING_BYTES: u64 = 8 * 1024 * 1024;
 const SIBLING_SCAN: usize = 64;
+
+/// What is left of one read-ahead's budget.
+struct Budget {
+    files: usize,
+    bytes: u64,
+    scan: usize,
+}
 /// The extended attribute holding a file's or directory's BLAKE3 digest (hex).
 pub const XATTR_BLAKE3: &str = "user.arca.blake3";
 /// Largest read the kernel is asked to send (and readahead it may use).
@@ -195,23 +203,43 @@ impl Inner {
         }
     }
 
-    /// Starts fetching the small files after `parent.index` in its directory.
+    /// Starts fetching the small files that follow `parent.index` in its
+    /// directory, descending into subdirectories on the way (the order of
+    /// `find`, `tar`, `nix-store --dump`), within the read-ahead budget.
     fn prefetch_siblings(&self, parent: Parent) {
         let Some(listing) = self.dirs.cached(&parent.dir) else { return };
-        let (mut files, mut bytes) = (0usize, 0u64);
-        for (_, node) in listing.entries.iter().skip(parent.index + 1).take(SIBLING_SCAN) {
-            if let Node::File { digest, size, .. } = node {
-                if *size == 0 || *size > SMALL_FILE {
-                    continue;
+        let mut budget = Budget { files: SIBLING_FILES, bytes: SIBLING_BYTES, scan: SIBLING_SCAN };
+        self.prefetch_from(&listing, parent.index + 1, &mut budget, 0);
+    }
+
+    /// Prefetches from `listing.entries[start..]`; false once the budget is spent.
+    fn prefetch_from(&self, listing: &Listing, start: usize, budget: &mut Budget, depth: usize) -> bool {
+        for (_, node) in listing.entries.iter().skip(start) {
+            if budget.scan == 0 {
+                return false;
+            }
+            budget.scan -= 1;
+            match node {
+                Node::File { digest, size, .. } if *size > 0 && *size <= SMALL_FILE => {
+                    if budget.files == 0 || budget.bytes < *size {
+                        return false;
+                    }
+                    budget.files -= 1;
+                    budget.bytes -= size;
+                    self.blobs.prefetch(*digest, *size);
                 }
-                if files >= SIBLING_FILES || bytes + size > SIBLING_BYTES {
-                    break;
+                Node::Directory { digest, .. } if depth < 16 => {
+                    // Only directories already fetched (the closure prefetch fetched them).
+                    if let Some(sub) = self.dirs.cached(digest) {
+                        if !self.prefetch_from(&sub, 0, budget, depth + 1) {
+                            return false;
+                        }
+                    }
                 }
-                files += 1;
-                bytes += size;
-                self.blobs.prefetch(*digest, *size);
+                _ => {}
             }
         }
+        true
     }
 
     async fn read(
@@ -358,6 +386,22 @@ impl Filesystem for ArcaFs {
         tracing::trace!(ino = ino.0, offset, size, "read");
         let Some(entry) = self.inner.inodes.get(ino.0) else { return reply.error(Errno::ENOENT) };
         let Node::File { digest, size: file_size, .. } = entry.node else { return reply.error(Errno::EISDIR) };
+        if file_size <= SMALL_FILE {
+            // Fetched ahead already (the common case in a walk): answer here,
+            // without a hop through the runtime.
+            if let Some(data) = self.inner.blobs.cached(&digest) {
+                if offset == 0 {
+                    if let Some(p) = entry.parent {
+                        // Prefetches are spawned: enter the runtime on this fuser thread.
+                        let _rt = self.rt.enter();
+                        self.inner.prefetch_siblings(p);
+                    }
+                }
+                let start = offset.min(file_size) as usize;
+                let end = offset.saturating_add(size as u64).min(file_size) as usize;
+                return reply.data(&data[start..end]);
+            }
+        }
         let inner = self.inner.clone();
         self.spawn(async move {
             match inner.read(ino.0, (digest, file_size), entry.parent, offset, size).await {
