@@ -387,7 +387,7 @@ impl NarIndex {
             Backend::Sled { nars, .. } => {
                 nars.insert(nar_sha256, value).map_err(Error::storage)?;
                 if flush {
-                    nars.flush_async().await.map_err(Error::storage)?;
+                    arca_castore::directoryservice::flush_sled(nars).await?;
                 }
             }
             Backend::ObjectStore { store, base } => {
@@ -450,7 +450,7 @@ impl NarIndex {
         match &self.backend {
             Backend::Sled { uploads, .. } => {
                 uploads.insert(url_path, value).map_err(Error::storage)?;
-                uploads.flush_async().await.map_err(Error::storage)?;
+                arca_castore::directoryservice::flush_sled(uploads).await?;
             }
             Backend::ObjectStore { store, base } => {
                 store.put(&Self::upload_key(base, url_path), PutPayload::from(value)).await.map_err(os_err)?;

@@ -38,7 +38,7 @@ impl PathInfoService for SledPathInfoService {
     #[tracing::instrument(skip_all, fields(path = %info.store_path), level = "debug")]
     async fn put(&self, info: PathInfo) -> Result<PathInfo, Error> {
         self.db.insert(info.digest(), encode(&info)?).map_err(Error::storage)?;
-        self.db.flush_async().await.map_err(Error::storage)?;
+        arca_castore::directoryservice::flush_sled(&self.db).await?;
         Ok(info)
     }
 
