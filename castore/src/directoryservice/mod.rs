@@ -21,7 +21,7 @@ pub use grpc::GrpcDirectoryService;
 pub use lru::LruDirectoryService;
 pub use memory::MemoryDirectoryService;
 pub use object_store::ObjectStoreDirectoryService;
-pub use sled::{flush_sled, open_sled, SledDirectoryService};
+pub use sled::{flush_sled, open_sled, SledDirectoryService, SledFlusher};
 pub use validators::{ClosureValidator, RecursiveReceiveValidator, ValidatedClosure};
 
 /// Concurrent fetches while walking a closure.

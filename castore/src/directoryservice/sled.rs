@@ -9,6 +9,7 @@ use std::path::Path;
 #[derive(Clone)]
 pub struct SledDirectoryService {
     db: sled::Db,
+    flusher: SledFlusher,
 }
 
 /// Makes everything written to `tree` (and its database) durable.
@@ -26,6 +27,45 @@ pub async fn flush_sled(tree: &sled::Tree) -> Result<(), Error> {
     Ok(())
 }
 
+/// Group commit for one sled database: writers that ask for a flush while
+/// one is running share the next one, instead of each paying an fsync.
+#[derive(Clone)]
+pub struct SledFlusher {
+    tree: sled::Tree,
+    state: std::sync::Arc<FlushState>,
+}
+
+#[derive(Default)]
+struct FlushState {
+    /// Generation of the last flush started / completed.
+    started: std::sync::atomic::AtomicU64,
+    completed: std::sync::atomic::AtomicU64,
+    /// One flush at a time.
+    running: tokio::sync::Mutex<()>,
+}
+
+impl SledFlusher {
+    /// A flusher for `tree`'s database.
+    pub fn new(tree: &sled::Tree) -> Self {
+        Self { tree: tree.clone(), state: Default::default() }
+    }
+
+    /// Returns once everything written before the call is durable.
+    pub async fn flush(&self) -> Result<(), Error> {
+        use std::sync::atomic::Ordering::SeqCst;
+        // Any flush of this generation or later starts after our writes.
+        let needed = self.state.started.load(SeqCst) + 1;
+        let _running = self.state.running.lock().await;
+        if self.state.completed.load(SeqCst) >= needed {
+            return Ok(());
+        }
+        let generation = self.state.started.fetch_add(1, SeqCst) + 1;
+        flush_sled(&self.tree).await?;
+        self.state.completed.store(generation, SeqCst);
+        Ok(())
+    }
+}
+
 /// Opens (creating) the sled database at `path`, or a temporary one
 /// (deleted when dropped) for `None`. Shared by every sled backend.
 pub fn open_sled(path: Option<&Path>) -> Result<sled::Db, Error> {
@@ -41,12 +81,17 @@ pub fn open_sled(path: Option<&Path>) -> Result<sled::Db, Error> {
 impl SledDirectoryService {
     /// Opens (creating) the database at `path`.
     pub fn open(path: &Path) -> Result<Self, Error> {
-        Ok(Self { db: open_sled(Some(path))? })
+        Ok(Self::from_db(open_sled(Some(path))?))
     }
 
     /// A temporary database, deleted when dropped.
     pub fn temporary() -> Result<Self, Error> {
-        Ok(Self { db: open_sled(None)? })
+        Ok(Self::from_db(open_sled(None)?))
+    }
+
+    fn from_db(db: sled::Db) -> Self {
+        let flusher = SledFlusher::new(&db);
+        Self { db, flusher }
     }
 }
 
@@ -74,7 +119,7 @@ impl DirectoryService for SledDirectoryService {
             batch.insert(d.as_bytes().as_slice(), dir.encode());
         }
         self.db.apply_batch(batch).map_err(Error::storage)?;
-        flush_sled(&self.db).await?;
+        self.flusher.flush().await?;
         Ok(root)
     }
 }

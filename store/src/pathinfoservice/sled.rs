@@ -12,17 +12,23 @@ use std::path::Path;
 #[derive(Clone)]
 pub struct SledPathInfoService {
     db: sled::Db,
+    flusher: arca_castore::directoryservice::SledFlusher,
 }
 
 impl SledPathInfoService {
     /// Opens (creating) the database at `path`.
     pub fn open(path: &Path) -> Result<Self, Error> {
-        Ok(Self { db: arca_castore::directoryservice::open_sled(Some(path))? })
+        Ok(Self::from_db(arca_castore::directoryservice::open_sled(Some(path))?))
     }
 
     /// A temporary database, deleted when dropped.
     pub fn temporary() -> Result<Self, Error> {
-        Ok(Self { db: arca_castore::directoryservice::open_sled(None)? })
+        Ok(Self::from_db(arca_castore::directoryservice::open_sled(None)?))
+    }
+
+    fn from_db(db: sled::Db) -> Self {
+        let flusher = arca_castore::directoryservice::SledFlusher::new(&db);
+        Self { db, flusher }
     }
 }
 
@@ -38,7 +44,7 @@ impl PathInfoService for SledPathInfoService {
     #[tracing::instrument(skip_all, fields(path = %info.store_path), level = "debug")]
     async fn put(&self, info: PathInfo) -> Result<PathInfo, Error> {
         self.db.insert(info.digest(), encode(&info)?).map_err(Error::storage)?;
-        arca_castore::directoryservice::flush_sled(&self.db).await?;
+        self.flusher.flush().await?;
         Ok(info)
     }
 
