@@ -380,6 +380,11 @@ fn imported_tree_modes_exec_bits_large_files_and_parallel_reads() {
         std::fs::write(tree.join(p).join("f"), b"f\n").unwrap();
     }
     std::fs::write(tree.join("y/other"), b"other\n").unwrap();
+    // A real ELF executable (mapped, not read, by the kernel and ld.so).
+    let elf = ["/bin/true", "/usr/bin/true"].into_iter().map(Path::new).find(|p| p.exists());
+    if let Some(elf) = elf {
+        std::fs::copy(elf, tree.join("bin/true")).unwrap();
+    }
     for i in 0..200 {
         std::fs::write(tree.join(format!("share/doc/small-{i:03}")), common::bytes_for(1000 + i, (i as usize * 977) % 20_000)).unwrap();
     }
@@ -443,6 +448,10 @@ fn imported_tree_modes_exec_bits_large_files_and_parallel_reads() {
     let o = run(&mut Command::new(mounted.join("bin/tool")));
     assert!(o.status.success(), "running an executable from the mount: {}", stderr(&o));
     assert_eq!(stdout(&o), "7\n");
+    if elf.is_some() {
+        let o = run(&mut Command::new(mounted.join("bin/true")));
+        assert!(o.status.success(), "running an ELF binary from the mount: {}", stderr(&o));
+    }
 
     // Identical directories are distinct inodes: a directory held open (a
     // cwd, an fd) keeps its own parent and path while its twin is used.
