@@ -22,7 +22,7 @@ use arca_store::{PathInfoService, StorePath};
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
     KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
-    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use futures::StreamExt;
 use parking_lot::Mutex;
@@ -69,7 +69,7 @@ pub struct FsOptions {
 }
 
 /// The root's listing, taken when it is opened (with `list_root`).
-type RootListing = tokio::sync::OnceCell<Result<Vec<(String, u64, FileType)>, Errno>>;
+type RootListing = tokio::sync::OnceCell<Result<Vec<(String, Node)>, Errno>>;
 
 struct Inner {
     path_info: Arc<dyn PathInfoService>,
@@ -265,16 +265,12 @@ impl Inner {
         Ok(data.slice(start..end))
     }
 
-    async fn list_root(&self) -> Result<Vec<(String, u64, FileType)>, Errno> {
+    async fn list_root(&self) -> Result<Vec<(String, Node)>, Errno> {
         let mut out = Vec::new();
         let mut stream = self.path_info.list();
         while let Some(r) = stream.next().await {
             match r {
-                Ok(info) => {
-                    let name = info.store_path.basename();
-                    let ino = ino_of(ROOT_INO, name.as_bytes(), &info.node);
-                    out.push((name, ino, kind_of(&info.node)))
-                }
+                Ok(info) => out.push((info.store_path.basename(), info.node)),
                 Err(e) => {
                     tracing::warn!("listing store paths: {e}");
                     return Err(Errno::EIO);
@@ -283,6 +279,44 @@ impl Inner {
         }
         out.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(out)
+    }
+
+    /// The root's entries for this open root directory (`--list-root`), else none.
+    async fn root_entries(&self, listing: Option<Arc<RootListing>>) -> Result<Vec<(String, Node)>, Errno> {
+        match (&listing, self.options.list_root) {
+            (Some(l), true) => l.get_or_init(|| self.list_root()).await.clone(),
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    /// Answers a readdirplus: every entry but `.` and `..` counts as a
+    /// lookup (the kernel links them like looked-up entries), so an entry
+    /// that did not fit in the reply is forgotten again.
+    fn fill_plus<'a>(
+        &self,
+        (dir_ino, parent_ino): (u64, u64),
+        offset: u64,
+        entries: impl Iterator<Item = (&'a [u8], &'a Node, Option<Parent>)>,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let dots = [(b".".as_slice(), dir_ino), (b"..".as_slice(), parent_ino)];
+        for (i, (name, ino)) in dots.into_iter().enumerate().skip(offset as usize) {
+            let attr = self.attr(ino, None);
+            if reply.add(INodeNo(ino), i as u64 + 1, OsStr::from_bytes(name), &TTL, &attr, Generation(0)) {
+                return reply.ok();
+            }
+        }
+        for (i, (name, node, parent)) in entries.enumerate().skip((offset as usize).saturating_sub(2)) {
+            let ino = self.inodes.lookup(node, parent, dir_ino, name);
+            let attr = self.attr(ino, Some(node));
+            if reply.add(INodeNo(ino), i as u64 + 3, OsStr::from_bytes(name), &TTL, &attr, Generation(0)) {
+                if self.inodes.forget(ino, 1) {
+                    self.readers.forget(ino);
+                }
+                break;
+            }
+        }
+        reply.ok()
     }
 
     fn xattr_value(&self, ino: u64) -> Option<String> {
@@ -315,7 +349,14 @@ impl Filesystem for ArcaFs {
         }
         let _ = config.set_max_background(64);
         let _ = config.set_congestion_threshold(48);
-        for cap in [InitFlags::FUSE_PARALLEL_DIROPS, InitFlags::FUSE_CACHE_SYMLINKS, InitFlags::FUSE_MAX_PAGES] {
+        // READDIRPLUS: a listing carries the entries' attributes, so walking
+        // a tree (find, then cat) needs no lookup per file.
+        for cap in [
+            InitFlags::FUSE_PARALLEL_DIROPS,
+            InitFlags::FUSE_CACHE_SYMLINKS,
+            InitFlags::FUSE_MAX_PAGES,
+            InitFlags::FUSE_DO_READDIRPLUS,
+        ] {
             let _ = config.add_capabilities(cap);
         }
         Ok(())
@@ -437,17 +478,17 @@ impl Filesystem for ArcaFs {
             let listing = self.inner.root_listings.lock().get(&fh.0).cloned();
             let inner = self.inner.clone();
             return self.spawn(async move {
-                let entries: Vec<(String, u64, FileType)> = match (&listing, inner.options.list_root) {
-                    (Some(l), true) => match l.get_or_init(|| inner.list_root()).await {
-                        Ok(v) => v.clone(),
-                        Err(e) => return reply.error(*e),
-                    },
-                    _ => Vec::new(),
+                let entries = match inner.root_entries(listing).await {
+                    Ok(v) => v,
+                    Err(e) => return reply.error(e),
                 };
                 let mut reply = reply;
-                let all = [(".".to_string(), ROOT_INO, FileType::Directory), ("..".to_string(), ROOT_INO, FileType::Directory)];
-                for (i, (name, ino, kind)) in all.iter().chain(entries.iter()).enumerate().skip(offset as usize) {
-                    if reply.add(INodeNo(*ino), i as u64 + 1, *kind, name) {
+                let dots = [(".".to_string(), ROOT_INO, FileType::Directory), ("..".to_string(), ROOT_INO, FileType::Directory)];
+                let rest = entries.iter().map(|(name, node)| {
+                    (name.clone(), ino_of(ROOT_INO, name.as_bytes(), node), kind_of(node))
+                });
+                for (i, (name, ino, kind)) in dots.into_iter().chain(rest).enumerate().skip(offset as usize) {
+                    if reply.add(INodeNo(ino), i as u64 + 1, kind, name) {
                         break;
                     }
                 }
@@ -474,6 +515,40 @@ impl Filesystem for ArcaFs {
         self.spawn(async move {
             match inner.dirs.get(digest).await {
                 Ok(listing) => fill(&listing, reply),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, reply: ReplyDirectoryPlus) {
+        if ino.0 == ROOT_INO {
+            let listing = self.inner.root_listings.lock().get(&fh.0).cloned();
+            let inner = self.inner.clone();
+            return self.spawn(async move {
+                match inner.root_entries(listing).await {
+                    Ok(entries) => {
+                        let it = entries.iter().map(|(name, node)| (name.as_bytes(), node, None));
+                        inner.fill_plus((ROOT_INO, ROOT_INO), offset, it, reply)
+                    }
+                    Err(e) => reply.error(e),
+                }
+            });
+        }
+        let Some(entry) = self.inner.inodes.get(ino.0) else { return reply.error(Errno::ENOENT) };
+        let Node::Directory { digest, .. } = entry.node else { return reply.error(Errno::ENOTDIR) };
+        let fill = move |inner: &Inner, listing: &Listing, reply: ReplyDirectoryPlus| {
+            let it = listing.entries.iter().enumerate().map(|(index, (name, node))| {
+                (name.as_bytes(), node, Some(Parent { dir: listing.digest, index }))
+            });
+            inner.fill_plus((ino.0, entry.parent_ino), offset, it, reply)
+        };
+        if let Some(listing) = self.inner.dirs.cached(&digest) {
+            return fill(&self.inner, &listing, reply);
+        }
+        let inner = self.inner.clone();
+        self.spawn(async move {
+            match inner.dirs.get(digest).await {
+                Ok(listing) => fill(&inner, &listing, reply),
                 Err(e) => reply.error(e),
             }
         });
