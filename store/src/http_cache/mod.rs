@@ -131,6 +131,9 @@ impl std::fmt::Debug for HttpCacheOptions {
 /// NarHash → (root node, NarSize) remembered in memory.
 const NAR_MEMORY: usize = 65536;
 
+/// Store-path digest → the path info a narinfo was rendered from, and the text.
+type NarinfoLru = LruCache<[u8; DIGEST_LEN], (crate::PathInfo, Bytes)>;
+
 pub(crate) struct Inner {
     blobs: Arc<dyn BlobService>,
     directories: Arc<dyn DirectoryService>,
@@ -141,7 +144,7 @@ pub(crate) struct Inner {
     options: HttpCacheOptions,
     cache_info: Bytes,
     /// Store-path digest → the path info a narinfo was rendered from, and the text.
-    narinfos: Option<Mutex<LruCache<[u8; DIGEST_LEN], (crate::PathInfo, Bytes)>>>,
+    narinfos: Option<Mutex<NarinfoLru>>,
     /// NarHash → (root node, NarSize).
     nars: Mutex<LruCache<[u8; 32], (Node, u64)>>,
 }
