@@ -43,6 +43,8 @@ use crate::store_path::DIGEST_LEN;
 use arca_castore::{BlobService, DirectoryService, Node};
 use axum::body::Body;
 use axum::extract::{Request, State};
+use axum::http::HeaderMap;
+use futures::StreamExt;
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 pub use axum::Router;
@@ -69,6 +71,11 @@ pub const NO_CACHE: &str = "no-cache";
 pub const MAX_BATCH: usize = 5000;
 /// Largest batch lookup body.
 pub const MAX_BATCH_BODY: usize = 512 * 1024;
+/// Unread request body read and discarded before an error answer (so a
+/// client still sending gets to read the answer rather than a reset).
+const DRAIN_LIMIT: u64 = 1024 * 1024;
+/// Longest wait for draining an unread request body.
+const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The services the cache serves from and stores into.
 #[derive(Clone)]
@@ -260,19 +267,64 @@ where
     axum::serve(listener, router).with_graceful_shutdown(shutdown).await
 }
 
+/// A request's headers, and its body until a handler takes it.
+pub(crate) struct Req {
+    pub(crate) headers: HeaderMap,
+    body: Option<Body>,
+}
+
+impl Req {
+    /// The body (empty if taken already).
+    pub(crate) fn take_body(&mut self) -> Body {
+        self.body.take().unwrap_or_else(Body::empty)
+    }
+
+    /// The declared `Content-Length`.
+    pub(crate) fn content_length(&self) -> Option<u64> {
+        self.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok())
+    }
+}
+
+/// Reads and discards up to `limit` bytes of `body` (at most [DRAIN_TIMEOUT]).
+pub(crate) async fn drain(body: Body, limit: u64) {
+    let mut stream = body.into_data_stream();
+    let mut read = 0u64;
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        while let Some(Ok(chunk)) = stream.next().await {
+            read += chunk.len() as u64;
+            if read > limit {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
 async fn dispatch(State(inner): State<Arc<Inner>>, req: Request) -> Response {
-    let method = req.method().clone();
-    let path = req.uri().path().to_string();
+    let (parts, body) = req.into_parts();
+    let method = parts.method;
+    let path = parts.uri.path().to_string();
     let started = std::time::Instant::now();
-    let response = match route(&inner, &method, &path, req).await {
+    let mut req = Req { headers: parts.headers, body: Some(body) };
+    let response = match route(&inner, &method, &path, &mut req).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     };
+    // Refused before the body was read: read it (if small) so the client,
+    // still sending, reads the answer instead of a reset. Not when the client
+    // waits for `100 Continue`: it sends no body then.
+    if let Some(body) = req.body.take() {
+        let expects_continue =
+            req.headers.get(header::EXPECT).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        if !expects_continue && req.content_length().is_none_or(|n| n <= DRAIN_LIMIT) {
+            drain(body, DRAIN_LIMIT).await;
+        }
+    }
     tracing::debug!(%method, path, status = response.status().as_u16(), us = started.elapsed().as_micros() as u64, "request");
     response
 }
 
-async fn route(inner: &Arc<Inner>, method: &Method, path: &str, req: Request) -> Answer {
+async fn route(inner: &Arc<Inner>, method: &Method, path: &str, req: &mut Req) -> Answer {
     let is_read = *method == Method::GET || *method == Method::HEAD;
     if path == "/nix-cache-info" {
         return match *method {
@@ -294,7 +346,7 @@ async fn route(inner: &Arc<Inner>, method: &Method, path: &str, req: Request) ->
     }
     if let Some(file) = path.strip_prefix("/nar/") {
         return match *method {
-            Method::GET | Method::HEAD => nar::get(inner, method, file, req).await,
+            Method::GET | Method::HEAD => nar::get(inner, method, file, &req.headers).await,
             Method::PUT => upload::put_nar(inner, file, req).await,
             _ => Ok(method_not_allowed(method, path, "GET, HEAD, PUT")),
         };

@@ -8,7 +8,6 @@ use crate::nar::{render_nar, RenderError, SeekableNar};
 use crate::narinfo::Compression;
 use arca_castore::{Error, Node};
 use axum::body::Body;
-use axum::extract::Request;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::Response;
 use bytes::{Bytes, BytesMut};
@@ -226,7 +225,7 @@ fn render_failed(e: std::io::Error) -> HttpError {
 }
 
 /// `GET`/`HEAD /nar/<file>`.
-pub(crate) async fn get(inner: &Arc<Inner>, method: &Method, file: &str, req: Request) -> Answer {
+pub(crate) async fn get(inner: &Arc<Inner>, method: &Method, file: &str, headers: &HeaderMap) -> Answer {
     let file = parse_nar_file(file)?;
     let Some((node, nar_size)) = inner.resolve_nar(&file).await? else {
         return Err(HttpError::not_found(format!("no NAR {} in this binary cache", file.url_path)));
@@ -249,7 +248,7 @@ pub(crate) async fn get(inner: &Arc<Inner>, method: &Method, file: &str, req: Re
     }
 
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    let ranged = range_of(req.headers(), &tag, nar_size);
+    let ranged = range_of(headers, &tag, nar_size);
     match ranged {
         Ranged::Full => {
             h.insert(header::CONTENT_LENGTH, HeaderValue::from(nar_size));

@@ -1,11 +1,10 @@
 //! Narinfos: generated from path infos, signed on the fly, kept rendered in
 //! an LRU (re-rendered whenever the path info changed); the batch lookup.
-use super::{answer, parse_hash_part, Answer, HttpError, Inner, MAX_BATCH, MAX_BATCH_BODY, NARINFO_CACHE_CONTROL, NARINFO_TYPE};
+use super::{answer, parse_hash_part, Answer, HttpError, Inner, Req, MAX_BATCH, MAX_BATCH_BODY, NARINFO_CACHE_CONTROL, NARINFO_TYPE};
 use crate::pathinfo::PathInfo;
 use crate::store_path::DIGEST_LEN;
 use arca_castore::Error;
 use axum::body::Body;
-use axum::extract::Request;
 use axum::http::StatusCode;
 use bytes::Bytes;
 use std::sync::Arc;
@@ -76,7 +75,7 @@ fn parse_batch(body: &[u8]) -> Result<Vec<String>, HttpError> {
 
 /// `POST /_arca/narinfos`: which of the listed hash parts exist, with their
 /// narinfos: `{"<hash>": "<narinfo text>" | null}`.
-pub(crate) async fn batch(inner: &Arc<Inner>, req: Request) -> Answer {
+pub(crate) async fn batch(inner: &Arc<Inner>, req: &mut Req) -> Answer {
     let body = super::upload::read_body(req, MAX_BATCH_BODY, "the batch request").await?;
     let hashes = parse_batch(&body)?;
     if hashes.len() > MAX_BATCH {

@@ -2,7 +2,7 @@
 //! `PUT /nar/<filehash>.nar.<ext>` (streamed through the decompressor into
 //! castore), `PUT /<hash>.narinfo` (checked against the uploaded NAR, then
 //! stored as a path info through the checked stack).
-use super::{no_content, parse_hash_part, parse_nar_file, Answer, HttpError, Inner};
+use super::{no_content, parse_hash_part, parse_nar_file, Answer, HttpError, Inner, Req};
 use crate::compression::{sniff_gzip, Decoder, RawFailure, RawTap};
 use crate::nar::{ingest_nar, IngestError, NarError};
 use crate::nar_index::NarUpload;
@@ -10,8 +10,8 @@ use crate::narinfo::{Compression, NarInfo};
 use crate::pathinfo::PathInfo;
 use crate::pathinfoservice::PathInfoService;
 use crate::{NixHash, MAX_NARINFO_SIZE};
-use axum::extract::Request;
-use axum::http::{header, StatusCode};
+use axum::body::Body;
+use axum::http::StatusCode;
 use bytes::{Bytes, BytesMut};
 use futures::{StreamExt, TryStreamExt};
 use std::sync::Arc;
@@ -28,17 +28,19 @@ fn too_large(what: &str, limit: usize) -> HttpError {
     HttpError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("{what} is larger than {limit} bytes"))
 }
 
-/// The whole body of `req`, at most `limit` bytes (else 413).
-pub(crate) async fn read_body(req: Request, limit: usize, what: &str) -> Result<Bytes, HttpError> {
-    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
+/// The whole body of `req`, at most `limit` bytes (else 413; a body
+/// declared larger is left unread).
+pub(crate) async fn read_body(req: &mut Req, limit: usize, what: &str) -> Result<Bytes, HttpError> {
+    if req.content_length().is_some_and(|n| n > limit as u64) {
         return Err(too_large(what, limit));
     }
-    let mut stream = req.into_body().into_data_stream();
+    let mut stream = req.take_body().into_data_stream();
     let mut body = BytesMut::new();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| HttpError::bad_request(format!("reading {what} failed: {e}")))?;
         if body.len() + chunk.len() > limit {
+            // Let the client finish sending (up to a point) so it reads the answer.
+            super::drain(Body::from_stream(stream), super::DRAIN_LIMIT).await;
             return Err(too_large(what, limit));
         }
         body.extend_from_slice(&chunk);
@@ -56,7 +58,7 @@ fn check_uploads(inner: &Inner) -> Result<(), HttpError> {
 
 /// `PUT /nix-cache-info`: accepted (Nix sends one to a cache without it)
 /// and ignored: the served one describes this store.
-pub(crate) async fn put_cache_info(inner: &Arc<Inner>, req: Request) -> Answer {
+pub(crate) async fn put_cache_info(inner: &Arc<Inner>, req: &mut Req) -> Answer {
     check_uploads(inner)?;
     read_body(req, MAX_CACHE_INFO, "nix-cache-info").await?;
     Ok(no_content())
@@ -64,10 +66,10 @@ pub(crate) async fn put_cache_info(inner: &Arc<Inner>, req: Request) -> Answer {
 
 /// `PUT /<hash>.ls`: NAR listings are accepted (so `write-nar-listing=true`
 /// works) and discarded, without buffering them.
-pub(crate) async fn put_listing(inner: &Arc<Inner>, hash: &str, req: Request) -> Answer {
+pub(crate) async fn put_listing(inner: &Arc<Inner>, hash: &str, req: &mut Req) -> Answer {
     check_uploads(inner)?;
     parse_hash_part(hash, "listing name")?;
-    let mut stream = req.into_body().into_data_stream();
+    let mut stream = req.take_body().into_data_stream();
     while let Some(chunk) = stream.next().await {
         chunk.map_err(|e| HttpError::bad_request(format!("reading the listing failed: {e}")))?;
     }
@@ -79,10 +81,10 @@ pub(crate) async fn put_listing(inner: &Arc<Inner>, hash: &str, req: Request) ->
 /// gzip NARs `.nar`) into castore, then records the upload and its NarHash.
 /// The name must be the SHA-256 of the file (as Nix names them) or of the
 /// NAR inside.
-pub(crate) async fn put_nar(inner: &Arc<Inner>, file: &str, req: Request) -> Answer {
+pub(crate) async fn put_nar(inner: &Arc<Inner>, file: &str, req: &mut Req) -> Answer {
     check_uploads(inner)?;
     let file = parse_nar_file(file)?;
-    let stream = req.into_body().into_data_stream().map_err(std::io::Error::other);
+    let stream = req.take_body().into_data_stream().map_err(std::io::Error::other);
     let tap = RawTap::new(tokio_util::io::StreamReader::new(stream), None);
     let mut raw = BufReader::with_capacity(READ_BUFFER, tap);
     let compression = match file.compression {
@@ -154,7 +156,7 @@ pub(crate) async fn put_nar(inner: &Arc<Inner>, file: &str, req: Request) -> Ans
 /// NarSize (and FileHash, FileSize, compression, when given) match; then
 /// the path info is stored through the checked stack (its castore closure
 /// and references must be stored).
-pub(crate) async fn put_narinfo(inner: &Arc<Inner>, hash: &str, req: Request) -> Answer {
+pub(crate) async fn put_narinfo(inner: &Arc<Inner>, hash: &str, req: &mut Req) -> Answer {
     check_uploads(inner)?;
     let digest = parse_hash_part(hash, "narinfo name")?;
     let body = read_body(req, MAX_NARINFO_SIZE, "the narinfo").await?;
