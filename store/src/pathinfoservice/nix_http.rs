@@ -533,7 +533,10 @@ impl Inner {
         let started = Instant::now();
         let raw = self.source.open_nar(narinfo.url(), &path).await?;
         let tap = RawTap::new(raw, narinfo.file_size());
-        let decoder = Decoder::new(narinfo.compression(), BufReader::with_capacity(READ_BUFFER, tap));
+        // Sized to the download: most NARs are small, and the buffer is
+        // zeroed when allocated.
+        let buffer = narinfo.file_size().unwrap_or(narinfo.nar_size()).clamp(8 * 1024, READ_BUFFER as u64) as usize;
+        let decoder = Decoder::new(narinfo.compression(), BufReader::with_capacity(buffer, tap));
         let mut nar = Limited::new(decoder, narinfo.nar_size());
         let expected = ExpectedNar { nar_size: Some(narinfo.nar_size()), nar_sha256: Some(narinfo.nar_sha256()) };
         let result = ingest_nar_expecting(&mut nar, self.blobs.clone(), &*self.directories, expected).await;
