@@ -42,7 +42,7 @@ pub struct CopyArgs {
     #[arg(long)]
     pub no_closure: bool,
     /// Lookups and downloads in flight at once (each).
-    #[arg(long, short = 'j', default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    #[arg(long, short = 'j', default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub jobs: u32,
     /// Print a JSON summary on stdout.
     #[arg(long)]

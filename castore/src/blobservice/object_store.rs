@@ -176,19 +176,27 @@ impl Inner {
         let size = data.len() as u64;
         let level = self.zstd_level;
         if let Some(dir) = self.local_dir.clone() {
-            // One trip: hash, existence check, compress, write.
-            return crate::cpu_bound(move || -> Result<ChunkMeta, Error> {
+            // Hash, existence check and compression on a CPU slot; the
+            // write (file creation and rename: journal I/O that can block)
+            // outside it, so slow I/O never holds a core's slot.
+            let (digest, pending) = crate::cpu_bound(move || -> Result<(B3Digest, Option<(std::path::PathBuf, PutPayload)>), Error> {
                 let digest = B3Digest::of(&data);
                 let file = local_chunk_file(&dir, &digest.to_hex());
-                if !file.exists() {
-                    let payload = encode_chunk(data, level)?;
-                    let parts: &[Bytes] = payload.as_ref();
-                    write_file_atomically(&file, parts)
-                        .map_err(|e| Error::Storage(format!("writing {}: {e}", file.display())))?;
+                if file.exists() {
+                    return Ok((digest, None));
                 }
-                Ok(ChunkMeta { digest, size })
+                Ok((digest, Some((file, encode_chunk(data, level)?))))
             })
-            .await?;
+            .await??;
+            if let Some((file, payload)) = pending {
+                tokio::task::spawn_blocking(move || {
+                    write_file_atomically(&file, payload.as_ref())
+                        .map_err(|e| Error::Storage(format!("writing {}: {e}", file.display())))
+                })
+                .await
+                .map_err(Error::storage)??;
+            }
+            return Ok(ChunkMeta { digest, size });
         }
         let (digest, encoded) = crate::cpu_bound(move || {
             let digest = B3Digest::of(&data);
@@ -327,6 +335,24 @@ impl ChunkFetcher for Fetcher {
 impl BlobService for ObjectStoreBlobService {
     #[instrument(skip(self), level = "debug")]
     async fn has(&self, digest: &B3Digest) -> Result<bool, Error> {
+        if let Some(dir) = &self.inner.local_dir {
+            // Both places in one trip, without opening anything.
+            let hex = digest.to_hex();
+            let chunk = local_chunk_file(dir, &hex);
+            let list = dir.join("blobs").join(&hex[..2]).join(&hex);
+            return tokio::task::spawn_blocking(move || -> Result<bool, Error> {
+                for p in [chunk, list] {
+                    match std::fs::symlink_metadata(&p) {
+                        Ok(_) => return Ok(true),
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(Error::Storage(format!("checking {}: {e}", p.display()))),
+                    }
+                }
+                Ok(false)
+            })
+            .await
+            .map_err(Error::storage)?;
+        }
         Ok(self.inner.exists(&self.inner.chunk_path(digest)).await?
             || self.inner.exists(&self.inner.blob_path(digest)).await?)
     }
