@@ -7,21 +7,13 @@ mod store_common;
 
 use common::{stderr, stdout, Daemon};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use store_common::{closure, copy_dir, fixture, hash_part, narinfo_field, public_key, set_narinfo_field, CacheServer};
 
 /// Runs `arca` against the daemon's three services, with its own data dir
 /// (for the client's NAR index).
 fn arca(d: &Daemon, client_data: &Path, args: &[&str]) -> Output {
-    Command::new(common::arca_bin())
-        .args(args)
-        .env("BLOB_SERVICE_ADDR", &d.url)
-        .env("DIRECTORY_SERVICE_ADDR", &d.url)
-        .env("PATH_INFO_SERVICE_ADDR", &d.url)
-        .env("ARCA_DATA_DIR", client_data)
-        .env_remove("ARCA_STORE_COMPOSITION")
-        .output()
-        .expect("run arca")
+    d.arca_client(client_data, args)
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {

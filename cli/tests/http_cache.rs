@@ -54,16 +54,7 @@ fn keypair(dir: &Path, name: &str) -> (PathBuf, String) {
 
 /// Runs `arca` against a daemon's three services, with its own data dir.
 fn arca(d: &Daemon, client_data: &Path, args: &[&str]) -> Output {
-    Command::new(arca_bin())
-        .args(args)
-        .env("BLOB_SERVICE_ADDR", &d.url)
-        .env("DIRECTORY_SERVICE_ADDR", &d.url)
-        .env("PATH_INFO_SERVICE_ADDR", &d.url)
-        .env("ARCA_DATA_DIR", client_data)
-        .env_remove("ARCA_STORE_COMPOSITION")
-        .env_remove("NAR_INDEX_ADDR")
-        .output()
-        .expect("run arca")
+    d.arca_client(client_data, args)
 }
 
 /// Fills the daemon with the fixture closure from a fixture cache.

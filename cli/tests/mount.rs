@@ -46,15 +46,7 @@ fn have_fuse() -> bool {
 
 /// Runs `arca` against the daemon's three services.
 fn arca(d: &Daemon, client_data: &Path, args: &[&str]) -> Output {
-    Command::new(common::arca_bin())
-        .args(args)
-        .env("BLOB_SERVICE_ADDR", &d.url)
-        .env("DIRECTORY_SERVICE_ADDR", &d.url)
-        .env("PATH_INFO_SERVICE_ADDR", &d.url)
-        .env("ARCA_DATA_DIR", client_data)
-        .env_remove("ARCA_STORE_COMPOSITION")
-        .output()
-        .expect("run arca")
+    d.arca_client(client_data, args)
 }
 
 fn is_mounted(path: &Path) -> bool {
@@ -88,15 +80,11 @@ impl Mount {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().canonicalize().unwrap().join("store");
         std::fs::create_dir(&path).unwrap();
-        let mut child = Command::new(common::arca_bin())
+        let mut child = d
+            .client_command(client_data)
             .arg("mount")
             .args(extra)
             .arg(&path)
-            .env("BLOB_SERVICE_ADDR", &d.url)
-            .env("DIRECTORY_SERVICE_ADDR", &d.url)
-            .env("PATH_INFO_SERVICE_ADDR", &d.url)
-            .env("ARCA_DATA_DIR", client_data)
-            .env_remove("ARCA_STORE_COMPOSITION")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

@@ -71,6 +71,25 @@ impl Daemon {
             .expect("run arca")
     }
 
+    /// An `arca` command against this daemon's three services, with
+    /// `client_data` as its data dir (its own NAR index), unaffected by the
+    /// caller's composition or NAR index settings.
+    pub fn client_command(&self, client_data: &Path) -> Command {
+        let mut c = Command::new(arca_bin());
+        c.env("BLOB_SERVICE_ADDR", &self.url)
+            .env("DIRECTORY_SERVICE_ADDR", &self.url)
+            .env("PATH_INFO_SERVICE_ADDR", &self.url)
+            .env("ARCA_DATA_DIR", client_data)
+            .env_remove("ARCA_STORE_COMPOSITION")
+            .env_remove("NAR_INDEX_ADDR");
+        c
+    }
+
+    /// Runs [Self::client_command] with `args` to completion.
+    pub fn arca_client(&self, client_data: &Path, args: &[&str]) -> Output {
+        self.client_command(client_data).args(args).output().expect("run arca")
+    }
+
     /// Sends SIGTERM and waits (at most 30 s) for the exit status.
     pub fn stop(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("running");
