@@ -6,7 +6,8 @@
 //! refer to each other by name; `default` is the entry point. Unknown names
 //! and reference cycles are refused before anything is built.
 use crate::blobservice::{
-    BlobService, CacheBlobService, GrpcBlobService, MemoryBlobService, ObjectStoreBlobService,
+    BlobService, CacheBlobService, GrpcBlobService, LocalCompression, LocalFilesOptions, MemoryBlobService,
+    ObjectStoreBlobService,
 };
 use crate::directoryservice::{
     CacheDirectoryService, DirectoryService, GrpcDirectoryService, LruDirectoryService,
@@ -115,7 +116,9 @@ pub enum ServiceConfig {
         /// Database directory; `None` for a temporary one.
         path: Option<PathBuf>,
     },
-    /// `objectstore+<object_store URL>`; query pairs are object_store options.
+    /// `objectstore+<object_store URL>`; query pairs are object_store options,
+    /// except `compression=inline|background` (blob services on
+    /// `objectstore+file://` only; see [LocalCompression]).
     ObjectStore {
         /// The object_store URL (`file:///…`, `memory:///`, `s3://bucket/prefix`).
         url: Url,
@@ -224,6 +227,36 @@ fn query_pairs(url: &Url) -> Result<Vec<(String, String)>, String> {
         .collect()
 }
 
+/// The `compression` pair of an `objectstore+file://` blob service: how new
+/// chunks get compressed (default: in the background).
+pub fn local_compression(options: &[(String, String)]) -> Result<LocalCompression, String> {
+    match options.iter().rev().find(|(k, _)| k == "compression") {
+        None => Ok(LocalCompression::default()),
+        Some((_, v)) => v.parse(),
+    }
+}
+
+/// `objectstore+file://` takes one query pair, `compression`, and only for
+/// blob services; other object stores compress inline and take no such pair.
+fn check_compression_option(kind: ServiceKind, scheme: &str, pairs: &[(String, String)]) -> Result<(), String> {
+    let has_compression = pairs.iter().any(|(k, _)| k == "compression");
+    if scheme != "file" {
+        if has_compression {
+            return Err(format!(
+                "compression= is only for objectstore+file:// (objectstore+{scheme}:// always compresses inline)"
+            ));
+        }
+        return Ok(());
+    }
+    if let Some((k, _)) = pairs.iter().find(|(k, _)| k != "compression") {
+        return Err(format!("unknown parameter {k:?} for objectstore+file:// (expected compression)"));
+    }
+    if has_compression && kind != ServiceKind::Blob {
+        return Err(format!("compression= only applies to blob services, not {} services", kind.noun()));
+    }
+    local_compression(pairs).map(|_| ())
+}
+
 impl ServiceConfig {
     /// Parses a service URL for a service of `kind`.
     pub fn from_url(kind: ServiceKind, s: &str) -> Result<Self, CompositionError> {
@@ -268,6 +301,7 @@ impl ServiceConfig {
                     "file" | "memory" | "s3" | "s3a" | "gs" | "az" | "azure" | "abfs" | "abfss" | "http" | "https" => {}
                     other => return Err(err(format!("object_store does not know the scheme {other:?}"))),
                 }
+                check_compression_option(kind, ourl.scheme(), &pairs).map_err(err)?;
                 if ourl.scheme() != "file" && ourl.scheme() != "memory" {
                     // Check options now, so a typo fails at start, not at first use.
                     object_store::parse_url_opts(&ourl, pairs.clone()).map_err(|e| err(e.to_string()))?;
@@ -604,8 +638,15 @@ impl Builder {
                 let (store, base) = object_store_from(url, options).map_err(build_err)?;
                 let svc = ObjectStoreBlobService::new(store, base);
                 if url.scheme() == "file" {
-                    // Same files, fewer trips: see `with_local_dir`.
-                    Arc::new(svc.with_local_dir(PathBuf::from(url.path())))
+                    // Same files, fewer trips: see `with_local_files`.
+                    let options = LocalFilesOptions {
+                        compression: local_compression(options).map_err(build_err)?,
+                        ..LocalFilesOptions::default()
+                    };
+                    Arc::new(
+                        svc.with_local_files(PathBuf::from(url.path()), options)
+                            .map_err(|e| build_err(e.to_string()))?,
+                    )
                 } else {
                     Arc::new(svc)
                 }
@@ -695,6 +736,17 @@ mod tests {
         assert_eq!(dir("sled:///var/lib/x").unwrap(), ServiceConfig::Sled { path: Some("/var/lib/x".into()) });
         assert!(matches!(blob("objectstore+file:///tmp/b").unwrap(), ServiceConfig::ObjectStore { .. }));
         assert!(matches!(blob("objectstore+memory:///").unwrap(), ServiceConfig::ObjectStore { .. }));
+        for (query, mode) in
+            [("", LocalCompression::Background), ("?compression=background", LocalCompression::Background), ("?compression=inline", LocalCompression::Inline)]
+        {
+            match blob(&format!("objectstore+file:///tmp/b{query}")).unwrap() {
+                ServiceConfig::ObjectStore { url, options } => {
+                    assert_eq!(url.as_str(), "file:///tmp/b");
+                    assert_eq!(local_compression(&options), Ok(mode), "{query}");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
         match blob("objectstore+s3://bucket/prefix?endpoint=http://127.0.0.1:9000&region=us-east-1&allow_http=true").unwrap() {
             ServiceConfig::ObjectStore { url, options } => {
                 assert_eq!(url.as_str(), "s3://bucket/prefix");
@@ -745,6 +797,18 @@ mod tests {
             assert!(e.contains(needle), "{url}: {e}");
         }
         assert!(blob("sled:///x").unwrap_err().to_string().contains("not available for blob"));
+        for (url, needle) in [
+            ("objectstore+file:///tmp/b?compression=lazy", "unknown compression \"lazy\" (expected inline or background)"),
+            ("objectstore+file:///tmp/b?compression=", "unknown compression \"\""),
+            ("objectstore+file:///tmp/b?compresion=inline", "unknown parameter \"compresion\""),
+            ("objectstore+memory:///?compression=inline", "only for objectstore+file://"),
+            ("objectstore+s3://bucket/p?endpoint=http://h:1&compression=background", "only for objectstore+file://"),
+        ] {
+            let e = blob(url).unwrap_err().to_string();
+            assert!(e.contains(needle), "{url}: {e}");
+        }
+        let e = dir("objectstore+file:///tmp/d?compression=inline").unwrap_err().to_string();
+        assert!(e.contains("only applies to blob services"), "{e}");
         assert!(blob("lru://?capacity=3").unwrap_err().to_string().contains("not available for blob"));
     }
 

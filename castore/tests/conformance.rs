@@ -321,7 +321,13 @@ pub async fn run_all(b: Arc<dyn BlobService>, d: Arc<dyn DirectoryService>) {
 suite!(memory, from_urls("memory://", "memory://"));
 suite!(sled, from_urls("memory://", "sled://{tmp}/dirs.sled"));
 suite!(objectstore_memory, from_urls("objectstore+memory:///", "objectstore+memory:///"));
+// Local files: chunks written raw and compressed in the background (the
+// default), and compressed inline.
 suite!(objectstore_file, from_urls("objectstore+file://{tmp}/blobs", "objectstore+file://{tmp}/dirs"));
+suite!(
+    objectstore_file_inline,
+    from_urls("objectstore+file://{tmp}/blobs?compression=inline", "objectstore+file://{tmp}/dirs")
+);
 suite!(
     cache,
     from_urls(
@@ -333,6 +339,10 @@ suite!(lru, from_urls("objectstore+memory:///", "lru://?capacity=100000&inner=sl
 suite!(grpc_memory, behind_grpc(from_urls("memory://", "memory://")).await);
 suite!(grpc_sled, behind_grpc(from_urls("memory://", "sled://{tmp}/dirs.sled")).await);
 suite!(grpc_objectstore_file, behind_grpc(from_urls("objectstore+file://{tmp}/b", "objectstore+file://{tmp}/d")).await);
+suite!(
+    grpc_objectstore_file_inline,
+    behind_grpc(from_urls("objectstore+file://{tmp}/b?compression=inline", "objectstore+file://{tmp}/d")).await
+);
 suite!(
     grpc_cache,
     behind_grpc(from_urls(

@@ -30,9 +30,19 @@ fn flip_last_byte(p: &Path) {
     std::fs::write(p, data).unwrap();
 }
 
+/// Local-files blob URLs in both compression modes.
+const LOCAL_BLOBS: [&str; 2] =
+    ["objectstore+file://{tmp}/blobs?compression=inline", "objectstore+file://{tmp}/blobs?compression=background"];
+
 #[tokio::test]
 async fn tampered_chunks_fail_verification() {
-    let (b, _d, g) = from_urls("objectstore+file://{tmp}/blobs", "memory://");
+    for url in LOCAL_BLOBS {
+        tampered_chunks_fail_verification_on(url).await;
+    }
+}
+
+async fn tampered_chunks_fail_verification_on(url: &str) {
+    let (b, _d, g) = from_urls(url, "memory://");
     let root = g.tmp.as_ref().unwrap().path().join("blobs");
     // multi-chunk blob
     let data = test_data(4 * 1024 * 1024, 9);
@@ -72,9 +82,15 @@ async fn tampered_directories_fail_verification() {
 
 #[tokio::test]
 async fn a_reordered_chunk_list_fails_whole_blob_verification() {
+    for url in LOCAL_BLOBS {
+        a_reordered_chunk_list_fails_whole_blob_verification_on(url).await;
+    }
+}
+
+async fn a_reordered_chunk_list_fails_whole_blob_verification_on(url: &str) {
     use arca_proto::castore as proto;
     use prost::Message;
-    let (b, _d, g) = from_urls("objectstore+file://{tmp}/blobs", "memory://");
+    let (b, _d, g) = from_urls(url, "memory://");
     let root = g.tmp.as_ref().unwrap().path().join("blobs");
     let data = test_data(4 * 1024 * 1024, 11);
     let digest = put_bytes(&*b, data.clone().into()).await.unwrap();

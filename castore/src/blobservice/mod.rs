@@ -18,7 +18,7 @@ pub use cache::CacheBlobService;
 pub use chunked_reader::{validate_chunk_list, ChunkFetcher, ChunkedReader, MAX_CHUNK_SIZE};
 pub use grpc::GrpcBlobService;
 pub use memory::MemoryBlobService;
-pub use object_store::{ChunkingParams, ObjectStoreBlobService};
+pub use object_store::{ChunkingParams, LocalCompression, LocalFilesOptions, ObjectStoreBlobService};
 
 /// One chunk of a blob: its digest and length.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -8,6 +8,10 @@
 //!
 //! A blob of a single chunk is stored as that chunk only (its digest is the
 //! blob's digest). Every chunk is verified against its digest when read.
+//!
+//! On local files, new chunks are by default written raw and compressed later
+//! by a background thread once writes pause (see `compaction.rs`); the tag byte
+//! says which form a chunk file holds, so readers never care.
 use super::chunked_reader::{verify_chunk, ChunkFetcher, ChunkedReader};
 use super::{BlobReader, BlobService, BlobWriter, ChunkMeta};
 use crate::{B3Digest, Error};
@@ -20,6 +24,10 @@ use prost::Message;
 use std::sync::Arc;
 use tokio::task::JoinHandle;
 use tracing::instrument;
+
+mod compaction;
+pub use compaction::{LocalCompression, LocalFilesOptions};
+use compaction::Compactor;
 
 const TAG_RAW: u8 = 0;
 const TAG_ZSTD: u8 = 1;
@@ -57,6 +65,9 @@ struct Inner {
     /// to the blocking pool (hash, compress, existence check, write), in the
     /// same layout `object_store` uses.
     local_dir: Option<std::path::PathBuf>,
+    /// For a local-files store in background mode: new chunks are written
+    /// raw and handed to this compactor. `None`: compress inline.
+    compaction: Option<Compactor>,
 }
 
 /// Files written by this process (staging names must not collide).
@@ -68,8 +79,10 @@ fn local_chunk_file(dir: &std::path::Path, hex: &str) -> std::path::PathBuf {
 }
 
 /// Writes `parts` to `target` atomically: a staging file in the same
-/// directory (created on demand), renamed over the target.
-fn write_file_atomically(target: &std::path::Path, parts: &[Bytes]) -> std::io::Result<()> {
+/// directory (created on demand), renamed over the target. With `sync`, the
+/// staging file's data reaches the disk before the rename, so a crash never
+/// leaves `target` replaced by an incomplete file.
+fn write_file_atomically(target: &std::path::Path, parts: &[Bytes], sync: bool) -> std::io::Result<()> {
     use std::io::Write;
     let parent = target.parent().ok_or_else(|| std::io::Error::other("chunk file without a directory"))?;
     let n = STAGING_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -84,7 +97,11 @@ fn write_file_atomically(target: &std::path::Path, parts: &[Bytes]) -> std::io::
         }
         other => other?,
     };
-    let written = parts.iter().try_for_each(|p| file.write_all(p)).and_then(|()| std::fs::rename(&staging, target));
+    let written = parts
+        .iter()
+        .try_for_each(|p| file.write_all(p))
+        .and_then(|()| if sync { file.sync_data() } else { Ok(()) })
+        .and_then(|()| std::fs::rename(&staging, target));
     if written.is_err() {
         let _ = std::fs::remove_file(&staging);
     }
@@ -171,27 +188,41 @@ impl Inner {
     }
 
     /// Hashes and compresses a chunk (one trip to the blocking pool), and
-    /// stores it unless it is already there.
+    /// stores it unless it is already there. On local files in background
+    /// mode the chunk is written raw and recorded for the compactor instead.
     async fn upload_chunk(self: Arc<Self>, data: Bytes) -> Result<ChunkMeta, Error> {
         let size = data.len() as u64;
         let level = self.zstd_level;
         if let Some(dir) = self.local_dir.clone() {
-            // Hash, existence check and compression on a CPU slot; the
-            // write (file creation and rename: journal I/O that can block)
-            // outside it, so slow I/O never holds a core's slot.
+            let inline = match &self.compaction {
+                Some(c) => {
+                    c.note_write();
+                    false
+                }
+                None => true,
+            };
+            // Hash, existence check and (inline) compression on a CPU slot;
+            // the write (file creation and rename: journal I/O that can
+            // block) outside it, so slow I/O never holds a core's slot.
             let (digest, pending) = crate::cpu_bound(move || -> Result<(B3Digest, Option<(std::path::PathBuf, PutPayload)>), Error> {
                 let digest = B3Digest::of(&data);
                 let file = local_chunk_file(&dir, &digest.to_hex());
                 if file.exists() {
                     return Ok((digest, None));
                 }
-                Ok((digest, Some((file, encode_chunk(data, level)?))))
+                let payload = if inline { encode_chunk(data, level)? } else { raw_payload(data) };
+                Ok((digest, Some((file, payload))))
             })
             .await??;
             if let Some((file, payload)) = pending {
+                let inner = self.clone();
                 tokio::task::spawn_blocking(move || {
-                    write_file_atomically(&file, payload.as_ref())
-                        .map_err(|e| Error::Storage(format!("writing {}: {e}", file.display())))
+                    write_file_atomically(&file, payload.as_ref(), false)
+                        .map_err(|e| Error::Storage(format!("writing {}: {e}", file.display())))?;
+                    if let Some(c) = &inner.compaction {
+                        c.record(digest);
+                    }
+                    Ok::<(), Error>(())
                 })
                 .await
                 .map_err(Error::storage)??;
@@ -217,31 +248,41 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
-/// Tag byte + zstd frame when that saves at least 1/16, else tag byte + raw
-/// bytes (the raw bytes are not copied: the payload has two parts).
-fn encode_chunk(data: Bytes, level: i32) -> Result<PutPayload, Error> {
-    if data.len() >= 512 {
-        // Only the first byte is initialised; zstd writes into the spare capacity.
-        let mut out = Vec::with_capacity(1 + zstd::zstd_safe::compress_bound(data.len()));
-        out.push(TAG_ZSTD);
-        let compressed = COMPRESSOR.with(|cell| -> Result<Option<Vec<u8>>, Error> {
-            let mut slot = cell.borrow_mut();
-            if slot.as_ref().is_none_or(|(l, _)| *l != level) {
-                *slot = Some((level, zstd::bulk::Compressor::new(level).map_err(Error::storage)?));
-            }
-            let (_, c) = slot.as_mut().expect("set above");
-            let mut dst = std::io::Cursor::new(std::mem::take(&mut out));
-            dst.set_position(1);
-            c.compress_to_buffer(&data, &mut dst).map_err(Error::storage)?;
-            Ok(Some(dst.into_inner()))
-        })?;
-        if let Some(out) = compressed {
-            if out.len() - 1 < data.len() - data.len() / 16 {
-                return Ok(PutPayload::from(Bytes::from(out)));
-            }
-        }
+/// Tag byte + zstd frame of `data` at `level`, if that saves at least 1/16
+/// of the bytes; `None` if the chunk is better kept raw.
+fn compress_chunk(data: &[u8], level: i32) -> Result<Option<Vec<u8>>, Error> {
+    if data.len() < 512 {
+        return Ok(None);
     }
-    Ok(PutPayload::from_iter([Bytes::from_static(&[TAG_RAW]), data]))
+    // Only the first byte is initialised; zstd writes into the spare capacity.
+    let mut out = Vec::with_capacity(1 + zstd::zstd_safe::compress_bound(data.len()));
+    out.push(TAG_ZSTD);
+    let out = COMPRESSOR.with(|cell| -> Result<Vec<u8>, Error> {
+        let mut slot = cell.borrow_mut();
+        if slot.as_ref().is_none_or(|(l, _)| *l != level) {
+            *slot = Some((level, zstd::bulk::Compressor::new(level).map_err(Error::storage)?));
+        }
+        let (_, c) = slot.as_mut().expect("set above");
+        let mut dst = std::io::Cursor::new(out);
+        dst.set_position(1);
+        c.compress_to_buffer(data, &mut dst).map_err(Error::storage)?;
+        Ok(dst.into_inner())
+    })?;
+    Ok((out.len() - 1 < data.len() - data.len() / 16).then_some(out))
+}
+
+/// Tag byte + raw bytes, without copying them (the payload has two parts).
+fn raw_payload(data: Bytes) -> PutPayload {
+    PutPayload::from_iter([Bytes::from_static(&[TAG_RAW]), data])
+}
+
+/// Tag byte + zstd frame when that saves at least 1/16, else tag byte + raw
+/// bytes (see [compress_chunk], [raw_payload]).
+fn encode_chunk(data: Bytes, level: i32) -> Result<PutPayload, Error> {
+    Ok(match compress_chunk(&data, level)? {
+        Some(out) => PutPayload::from(Bytes::from(out)),
+        None => raw_payload(data),
+    })
 }
 
 thread_local! {
@@ -299,14 +340,40 @@ impl ObjectStoreBlobService {
     /// Like [Self::new] with explicit chunking parameters and zstd level.
     pub fn with_params(store: Arc<dyn ObjectStore>, base: Path, params: ChunkingParams, zstd_level: i32) -> Self {
         let upload_permits = Arc::new(tokio::sync::Semaphore::new(SERVICE_UPLOADS_IN_FLIGHT));
-        Self { inner: Arc::new(Inner { store, base, params, zstd_level, upload_permits, local_dir: None }) }
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                base,
+                params,
+                zstd_level,
+                upload_permits,
+                local_dir: None,
+                compaction: None,
+            }),
+        }
     }
 
     /// Declares that `store` keeps its objects as files under `dir` (an
     /// `object_store` `LocalFileSystem` with that prefix and an empty base):
     /// chunks are then read and written directly, in the same layout, with
-    /// one trip to the blocking pool per chunk.
-    pub fn with_local_dir(self, dir: std::path::PathBuf) -> Self {
+    /// one trip to the blocking pool per chunk. New chunks are compressed in
+    /// the background ([LocalFilesOptions::default]).
+    pub fn with_local_dir(self, dir: std::path::PathBuf) -> Result<Self, Error> {
+        self.with_local_files(dir, LocalFilesOptions::default())
+    }
+
+    /// Like [Self::with_local_dir] with explicit options. In
+    /// [LocalCompression::Background] mode this reads the directory's
+    /// `pending-compression` journal (chunks a previous process wrote raw)
+    /// and starts the compactor thread, which stops when the last clone of
+    /// the service is dropped.
+    pub fn with_local_files(self, dir: std::path::PathBuf, options: LocalFilesOptions) -> Result<Self, Error> {
+        let compaction = match options.compression {
+            LocalCompression::Inline => None,
+            LocalCompression::Background => {
+                Some(Compactor::start(dir.clone(), self.inner.zstd_level, &options)?)
+            }
+        };
         let inner = Inner {
             store: self.inner.store.clone(),
             base: self.inner.base.clone(),
@@ -314,8 +381,16 @@ impl ObjectStoreBlobService {
             zstd_level: self.inner.zstd_level,
             upload_permits: self.inner.upload_permits.clone(),
             local_dir: Some(dir),
+            compaction,
         };
-        Self { inner: Arc::new(inner) }
+        Ok(Self { inner: Arc::new(inner) })
+    }
+
+    /// Chunks written raw that the background compactor has not dealt with
+    /// yet (0 when compressing inline). For tests and benchmarks: wait for
+    /// this to reach 0 to see the store in its compacted steady state.
+    pub fn pending_compression(&self) -> usize {
+        self.inner.compaction.as_ref().map_or(0, Compactor::pending)
     }
 }
 

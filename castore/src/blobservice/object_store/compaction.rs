@@ -1,0 +1,438 @@
+//! Background compression of chunks written raw to a local-files store.
+//!
+//! Compressing inline costs the writer zstd's time on every chunk (about a
+//! third of the daemon's CPU during an import). In background mode a writer
+//! stores the chunk raw (`TAG_RAW`), appends its digest to the
+//! `pending-compression` journal and goes on; one OS thread per service, at
+//! the lowest CPU priority (`SCHED_IDLE`, else nice 19), compresses pending
+//! chunks once the store has had no chunk writes for `idle_delay`. As in
+//! RocksDB's levels, fresh data is stored fast and compacted later.
+//!
+//! For each pending chunk the compactor reads the file, and only if it is
+//! still raw, matches its digest, and zstd saves at least 1/16 (the rule of
+//! inline compression), writes the compressed form to a staging file, syncs
+//! it, and renames it over the chunk. Readers see either the raw or the
+//! compressed file, both complete, and the tag byte says how to decode it.
+//! A corrupt raw chunk is logged and left alone, so reads keep reporting it.
+//!
+//! The journal is a file of 32-byte digests, appended by writers (whoever
+//! takes the journal lock writes every record queued so far: group commit),
+//! read at start-up (a torn last record is dropped) and emptied once the
+//! compactor has dealt with everything queued. It is not fsynced: losing
+//! records (a crash) only leaves chunks raw, which is still correct. Stale
+//! records (chunks compressed already) are harmless: they are skipped.
+use super::{compress_chunk, local_chunk_file, write_file_atomically, TAG_RAW, TAG_ZSTD};
+use crate::{B3Digest, Error, B3_LEN};
+use bytes::Bytes;
+use parking_lot::{Condvar, Mutex};
+use std::collections::{HashSet, VecDeque};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tracing::{debug, info, warn};
+
+/// The journal's file name, in the store's directory.
+const JOURNAL_NAME: &str = "pending-compression";
+
+/// How a local-files store compresses new chunks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LocalCompression {
+    /// zstd while the chunk is written, as every other backend does.
+    Inline,
+    /// Written raw; a background thread compresses them once writes pause.
+    #[default]
+    Background,
+}
+
+impl std::str::FromStr for LocalCompression {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "inline" => Ok(Self::Inline),
+            "background" => Ok(Self::Background),
+            other => Err(format!("unknown compression {other:?} (expected inline or background)")),
+        }
+    }
+}
+
+/// Options of a local-files blob store
+/// ([ObjectStoreBlobService::with_local_files](super::ObjectStoreBlobService::with_local_files)).
+#[derive(Clone, Debug)]
+pub struct LocalFilesOptions {
+    /// When chunks get compressed.
+    pub compression: LocalCompression,
+    /// How long the store must have had no chunk writes before the compactor
+    /// works (default 1 s). Tests set it long to keep chunks raw, or short.
+    pub idle_delay: Duration,
+    /// Run the compactor at the lowest CPU priority (default). Off only in
+    /// tests, where a machine busy with other tests would starve it.
+    pub low_priority: bool,
+}
+
+impl Default for LocalFilesOptions {
+    fn default() -> Self {
+        Self { compression: LocalCompression::default(), idle_delay: Duration::from_secs(1), low_priority: true }
+    }
+}
+
+/// The compactor of one service: dropping it stops the thread (between two
+/// chunks; it is not joined).
+pub(super) struct Compactor {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    dir: PathBuf,
+    level: i32,
+    idle_delay: Duration,
+    low_priority: bool,
+    epoch: Instant,
+    /// Milliseconds since `epoch` of the last chunk write.
+    last_write_ms: AtomicU64,
+    stop: AtomicBool,
+    state: Mutex<State>,
+    /// Signalled when work arrives on an empty queue, and on stop.
+    wake: Condvar,
+    /// The journal, opened for appending. Lock order: `journal`, then `state`.
+    journal: Mutex<std::fs::File>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Chunks to look at, oldest first.
+    queue: VecDeque<B3Digest>,
+    /// Journal records not appended yet.
+    unjournaled: Vec<u8>,
+    /// The compactor is working on a chunk taken from the queue.
+    working: bool,
+    /// What the compactor did since the queue was last empty.
+    round: Round,
+}
+
+#[derive(Default)]
+struct Round {
+    started: Option<Instant>,
+    compressed: u64,
+    bytes_before: u64,
+    bytes_after: u64,
+    kept_raw: u64,
+    skipped: u64,
+}
+
+/// What became of one pending chunk.
+enum Outcome {
+    Compressed { before: u64, after: u64 },
+    /// Raw, and zstd would not save 1/16.
+    KeptRaw,
+    /// Already compressed, gone, corrupt or unreadable: nothing written.
+    Skipped,
+}
+
+impl Compactor {
+    /// Reads the journal under `dir` (creating it) and starts the thread.
+    pub(super) fn start(dir: PathBuf, level: i32, options: &LocalFilesOptions) -> Result<Self, Error> {
+        std::fs::create_dir_all(&dir).map_err(|e| Error::Storage(format!("creating {}: {e}", dir.display())))?;
+        let path = dir.join(JOURNAL_NAME);
+        let io_err = |what: &str, e: std::io::Error| Error::Storage(format!("{what} {}: {e}", path.display()));
+        let mut journal = std::fs::OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(&path)
+            .map_err(|e| io_err("opening", e))?;
+        let mut records = Vec::new();
+        journal.read_to_end(&mut records).map_err(|e| io_err("reading", e))?;
+        let whole = records.len() - records.len() % B3_LEN;
+        if whole != records.len() {
+            // A torn last record (crash during an append): drop it, so that
+            // new records start on a record boundary.
+            warn!(journal = %path.display(), "dropping a torn last record");
+            journal.set_len(whole as u64).map_err(|e| io_err("truncating", e))?;
+        }
+        let mut seen = HashSet::new();
+        let queue: VecDeque<B3Digest> = records[..whole]
+            .chunks_exact(B3_LEN)
+            .filter_map(|r| B3Digest::try_from(r).ok())
+            .filter(|d| seen.insert(*d))
+            .collect();
+        if !queue.is_empty() {
+            info!(chunks = queue.len(), dir = %dir.display(), "resuming background compression");
+        }
+        let shared = Arc::new(Shared {
+            dir,
+            level,
+            idle_delay: options.idle_delay,
+            low_priority: options.low_priority,
+            epoch: Instant::now(),
+            last_write_ms: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+            state: Mutex::new(State { queue, ..Default::default() }),
+            wake: Condvar::new(),
+            journal: Mutex::new(journal),
+        });
+        let thread_shared = shared.clone();
+        std::thread::Builder::new()
+            .name("arca-compactor".into())
+            .spawn(move || thread_shared.run())
+            .map_err(|e| Error::Storage(format!("starting the compactor thread: {e}")))?;
+        Ok(Self { shared })
+    }
+
+    /// A writer is about to store a chunk: the compactor waits for quiet.
+    pub(super) fn note_write(&self) {
+        self.shared.last_write_ms.store(self.shared.now_ms(), Ordering::Relaxed);
+    }
+
+    /// Records a chunk just written raw: queued, and appended to the journal
+    /// (with whatever other writers queued meanwhile). Blocking I/O.
+    pub(super) fn record(&self, digest: B3Digest) {
+        let shared = &self.shared;
+        shared.last_write_ms.store(shared.now_ms(), Ordering::Relaxed);
+        {
+            let mut st = shared.state.lock();
+            let was_idle = st.queue.is_empty() && !st.working;
+            st.queue.push_back(digest);
+            st.unjournaled.extend_from_slice(digest.as_bytes());
+            if was_idle {
+                shared.wake.notify_all();
+            }
+        }
+        let mut journal = shared.journal.lock();
+        let batch = std::mem::take(&mut shared.state.lock().unjournaled);
+        if !batch.is_empty() {
+            if let Err(e) = journal.write_all(&batch) {
+                // The chunks are stored; they may only stay raw after a restart.
+                warn!(dir = %shared.dir.display(), error = %e, "appending to the compression journal");
+            }
+        }
+    }
+
+    /// Chunks queued or being compressed.
+    pub(super) fn pending(&self) -> usize {
+        let st = self.shared.state.lock();
+        st.queue.len() + usize::from(st.working)
+    }
+}
+
+impl Drop for Compactor {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        // Take the lock so a thread between its check and its wait sees the flag.
+        let _st = self.shared.state.lock();
+        self.shared.wake.notify_all();
+    }
+}
+
+impl Shared {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    /// The compactor thread's loop.
+    fn run(self: Arc<Self>) {
+        let priority = if self.low_priority { lower_own_priority() } else { "normal (as asked)" };
+        debug!(dir = %self.dir.display(), priority, "compactor started");
+        loop {
+            let mut st = self.state.lock();
+            while st.queue.is_empty() && !self.stopped() {
+                self.wake.wait(&mut st);
+            }
+            if self.stopped() {
+                break;
+            }
+            // Only once writes have paused.
+            let quiet_ms = self.now_ms().saturating_sub(self.last_write_ms.load(Ordering::Relaxed));
+            let quiet = Duration::from_millis(quiet_ms);
+            if quiet < self.idle_delay {
+                self.wake.wait_for(&mut st, self.idle_delay - quiet);
+                continue;
+            }
+            let Some(digest) = st.queue.pop_front() else { continue };
+            st.working = true;
+            st.round.started.get_or_insert_with(Instant::now);
+            drop(st);
+
+            let outcome = compact_one(&self.dir, self.level, &digest);
+
+            let mut st = self.state.lock();
+            st.working = false;
+            match outcome {
+                Outcome::Compressed { before, after } => {
+                    st.round.compressed += 1;
+                    st.round.bytes_before += before;
+                    st.round.bytes_after += after;
+                }
+                Outcome::KeptRaw => st.round.kept_raw += 1,
+                Outcome::Skipped => st.round.skipped += 1,
+            }
+            let drained = st.queue.is_empty();
+            drop(st);
+            if drained {
+                self.finish_round();
+            }
+        }
+        debug!(dir = %self.dir.display(), "compactor stopped");
+    }
+
+    /// The queue ran empty: everything journaled is done, so the journal is
+    /// emptied (unless new work arrived meanwhile) and the round reported.
+    fn finish_round(&self) {
+        let journal = self.journal.lock();
+        let mut st = self.state.lock();
+        if !st.queue.is_empty() || st.working || self.stopped() {
+            return;
+        }
+        // Records not appended yet belong to chunks already dealt with.
+        st.unjournaled.clear();
+        let round = std::mem::take(&mut st.round);
+        drop(st);
+        if let Err(e) = journal.set_len(0) {
+            warn!(dir = %self.dir.display(), error = %e, "emptying the compression journal");
+        }
+        drop(journal);
+        let seconds = round.started.map_or(0.0, |s| s.elapsed().as_secs_f64());
+        info!(
+            dir = %self.dir.display(),
+            kept_raw = round.kept_raw,
+            skipped = round.skipped,
+            seconds,
+            "compressed {} chunks, {} -> {} bytes",
+            round.compressed,
+            round.bytes_before,
+            round.bytes_after,
+        );
+    }
+}
+
+/// Compresses the raw chunk `digest` under `dir` in place, if worth it.
+fn compact_one(dir: &Path, level: i32, digest: &B3Digest) -> Outcome {
+    let file = local_chunk_file(dir, &digest.to_hex());
+    let stored = match std::fs::read(&file) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            debug!(chunk = %digest, "pending chunk is gone");
+            return Outcome::Skipped;
+        }
+        Err(e) => {
+            warn!(chunk = %digest, file = %file.display(), error = %e, "reading a chunk to compress");
+            return Outcome::Skipped;
+        }
+    };
+    match stored.first() {
+        Some(&TAG_RAW) => {}
+        Some(&TAG_ZSTD) => return Outcome::Skipped,
+        _ => {
+            warn!(chunk = %digest, file = %file.display(), "chunk of unknown encoding: not compressed");
+            return Outcome::Skipped;
+        }
+    }
+    let raw = &stored[1..];
+    if B3Digest::of(raw) != *digest {
+        // Never turn a corrupt chunk into a valid-looking compressed one.
+        warn!(chunk = %digest, file = %file.display(), "raw chunk does not match its digest: left as is");
+        return Outcome::Skipped;
+    }
+    match compress_chunk(raw, level) {
+        Ok(Some(compressed)) => {
+            let after = compressed.len() as u64;
+            match write_file_atomically(&file, &[Bytes::from(compressed)], true) {
+                Ok(()) => Outcome::Compressed { before: stored.len() as u64, after },
+                Err(e) => {
+                    warn!(chunk = %digest, file = %file.display(), error = %e, "writing a compressed chunk");
+                    Outcome::Skipped
+                }
+            }
+        }
+        Ok(None) => Outcome::KeptRaw,
+        Err(e) => {
+            warn!(chunk = %digest, error = %e, "compressing a chunk");
+            Outcome::Skipped
+        }
+    }
+}
+
+/// Puts the calling thread at the lowest CPU priority: `SCHED_IDLE` on Linux
+/// (it runs only when a core would otherwise idle), else nice 19. Returns
+/// what it got, for the log.
+fn lower_own_priority() -> &'static str {
+    #[cfg(target_os = "linux")]
+    {
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: a plain syscall; pid 0 is the calling thread, `param` is valid.
+        if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } == 0 {
+            return "SCHED_IDLE";
+        }
+        // SAFETY: a plain syscall; on Linux, who 0 is the calling thread only.
+        if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) } == 0 {
+            return "nice 19";
+        }
+    }
+    "normal"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compression_modes_parse() {
+        assert_eq!("inline".parse::<LocalCompression>(), Ok(LocalCompression::Inline));
+        assert_eq!("background".parse::<LocalCompression>(), Ok(LocalCompression::Background));
+        let err = "lazy".parse::<LocalCompression>().unwrap_err();
+        assert!(err.contains("\"lazy\"") && err.contains("inline or background"), "{err}");
+    }
+
+    #[test]
+    fn the_compactor_thread_runs_at_idle_priority() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let got = lower_own_priority();
+            // SAFETY: plain syscall on the calling thread.
+            let policy = unsafe { libc::sched_getscheduler(0) };
+            let _ = tx.send((got, policy));
+        });
+        let (got, policy) = rx.recv().expect("thread reports");
+        match got {
+            "SCHED_IDLE" => assert_eq!(policy, libc::SCHED_IDLE),
+            "nice 19" => {
+                // SAFETY: plain syscall.
+                assert_eq!(unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) }, 0, "only that thread was reniced");
+            }
+            other => panic!("could not lower the priority: {other}"),
+        }
+        // The calling thread itself is untouched.
+        // SAFETY: plain syscall on the calling thread.
+        assert_eq!(unsafe { libc::sched_getscheduler(0) }, libc::SCHED_OTHER);
+    }
+
+    #[test]
+    fn a_torn_journal_record_is_dropped_and_duplicates_merged() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let a = B3Digest::of(b"a");
+        let b = B3Digest::of(b"b");
+        let mut bytes = Vec::new();
+        for d in [a, b, a] {
+            bytes.extend_from_slice(d.as_bytes());
+        }
+        bytes.extend_from_slice(&[7; 10]); // torn
+        std::fs::write(tmp.path().join(JOURNAL_NAME), &bytes).expect("write journal");
+        // A long delay: nothing is compacted while we look.
+        let options = LocalFilesOptions { idle_delay: Duration::from_secs(3600), ..Default::default() };
+        let c = Compactor::start(tmp.path().to_path_buf(), 1, &options).expect("start");
+        assert_eq!(c.pending(), 2);
+        assert_eq!(std::fs::metadata(tmp.path().join(JOURNAL_NAME)).expect("journal").len(), 3 * 32);
+        // New records land on a record boundary.
+        let d = B3Digest::of(b"d");
+        c.record(d);
+        let after = std::fs::read(tmp.path().join(JOURNAL_NAME)).expect("journal");
+        assert_eq!(after.len(), 4 * 32);
+        assert_eq!(&after[96..], d.as_bytes());
+        assert_eq!(c.pending(), 3);
+    }
+}

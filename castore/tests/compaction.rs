@@ -1,0 +1,328 @@
+//! Local-files blob stores write chunks raw and compress them in the
+//! background: the files change form, the blobs never do.
+mod common;
+
+use arca_castore::blobservice::{
+    put_bytes, read_all, BlobService, LocalCompression, LocalFilesOptions, ObjectStoreBlobService,
+};
+use arca_castore::{B3Digest, Error};
+use common::*;
+use rand::RngCore;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+const TAG_RAW: u8 = 0;
+const TAG_ZSTD: u8 = 1;
+const JOURNAL: &str = "pending-compression";
+/// Longest a test waits for the compactor.
+const PATIENCE: Duration = Duration::from_secs(120);
+
+/// A local-files service on `dir`, background mode, with this idle delay (at
+/// normal priority: other tests keep the cores busy).
+fn open(dir: &Path, idle_delay: Duration) -> ObjectStoreBlobService {
+    let url = url::Url::from_directory_path(dir).expect("absolute dir");
+    let (store, base) = arca_castore::composition::object_store_from(&url, &[]).expect("local store");
+    let options =
+        LocalFilesOptions { compression: LocalCompression::Background, idle_delay, low_priority: false };
+    ObjectStoreBlobService::new(store, base).with_local_files(dir.to_path_buf(), options).expect("service")
+}
+
+/// Every file under `chunks/` (staging files included), sorted.
+fn chunk_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(subdirs) = std::fs::read_dir(dir.join("chunks")) else { return out };
+    for sub in subdirs.flatten() {
+        for f in std::fs::read_dir(sub.path()).expect("chunk dir").flatten() {
+            out.push(f.path());
+        }
+    }
+    out.sort();
+    out
+}
+
+fn staging_files(dir: &Path) -> Vec<PathBuf> {
+    chunk_files(dir).into_iter().filter(|p| p.to_string_lossy().contains("#arca-")).collect()
+}
+
+/// A chunk file's tag byte.
+fn tag(p: &Path) -> u8 {
+    use std::io::Read;
+    let mut b = [0u8; 1];
+    std::fs::File::open(p).and_then(|mut f| f.read_exact(&mut b)).expect("chunk file");
+    b[0]
+}
+
+fn disk_bytes(files: &[PathBuf]) -> u64 {
+    files.iter().map(|f| std::fs::metadata(f).expect("chunk file").len()).sum()
+}
+
+fn journal_len(dir: &Path) -> u64 {
+    std::fs::metadata(dir.join(JOURNAL)).map_or(0, |m| m.len())
+}
+
+/// Waits (bounded) until the compactor has dealt with everything and
+/// emptied its journal.
+async fn wait_compacted(svc: &ObjectStoreBlobService, dir: &Path) {
+    let start = Instant::now();
+    while svc.pending_compression() > 0 || journal_len(dir) > 0 {
+        assert!(
+            start.elapsed() < PATIENCE,
+            "not compacted after {PATIENCE:?}: {} pending, journal {} bytes",
+            svc.pending_compression(),
+            journal_len(dir)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn random_bytes(len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    rand::rng().fill_bytes(&mut v);
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_are_written_raw_then_compressed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    // Long enough that the checks of the raw state run before compaction.
+    let svc = open(dir, Duration::from_secs(2));
+    let data = test_data(3 * 1024 * 1024, 21);
+    let digest = put_bytes(&svc, data.clone().into()).await.unwrap();
+    let files = chunk_files(dir);
+    assert!(files.len() > 2, "{files:?}");
+    assert!(files.iter().all(|f| tag(f) == TAG_RAW), "every new chunk is raw");
+    let raw_bytes = disk_bytes(&files);
+    assert_eq!(raw_bytes, data.len() as u64 + files.len() as u64, "raw: one tag byte per chunk");
+    assert_eq!(journal_len(dir), 32 * files.len() as u64, "one journal record per new chunk");
+    assert_eq!(svc.pending_compression(), files.len());
+    assert_eq!(read_all(&svc, &digest).await.unwrap().unwrap(), data, "raw chunks read back");
+
+    wait_compacted(&svc, dir).await;
+    let after = chunk_files(dir);
+    assert_eq!(after, files, "same chunks, no staging files left");
+    assert!(after.iter().all(|f| tag(f) == TAG_ZSTD), "every chunk compressed");
+    let compressed = disk_bytes(&after);
+    assert!(compressed < raw_bytes * 3 / 4, "{compressed} of {raw_bytes}");
+    assert_eq!(read_all(&svc, &digest).await.unwrap().unwrap(), data, "compressed chunks read back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incompressible_chunks_stay_raw() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let svc = open(dir, Duration::from_millis(50));
+    let data = random_bytes(2 * 1024 * 1024);
+    let digest = put_bytes(&svc, data.clone().into()).await.unwrap();
+    // Smaller than anything zstd is tried on, though very compressible.
+    let tiny = put_bytes(&svc, vec![b'a'; 300].into()).await.unwrap();
+    let files = chunk_files(dir);
+    let before = disk_bytes(&files);
+    wait_compacted(&svc, dir).await;
+    let after = chunk_files(dir);
+    assert_eq!(after, files);
+    assert!(after.iter().all(|f| tag(f) == TAG_RAW));
+    assert_eq!(disk_bytes(&after), before);
+    assert_eq!(read_all(&svc, &digest).await.unwrap().unwrap(), data);
+    assert_eq!(read_all(&svc, &tiny).await.unwrap().unwrap(), vec![b'a'; 300]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_during_compaction_are_correct() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    let svc = open(&dir, Duration::from_millis(100));
+    let mut blobs = Vec::new();
+    for seed in 0..6 {
+        let data = test_data(2 * 1024 * 1024 + seed * 1000, 100 + seed as u64);
+        blobs.push((put_bytes(&svc, data.clone().into()).await.unwrap(), data));
+    }
+    let chunks = chunk_files(&dir).len();
+    assert!(chunks > 10);
+    // Readers loop over every blob while the compactor rewrites the files.
+    let mut readers = Vec::new();
+    for r in 0..2 {
+        let svc = svc.clone();
+        let blobs = blobs.clone();
+        readers.push(tokio::spawn(async move {
+            let mut reads = 0u64;
+            let start = Instant::now();
+            loop {
+                let done = svc.pending_compression() == 0;
+                for (i, (digest, data)) in blobs.iter().enumerate().skip(r) {
+                    let got = read_all(&svc, digest).await.unwrap_or_else(|e| panic!("blob {i}: {e}"));
+                    assert!(got.as_deref() == Some(&data[..]), "blob {i} read back different bytes");
+                    reads += 1;
+                }
+                if done {
+                    return reads;
+                }
+                assert!(start.elapsed() < PATIENCE, "compaction did not finish");
+                // Leave the compactor some CPU.
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }));
+    }
+    let mut reads = 0;
+    for r in readers {
+        reads += r.await.unwrap();
+    }
+    wait_compacted(&svc, &dir).await;
+    assert!(chunk_files(&dir).iter().all(|f| tag(f) == TAG_ZSTD));
+    assert!(reads >= 11, "{reads} reads");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_journal_resumes_compaction_after_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let data = test_data(3 * 1024 * 1024, 31);
+    let digest;
+    let files;
+    {
+        // Compaction never starts in this process's lifetime.
+        let svc = open(dir, Duration::from_secs(3600));
+        digest = put_bytes(&svc, data.clone().into()).await.unwrap();
+        files = chunk_files(dir);
+        assert_eq!(journal_len(dir), 32 * files.len() as u64);
+    }
+    assert!(files.iter().all(|f| tag(f) == TAG_RAW));
+    let svc = open(dir, Duration::from_millis(20));
+    assert_eq!(svc.pending_compression(), files.len(), "the journal was read back");
+    wait_compacted(&svc, dir).await;
+    assert_eq!(chunk_files(dir), files);
+    assert!(files.iter().all(|f| tag(f) == TAG_ZSTD));
+    assert_eq!(read_all(&svc, &digest).await.unwrap().unwrap(), data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_mid_compaction_leaves_a_consistent_store() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let data = test_data(16 * 1024 * 1024, 41);
+    let digest = {
+        let svc = open(dir, Duration::from_secs(3600));
+        put_bytes(&svc, data.clone().into()).await.unwrap()
+    };
+    let files = chunk_files(dir);
+    {
+        let svc = open(dir, Duration::ZERO);
+        // Stop as soon as compaction has begun.
+        let start = Instant::now();
+        while !files.iter().any(|f| tag(f) == TAG_ZSTD) {
+            assert!(start.elapsed() < PATIENCE);
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        drop(svc);
+    }
+    // Give the thread time to notice; it stops between two chunks.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(chunk_files(dir), files, "no staging file left behind");
+    assert!(staging_files(dir).is_empty());
+    // Every chunk still raw is still in the journal.
+    let journal = std::fs::read(dir.join(JOURNAL)).unwrap();
+    let listed: Vec<B3Digest> = journal.chunks_exact(32).map(|r| B3Digest::try_from(r).unwrap()).collect();
+    for f in files.iter().filter(|f| tag(f) == TAG_RAW) {
+        let name = f.file_name().unwrap().to_str().unwrap();
+        assert!(listed.iter().any(|d| d.to_hex() == name), "raw chunk {name} fell out of the journal");
+    }
+    let svc = open(dir, Duration::from_millis(20));
+    wait_compacted(&svc, dir).await;
+    assert!(chunk_files(dir).iter().all(|f| tag(f) == TAG_ZSTD));
+    assert_eq!(read_all(&svc, &digest).await.unwrap().unwrap(), data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_raw_chunk_is_not_compressed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let data = test_data(3 * 1024 * 1024, 51);
+    let digest = {
+        let svc = open(dir, Duration::from_secs(3600));
+        put_bytes(&svc, data.clone().into()).await.unwrap()
+    };
+    let files = chunk_files(dir);
+    let victim = &files[files.len() / 2];
+    let mut bytes = std::fs::read(victim).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    std::fs::write(victim, &bytes).unwrap();
+
+    let svc = open(dir, Duration::from_millis(20));
+    wait_compacted(&svc, dir).await;
+    assert_eq!(std::fs::read(victim).unwrap(), bytes, "the corrupt chunk is left exactly as it was");
+    for f in files.iter().filter(|f| *f != victim) {
+        assert_eq!(tag(f), TAG_ZSTD, "{}", f.display());
+    }
+    let r = read_all(&svc, &digest).await;
+    assert!(matches!(r, Err(Error::Storage(ref m)) if m.contains("verification")), "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compression_is_chosen_by_the_url() {
+    // inline: compressed at once, no journal.
+    let (b, _d, g) = from_urls("objectstore+file://{tmp}/blobs?compression=inline", "memory://");
+    let dir = g.tmp.as_ref().unwrap().path().join("blobs");
+    let data = test_data(2 * 1024 * 1024, 61);
+    let digest = put_bytes(&*b, data.clone().into()).await.unwrap();
+    let files = chunk_files(&dir);
+    assert!(!files.is_empty());
+    assert!(files.iter().all(|f| tag(f) == TAG_ZSTD));
+    assert!(!dir.join(JOURNAL).exists());
+    assert_eq!(read_all(&*b, &digest).await.unwrap().unwrap(), data);
+
+    // background (the default, and spelled out): raw first, journaled.
+    for url in ["objectstore+file://{tmp}/blobs", "objectstore+file://{tmp}/blobs?compression=background"] {
+        let (b, _d, g) = from_urls(url, "memory://");
+        let dir = g.tmp.as_ref().unwrap().path().join("blobs");
+        put_bytes(&*b, data.clone().into()).await.unwrap();
+        let files = chunk_files(&dir);
+        assert!(files.iter().all(|f| tag(f) == TAG_RAW), "{url}");
+        assert_eq!(journal_len(&dir), 32 * files.len() as u64, "{url}");
+    }
+
+    // Unknown values are refused when the URL is parsed.
+    let e = arca_castore::composition::Composition::from_urls("objectstore+file:///tmp/x?compression=later", "memory://")
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("unknown compression \"later\" (expected inline or background)"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rewritten_chunk_is_compressed_again() {
+    // A chunk deleted behind the store's back and written again raw is
+    // queued again; an already compressed chunk is left alone.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let svc = open(dir, Duration::from_millis(20));
+    let data = test_data(300 * 1024, 71);
+    let digest = put_bytes(&svc, data.clone().into()).await.unwrap();
+    wait_compacted(&svc, dir).await;
+    let files = chunk_files(dir);
+    assert!(files.iter().all(|f| tag(f) == TAG_ZSTD));
+    let first = files[0].clone();
+    let compressed = std::fs::read(&first).unwrap();
+    std::fs::remove_file(&first).unwrap();
+    put_bytes(&svc, data.clone().into()).await.unwrap();
+    wait_compacted(&svc, dir).await;
+    assert_eq!(std::fs::read(&first).unwrap(), compressed);
+    assert_eq!(read_all(&svc, &digest).await.unwrap().unwrap(), data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn has_ignores_staging_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let svc = open(dir, Duration::from_secs(3600));
+    let data = b"not stored under its own name";
+    let digest = B3Digest::of(data);
+    let hex = digest.to_hex();
+    let sub = dir.join("chunks").join(&hex[..2]);
+    std::fs::create_dir_all(&sub).unwrap();
+    let mut staged = vec![TAG_RAW];
+    staged.extend_from_slice(data);
+    std::fs::write(sub.join(format!("{hex}#arca-1-1")), staged).unwrap();
+    assert!(!svc.has(&digest).await.unwrap());
+    assert!(svc.open_read(&digest).await.unwrap().is_none());
+}
