@@ -4,7 +4,13 @@
 # directories), against references measured in the same run:
 #   - b3sum of every file (hashing alone),
 #   - cp -a + sync of the same tree (copying alone),
+#   - the same import with the blob store compressing inline
+#     (objectstore+file://…?compression=inline), runs alternating with the default,
 # and the stored bytes against the logical size, first import and re-import.
+# The default store writes chunks raw and compresses them in the background once
+# writes pause: the stored bytes are measured after that compaction finished
+# (bounded wait for the journal data/blobs/pending-compression to empty), and
+# the time it took after the import returned is reported.
 #
 # TREE_SOURCE defaults to /usr/lib/x86_64-linux-gnu (≈ 660 MB of shared libraries).
 # Needs: b3sum, hyperfine (apt-get install b3sum hyperfine). Prints a Markdown report.
@@ -41,24 +47,46 @@ hf_median() { python3 -c "import json,sys; r={x['command']:x for x in json.load(
 T_B3=$(hf_median b3sum)
 T_CP=$(hf_median "cp -a + sync")
 
-# arca: a fresh daemon store for every run (first import), then re-imports.
-T_ARCA_ALL=()
+# arca: a fresh daemon store for every run (first import), inline and default
+# (background) compression alternating; then a re-import into the last store.
+T_ARCA_ALL=(); T_INLINE_ALL=(); T_COMPACT_ALL=(); CPU_IMPORT_ALL=(); CPU_COMPACT_ALL=(); CPU_INLINE_ALL=()
 for i in $(seq "$RUNS"); do
+  start_daemon --blob-service-addr "$(inline_blobs)"
+  c=$(daemon_cpu); s=$(now)
+  "$ARCA" castore import "$TREE" >"$WORK/out-inline.json"
+  sync
+  e=$(now)
+  T_INLINE_ALL+=("$(echo "$e - $s" | bc)")
+  CPU_INLINE_ALL+=("$(echo "$(daemon_cpu) - $c" | bc)")
+  STORED_INLINE=$(du -sb "$WORK/data/blobs" | cut -f1)
+  stop_daemon
+
   start_daemon
-  s=$(date +%s.%N)
+  c=$(daemon_cpu); s=$(now)
   "$ARCA" castore import "$TREE" >"$WORK/out.json"
   sync
-  e=$(date +%s.%N)
+  e=$(now)
   T_ARCA_ALL+=("$(echo "$e - $s" | bc)")
+  c2=$(daemon_cpu)
+  CPU_IMPORT_ALL+=("$(echo "$c2 - $c" | bc)")
+  STORED_RAW=$(du -sb "$WORK/data/blobs" | cut -f1)
+  T_COMPACT_ALL+=("$(wait_compacted)")
+  CPU_COMPACT_ALL+=("$(echo "$(daemon_cpu) - $c2" | bc)")
+  cmp -s "$WORK/out.json" "$WORK/out-inline.json" || { echo "inline and background imports gave other roots" >&2; exit 1; }
   if [ "$i" -lt "$RUNS" ]; then stop_daemon; fi
 done
 T_ARCA=$(printf "%s\n" "${T_ARCA_ALL[@]}" | median)
+T_INLINE=$(printf "%s\n" "${T_INLINE_ALL[@]}" | median)
+T_COMPACT=$(printf "%s\n" "${T_COMPACT_ALL[@]}" | median)
+CPU_IMPORT=$(printf "%s\n" "${CPU_IMPORT_ALL[@]}" | median)
+CPU_COMPACT=$(printf "%s\n" "${CPU_COMPACT_ALL[@]}" | median)
+CPU_INLINE=$(printf "%s\n" "${CPU_INLINE_ALL[@]}" | median)
 STORED=$(du -sb "$WORK/data/blobs" | cut -f1)
 DIRS=$(du -sb "$WORK/data/directories.sled" | cut -f1)
-s=$(date +%s.%N)
+s=$(now)
 "$ARCA" castore import "$TREE" >"$WORK/out2.json"
 sync
-e=$(date +%s.%N)
+e=$(now)
 T_REIMPORT=$(echo "$e - $s" | bc)
 STORED2=$(du -sb "$WORK/data/blobs" | cut -f1)
 cmp -s "$WORK/out.json" "$WORK/out2.json" || { echo "re-import gave another root" >&2; exit 1; }
@@ -72,11 +100,15 @@ cat <<EOF
 |---|---|---|
 | \`b3sum\` of every file | $T_B3 | $(ratio "$T_B3" "$T_ARCA") |
 | \`cp -a\` + \`sync\` | $T_CP | $(ratio "$T_CP" "$T_ARCA") |
-| \`arca castore import\` through the daemon (fresh store) + \`sync\` | $T_ARCA | 1.00 |
+| \`arca castore import\` through the daemon (fresh store, background compression) + \`sync\` | $T_ARCA | 1.00 |
+| same with inline compression (\`?compression=inline\`) + \`sync\` | $T_INLINE | $(ratio "$T_INLINE" "$T_ARCA") |
+| background: compaction done, after the import returned (incl. the 1 s idle wait) | $T_COMPACT | |
 | same import again (everything already stored) | $T_REIMPORT | |
 
-- throughput: $(python3 -c "print('%.0f' % ($LOGICAL / 1e6 / $T_ARCA))") MB/s; arca / (cp -a + sync) = $(ratio "$T_ARCA" "$T_CP")
-- stored blob bytes: $STORED of $LOGICAL logical = $(ratio "$STORED" "$LOGICAL"); directories (sled): $DIRS bytes
+- runs (s): background ${T_ARCA_ALL[*]}; inline ${T_INLINE_ALL[*]}; compaction ${T_COMPACT_ALL[*]}
+- throughput: $(python3 -c "print('%.0f' % ($LOGICAL / 1e6 / $T_ARCA))") MB/s; arca / (cp -a + sync) = $(ratio "$T_ARCA" "$T_CP") (inline: $(ratio "$T_INLINE" "$T_CP"))
+- daemon CPU (median): background import $CPU_IMPORT s + compaction $CPU_COMPACT s; inline import $CPU_INLINE s
+- stored blob bytes after compaction: $STORED of $LOGICAL logical = $(ratio "$STORED" "$LOGICAL"); right after the import (raw): $STORED_RAW = $(ratio "$STORED_RAW" "$LOGICAL"); inline: $STORED_INLINE = $(ratio "$STORED_INLINE" "$LOGICAL"); directories (sled): $DIRS bytes
 - re-import added $(( STORED2 - STORED )) blob bytes; daemon RSS after the imports: $(( RSS / 1024 )) MiB
 - root: $(cat "$WORK/out.json")
 EOF

@@ -15,6 +15,30 @@ start_daemon() {
 
 stop_daemon() { kill -TERM "$DAEMON_PID"; wait "$DAEMON_PID" || true; }
 
+# The daemon's blob store URL with inline compression (zstd while writing),
+# for comparison with the default (raw first, compressed in the background).
+inline_blobs() { echo "objectstore+file://$WORK/data/blobs?compression=inline"; }
+
+# Waits until the daemon's background compactor has dealt with every chunk
+# written raw, i.e. its journal $WORK/data/blobs/pending-compression is empty
+# or absent; at most $1 seconds (default 600), else fails. Prints the seconds
+# waited (this includes the compactor's 1 s wait for writes to pause).
+wait_compacted() {
+  local limit=${1:-600} journal=$WORK/data/blobs/pending-compression s
+  s=$(now)
+  while [ -s "$journal" ]; do
+    if [ "$(echo "$(now) - $s > $limit" | bc)" = 1 ]; then
+      echo "compaction not finished after ${limit} s ($(stat -c %s "$journal") journal bytes)" >&2
+      return 1
+    fi
+    sleep 0.05
+  done
+  printf '%.2f\n' "$(echo "$(now) - $s" | bc)"
+}
+
+# CPU seconds (user + system) the daemon has used so far.
+daemon_cpu() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f\n", ($14 + $15) / hz }' "/proc/$DAEMON_PID/stat"; }
+
 now() { date +%s.%N; }
 
 # The median of the numbers on stdin (RUNS of them).
