@@ -43,12 +43,17 @@ pub const SMALL_FILE: u64 = 1024 * 1024;
 const BLOB_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 /// Directories kept in memory.
 const DIR_CACHE_ENTRIES: usize = 50_000;
-/// Read-ahead of the next small files of a directory (and its
-/// subdirectories) once one is read from its start: at most this many
-/// files, this many bytes, looking at this many entries.
-const SIBLING_FILES: usize = 16;
-const SIBLING_BYTES: u64 = 8 * 1024 * 1024;
-const SIBLING_SCAN: usize = 64;
+/// Read-ahead of small files in walk order (the rest of the directory,
+/// descending into subdirectories already fetched) once a file is read from
+/// its start: a window of at most this many files, this many bytes, looking
+/// at this many entries.
+const SIBLING_FILES: usize = 256;
+const SIBLING_BYTES: u64 = 16 * 1024 * 1024;
+const SIBLING_SCAN: usize = 1024;
+/// The window's missing files are fetched (in one batch call) once at least
+/// this many are missing, or at once when the file being read is one of
+/// them: a walk costs about one call per this many small files.
+const BATCH_MIN: usize = SIBLING_FILES / 4;
 
 /// What is left of one read-ahead's budget.
 struct Budget {
@@ -203,17 +208,36 @@ impl Inner {
         }
     }
 
-    /// Starts fetching the small files that follow `parent.index` in its
-    /// directory, descending into subdirectories on the way (the order of
-    /// `find`, `tar`, `nix-store --dump`), within the read-ahead budget.
-    fn prefetch_siblings(&self, parent: Parent) {
+    /// Starts fetching the small files from `parent.index` (or the one
+    /// after, if `current_too` is false) in walk order (the order of
+    /// `find`, `tar`, `nix-store --dump`), within the read-ahead window,
+    /// in one batch: when at least [BATCH_MIN] of them are missing, or when
+    /// the current file is (a reader waits for it).
+    fn prefetch_siblings(&self, parent: Parent, current_too: bool) {
         let Some(listing) = self.dirs.cached(&parent.dir) else { return };
         let mut budget = Budget { files: SIBLING_FILES, bytes: SIBLING_BYTES, scan: SIBLING_SCAN };
-        self.prefetch_from(&listing, parent.index + 1, &mut budget, 0);
+        let current_missing = current_too
+            && matches!(listing.entries.get(parent.index), Some((_, Node::File { digest, .. })) if !self.blobs.has(digest));
+        let mut missing = Vec::new();
+        let start = if current_too { parent.index } else { parent.index + 1 };
+        self.prefetch_from(&listing, start, &mut budget, 0, &mut missing);
+        if missing.len() >= BATCH_MIN || current_missing {
+            self.blobs.prefetch_batch(&missing);
+        }
     }
 
-    /// Prefetches from `listing.entries[start..]`; false once the budget is spent.
-    fn prefetch_from(&self, listing: &Listing, start: usize, budget: &mut Budget, depth: usize) -> bool {
+    /// Collects the small files of `listing.entries[start..]` (and of the
+    /// subdirectories on the way) that are neither cached nor in flight;
+    /// false once the budget is spent. Files already there count against
+    /// the window too.
+    fn prefetch_from(
+        &self,
+        listing: &Listing,
+        start: usize,
+        budget: &mut Budget,
+        depth: usize,
+        missing: &mut Vec<(B3Digest, u64)>,
+    ) -> bool {
         for (_, node) in listing.entries.iter().skip(start) {
             if budget.scan == 0 {
                 return false;
@@ -226,12 +250,14 @@ impl Inner {
                     }
                     budget.files -= 1;
                     budget.bytes -= size;
-                    self.blobs.prefetch(*digest, *size);
+                    if !self.blobs.has(digest) {
+                        missing.push((*digest, *size));
+                    }
                 }
                 Node::Directory { digest, .. } if depth < 16 => {
                     // Only directories already fetched (the closure prefetch fetched them).
                     if let Some(sub) = self.dirs.cached(digest) {
-                        if !self.prefetch_from(&sub, 0, budget, depth + 1) {
+                        if !self.prefetch_from(&sub, 0, budget, depth + 1, missing) {
                             return false;
                         }
                     }
@@ -251,9 +277,10 @@ impl Inner {
         size: u32,
     ) -> Result<bytes::Bytes, Errno> {
         if offset == 0 {
-            // A read from the start: the next files of the directory are likely next.
+            // A read from the start: the next files of the directory are
+            // likely next (and this one, if small, comes in the same batch).
             if let Some(p) = parent {
-                self.prefetch_siblings(p);
+                self.prefetch_siblings(p, file_size <= SMALL_FILE);
             }
         }
         if file_size > SMALL_FILE {
@@ -435,7 +462,7 @@ impl Filesystem for ArcaFs {
                     if let Some(p) = entry.parent {
                         // Prefetches are spawned: enter the runtime on this fuser thread.
                         let _rt = self.rt.enter();
-                        self.inner.prefetch_siblings(p);
+                        self.inner.prefetch_siblings(p, false);
                     }
                 }
                 let start = offset.min(file_size) as usize;
