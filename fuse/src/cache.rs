@@ -15,6 +15,10 @@ pub type Errno = fuser::Errno;
 
 type Flight<V> = Shared<BoxFuture<'static, Result<V, Errno>>>;
 
+/// Called with each blob a batch read delivers (on a runtime thread: it
+/// must not block).
+pub type ArrivalHook = Arc<dyn Fn(B3Digest, &Bytes) + Send + Sync>;
+
 /// A directory's entries in name order, searchable by name.
 pub struct Listing {
     /// Digest of the directory.
@@ -190,7 +194,9 @@ impl BlobCache {
     /// call (one gRPC call per 1024 blobs). Each blob becomes available as
     /// soon as it arrives; if the batch fails, readers waiting for one of
     /// its blobs fetch that blob on its own.
-    pub fn prefetch_batch(self: &Arc<Self>, items: &[(B3Digest, u64)]) {
+    /// `on_arrival(digest, bytes)` runs for every blob the batch delivers
+    /// (the filesystem pushes small files into the kernel's page cache).
+    pub fn prefetch_batch(self: &Arc<Self>, items: &[(B3Digest, u64)], on_arrival: Option<ArrivalHook>) {
         let mut senders = Vec::new();
         {
             let mut flights = self.flights.lock();
@@ -234,7 +240,11 @@ impl BlobCache {
                     Ok((got, Some(data))) if got == digest && data.len() as u64 == size => {
                         this.insert(digest, data.clone());
                         this.flights.lock().remove(&digest);
-                        let _ = tx.send(data);
+                        // Readers first: the hook may wait for the kernel.
+                        let _ = tx.send(data.clone());
+                        if let Some(hook) = &on_arrival {
+                            hook(digest, &data);
+                        }
                     }
                     Ok((got, data)) => {
                         tracing::warn!(

@@ -14,7 +14,7 @@
 //! that is already cached then costs no request at all. Read state belongs
 //! to the file: small files are whole blobs in [BlobCache], large ones have
 //! readers in a [ReaderPool] (dropped when the kernel forgets the inode).
-use crate::cache::{BlobCache, DirCache, Listing};
+use crate::cache::{ArrivalHook, BlobCache, DirCache, Listing};
 use crate::inodes::{ino_of, InodeTable, Parent, ROOT_INO};
 use crate::read::ReaderPool;
 use arca_castore::{B3Digest, BlobService, DirectoryService, Node};
@@ -83,10 +83,51 @@ struct Inner {
     dirs: Arc<DirCache>,
     blobs: Arc<BlobCache>,
     readers: ReaderPool,
+    /// Where each directory (by digest) was last seen: its parent directory
+    /// and index there, so the walk read-ahead can continue past the end of
+    /// a directory into the entries after it.
+    dir_parents: Mutex<lru::LruCache<B3Digest, Parent>>,
+    /// The session's notifier, once mounted: small files fetched ahead are
+    /// stored straight into the kernel's page cache (`FUSE_NOTIFY_STORE`),
+    /// so reading them costs no request at all.
+    notifier: Arc<std::sync::OnceLock<PageCacheFiller>>,
     root_listings: Mutex<HashMap<u64, Arc<RootListing>>>,
     next_fh: AtomicU64,
     uid: u32,
     gid: u32,
+}
+
+/// Stores small files fetched ahead into the kernel's page cache
+/// (`FUSE_NOTIFY_STORE`) from a thread of its own: a store waits for the
+/// page locks of the file, which a read of the same file in flight holds
+/// until it is answered, so it must never run where answers are made.
+#[derive(Clone)]
+pub(crate) struct PageCacheFiller {
+    tx: std::sync::mpsc::SyncSender<(u64, bytes::Bytes)>,
+}
+
+/// Files queued for the page-cache filler; more are dropped (read on demand).
+const PAGE_CACHE_QUEUE: usize = 1024;
+
+impl PageCacheFiller {
+    /// Starts the filler thread (it ends when every sender is gone).
+    pub(crate) fn start(notifier: fuser::Notifier) -> std::io::Result<Self> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, bytes::Bytes)>(PAGE_CACHE_QUEUE);
+        std::thread::Builder::new().name("arca-pagecache".into()).spawn(move || {
+            for (ino, data) in rx {
+                // ENOENT (the kernel holds no such inode now) is ignored by fuser.
+                if let Err(e) = notifier.store(INodeNo(ino), 0, &data) {
+                    tracing::debug!(ino, "storing into the page cache: {e}");
+                }
+            }
+        })?;
+        Ok(Self { tx })
+    }
+
+    /// Queues a file's whole contents for the page cache, unless the queue is full.
+    fn offer(&self, ino: u64, data: bytes::Bytes) {
+        let _ = self.tx.try_send((ino, data));
+    }
 }
 
 /// A read-only view of a store: `/<hash>-<name>/…` for every store path
@@ -111,6 +152,10 @@ impl ArcaFs {
             dirs: DirCache::new(directory, DIR_CACHE_ENTRIES),
             blobs: BlobCache::new(blob.clone(), BLOB_CACHE_BYTES),
             readers: ReaderPool::new(blob),
+            dir_parents: Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(DIR_CACHE_ENTRIES).expect("non-zero"),
+            )),
+            notifier: Arc::new(std::sync::OnceLock::new()),
             path_info,
             options,
             inodes: InodeTable::new(),
@@ -120,6 +165,11 @@ impl ArcaFs {
             gid,
         });
         Self { inner, rt }
+    }
+
+    /// Where the mount puts the session's notifier (set once mounted).
+    pub(crate) fn notifier_slot(&self) -> Arc<std::sync::OnceLock<PageCacheFiller>> {
+        self.inner.notifier.clone()
     }
 
     /// Inodes the kernel currently holds (besides the root).
@@ -172,7 +222,15 @@ impl Inner {
     }
 
     /// Records a lookup of `node` and answers it.
+    /// Notes where a directory sits (for the walk read-ahead).
+    fn note_dir_parent(&self, node: &Node, parent: Option<Parent>) {
+        if let (Node::Directory { digest, .. }, Some(p)) = (node, parent) {
+            self.dir_parents.lock().put(*digest, p);
+        }
+    }
+
     fn reply_entry(&self, node: &Node, parent: Option<Parent>, parent_ino: u64, name: &[u8], reply: ReplyEntry) {
+        self.note_dir_parent(node, parent);
         let ino = self.inodes.lookup(node, parent, parent_ino, name);
         reply.entry(&TTL, &self.attr(ino, Some(node)), Generation(0));
     }
@@ -210,7 +268,8 @@ impl Inner {
 
     /// Starts fetching the small files from `parent.index` (or the one
     /// after, if `current_too` is false) in walk order (the order of
-    /// `find`, `tar`, `nix-store --dump`), within the read-ahead window,
+    /// `find`, `tar`, `nix-store --dump`: into subdirectories, and past the
+    /// directory's end into what follows it), within the read-ahead window,
     /// in one batch: when at least [BATCH_MIN] of them are missing, or when
     /// the current file is (a reader waits for it).
     fn prefetch_siblings(&self, parent: Parent, current_too: bool) {
@@ -220,10 +279,34 @@ impl Inner {
             && matches!(listing.entries.get(parent.index), Some((_, Node::File { digest, .. })) if !self.blobs.has(digest));
         let mut missing = Vec::new();
         let start = if current_too { parent.index } else { parent.index + 1 };
-        self.prefetch_from(&listing, start, &mut budget, 0, &mut missing);
-        if missing.len() >= BATCH_MIN || current_missing {
-            self.blobs.prefetch_batch(&missing);
+        let mut room_left = self.prefetch_from(&listing, start, &mut budget, 0, &mut missing);
+        // Past the end of this directory, the walk goes on after it in its parent.
+        let mut at = parent.dir;
+        for _ in 0..16 {
+            if !room_left {
+                break;
+            }
+            let Some(up) = self.dir_parents.lock().get(&at).copied() else { break };
+            let Some(up_listing) = self.dirs.cached(&up.dir) else { break };
+            room_left = self.prefetch_from(&up_listing, up.index + 1, &mut budget, 0, &mut missing);
+            at = up.dir;
         }
+        if missing.len() >= BATCH_MIN || current_missing {
+            let items: Vec<(B3Digest, u64)> = missing.iter().map(|(d, s, _)| (*d, *s)).collect();
+            self.blobs.prefetch_batch(&items, self.page_cache_hook(missing));
+        }
+    }
+
+    /// A hook storing each arriving small file into the kernel's page cache
+    /// under the inode(s) it was asked for, if the kernel holds them.
+    fn page_cache_hook(&self, items: Vec<(B3Digest, u64, u64)>) -> Option<ArrivalHook> {
+        let filler = self.notifier.get()?.clone();
+        let inos: HashMap<B3Digest, u64> = items.into_iter().map(|(d, _, ino)| (d, ino)).collect();
+        Some(Arc::new(move |digest, data: &bytes::Bytes| {
+            if let Some(&ino) = inos.get(&digest) {
+                filler.offer(ino, data.clone());
+            }
+        }))
     }
 
     /// Collects the small files of `listing.entries[start..]` (and of the
@@ -236,7 +319,7 @@ impl Inner {
         start: usize,
         budget: &mut Budget,
         depth: usize,
-        missing: &mut Vec<(B3Digest, u64)>,
+        missing: &mut Vec<(B3Digest, u64, u64)>,
     ) -> bool {
         for (_, node) in listing.entries.iter().skip(start) {
             if budget.scan == 0 {
@@ -251,7 +334,8 @@ impl Inner {
                     budget.files -= 1;
                     budget.bytes -= size;
                     if !self.blobs.has(digest) {
-                        missing.push((*digest, *size));
+                        // A file's inode depends only on its content and exec bit.
+                        missing.push((*digest, *size, ino_of(0, b"", node)));
                     }
                 }
                 Node::Directory { digest, .. } if depth < 16 => {
@@ -334,6 +418,7 @@ impl Inner {
             }
         }
         for (i, (name, node, parent)) in entries.enumerate().skip((offset as usize).saturating_sub(2)) {
+            self.note_dir_parent(node, parent);
             let ino = self.inodes.lookup(node, parent, dir_ino, name);
             let attr = self.attr(ino, Some(node));
             if reply.add(INodeNo(ino), i as u64 + 3, OsStr::from_bytes(name), &TTL, &attr, Generation(0)) {
