@@ -5,6 +5,9 @@ use crate::{B3Digest, BlobService, DirectoryService, Error};
 use arca_proto::castore as proto;
 use arca_proto::castore::blob_service_server::BlobServiceServer;
 use arca_proto::castore::directory_service_server::DirectoryServiceServer;
+use arca_proto::castore_batch as batch_proto;
+use arca_proto::castore_batch::blob_batch_service_server::BlobBatchServiceServer;
+use crate::blobservice::MAX_BATCH_DIGESTS;
 use futures::stream::{BoxStream, StreamExt};
 use std::sync::Arc;
 use tokio_util::io::ReaderStream;
@@ -78,6 +81,65 @@ impl proto::blob_service_server::BlobService for GrpcBlobServiceWrapper {
         }
         let digest = writer.close().await?;
         Ok(Response::new(proto::PutBlobResponse { digest: digest.to_bytes() }))
+    }
+}
+
+/// Serves [BlobService::read_many] as Arca's `arca.castore.v1.BlobBatchService`
+/// (many small blobs in one call; see `proto/protos/arca/castore/v1/batch.proto`).
+pub struct GrpcBlobBatchServiceWrapper {
+    svc: Arc<dyn BlobService>,
+}
+
+impl GrpcBlobBatchServiceWrapper {
+    /// Wraps `svc`.
+    pub fn new(svc: Arc<dyn BlobService>) -> Self {
+        Self { svc }
+    }
+
+    /// The tonic server, with Arca's message limits.
+    pub fn into_server(self) -> BlobBatchServiceServer<Self> {
+        BlobBatchServiceServer::new(self)
+            .max_decoding_message_size(crate::MAX_BLOB_MESSAGE_SIZE)
+            .max_encoding_message_size(crate::MAX_BLOB_MESSAGE_SIZE)
+    }
+}
+
+#[tonic::async_trait]
+impl batch_proto::blob_batch_service_server::BlobBatchService for GrpcBlobBatchServiceWrapper {
+    type ReadBlobsStream = BoxStream<'static, Result<batch_proto::ReadBlobsResponse, Status>>;
+
+    #[instrument(skip_all, fields(blobs), err(level = "debug"))]
+    async fn read_blobs(
+        &self,
+        request: Request<batch_proto::ReadBlobsRequest>,
+    ) -> Result<Response<Self::ReadBlobsStream>, Status> {
+        let req = request.into_inner();
+        tracing::Span::current().record("blobs", req.digests.len());
+        if req.digests.len() > MAX_BATCH_DIGESTS {
+            return Err(Status::invalid_argument(format!(
+                "{} digests asked for; at most {MAX_BATCH_DIGESTS} per call",
+                req.digests.len()
+            )));
+        }
+        let digests = req.digests.iter().map(digest_arg).collect::<Result<Vec<_>, _>>()?;
+        let svc = self.svc.clone();
+        let stream = async_stream::stream! {
+            let mut items = svc.read_many(digests);
+            while let Some(item) = items.next().await {
+                match item {
+                    Ok((digest, data)) => yield Ok(batch_proto::ReadBlobsResponse {
+                        digest: digest.to_bytes(),
+                        found: data.is_some(),
+                        data: data.unwrap_or_default(),
+                    }),
+                    Err(e) => {
+                        yield Err(Status::from(e));
+                        break;
+                    }
+                }
+            }
+        };
+        Ok(Response::new(stream.boxed()))
     }
 }
 

@@ -2,7 +2,8 @@
 //! backend behind the gRPC client/server pair.
 mod common;
 
-use arca_castore::blobservice::{put_bytes, read_all, BlobService};
+use arca_castore::blobservice::{put_bytes, read_all, BlobService, MAX_BATCH_BLOB_SIZE};
+use futures::{StreamExt, TryStreamExt};
 use arca_castore::directoryservice::{get_closure, put_all, DirectoryService};
 use arca_castore::{B3Digest, Directory, Error, Node};
 use common::*;
@@ -67,6 +68,41 @@ pub mod cases {
         }
         assert_eq!(total, data.len());
         assert_eq!(B3Digest::from(hasher.finalize()), d);
+    }
+
+    pub async fn blob_read_many(b: Arc<dyn BlobService>, _d: Arc<dyn DirectoryService>) {
+        let small = put_bytes(&*b, "Hello World!".into()).await.unwrap();
+        let empty = b.open_write().await.close().await.unwrap();
+        // several chunks on chunking backends, still small enough for a batch
+        let multi_data = test_data(3 * 1024 * 1024 + 5, 7);
+        let multi = put_in_pieces(&*b, &multi_data, 1024 * 1024).await;
+        let missing = B3Digest::of(b"never stored");
+        let asked = vec![small, missing, empty, multi, small];
+        let got: Vec<_> = b.read_many(asked.clone()).try_collect().await.unwrap();
+        let digests: Vec<B3Digest> = got.iter().map(|(d, _)| *d).collect();
+        assert_eq!(digests, asked, "one answer per digest, in order");
+        assert_eq!(got[0].1.as_deref(), Some(&b"Hello World!"[..]));
+        assert_eq!(got[1].1, None);
+        assert_eq!(got[2].1.as_deref(), Some(&b""[..]));
+        assert!(got[3].1.as_deref() == Some(&multi_data[..]), "multi-chunk blob read whole");
+        assert_eq!(got[4].1.as_deref(), Some(&b"Hello World!"[..]));
+        // many blobs: more than any backend's group size
+        let mut many = Vec::new();
+        for i in 0..300 {
+            many.push(put_bytes(&*b, format!("small blob {i}").into_bytes().into()).await.unwrap());
+        }
+        let got: Vec<_> = b.read_many(many.clone()).try_collect().await.unwrap();
+        assert_eq!(got.len(), 300);
+        for (i, (d, data)) in got.into_iter().enumerate() {
+            assert_eq!(d, many[i]);
+            assert_eq!(data.unwrap(), format!("small blob {i}").as_bytes());
+        }
+        assert!(b.read_many(Vec::new()).next().await.is_none());
+        // a blob too large for a batch is an error, not a silent truncation
+        let big_data = test_data(MAX_BATCH_BLOB_SIZE as usize + 1, 9);
+        let big = put_in_pieces(&*b, &big_data, 1024 * 1024).await;
+        let r: Result<Vec<_>, Error> = b.read_many(vec![small, big]).try_collect().await;
+        assert!(matches!(r, Err(Error::InvalidRequest(ref m)) if m.contains("larger than")), "{r:?}");
     }
 
     pub async fn blob_seek(b: Arc<dyn BlobService>, _d: Arc<dyn DirectoryService>) {
@@ -290,8 +326,8 @@ macro_rules! suite {
                 $make
             }
             suite!(@cases
-                blob_put_has_read, blob_missing, blob_empty, blob_large_50mib, blob_seek, blob_chunks,
-                blob_duplicate, blob_concurrent_writes, blob_unclosed_writer_leaves_nothing,
+                blob_put_has_read, blob_missing, blob_empty, blob_large_50mib, blob_read_many, blob_seek,
+                blob_chunks, blob_duplicate, blob_concurrent_writes, blob_unclosed_writer_leaves_nothing,
                 dir_put_get, dir_missing, dir_recursive_unknown_root, dir_closure_right_order,
                 dir_closure_wrong_order, dir_dangling_reference, dir_wrong_size, dir_duplicate,
                 dir_any_directory_fetchable, dir_larger_than_grpc_default_limit);
@@ -311,8 +347,8 @@ macro_rules! suite {
 /// Every case against every backend, in one process (for S3, which is slow to start).
 pub async fn run_all(b: Arc<dyn BlobService>, d: Arc<dyn DirectoryService>) {
     macro_rules! all { ($($case:ident),*) => { $( eprintln!("case {}", stringify!($case)); cases::$case(b.clone(), d.clone()).await; )* } }
-    all!(blob_put_has_read, blob_missing, blob_empty, blob_large_50mib, blob_seek, blob_chunks,
-        blob_duplicate, blob_concurrent_writes, blob_unclosed_writer_leaves_nothing,
+    all!(blob_put_has_read, blob_missing, blob_empty, blob_large_50mib, blob_read_many, blob_seek,
+        blob_chunks, blob_duplicate, blob_concurrent_writes, blob_unclosed_writer_leaves_nothing,
         dir_put_get, dir_missing, dir_recursive_unknown_root, dir_closure_right_order,
         dir_closure_wrong_order, dir_dangling_reference, dir_wrong_size, dir_duplicate,
         dir_any_directory_fetchable, dir_larger_than_grpc_default_limit);
@@ -351,7 +387,28 @@ suite!(
     ))
     .await
 );
+suite!(
+    grpc_tvix_like_server,
+    behind_tvix_like_grpc(from_urls("objectstore+file://{tmp}/b", "objectstore+file://{tmp}/d")).await
+);
+suite!(
+    cache_far_grpc,
+    behind_cache_far_grpc().await
+);
 suite!(grpc_lru, behind_grpc(from_urls("memory://", "lru://?capacity=100000&inner=memory://")).await);
+
+/// `cache://` with a local near store and a far gRPC daemon (what `arca
+/// mount` on a laptop uses): batch reads go to the far store in batches.
+async fn behind_cache_far_grpc() -> Services {
+    let (far_b, far_d, mut guard) = behind_grpc(from_urls("objectstore+file://{tmp}/b", "sled://{tmp}/d.sled")).await;
+    let (near_b, near_d, near_guard) = from_urls("objectstore+file://{tmp}/nb", "memory://");
+    guard.extra.push(Box::new(near_guard));
+    (
+        Arc::new(arca_castore::blobservice::CacheBlobService::new(near_b, far_b)),
+        Arc::new(arca_castore::directoryservice::CacheDirectoryService::new(near_d, far_d)),
+        guard,
+    )
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_seaweedfs_all_cases() {

@@ -230,3 +230,97 @@ async fn expected_digest_is_checked_against_the_server() {
     w.write(Bytes::from_static(b"right")).await.unwrap();
     assert_eq!(w.close().await.unwrap(), B3Digest::of(b"right"));
 }
+
+#[tokio::test]
+async fn batch_reads_refuse_bad_requests() {
+    use arca_proto::castore_batch::blob_batch_service_client::BlobBatchServiceClient;
+    use arca_proto::castore_batch::ReadBlobsRequest;
+    let server = serve(Arc::new(MemoryBlobService::default()), Arc::new(MemoryDirectoryService::default())).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr)).unwrap().connect_lazy();
+    let mut client = BlobBatchServiceClient::new(channel);
+    let unknown = B3Digest::of(b"unknown").to_bytes();
+    let too_many = ReadBlobsRequest { digests: vec![unknown.clone(); arca_castore::blobservice::MAX_BATCH_DIGESTS + 1] };
+    let err = client.read_blobs(too_many).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("at most"), "{err:?}");
+    let short = ReadBlobsRequest { digests: vec![unknown.clone(), Bytes::from_static(&[1; 5])] };
+    assert_eq!(client.read_blobs(short).await.unwrap_err().code(), Code::InvalidArgument);
+    // unknown digests are answered, not errors
+    let mut answers = client.read_blobs(ReadBlobsRequest { digests: vec![unknown.clone()] }).await.unwrap().into_inner();
+    let first = answers.message().await.unwrap().unwrap();
+    assert_eq!((first.digest, first.found, first.data.len()), (unknown, false, 0));
+    assert!(answers.message().await.unwrap().is_none());
+}
+
+/// How [BatchLiar] answers batch reads.
+#[derive(Clone, Copy, Debug)]
+enum BatchLie {
+    /// Answers in reverse order.
+    Reordered,
+    /// Leaves out the last answer.
+    Short,
+    /// Other bytes than the blob's.
+    WrongBytes,
+}
+
+/// A blob service whose batch reads lie (single reads are honest).
+struct BatchLiar(MemoryBlobService, BatchLie);
+
+#[async_trait]
+impl BlobService for BatchLiar {
+    async fn has(&self, d: &B3Digest) -> Result<bool, Error> {
+        self.0.has(d).await
+    }
+    async fn open_read(&self, d: &B3Digest) -> Result<Option<Box<dyn BlobReader>>, Error> {
+        self.0.open_read(d).await
+    }
+    async fn open_write(&self) -> Box<dyn BlobWriter> {
+        self.0.open_write().await
+    }
+    fn read_many<'a>(
+        &'a self,
+        digests: Vec<B3Digest>,
+    ) -> futures::stream::BoxStream<'a, Result<arca_castore::blobservice::BatchItem, Error>> {
+        use futures::StreamExt;
+        let lie = self.1;
+        async_stream::stream! {
+            let mut answers = Vec::new();
+            for d in &digests {
+                answers.push((*d, read_all(&self.0, d).await.unwrap().map(Bytes::from)));
+            }
+            match lie {
+                BatchLie::Reordered => answers.reverse(),
+                BatchLie::Short => { answers.pop(); }
+                BatchLie::WrongBytes => answers[0].1 = Some(Bytes::from_static(b"not what you asked for")),
+            }
+            for a in answers {
+                yield Ok(a);
+            }
+        }
+        .boxed()
+    }
+}
+
+#[tokio::test]
+async fn clients_verify_batch_answers() {
+    use futures::TryStreamExt;
+    for (lie, expected) in [
+        (BatchLie::Reordered, "another blob"),
+        (BatchLie::Short, "1 of the 2"),
+        (BatchLie::WrongBytes, "verification"),
+    ] {
+        let mem = MemoryBlobService::default();
+        let a = put_bytes(&mem, Bytes::from_static(b"first blob")).await.unwrap();
+        let b = put_bytes(&mem, Bytes::from_static(b"second blob")).await.unwrap();
+        let (client, _d, _g) = behind_grpc((
+            Arc::new(BatchLiar(mem, lie)),
+            Arc::new(MemoryDirectoryService::default()),
+            Guard::default(),
+        ))
+        .await;
+        let r: Result<Vec<_>, Error> = client.read_many(vec![a, b]).try_collect().await;
+        assert!(matches!(r, Err(Error::Storage(ref m)) if m.contains(expected)), "{lie:?}: {r:?}");
+        // single reads of the same server are fine
+        assert_eq!(read_all(&*client, &a).await.unwrap().unwrap(), b"first blob");
+    }
+}

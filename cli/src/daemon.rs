@@ -2,8 +2,9 @@
 use crate::services::{build, Defaults};
 use crate::ServiceArgs;
 use anyhow::{bail, Context, Result};
-use arca_castore::grpc::{GrpcBlobServiceWrapper, GrpcDirectoryServiceWrapper};
+use arca_castore::grpc::{GrpcBlobBatchServiceWrapper, GrpcBlobServiceWrapper, GrpcDirectoryServiceWrapper};
 use arca_proto::castore::blob_service_server::BlobServiceServer;
+use arca_proto::castore_batch::blob_batch_service_server::BlobBatchServiceServer;
 use arca_proto::castore::directory_service_server::DirectoryServiceServer;
 use arca_proto::store::path_info_service_server::PathInfoServiceServer;
 use arca_store::grpc::GrpcPathInfoServiceWrapper;
@@ -139,6 +140,7 @@ pub async fn run(args: DaemonArgs, service_args: ServiceArgs) -> Result<()> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<BlobServiceServer<GrpcBlobServiceWrapper>>().await;
     health_reporter.set_serving::<DirectoryServiceServer<GrpcDirectoryServiceWrapper>>().await;
+    health_reporter.set_serving::<BlobBatchServiceServer<GrpcBlobBatchServiceWrapper>>().await;
     health_reporter.set_serving::<PathInfoServiceServer<GrpcPathInfoServiceWrapper>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(arca_proto::FILE_DESCRIPTOR_SET)
@@ -160,6 +162,7 @@ pub async fn run(args: DaemonArgs, service_args: ServiceArgs) -> Result<()> {
         .add_service(reflection)
         .add_service(reflection_alpha)
         .add_service(GrpcBlobServiceWrapper::new(services.blob.clone()).into_server())
+        .add_service(GrpcBlobBatchServiceWrapper::new(services.blob.clone()).into_server())
         .add_service(GrpcDirectoryServiceWrapper::new(services.directory.clone()).into_server())
         .add_service(
             GrpcPathInfoServiceWrapper::new(
@@ -186,6 +189,7 @@ pub async fn run(args: DaemonArgs, service_args: ServiceArgs) -> Result<()> {
         tokio::spawn(async move {
             signalled.await;
             reporter.set_not_serving::<BlobServiceServer<GrpcBlobServiceWrapper>>().await;
+            reporter.set_not_serving::<BlobBatchServiceServer<GrpcBlobBatchServiceWrapper>>().await;
             reporter.set_not_serving::<DirectoryServiceServer<GrpcDirectoryServiceWrapper>>().await;
             reporter.set_not_serving::<PathInfoServiceServer<GrpcPathInfoServiceWrapper>>().await;
             stop.cancel();

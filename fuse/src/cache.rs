@@ -15,6 +15,10 @@ pub type Errno = fuser::Errno;
 
 type Flight<V> = Shared<BoxFuture<'static, Result<V, Errno>>>;
 
+/// Called with each blob a batch read delivers (on a runtime thread: it
+/// must not block).
+pub type ArrivalHook = Arc<dyn Fn(B3Digest, &Bytes) + Send + Sync>;
+
 /// A directory's entries in name order, searchable by name.
 pub struct Listing {
     /// Digest of the directory.
@@ -185,11 +189,84 @@ impl BlobCache {
         self.start(digest, size).await
     }
 
-    /// Starts fetching the blob in the background (no-op if cached or in flight).
-    pub fn prefetch(self: &Arc<Self>, digest: B3Digest, size: u64) {
-        if !self.has(&digest) {
-            drop(self.start(digest, size));
+    /// Starts fetching the blobs among `items` (digest, size) that are
+    /// neither cached nor in flight, all in one [BlobService::read_many]
+    /// call (one gRPC call per 1024 blobs). Each blob becomes available as
+    /// soon as it arrives; if the batch fails, readers waiting for one of
+    /// its blobs fetch that blob on its own.
+    /// `on_arrival(digest, bytes)` runs for every blob the batch delivers
+    /// (the filesystem pushes small files into the kernel's page cache).
+    pub fn prefetch_batch(self: &Arc<Self>, items: &[(B3Digest, u64)], on_arrival: Option<ArrivalHook>) {
+        let mut senders = Vec::new();
+        {
+            let mut flights = self.flights.lock();
+            for &(digest, size) in items {
+                if flights.contains_key(&digest) || self.lru.lock().0.contains(&digest) {
+                    continue;
+                }
+                let (tx, rx) = tokio::sync::oneshot::channel::<Bytes>();
+                let this = self.clone();
+                let flight = async move {
+                    match rx.await {
+                        Ok(b) => Ok(b),
+                        // The batch failed or never got to this blob: alone, then.
+                        Err(_) => {
+                            let r = fetch_whole(&*this.service, digest, size).await;
+                            if let Ok(b) = &r {
+                                this.insert(digest, b.clone());
+                            }
+                            r
+                        }
+                    }
+                }
+                .boxed()
+                .shared();
+                flights.insert(digest, flight);
+                senders.push((digest, size, tx));
+            }
         }
+        if senders.is_empty() {
+            return;
+        }
+        tracing::debug!(blobs = senders.len(), "fetching small blobs in one batch");
+        let this = self.clone();
+        tokio::spawn(async move {
+            let digests: Vec<B3Digest> = senders.iter().map(|(d, _, _)| *d).collect();
+            let mut answers = this.service.read_many(digests);
+            let mut pending = senders.into_iter();
+            while let Some(answer) = answers.next().await {
+                let Some((digest, size, tx)) = pending.next() else { break };
+                match answer {
+                    Ok((got, Some(data))) if got == digest && data.len() as u64 == size => {
+                        this.insert(digest, data.clone());
+                        this.flights.lock().remove(&digest);
+                        // Readers first: the hook may wait for the kernel.
+                        let _ = tx.send(data.clone());
+                        if let Some(hook) = &on_arrival {
+                            hook(digest, &data);
+                        }
+                    }
+                    Ok((got, data)) => {
+                        tracing::warn!(
+                            %digest,
+                            "batch read answered {got} with {:?} bytes, the node says {size}",
+                            data.map(|d| d.len())
+                        );
+                        this.flights.lock().remove(&digest);
+                    }
+                    Err(e) => {
+                        tracing::warn!(%digest, "batch read of small blobs failed: {e}");
+                        this.flights.lock().remove(&digest);
+                        break;
+                    }
+                }
+            }
+            // Whatever the batch did not deliver: readers waiting fetch alone.
+            let mut flights = this.flights.lock();
+            for (digest, _, _) in pending {
+                flights.remove(&digest);
+            }
+        });
     }
 
     fn start(self: &Arc<Self>, digest: B3Digest, size: u64) -> Flight<Bytes> {

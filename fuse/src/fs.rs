@@ -14,7 +14,7 @@
 //! that is already cached then costs no request at all. Read state belongs
 //! to the file: small files are whole blobs in [BlobCache], large ones have
 //! readers in a [ReaderPool] (dropped when the kernel forgets the inode).
-use crate::cache::{BlobCache, DirCache, Listing};
+use crate::cache::{ArrivalHook, BlobCache, DirCache, Listing};
 use crate::inodes::{ino_of, InodeTable, Parent, ROOT_INO};
 use crate::read::ReaderPool;
 use arca_castore::{B3Digest, BlobService, DirectoryService, Node};
@@ -43,12 +43,17 @@ pub const SMALL_FILE: u64 = 1024 * 1024;
 const BLOB_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 /// Directories kept in memory.
 const DIR_CACHE_ENTRIES: usize = 50_000;
-/// Read-ahead of the next small files of a directory (and its
-/// subdirectories) once one is read from its start: at most this many
-/// files, this many bytes, looking at this many entries.
-const SIBLING_FILES: usize = 16;
-const SIBLING_BYTES: u64 = 8 * 1024 * 1024;
-const SIBLING_SCAN: usize = 64;
+/// Read-ahead of small files in walk order (the rest of the directory,
+/// descending into subdirectories already fetched) once a file is read from
+/// its start: a window of at most this many files, this many bytes, looking
+/// at this many entries.
+const SIBLING_FILES: usize = 256;
+const SIBLING_BYTES: u64 = 16 * 1024 * 1024;
+const SIBLING_SCAN: usize = 1024;
+/// The window's missing files are fetched (in one batch call) once at least
+/// this many are missing, or at once when the file being read is one of
+/// them: a walk costs about one call per this many small files.
+const BATCH_MIN: usize = SIBLING_FILES / 4;
 
 /// What is left of one read-ahead's budget.
 struct Budget {
@@ -78,10 +83,51 @@ struct Inner {
     dirs: Arc<DirCache>,
     blobs: Arc<BlobCache>,
     readers: ReaderPool,
+    /// Where each directory (by digest) was last seen: its parent directory
+    /// and index there, so the walk read-ahead can continue past the end of
+    /// a directory into the entries after it.
+    dir_parents: Mutex<lru::LruCache<B3Digest, Parent>>,
+    /// The session's notifier, once mounted: small files fetched ahead are
+    /// stored straight into the kernel's page cache (`FUSE_NOTIFY_STORE`),
+    /// so reading them costs no request at all.
+    notifier: Arc<std::sync::OnceLock<PageCacheFiller>>,
     root_listings: Mutex<HashMap<u64, Arc<RootListing>>>,
     next_fh: AtomicU64,
     uid: u32,
     gid: u32,
+}
+
+/// Stores small files fetched ahead into the kernel's page cache
+/// (`FUSE_NOTIFY_STORE`) from a thread of its own: a store waits for the
+/// page locks of the file, which a read of the same file in flight holds
+/// until it is answered, so it must never run where answers are made.
+#[derive(Clone)]
+pub(crate) struct PageCacheFiller {
+    tx: std::sync::mpsc::SyncSender<(u64, bytes::Bytes)>,
+}
+
+/// Files queued for the page-cache filler; more are dropped (read on demand).
+const PAGE_CACHE_QUEUE: usize = 1024;
+
+impl PageCacheFiller {
+    /// Starts the filler thread (it ends when every sender is gone).
+    pub(crate) fn start(notifier: fuser::Notifier) -> std::io::Result<Self> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, bytes::Bytes)>(PAGE_CACHE_QUEUE);
+        std::thread::Builder::new().name("arca-pagecache".into()).spawn(move || {
+            for (ino, data) in rx {
+                // ENOENT (the kernel holds no such inode now) is ignored by fuser.
+                if let Err(e) = notifier.store(INodeNo(ino), 0, &data) {
+                    tracing::debug!(ino, "storing into the page cache: {e}");
+                }
+            }
+        })?;
+        Ok(Self { tx })
+    }
+
+    /// Queues a file's whole contents for the page cache, unless the queue is full.
+    fn offer(&self, ino: u64, data: bytes::Bytes) {
+        let _ = self.tx.try_send((ino, data));
+    }
 }
 
 /// A read-only view of a store: `/<hash>-<name>/…` for every store path
@@ -106,6 +152,10 @@ impl ArcaFs {
             dirs: DirCache::new(directory, DIR_CACHE_ENTRIES),
             blobs: BlobCache::new(blob.clone(), BLOB_CACHE_BYTES),
             readers: ReaderPool::new(blob),
+            dir_parents: Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(DIR_CACHE_ENTRIES).expect("non-zero"),
+            )),
+            notifier: Arc::new(std::sync::OnceLock::new()),
             path_info,
             options,
             inodes: InodeTable::new(),
@@ -115,6 +165,11 @@ impl ArcaFs {
             gid,
         });
         Self { inner, rt }
+    }
+
+    /// Where the mount puts the session's notifier (set once mounted).
+    pub(crate) fn notifier_slot(&self) -> Arc<std::sync::OnceLock<PageCacheFiller>> {
+        self.inner.notifier.clone()
     }
 
     /// Inodes the kernel currently holds (besides the root).
@@ -167,7 +222,15 @@ impl Inner {
     }
 
     /// Records a lookup of `node` and answers it.
+    /// Notes where a directory sits (for the walk read-ahead).
+    fn note_dir_parent(&self, node: &Node, parent: Option<Parent>) {
+        if let (Node::Directory { digest, .. }, Some(p)) = (node, parent) {
+            self.dir_parents.lock().put(*digest, p);
+        }
+    }
+
     fn reply_entry(&self, node: &Node, parent: Option<Parent>, parent_ino: u64, name: &[u8], reply: ReplyEntry) {
+        self.note_dir_parent(node, parent);
         let ino = self.inodes.lookup(node, parent, parent_ino, name);
         reply.entry(&TTL, &self.attr(ino, Some(node)), Generation(0));
     }
@@ -203,17 +266,61 @@ impl Inner {
         }
     }
 
-    /// Starts fetching the small files that follow `parent.index` in its
-    /// directory, descending into subdirectories on the way (the order of
-    /// `find`, `tar`, `nix-store --dump`), within the read-ahead budget.
-    fn prefetch_siblings(&self, parent: Parent) {
+    /// Starts fetching the small files from `parent.index` (or the one
+    /// after, if `current_too` is false) in walk order (the order of
+    /// `find`, `tar`, `nix-store --dump`: into subdirectories, and past the
+    /// directory's end into what follows it), within the read-ahead window,
+    /// in one batch: when at least [BATCH_MIN] of them are missing, or when
+    /// the current file is (a reader waits for it).
+    fn prefetch_siblings(&self, parent: Parent, current_too: bool) {
         let Some(listing) = self.dirs.cached(&parent.dir) else { return };
         let mut budget = Budget { files: SIBLING_FILES, bytes: SIBLING_BYTES, scan: SIBLING_SCAN };
-        self.prefetch_from(&listing, parent.index + 1, &mut budget, 0);
+        let current_missing = current_too
+            && matches!(listing.entries.get(parent.index), Some((_, Node::File { digest, .. })) if !self.blobs.has(digest));
+        let mut missing = Vec::new();
+        let start = if current_too { parent.index } else { parent.index + 1 };
+        let mut room_left = self.prefetch_from(&listing, start, &mut budget, 0, &mut missing);
+        // Past the end of this directory, the walk goes on after it in its parent.
+        let mut at = parent.dir;
+        for _ in 0..16 {
+            if !room_left {
+                break;
+            }
+            let Some(up) = self.dir_parents.lock().get(&at).copied() else { break };
+            let Some(up_listing) = self.dirs.cached(&up.dir) else { break };
+            room_left = self.prefetch_from(&up_listing, up.index + 1, &mut budget, 0, &mut missing);
+            at = up.dir;
+        }
+        if missing.len() >= BATCH_MIN || current_missing {
+            let items: Vec<(B3Digest, u64)> = missing.iter().map(|(d, s, _)| (*d, *s)).collect();
+            self.blobs.prefetch_batch(&items, self.page_cache_hook(missing));
+        }
     }
 
-    /// Prefetches from `listing.entries[start..]`; false once the budget is spent.
-    fn prefetch_from(&self, listing: &Listing, start: usize, budget: &mut Budget, depth: usize) -> bool {
+    /// A hook storing each arriving small file into the kernel's page cache
+    /// under the inode(s) it was asked for, if the kernel holds them.
+    fn page_cache_hook(&self, items: Vec<(B3Digest, u64, u64)>) -> Option<ArrivalHook> {
+        let filler = self.notifier.get()?.clone();
+        let inos: HashMap<B3Digest, u64> = items.into_iter().map(|(d, _, ino)| (d, ino)).collect();
+        Some(Arc::new(move |digest, data: &bytes::Bytes| {
+            if let Some(&ino) = inos.get(&digest) {
+                filler.offer(ino, data.clone());
+            }
+        }))
+    }
+
+    /// Collects the small files of `listing.entries[start..]` (and of the
+    /// subdirectories on the way) that are neither cached nor in flight;
+    /// false once the budget is spent. Files already there count against
+    /// the window too.
+    fn prefetch_from(
+        &self,
+        listing: &Listing,
+        start: usize,
+        budget: &mut Budget,
+        depth: usize,
+        missing: &mut Vec<(B3Digest, u64, u64)>,
+    ) -> bool {
         for (_, node) in listing.entries.iter().skip(start) {
             if budget.scan == 0 {
                 return false;
@@ -226,12 +333,15 @@ impl Inner {
                     }
                     budget.files -= 1;
                     budget.bytes -= size;
-                    self.blobs.prefetch(*digest, *size);
+                    if !self.blobs.has(digest) {
+                        // A file's inode depends only on its content and exec bit.
+                        missing.push((*digest, *size, ino_of(0, b"", node)));
+                    }
                 }
                 Node::Directory { digest, .. } if depth < 16 => {
                     // Only directories already fetched (the closure prefetch fetched them).
                     if let Some(sub) = self.dirs.cached(digest) {
-                        if !self.prefetch_from(&sub, 0, budget, depth + 1) {
+                        if !self.prefetch_from(&sub, 0, budget, depth + 1, missing) {
                             return false;
                         }
                     }
@@ -251,9 +361,10 @@ impl Inner {
         size: u32,
     ) -> Result<bytes::Bytes, Errno> {
         if offset == 0 {
-            // A read from the start: the next files of the directory are likely next.
+            // A read from the start: the next files of the directory are
+            // likely next (and this one, if small, comes in the same batch).
             if let Some(p) = parent {
-                self.prefetch_siblings(p);
+                self.prefetch_siblings(p, file_size <= SMALL_FILE);
             }
         }
         if file_size > SMALL_FILE {
@@ -307,6 +418,7 @@ impl Inner {
             }
         }
         for (i, (name, node, parent)) in entries.enumerate().skip((offset as usize).saturating_sub(2)) {
+            self.note_dir_parent(node, parent);
             let ino = self.inodes.lookup(node, parent, dir_ino, name);
             let attr = self.attr(ino, Some(node));
             if reply.add(INodeNo(ino), i as u64 + 3, OsStr::from_bytes(name), &TTL, &attr, Generation(0)) {
@@ -435,7 +547,7 @@ impl Filesystem for ArcaFs {
                     if let Some(p) = entry.parent {
                         // Prefetches are spawned: enter the runtime on this fuser thread.
                         let _rt = self.rt.enter();
-                        self.inner.prefetch_siblings(p);
+                        self.inner.prefetch_siblings(p, false);
                     }
                 }
                 let start = offset.min(file_size) as usize;

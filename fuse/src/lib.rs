@@ -71,7 +71,9 @@ pub fn mount(fs: ArcaFs, mountpoint: &Path, options: &MountOptions) -> io::Resul
     config.n_threads = Some(options.threads.max(1));
     config.clone_fd = options.threads > 1;
     let mountpoint = mountpoint.canonicalize()?;
+    let notifier_slot = fs.notifier_slot();
     let mut session = fuser::Session::new(fs, &mountpoint, &config)?;
+    let _ = notifier_slot.set(fs::PageCacheFiller::start(session.notifier())?);
     let unmounter = session.unmount_callable();
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new().name("arca-fuse".into()).spawn(move || {

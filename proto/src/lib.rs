@@ -1,5 +1,6 @@
 //! Generated wire types and gRPC stubs for the `tvix.castore.v1` and
-//! `tvix.store.v1` protocols that Arca speaks.
+//! `tvix.store.v1` protocols that Arca speaks, and Arca's additions
+//! (`arca.castore.v1`).
 //!
 //! These are *wire* types: they are not validated. Arca's domain types in
 //! `arca-castore` (and `arca-store`) convert from them with `TryFrom`, which
@@ -24,7 +25,20 @@ pub mod tvix {
     }
 }
 
+/// Arca's own additions (served next to the Tvix protocols).
+pub mod arca {
+    /// `arca.castore`
+    pub mod castore {
+        /// `arca.castore.v1`: reading many small blobs in one call.
+        pub mod v1 {
+            tonic::include_proto!("arca.castore.v1");
+        }
+    }
+}
+
 pub use tvix::castore::v1 as castore;
+/// `arca.castore.v1`
+pub use arca::castore::v1 as castore_batch;
 pub use tvix::store::v1 as store;
 
 /// Encoded `FileDescriptorSet` of all protocols, for gRPC server reflection.

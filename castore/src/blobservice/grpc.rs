@@ -4,10 +4,13 @@
 //! streams before their last bytes are handed out. Uploads are hashed
 //! locally and the server's digest must match.
 use super::chunked_reader::{verify_chunk, ChunkFetcher, ChunkedReader};
-use super::{BlobReader, BlobService, BlobWriter, ChunkMeta};
+use super::{BatchItem, BlobReader, BlobService, BlobWriter, ChunkMeta, MAX_BATCH_BLOB_SIZE, MAX_BATCH_DIGESTS};
 use crate::{B3Digest, Error, BLOB_MESSAGE_CHUNK};
 use arca_proto::castore as proto;
 use arca_proto::castore::blob_service_client::BlobServiceClient;
+use arca_proto::castore_batch::blob_batch_service_client::BlobBatchServiceClient;
+use arca_proto::castore_batch::ReadBlobsRequest;
+use std::sync::atomic::{AtomicBool, Ordering};
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures::stream::{BoxStream, StreamExt};
@@ -28,12 +31,21 @@ use tracing::instrument;
 /// Calls are spread round-robin over one or more channels (HTTP/2
 /// connections): one connection serialises all framing of concurrent
 /// uploads in one task on each side.
+///
+/// Many small blobs are read with Arca's `arca.castore.v1.BlobBatchService`
+/// (one call for up to [MAX_BATCH_DIGESTS] blobs); against a server without
+/// it (a Tvix daemon: `UNIMPLEMENTED`) the client falls back to one `Read`
+/// per blob, and remembers.
 #[derive(Clone)]
 pub struct GrpcBlobService {
-    clients: Arc<[BlobServiceClient<Channel>]>,
+    clients: Arc<[(BlobServiceClient<Channel>, BlobBatchServiceClient<Channel>)]>,
     next: Arc<std::sync::atomic::AtomicUsize>,
     /// The client of the call being made (picked by [Self::pick]).
     client: BlobServiceClient<Channel>,
+    /// Its batch client (same channel).
+    batch_client: BlobBatchServiceClient<Channel>,
+    /// Set once the server answered `UNIMPLEMENTED` to a batch read.
+    no_batch: Arc<AtomicBool>,
 }
 
 impl GrpcBlobService {
@@ -44,23 +56,86 @@ impl GrpcBlobService {
 
     /// A client spreading calls over several channels; `None` if `channels` is empty.
     pub fn from_channels(channels: Vec<Channel>) -> Option<Self> {
-        let clients: Arc<[BlobServiceClient<Channel>]> = channels
+        let clients: Arc<[_]> = channels
             .into_iter()
             .map(|c| {
-                BlobServiceClient::new(c)
+                let blob = BlobServiceClient::new(c.clone())
                     .max_decoding_message_size(crate::MAX_BLOB_MESSAGE_SIZE)
-                    .max_encoding_message_size(crate::MAX_BLOB_MESSAGE_SIZE)
+                    .max_encoding_message_size(crate::MAX_BLOB_MESSAGE_SIZE);
+                let batch = BlobBatchServiceClient::new(c)
+                    .max_decoding_message_size(crate::MAX_BLOB_MESSAGE_SIZE)
+                    .max_encoding_message_size(crate::MAX_BLOB_MESSAGE_SIZE);
+                (blob, batch)
             })
             .collect();
-        let client = clients.first()?.clone();
-        Some(Self { clients, next: Arc::new(std::sync::atomic::AtomicUsize::new(0)), client })
+        let (client, batch_client) = clients.first()?.clone();
+        Some(Self {
+            clients,
+            next: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            client,
+            batch_client,
+            no_batch: Arc::new(AtomicBool::new(false)),
+        })
     }
 
     /// This service with the next channel's client for its calls.
     fn pick(&self) -> Self {
-        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.clients.len();
-        Self { clients: self.clients.clone(), next: self.next.clone(), client: self.clients[i].clone() }
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.clients.len();
+        let (client, batch_client) = self.clients[i].clone();
+        Self { clients: self.clients.clone(), next: self.next.clone(), client, batch_client, no_batch: self.no_batch.clone() }
     }
+
+    /// Starts one `ReadBlobs` call for `digests` (at most
+    /// [MAX_BATCH_DIGESTS]); `Ok(None)`: the server does not serve batch reads.
+    async fn start_batch(
+        &self,
+        digests: &[B3Digest],
+    ) -> Result<Option<tonic::Streaming<arca_proto::castore_batch::ReadBlobsResponse>>, Error> {
+        let req = ReadBlobsRequest { digests: digests.iter().map(B3Digest::to_bytes).collect() };
+        match self.batch_client.clone().read_blobs(req).await {
+            Ok(r) => Ok(Some(r.into_inner())),
+            Err(s) if s.code() == Code::Unimplemented => Ok(None),
+            Err(s) => Err(s.into()),
+        }
+    }
+}
+
+/// The answers of one `ReadBlobs` call, each checked as it arrives: in
+/// order, the digest asked for, no more than [MAX_BATCH_BLOB_SIZE], the
+/// bytes hashing to it; then that every digest was answered.
+fn checked_batch(
+    mut stream: tonic::Streaming<arca_proto::castore_batch::ReadBlobsResponse>,
+    digests: Vec<B3Digest>,
+) -> BoxStream<'static, Result<BatchItem, Error>> {
+    async_stream::try_stream! {
+        let mut answered = 0usize;
+        while let Some(msg) = stream.message().await? {
+            let Some(asked) = digests.get(answered).copied() else {
+                Err(Error::Storage(format!("server sent more than the {} blobs asked for", digests.len())))?;
+                return;
+            };
+            answered += 1;
+            if msg.digest.as_ref() != &asked.as_bytes()[..] {
+                Err(Error::Storage(format!("server answered another blob where {asked} was expected")))?;
+            }
+            if !msg.found {
+                yield (asked, None);
+                continue;
+            }
+            if msg.data.len() as u64 > MAX_BATCH_BLOB_SIZE {
+                Err(Error::Storage(format!("server sent {} bytes for blob {asked}", msg.data.len())))?;
+            }
+            let actual = B3Digest::of(&msg.data);
+            if actual != asked {
+                Err(Error::Storage(format!("blob {asked} failed verification (got {actual})")))?;
+            }
+            yield (asked, Some(msg.data));
+        }
+        if answered != digests.len() {
+            Err(Error::Storage(format!("server sent {answered} of the {} blobs asked for", digests.len())))?;
+        }
+    }
+    .boxed()
 }
 
 #[async_trait]
@@ -101,6 +176,32 @@ impl BlobService for GrpcBlobService {
             failed: false,
             expected: None,
         })
+    }
+
+    /// One `ReadBlobs` call per [MAX_BATCH_DIGESTS] digests (two calls in
+    /// flight), answers handed out as they arrive; one `Read` per blob
+    /// against servers without batch reads.
+    fn read_many<'a>(&'a self, digests: Vec<B3Digest>) -> BoxStream<'a, Result<BatchItem, Error>> {
+        if self.no_batch.load(Ordering::Relaxed) {
+            return super::read_each(self, digests);
+        }
+        let groups: Vec<Vec<B3Digest>> = digests.chunks(MAX_BATCH_DIGESTS).map(<[_]>::to_vec).collect();
+        futures::stream::iter(groups)
+            .map(move |group| async move {
+                let this = self.pick();
+                match this.start_batch(&group).await {
+                    Ok(Some(answers)) => checked_batch(answers, group),
+                    Ok(None) => {
+                        tracing::debug!("server has no batch reads: one Read per blob");
+                        self.no_batch.store(true, Ordering::Relaxed);
+                        super::read_each(self, group)
+                    }
+                    Err(e) => futures::stream::iter([Err(e)]).boxed(),
+                }
+            })
+            .buffered(2)
+            .flatten()
+            .boxed()
     }
 
     #[instrument(skip(self), level = "debug")]

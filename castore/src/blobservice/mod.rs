@@ -6,6 +6,7 @@
 use crate::{B3Digest, Error};
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures::stream::{BoxStream, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeek};
 
 mod cache;
@@ -19,6 +20,18 @@ pub use chunked_reader::{validate_chunk_list, ChunkFetcher, ChunkedReader, MAX_C
 pub use grpc::GrpcBlobService;
 pub use memory::MemoryBlobService;
 pub use object_store::{ChunkingParams, LocalCompression, LocalFilesOptions, ObjectStoreBlobService};
+
+/// Largest blob [BlobService::read_many] returns (larger ones are read with
+/// [BlobService::open_read]).
+pub const MAX_BATCH_BLOB_SIZE: u64 = 4 * 1024 * 1024;
+/// Most digests in one [BlobService::read_many] call over gRPC.
+pub const MAX_BATCH_DIGESTS: usize = 1024;
+/// Blobs the default [BlobService::read_many] reads at once.
+const READ_MANY_IN_FLIGHT: usize = 8;
+
+/// One answer of [BlobService::read_many]: the digest asked for and the
+/// whole blob, `None` if the service does not have it.
+pub type BatchItem = (B3Digest, Option<Bytes>);
 
 /// One chunk of a blob: its digest and length.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -64,6 +77,42 @@ pub trait BlobService: Send + Sync {
     async fn chunks(&self, digest: &B3Digest) -> Result<Option<Vec<ChunkMeta>>, Error> {
         Ok(self.has(digest).await?.then(Vec::new))
     }
+
+    /// Reads many small blobs whole, answering in the order asked (one item
+    /// per digest, duplicates included). Every blob is verified like any
+    /// read; a blob larger than [MAX_BATCH_BLOB_SIZE] is an error. Backends
+    /// override this to answer many blobs per round trip (gRPC: one call)
+    /// or per trip to the blocking pool (local files); the default reads
+    /// a few blobs at a time with [Self::open_read].
+    fn read_many<'a>(&'a self, digests: Vec<B3Digest>) -> BoxStream<'a, Result<BatchItem, Error>> {
+        read_each(self, digests)
+    }
+}
+
+/// [BlobService::read_many] by one [BlobService::open_read] per blob, a few at a time.
+pub fn read_each<S: BlobService + ?Sized>(svc: &S, digests: Vec<B3Digest>) -> BoxStream<'_, Result<BatchItem, Error>> {
+    futures::stream::iter(digests)
+        .map(move |d| async move { Ok((d, read_small(svc, &d).await?)) })
+        .buffered(READ_MANY_IN_FLIGHT)
+        .boxed()
+}
+
+/// Reads a whole blob of at most [MAX_BATCH_BLOB_SIZE] bytes.
+pub async fn read_small<S: BlobService + ?Sized>(svc: &S, digest: &B3Digest) -> Result<Option<Bytes>, Error> {
+    let Some(reader) = svc.open_read(digest).await? else { return Ok(None) };
+    let mut buf = Vec::new();
+    reader.take(MAX_BATCH_BLOB_SIZE + 1).read_to_end(&mut buf).await?;
+    if buf.len() as u64 > MAX_BATCH_BLOB_SIZE {
+        return Err(too_large_for_batch(digest));
+    }
+    Ok(Some(Bytes::from(buf)))
+}
+
+/// The error for a blob too large for [BlobService::read_many].
+pub fn too_large_for_batch(digest: &B3Digest) -> Error {
+    Error::InvalidRequest(format!(
+        "blob {digest} is larger than {MAX_BATCH_BLOB_SIZE} bytes: read it on its own, not in a batch"
+    ))
 }
 
 /// Copies everything from `reader` into a new blob and returns its digest and size.

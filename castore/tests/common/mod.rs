@@ -6,7 +6,7 @@ pub mod seaweed;
 use arca_castore::blobservice::BlobService;
 use arca_castore::composition::{Builder, Composition};
 use arca_castore::directoryservice::DirectoryService;
-use arca_castore::grpc::{GrpcBlobServiceWrapper, GrpcDirectoryServiceWrapper};
+use arca_castore::grpc::{GrpcBlobBatchServiceWrapper, GrpcBlobServiceWrapper, GrpcDirectoryServiceWrapper};
 use arca_castore::{blobservice::GrpcBlobService, directoryservice::GrpcDirectoryService};
 use std::sync::Arc;
 use tokio::sync::oneshot;
@@ -33,13 +33,26 @@ impl Drop for ServerGuard {
     }
 }
 
-/// Serves the given services on 127.0.0.1 (random port).
+/// Serves the given services on 127.0.0.1 (random port), as an Arca daemon
+/// does (with Arca's batch reads).
 pub async fn serve(blob: Arc<dyn BlobService>, dir: Arc<dyn DirectoryService>) -> ServerGuard {
+    serve_with(blob, dir, true).await
+}
+
+/// Serves the given services like a Tvix daemon: only the tvix.castore.v1
+/// services (no `arca.castore.v1.BlobBatchService`).
+pub async fn serve_tvix_like(blob: Arc<dyn BlobService>, dir: Arc<dyn DirectoryService>) -> ServerGuard {
+    serve_with(blob, dir, false).await
+}
+
+async fn serve_with(blob: Arc<dyn BlobService>, dir: Arc<dyn DirectoryService>, batch: bool) -> ServerGuard {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = oneshot::channel();
+    let batch = batch.then(|| GrpcBlobBatchServiceWrapper::new(blob.clone()).into_server());
     tokio::spawn(async move {
         tonic::transport::Server::builder()
+            .add_optional_service(batch)
             .add_service(GrpcBlobServiceWrapper::new(blob).into_server())
             .add_service(GrpcDirectoryServiceWrapper::new(dir).into_server())
             .serve_with_incoming_shutdown(
@@ -66,9 +79,24 @@ pub fn from_urls(blob_url: &str, dir_url: &str) -> (Arc<dyn BlobService>, Arc<dy
 
 /// Wraps services behind a real gRPC server and returns the gRPC clients.
 pub async fn behind_grpc(
-    (blob, dir, mut guard): (Arc<dyn BlobService>, Arc<dyn DirectoryService>, Guard),
+    services: (Arc<dyn BlobService>, Arc<dyn DirectoryService>, Guard),
 ) -> (Arc<dyn BlobService>, Arc<dyn DirectoryService>, Guard) {
-    let server = serve(blob, dir).await;
+    behind(services, true).await
+}
+
+/// Like [behind_grpc] with a server that has only the tvix.castore.v1
+/// services (the clients fall back to one `Read` per blob).
+pub async fn behind_tvix_like_grpc(
+    services: (Arc<dyn BlobService>, Arc<dyn DirectoryService>, Guard),
+) -> (Arc<dyn BlobService>, Arc<dyn DirectoryService>, Guard) {
+    behind(services, false).await
+}
+
+async fn behind(
+    (blob, dir, mut guard): (Arc<dyn BlobService>, Arc<dyn DirectoryService>, Guard),
+    batch: bool,
+) -> (Arc<dyn BlobService>, Arc<dyn DirectoryService>, Guard) {
+    let server = serve_with(blob, dir, batch).await;
     let url = url::Url::parse(&format!("grpc+http://{}", server.addr)).unwrap();
     let channel = arca_castore::grpc::channel_from_url(&url).unwrap();
     guard.server = Some(server);

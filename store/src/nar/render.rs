@@ -16,8 +16,14 @@ use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWrite};
 use tokio::sync::mpsc;
 
-/// Blobs fetched ahead of the one being written.
+/// Fetches (a large blob, or a batch of small ones) running ahead of the file being written.
 const PREFETCH: usize = 8;
+/// Files up to this size are fetched in batches ([BlobService::read_many]:
+/// one call for many over gRPC).
+const BATCH_FILE: u64 = 256 * 1024;
+/// Most files and bytes in one batch.
+const BATCH_FILES: usize = 256;
+const BATCH_BYTES: u64 = 4 * 1024 * 1024;
 /// Pieces (at most 1 MiB each) queued per blob being fetched.
 const PIECES_AHEAD: usize = 2;
 
@@ -169,6 +175,94 @@ fn fetch_blob(
     rx
 }
 
+/// What is fetched ahead, in NAR order.
+enum Unit {
+    /// The empty file.
+    Empty,
+    /// A blob read on its own, in pieces.
+    Large(B3Digest, u64),
+    /// Consecutive small files read in one batch.
+    Batch(Vec<(B3Digest, u64)>),
+}
+
+/// One file's contents, as the writer receives them.
+enum Fetched {
+    Empty,
+    Pieces(mpsc::Receiver<Result<bytes::Bytes, RenderError>>),
+    Whole(Result<bytes::Bytes, RenderError>),
+}
+
+/// Groups the files (digest, size), in order, into fetch units.
+fn plan(files: Vec<(B3Digest, u64)>) -> Vec<Unit> {
+    let empty = B3Digest::of(b"");
+    let mut units = Vec::new();
+    let mut batch: Vec<(B3Digest, u64)> = Vec::new();
+    let mut batch_bytes = 0u64;
+    for (digest, size) in files {
+        if size == 0 && digest == empty {
+            units.push(Unit::Empty);
+            continue;
+        }
+        if size > BATCH_FILE {
+            if !batch.is_empty() {
+                units.push(Unit::Batch(std::mem::take(&mut batch)));
+                batch_bytes = 0;
+            }
+            units.push(Unit::Large(digest, size));
+            continue;
+        }
+        if batch.len() == BATCH_FILES || batch_bytes + size > BATCH_BYTES {
+            units.push(Unit::Batch(std::mem::take(&mut batch)));
+            batch_bytes = 0;
+        }
+        batch_bytes += size;
+        batch.push((digest, size));
+    }
+    if !batch.is_empty() {
+        units.push(Unit::Batch(batch));
+    }
+    units
+}
+
+/// Reads a batch of small blobs into a queue, one whole blob per file, each
+/// checked against its node's size.
+fn fetch_batch(
+    blobs: Arc<dyn BlobService>,
+    files: Vec<(B3Digest, u64)>,
+) -> mpsc::Receiver<Result<bytes::Bytes, RenderError>> {
+    let (tx, rx) = mpsc::channel(files.len().max(1));
+    tokio::spawn(async move {
+        let digests = files.iter().map(|(d, _)| *d).collect();
+        let mut answers = blobs.read_many(digests);
+        for (digest, size) in files {
+            let r = match answers.next().await {
+                Some(Ok((got, Some(data)))) if got == digest => {
+                    if data.len() as u64 == size {
+                        Ok(data)
+                    } else {
+                        Err(RenderError::BlobSize { digest, expected: size, actual: data.len() as u64 })
+                    }
+                }
+                Some(Ok((got, None))) if got == digest => Err(RenderError::MissingBlob(digest)),
+                Some(Ok((got, _))) => Err(RenderError::Blob {
+                    digest,
+                    source: arca_castore::Error::Storage(format!("a batch read answered blob {got}")),
+                }),
+                Some(Err(source)) => Err(RenderError::Blob { digest, source }),
+                None => Err(RenderError::Blob {
+                    digest,
+                    source: arca_castore::Error::Storage("a batch read ended early".into()),
+                }),
+            };
+            let failed = r.is_err();
+            if tx.send(r).await.is_err() || failed {
+                return;
+            }
+        }
+    });
+    rx
+}
+
 /// Writes the NAR of `node` to `writer` and returns the writer (flushed).
 pub async fn render_nar<W: AsyncWrite + Unpin>(
     node: &Node,
@@ -186,19 +280,26 @@ pub async fn render_nar<W: AsyncWrite + Unpin>(
         }
         Ok(())
     })?;
-    let empty = B3Digest::of(b"");
-    let mut fetched = futures::stream::iter(files)
-        .map(|(digest, size)| {
+    let mut fetched = futures::stream::iter(plan(files))
+        .map(|unit| {
             let blobs = blobs.clone();
             async move {
-                if size == 0 && digest == empty {
-                    None
-                } else {
-                    Some(fetch_blob(blobs, digest, size))
+                match unit {
+                    Unit::Empty => futures::stream::once(async { Fetched::Empty }).boxed(),
+                    Unit::Large(digest, size) => {
+                        let rx = fetch_blob(blobs, digest, size);
+                        futures::stream::once(async { Fetched::Pieces(rx) }).boxed()
+                    }
+                    Unit::Batch(files) => {
+                        let rx = fetch_batch(blobs, files);
+                        futures::stream::unfold(rx, |mut rx| async move { Some((Fetched::Whole(rx.recv().await?), rx)) })
+                            .boxed()
+                    }
                 }
             }
         })
-        .buffered(PREFETCH);
+        .buffered(PREFETCH)
+        .flatten();
 
     let mut nar = NarWriter::new(writer).await?;
     let mut steps = Vec::new();
@@ -214,12 +315,20 @@ pub async fn render_nar<W: AsyncWrite + Unpin>(
             Step::Node(name, Node::File { digest, size, executable }) => {
                 nar.start_file(name, *executable, *size).await?;
                 let mut written = 0u64;
-                if let Some(Some(mut rx)) = fetched.next().await {
-                    while let Some(piece) = rx.recv().await {
-                        let piece = piece?;
-                        written += piece.len() as u64;
-                        nar.write_contents(&piece).await?;
+                match fetched.next().await {
+                    Some(Fetched::Pieces(mut rx)) => {
+                        while let Some(piece) = rx.recv().await {
+                            let piece = piece?;
+                            written += piece.len() as u64;
+                            nar.write_contents(&piece).await?;
+                        }
                     }
+                    Some(Fetched::Whole(data)) => {
+                        let data = data?;
+                        written = data.len() as u64;
+                        nar.write_contents(&data).await?;
+                    }
+                    Some(Fetched::Empty) | None => {}
                 }
                 if written != *size {
                     return Err(RenderError::BlobSize { digest: *digest, expected: *size, actual: written });
