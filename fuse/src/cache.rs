@@ -142,6 +142,9 @@ pub struct BlobCache {
     lru: Mutex<(lru::LruCache<B3Digest, Bytes>, u64)>,
     capacity_bytes: u64,
     flights: Mutex<HashMap<B3Digest, Flight<Bytes>>>,
+    /// Blobs of batch flights a reader is waiting for (the kernel has a
+    /// read of them in flight: no page-cache store for those).
+    awaited: Mutex<std::collections::HashSet<B3Digest>>,
 }
 
 impl BlobCache {
@@ -152,6 +155,7 @@ impl BlobCache {
             lru: Mutex::new((lru::LruCache::unbounded(), 0)),
             capacity_bytes,
             flights: Mutex::new(HashMap::new()),
+            awaited: Mutex::new(std::collections::HashSet::new()),
         })
     }
 
@@ -240,9 +244,12 @@ impl BlobCache {
                     Ok((got, Some(data))) if got == digest && data.len() as u64 == size => {
                         this.insert(digest, data.clone());
                         this.flights.lock().remove(&digest);
-                        // Readers first: the hook may wait for the kernel.
+                        let awaited = this.awaited.lock().remove(&digest);
                         let _ = tx.send(data.clone());
-                        if let Some(hook) = &on_arrival {
+                        // Not for blobs a reader waited for: the kernel has
+                        // that read in flight (its pages locked) and fills
+                        // its page cache from the answer anyway.
+                        if let (Some(hook), false) = (&on_arrival, awaited) {
                             hook(digest, &data);
                         }
                     }
@@ -253,18 +260,26 @@ impl BlobCache {
                             data.map(|d| d.len())
                         );
                         this.flights.lock().remove(&digest);
+                        this.awaited.lock().remove(&digest);
                     }
                     Err(e) => {
                         tracing::warn!(%digest, "batch read of small blobs failed: {e}");
                         this.flights.lock().remove(&digest);
+                        this.awaited.lock().remove(&digest);
                         break;
                     }
                 }
             }
             // Whatever the batch did not deliver: readers waiting fetch alone.
+            let undelivered: Vec<B3Digest> = pending.map(|(d, _, _)| d).collect();
             let mut flights = this.flights.lock();
-            for (digest, _, _) in pending {
-                flights.remove(&digest);
+            for digest in &undelivered {
+                flights.remove(digest);
+            }
+            drop(flights);
+            let mut awaited = this.awaited.lock();
+            for digest in &undelivered {
+                awaited.remove(digest);
             }
         });
     }
@@ -273,6 +288,9 @@ impl BlobCache {
         let mut flights = self.flights.lock();
         if let Some(b) = self.cached(&digest) {
             return futures::future::ready(Ok(b)).boxed().shared();
+        }
+        if flights.contains_key(&digest) {
+            self.awaited.lock().insert(digest);
         }
         flights
             .entry(digest)

@@ -188,27 +188,32 @@ enum Unit {
 /// One file's contents, as the writer receives them.
 enum Fetched {
     Empty,
-    Pieces(mpsc::Receiver<Result<bytes::Bytes, RenderError>>),
-    Whole(Result<bytes::Bytes, RenderError>),
+    Pieces(B3Digest, mpsc::Receiver<Result<bytes::Bytes, RenderError>>),
+    Whole(B3Digest, Result<bytes::Bytes, RenderError>),
 }
 
-/// Groups the files (digest, size), in order, into fetch units.
+/// Groups the files (digest, size), in order, into fetch units (in the
+/// same order: one file per unit, or a run of small files per batch).
 fn plan(files: Vec<(B3Digest, u64)>) -> Vec<Unit> {
     let empty = B3Digest::of(b"");
     let mut units = Vec::new();
     let mut batch: Vec<(B3Digest, u64)> = Vec::new();
     let mut batch_bytes = 0u64;
     for (digest, size) in files {
-        if size == 0 && digest == empty {
-            units.push(Unit::Empty);
-            continue;
-        }
-        if size > BATCH_FILE {
+        let alone = if size == 0 && digest == empty {
+            Some(Unit::Empty)
+        } else if size > BATCH_FILE {
+            Some(Unit::Large(digest, size))
+        } else {
+            None
+        };
+        if let Some(unit) = alone {
+            // Units stay in file order: the batch so far goes first.
             if !batch.is_empty() {
                 units.push(Unit::Batch(std::mem::take(&mut batch)));
                 batch_bytes = 0;
             }
-            units.push(Unit::Large(digest, size));
+            units.push(unit);
             continue;
         }
         if batch.len() == BATCH_FILES || batch_bytes + size > BATCH_BYTES {
@@ -229,7 +234,7 @@ fn plan(files: Vec<(B3Digest, u64)>) -> Vec<Unit> {
 fn fetch_batch(
     blobs: Arc<dyn BlobService>,
     files: Vec<(B3Digest, u64)>,
-) -> mpsc::Receiver<Result<bytes::Bytes, RenderError>> {
+) -> mpsc::Receiver<(B3Digest, Result<bytes::Bytes, RenderError>)> {
     let (tx, rx) = mpsc::channel(files.len().max(1));
     tokio::spawn(async move {
         let digests = files.iter().map(|(d, _)| *d).collect();
@@ -255,7 +260,7 @@ fn fetch_batch(
                 }),
             };
             let failed = r.is_err();
-            if tx.send(r).await.is_err() || failed {
+            if tx.send((digest, r)).await.is_err() || failed {
                 return;
             }
         }
@@ -288,12 +293,15 @@ pub async fn render_nar<W: AsyncWrite + Unpin>(
                     Unit::Empty => futures::stream::once(async { Fetched::Empty }).boxed(),
                     Unit::Large(digest, size) => {
                         let rx = fetch_blob(blobs, digest, size);
-                        futures::stream::once(async { Fetched::Pieces(rx) }).boxed()
+                        futures::stream::once(async move { Fetched::Pieces(digest, rx) }).boxed()
                     }
                     Unit::Batch(files) => {
                         let rx = fetch_batch(blobs, files);
-                        futures::stream::unfold(rx, |mut rx| async move { Some((Fetched::Whole(rx.recv().await?), rx)) })
-                            .boxed()
+                        futures::stream::unfold(rx, |mut rx| async move {
+                            let (digest, data) = rx.recv().await?;
+                            Some((Fetched::Whole(digest, data), rx))
+                        })
+                        .boxed()
                     }
                 }
             }
@@ -315,15 +323,25 @@ pub async fn render_nar<W: AsyncWrite + Unpin>(
             Step::Node(name, Node::File { digest, size, executable }) => {
                 nar.start_file(name, *executable, *size).await?;
                 let mut written = 0u64;
-                match fetched.next().await {
-                    Some(Fetched::Pieces(mut rx)) => {
+                let next = fetched.next().await;
+                // Fetches come in file order; anything else is a bug here, never a wrong NAR.
+                if let Some(Fetched::Pieces(d, _) | Fetched::Whole(d, _)) = &next {
+                    if d != digest {
+                        return Err(RenderError::Blob {
+                            digest: *digest,
+                            source: arca_castore::Error::Storage(format!("internal: fetched blob {d} in its place")),
+                        });
+                    }
+                }
+                match next {
+                    Some(Fetched::Pieces(_, mut rx)) => {
                         while let Some(piece) = rx.recv().await {
                             let piece = piece?;
                             written += piece.len() as u64;
                             nar.write_contents(&piece).await?;
                         }
                     }
-                    Some(Fetched::Whole(data)) => {
+                    Some(Fetched::Whole(_, data)) => {
                         let data = data?;
                         written = data.len() as u64;
                         nar.write_contents(&data).await?;
@@ -348,4 +366,50 @@ pub async fn calculate_nar(
 ) -> Result<(u64, [u8; 32]), RenderError> {
     let sink = render_nar(node, blobs, directories, HashingWriter::new()).await?;
     Ok(sink.finalize())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kinds(units: &[Unit]) -> Vec<String> {
+        units
+            .iter()
+            .map(|u| match u {
+                Unit::Empty => "E".to_string(),
+                Unit::Large(_, s) => format!("L{s}"),
+                Unit::Batch(f) => format!("B{:?}", f.iter().map(|(_, s)| *s).collect::<Vec<_>>()),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn plan_keeps_file_order() {
+        let empty = B3Digest::of(b"");
+        let d = |n: u8| B3Digest::of(&[n]);
+        let files = vec![
+            (d(1), 10),
+            (empty, 0),
+            (d(2), 20),
+            (d(3), BATCH_FILE + 1),
+            (d(4), 30),
+            (d(5), 40),
+            (empty, 0),
+        ];
+        let units = plan(files);
+        assert_eq!(kinds(&units), ["B[10]", "E", "B[20]", &format!("L{}", BATCH_FILE + 1), "B[30, 40]", "E"]);
+    }
+
+    #[test]
+    fn plan_splits_batches_by_count_and_bytes() {
+        let files: Vec<_> = (0..BATCH_FILES as u32 + 1).map(|i| (B3Digest::of(&i.to_le_bytes()), 1)).collect();
+        let units = plan(files);
+        assert_eq!(units.len(), 2);
+        assert!(matches!(&units[0], Unit::Batch(f) if f.len() == BATCH_FILES));
+        let big = BATCH_FILE;
+        let n = (BATCH_BYTES / big) as u32 + 1;
+        let files: Vec<_> = (0..n).map(|i| (B3Digest::of(&i.to_le_bytes()), big)).collect();
+        let units = plan(files);
+        assert_eq!(units.len(), 2, "{} files of {big} bytes exceed {BATCH_BYTES}", n);
+    }
 }
