@@ -528,3 +528,59 @@ fn sigkill_leaves_no_dead_mount() {
     // The directory is usable again (no "Transport endpoint is not connected").
     assert_eq!(std::fs::read_dir(&m.path).unwrap().count(), 0);
 }
+
+/// Whether the first page of `path` is in the kernel's page cache, found
+/// with `mincore` on a mapping (which reads nothing).
+fn first_page_cached(path: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path).unwrap();
+    let len = f.metadata().unwrap().len() as usize;
+    assert!(len > 0);
+    // SAFETY: a read-only shared mapping of an open file, unmapped before
+    // return; mincore writes one byte per page of the (one-page) range.
+    unsafe {
+        let p = libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, f.as_raw_fd(), 0);
+        assert_ne!(p, libc::MAP_FAILED, "mmap {}", path.display());
+        let mut vec = [0u8; 1];
+        let r = libc::mincore(p, len.min(4096), vec.as_mut_ptr());
+        libc::munmap(p, len);
+        assert_eq!(r, 0, "mincore {}", path.display());
+        vec[0] & 1 == 1
+    }
+}
+
+#[test]
+fn small_files_are_fetched_ahead_into_the_page_cache_only_once_reading_starts() {
+    if !have_fuse() {
+        return;
+    }
+    let d = Daemon::start();
+    let client = tempfile::tempdir().unwrap();
+    let src = tempfile::tempdir().unwrap();
+    let tree = src.path().join("smalls");
+    std::fs::create_dir(&tree).unwrap();
+    for i in 0..100 {
+        std::fs::write(tree.join(format!("f{i:03}")), format!("small file {i}\n").repeat(50)).unwrap();
+    }
+    let o = arca(&d, client.path(), &["import", tree.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let base = stdout(&o).trim().strip_prefix("/nix/store/").unwrap().to_string();
+    let m = Mount::start(&d, client.path(), &[]);
+    let later = m.p(&format!("{base}/f050"));
+    // Listing and stat-ing fetch no contents: nothing is in the page cache yet.
+    assert_eq!(std::fs::read_dir(m.p(&base)).unwrap().count(), 100);
+    assert!(!first_page_cached(&later), "contents fetched before any read");
+    // Reading the first file fetches the ones after it in one batch, straight
+    // into the page cache (FUSE_NOTIFY_STORE), before they are read.
+    assert_eq!(std::fs::read(m.p(&format!("{base}/f000"))).unwrap(), "small file 0\n".repeat(50).as_bytes());
+    let start = Instant::now();
+    while !first_page_cached(&later) {
+        assert!(start.elapsed() < Duration::from_secs(10), "f050 never reached the page cache");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // What the kernel holds is the file's content.
+    for i in [1, 50, 99] {
+        let got = std::fs::read(m.p(&format!("{base}/f{i:03}"))).unwrap();
+        assert_eq!(got, format!("small file {i}\n").repeat(50).as_bytes(), "f{i:03}");
+    }
+}
