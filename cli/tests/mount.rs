@@ -519,12 +519,27 @@ fn sigkill_leaves_no_dead_mount() {
     let o = arca(&d, client.path(), &["import", src.path().join("hello").to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
     let base = stdout(&o).trim().strip_prefix("/nix/store/").unwrap().to_string();
+    let t0 = Instant::now();
     let mut m = Mount::start(&d, client.path(), &[]);
+    let mounted = t0.elapsed();
     assert_eq!(std::fs::read(m.p(&base)).unwrap(), b"hello\n");
+    let read = t0.elapsed();
     let pid = m.pid();
     let status = m.signal_and_wait(libc::SIGKILL);
     assert!(!status.success(), "pid {pid} was killed");
-    assert!(wait_unmounted(&m.path, Duration::from_secs(10)), "a dead mount stayed after SIGKILL");
+    let killed = t0.elapsed();
+    if !wait_unmounted(&m.path, Duration::from_secs(30)) {
+        let ps = Command::new("ps").args(["-eo", "pid,ppid,stat,wchan:32,args"]).output().unwrap();
+        let ps = String::from_utf8_lossy(&ps.stdout);
+        let related: Vec<&str> = ps.lines().filter(|l| l.contains("fusermount") || l.contains("arca")).collect();
+        let log: Vec<String> = m.stderr_lines.try_iter().collect();
+        panic!(
+            "a dead mount stayed 30 s after SIGKILL (mounted after {mounted:?}, read after {read:?}, \
+             exited after {killed:?})\nprocesses:\n{}\nmount log:\n{}",
+            related.join("\n"),
+            log.join("\n")
+        );
+    }
     // The directory is usable again (no "Transport endpoint is not connected").
     assert_eq!(std::fs::read_dir(&m.path).unwrap().count(), 0);
 }
