@@ -188,12 +188,7 @@ impl AsyncRead for ChunkedReader {
 
 impl AsyncSeek for ChunkedReader {
     fn start_seek(mut self: Pin<&mut Self>, position: SeekFrom) -> std::io::Result<()> {
-        let new = match position {
-            SeekFrom::Start(p) => Some(p),
-            SeekFrom::End(d) => self.size.checked_add_signed(d),
-            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
-        }
-        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "seek before start"))?;
+        let new = super::seek_target(position, self.pos, self.size)?;
         if new != self.pos {
             self.pos = new;
             self.inner = None;

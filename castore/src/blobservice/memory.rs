@@ -63,12 +63,7 @@ impl AsyncRead for PiecesReader {
 
 impl AsyncSeek for PiecesReader {
     fn start_seek(mut self: Pin<&mut Self>, position: SeekFrom) -> std::io::Result<()> {
-        let target = match position {
-            SeekFrom::Start(o) => Some(o),
-            SeekFrom::End(d) => self.len.checked_add_signed(d),
-            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
-        };
-        self.pos = target.ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "seek before the start"))?;
+        self.pos = super::seek_target(position, self.pos, self.len)?;
         Ok(())
     }
 

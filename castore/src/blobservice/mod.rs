@@ -103,16 +103,22 @@ pub async fn read_small<S: BlobService + ?Sized>(svc: &S, digest: &B3Digest) -> 
     let mut buf = Vec::new();
     reader.take(MAX_BATCH_BLOB_SIZE + 1).read_to_end(&mut buf).await?;
     if buf.len() as u64 > MAX_BATCH_BLOB_SIZE {
-        return Err(too_large_for_batch(digest));
+        return Err(Error::InvalidRequest(format!(
+            "blob {digest} is larger than {MAX_BATCH_BLOB_SIZE} bytes: read it on its own, not in a batch"
+        )));
     }
     Ok(Some(Bytes::from(buf)))
 }
 
-/// The error for a blob too large for [BlobService::read_many].
-pub fn too_large_for_batch(digest: &B3Digest) -> Error {
-    Error::InvalidRequest(format!(
-        "blob {digest} is larger than {MAX_BATCH_BLOB_SIZE} bytes: read it on its own, not in a batch"
-    ))
+/// Where a seek lands in a stream of `len` bytes read up to `pos`: past
+/// the end is allowed (reads return EOF), before the start is an error.
+pub fn seek_target(position: std::io::SeekFrom, pos: u64, len: u64) -> std::io::Result<u64> {
+    match position {
+        std::io::SeekFrom::Start(p) => Some(p),
+        std::io::SeekFrom::End(d) => len.checked_add_signed(d),
+        std::io::SeekFrom::Current(d) => pos.checked_add_signed(d),
+    }
+    .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "seek before the start"))
 }
 
 /// Copies everything from `reader` into a new blob and returns its digest and size.

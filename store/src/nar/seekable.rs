@@ -386,13 +386,7 @@ impl AsyncSeek for SeekableNar {
     /// Seeks anywhere at or after 0; past the end, reads return EOF.
     fn start_seek(self: Pin<&mut Self>, position: SeekFrom) -> io::Result<()> {
         let this = self.get_mut();
-        let new = match position {
-            SeekFrom::Start(p) => Some(p),
-            SeekFrom::End(d) => this.len.checked_add_signed(d),
-            SeekFrom::Current(d) => this.pos.checked_add_signed(d),
-        }
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "seek before the start of the NAR"))?;
-        this.pos = new;
+        this.pos = arca_castore::blobservice::seek_target(position, this.pos, this.len)?;
         Ok(())
     }
 
