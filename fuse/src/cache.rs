@@ -142,8 +142,8 @@ pub struct BlobCache {
     lru: Mutex<(lru::LruCache<B3Digest, Bytes>, u64)>,
     capacity_bytes: u64,
     flights: Mutex<HashMap<B3Digest, Flight<Bytes>>>,
-    /// Blobs of batch flights a reader is waiting for (the kernel has a
-    /// read of them in flight: no page-cache store for those).
+    /// Blobs in flight a reader joined (the kernel has a read of them in
+    /// flight: no page-cache store for those); cleared when the flight lands.
     awaited: Mutex<std::collections::HashSet<B3Digest>>,
 }
 
@@ -184,6 +184,22 @@ impl BlobCache {
         }
     }
 
+    /// Ends the flight of `digest` (later requests find the cache, or start
+    /// anew); whether a reader had joined it.
+    fn land(&self, digest: &B3Digest) -> bool {
+        self.flights.lock().remove(digest);
+        self.awaited.lock().remove(digest)
+    }
+
+    /// Fetches the blob on its own and caches it.
+    async fn fetch_into_cache(&self, digest: B3Digest, size: u64) -> Result<Bytes, Errno> {
+        let r = fetch_whole(&*self.service, digest, size).await;
+        if let Ok(b) = &r {
+            self.insert(digest, b.clone());
+        }
+        r
+    }
+
     /// The blob's bytes (exactly `size` of them, verified by the blob
     /// service's reader), fetched if needed.
     pub async fn get(self: &Arc<Self>, digest: B3Digest, size: u64) -> Result<Bytes, Errno> {
@@ -214,13 +230,7 @@ impl BlobCache {
                     match rx.await {
                         Ok(b) => Ok(b),
                         // The batch failed or never got to this blob: alone, then.
-                        Err(_) => {
-                            let r = fetch_whole(&*this.service, digest, size).await;
-                            if let Ok(b) = &r {
-                                this.insert(digest, b.clone());
-                            }
-                            r
-                        }
+                        Err(_) => this.fetch_into_cache(digest, size).await,
                     }
                 }
                 .boxed()
@@ -243,8 +253,7 @@ impl BlobCache {
                 match answer {
                     Ok((got, Some(data))) if got == digest && data.len() as u64 == size => {
                         this.insert(digest, data.clone());
-                        this.flights.lock().remove(&digest);
-                        let awaited = this.awaited.lock().remove(&digest);
+                        let awaited = this.land(&digest);
                         let _ = tx.send(data.clone());
                         // Not for blobs a reader waited for: the kernel has
                         // that read in flight (its pages locked) and fills
@@ -259,27 +268,19 @@ impl BlobCache {
                             "batch read answered {got} with {:?} bytes, the node says {size}",
                             data.map(|d| d.len())
                         );
-                        this.flights.lock().remove(&digest);
-                        this.awaited.lock().remove(&digest);
+                        this.land(&digest);
                     }
                     Err(e) => {
                         tracing::warn!(%digest, "batch read of small blobs failed: {e}");
-                        this.flights.lock().remove(&digest);
-                        this.awaited.lock().remove(&digest);
+                        this.land(&digest);
                         break;
                     }
                 }
             }
-            // Whatever the batch did not deliver: readers waiting fetch alone.
-            let undelivered: Vec<B3Digest> = pending.map(|(d, _, _)| d).collect();
-            let mut flights = this.flights.lock();
-            for digest in &undelivered {
-                flights.remove(digest);
-            }
-            drop(flights);
-            let mut awaited = this.awaited.lock();
-            for digest in &undelivered {
-                awaited.remove(digest);
+            // Whatever the batch did not deliver: readers waiting fetch alone
+            // (their flights end here, so they drop their senders' halves).
+            for (digest, _, _) in pending {
+                this.land(&digest);
             }
         });
     }
@@ -297,11 +298,8 @@ impl BlobCache {
             .or_insert_with(|| {
                 let this = self.clone();
                 let task = tokio::spawn(async move {
-                    let r = fetch_whole(&*this.service, digest, size).await;
-                    if let Ok(b) = &r {
-                        this.insert(digest, b.clone());
-                    }
-                    this.flights.lock().remove(&digest);
+                    let r = this.fetch_into_cache(digest, size).await;
+                    this.land(&digest);
                     r
                 });
                 async move { task.await.unwrap_or(Err(Errno::EIO)) }.boxed().shared()

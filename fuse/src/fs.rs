@@ -55,6 +55,13 @@ const SIBLING_SCAN: usize = 1024;
 /// them: a walk costs about one call per this many small files.
 const BATCH_MIN: usize = SIBLING_FILES / 4;
 
+/// The bytes a read of `size` at `offset` gets from a file of `file_size`.
+fn read_range(offset: u64, size: u32, file_size: u64) -> std::ops::Range<usize> {
+    let start = offset.min(file_size) as usize;
+    let end = offset.saturating_add(size as u64).min(file_size) as usize;
+    start..end
+}
+
 /// What is left of one read-ahead's budget.
 struct Budget {
     files: usize,
@@ -371,9 +378,7 @@ impl Inner {
             return self.readers.read(ino, digest, file_size, offset, size).await;
         }
         let data = self.blobs.get(digest, file_size).await?;
-        let start = offset.min(file_size) as usize;
-        let end = offset.saturating_add(size as u64).min(file_size) as usize;
-        Ok(data.slice(start..end))
+        Ok(data.slice(read_range(offset, size, file_size)))
     }
 
     async fn list_root(&self) -> Result<Vec<(String, Node)>, Errno> {
@@ -550,9 +555,7 @@ impl Filesystem for ArcaFs {
                         self.inner.prefetch_siblings(p, false);
                     }
                 }
-                let start = offset.min(file_size) as usize;
-                let end = offset.saturating_add(size as u64).min(file_size) as usize;
-                return reply.data(&data[start..end]);
+                return reply.data(&data[read_range(offset, size, file_size)]);
             }
         }
         let inner = self.inner.clone();
