@@ -177,8 +177,8 @@ fn fetch_blob(
 
 /// What is fetched ahead, in NAR order.
 enum Unit {
-    /// The empty file.
-    Empty,
+    /// The empty file (nothing to fetch).
+    Empty(B3Digest),
     /// A blob read on its own, in pieces.
     Large(B3Digest, u64),
     /// Consecutive small files read in one batch.
@@ -187,7 +187,6 @@ enum Unit {
 
 /// One file's contents, as the writer receives them.
 enum Fetched {
-    Empty,
     Pieces(B3Digest, mpsc::Receiver<Result<bytes::Bytes, RenderError>>),
     Whole(B3Digest, Result<bytes::Bytes, RenderError>),
 }
@@ -201,7 +200,7 @@ fn plan(files: Vec<(B3Digest, u64)>) -> Vec<Unit> {
     let mut batch_bytes = 0u64;
     for (digest, size) in files {
         let alone = if size == 0 && digest == empty {
-            Some(Unit::Empty)
+            Some(Unit::Empty(digest))
         } else if size > BATCH_FILE {
             Some(Unit::Large(digest, size))
         } else {
@@ -277,20 +276,27 @@ pub async fn render_nar<W: AsyncWrite + Unpin>(
 ) -> Result<W, RenderError> {
     let dirs = fetch_directories(node, directories).await?;
 
-    // The files in NAR order, fetched a few ahead.
-    let mut files = Vec::new();
+    let mut steps = Vec::new();
     walk(node, &dirs, |step| {
-        if let Step::Node(_, Node::File { digest, size, .. }) = step {
-            files.push((*digest, *size));
-        }
+        steps.push(step);
         Ok(())
     })?;
+    // The files in NAR order, fetched a few ahead.
+    let files = steps
+        .iter()
+        .filter_map(|step| match step {
+            Step::Node(_, Node::File { digest, size, .. }) => Some((*digest, *size)),
+            _ => None,
+        })
+        .collect();
     let mut fetched = futures::stream::iter(plan(files))
         .map(|unit| {
             let blobs = blobs.clone();
             async move {
                 match unit {
-                    Unit::Empty => futures::stream::once(async { Fetched::Empty }).boxed(),
+                    Unit::Empty(digest) => {
+                        futures::stream::once(async move { Fetched::Whole(digest, Ok(bytes::Bytes::new())) }).boxed()
+                    }
                     Unit::Large(digest, size) => {
                         let rx = fetch_blob(blobs, digest, size);
                         futures::stream::once(async move { Fetched::Pieces(digest, rx) }).boxed()
@@ -310,11 +316,6 @@ pub async fn render_nar<W: AsyncWrite + Unpin>(
         .flatten();
 
     let mut nar = NarWriter::new(writer).await?;
-    let mut steps = Vec::new();
-    walk(node, &dirs, |step| {
-        steps.push(step);
-        Ok(())
-    })?;
     for step in steps {
         match step {
             Step::EndDirectory => nar.end_directory().await?,
@@ -346,7 +347,7 @@ pub async fn render_nar<W: AsyncWrite + Unpin>(
                         written = data.len() as u64;
                         nar.write_contents(&data).await?;
                     }
-                    Some(Fetched::Empty) | None => {}
+                    None => {}
                 }
                 if written != *size {
                     return Err(RenderError::BlobSize { digest: *digest, expected: *size, actual: written });
@@ -376,7 +377,7 @@ mod tests {
         units
             .iter()
             .map(|u| match u {
-                Unit::Empty => "E".to_string(),
+                Unit::Empty(_) => "E".to_string(),
                 Unit::Large(_, s) => format!("L{s}"),
                 Unit::Batch(f) => format!("B{:?}", f.iter().map(|(_, s)| *s).collect::<Vec<_>>()),
             })
