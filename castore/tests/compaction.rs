@@ -75,6 +75,13 @@ async fn wait_compacted(svc: &ObjectStoreBlobService, dir: &Path) {
     }
 }
 
+/// Stores `data` with a compactor that never starts in this test's
+/// lifetime, then drops the service: its chunks stay raw and journaled.
+async fn store_uncompacted(dir: &Path, data: &[u8]) -> B3Digest {
+    let svc = open(dir, Duration::from_secs(3600));
+    put_bytes(&svc, data.to_vec().into()).await.unwrap()
+}
+
 fn random_bytes(len: usize) -> Vec<u8> {
     let mut v = vec![0u8; len];
     rand::rng().fill_bytes(&mut v);
@@ -177,15 +184,9 @@ async fn the_journal_resumes_compaction_after_a_restart() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let data = test_data(3 * 1024 * 1024, 31);
-    let digest;
-    let files;
-    {
-        // Compaction never starts in this process's lifetime.
-        let svc = open(dir, Duration::from_secs(3600));
-        digest = put_bytes(&svc, data.clone().into()).await.unwrap();
-        files = chunk_files(dir);
-        assert_eq!(journal_len(dir), 32 * files.len() as u64);
-    }
+    let digest = store_uncompacted(dir, &data).await;
+    let files = chunk_files(dir);
+    assert_eq!(journal_len(dir), 32 * files.len() as u64);
     assert!(files.iter().all(|f| tag(f) == TAG_RAW));
     let svc = open(dir, Duration::from_millis(20));
     assert_eq!(svc.pending_compression(), files.len(), "the journal was read back");
@@ -200,10 +201,7 @@ async fn stopping_mid_compaction_leaves_a_consistent_store() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let data = test_data(16 * 1024 * 1024, 41);
-    let digest = {
-        let svc = open(dir, Duration::from_secs(3600));
-        put_bytes(&svc, data.clone().into()).await.unwrap()
-    };
+    let digest = store_uncompacted(dir, &data).await;
     let files = chunk_files(dir);
     {
         let svc = open(dir, Duration::ZERO);
@@ -237,10 +235,7 @@ async fn a_corrupt_raw_chunk_is_not_compressed() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let data = test_data(3 * 1024 * 1024, 51);
-    let digest = {
-        let svc = open(dir, Duration::from_secs(3600));
-        put_bytes(&svc, data.clone().into()).await.unwrap()
-    };
+    let digest = store_uncompacted(dir, &data).await;
     let files = chunk_files(dir);
     let victim = &files[files.len() / 2];
     let mut bytes = std::fs::read(victim).unwrap();

@@ -49,6 +49,13 @@ fn arca(d: &Daemon, client_data: &Path, args: &[&str]) -> Output {
     d.arca_client(client_data, args)
 }
 
+/// `arca import PATH` through the daemon: the store path's basename.
+fn import_base(d: &Daemon, client_data: &Path, path: &Path) -> String {
+    let o = arca(d, client_data, &["import", path.to_str().unwrap()]);
+    assert!(o.status.success(), "arca import {}: {}", path.display(), stderr(&o));
+    stdout(&o).trim().strip_prefix("/nix/store/").unwrap().to_string()
+}
+
 fn is_mounted(path: &Path) -> bool {
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
     let want = path.to_str().unwrap();
@@ -376,10 +383,7 @@ fn imported_tree_modes_exec_bits_large_files_and_parallel_reads() {
     for i in 0..200 {
         std::fs::write(tree.join(format!("share/doc/small-{i:03}")), common::bytes_for(1000 + i, (i as usize * 977) % 20_000)).unwrap();
     }
-    let o = arca(&d, client.path(), &["import", tree.to_str().unwrap()]);
-    assert!(o.status.success(), "arca import: {}", stderr(&o));
-    let store_path = stdout(&o).trim().to_string();
-    let base = store_path.strip_prefix("/nix/store/").unwrap().to_string();
+    let base = import_base(&d, client.path(), &tree);
 
     // Without --list-root the root reads as empty, but lookups work.
     let mut m = Mount::start(&d, client.path(), &["--threads", "3"]);
@@ -516,9 +520,7 @@ fn sigkill_leaves_no_dead_mount() {
     let client = tempfile::tempdir().unwrap();
     let src = tempfile::tempdir().unwrap();
     std::fs::write(src.path().join("hello"), b"hello\n").unwrap();
-    let o = arca(&d, client.path(), &["import", src.path().join("hello").to_str().unwrap()]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let base = stdout(&o).trim().strip_prefix("/nix/store/").unwrap().to_string();
+    let base = import_base(&d, client.path(), &src.path().join("hello"));
     let t0 = Instant::now();
     let mut m = Mount::start(&d, client.path(), &[]);
     let mounted = t0.elapsed();
@@ -577,9 +579,7 @@ fn small_files_are_fetched_ahead_into_the_page_cache_only_once_reading_starts() 
     for i in 0..100 {
         std::fs::write(tree.join(format!("f{i:03}")), format!("small file {i}\n").repeat(50)).unwrap();
     }
-    let o = arca(&d, client.path(), &["import", tree.to_str().unwrap()]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let base = stdout(&o).trim().strip_prefix("/nix/store/").unwrap().to_string();
+    let base = import_base(&d, client.path(), &tree);
     let m = Mount::start(&d, client.path(), &[]);
     let later = m.p(&format!("{base}/f050"));
     // Listing and stat-ing fetch no contents: nothing is in the page cache yet.
