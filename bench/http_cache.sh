@@ -28,15 +28,13 @@ if ! command -v wrk >/dev/null; then
   apt-get install -y -qq wrk >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
 fi
 for t in nix-store wrk curl zstd; do command -v $t >/dev/null || { echo "missing $t" >&2; exit 2; }; done
-export NIX_CONFIG="build-users-group =
-experimental-features = nix-command
-substituters ="
+nix_standalone
 cargo build --release -q -p arca-cli
 ARCA=$PWD/target/release/arca
 PORT=${BENCH_PORT:-18771}
 HTTP_PORT=${BENCH_HTTP_PORT:-18772}
 URL=http://127.0.0.1:$HTTP_PORT
-CLIENT_ENV=(env BLOB_SERVICE_ADDR=grpc+http://127.0.0.1:$PORT DIRECTORY_SERVICE_ADDR=grpc+http://127.0.0.1:$PORT PATH_INFO_SERVICE_ADDR=grpc+http://127.0.0.1:$PORT)
+client_env
 nix key generate-secret --key-name arca-bench-1 > "$WORK/secret.key"
 
 # Starts the daemon on $WORK/data (kept across restarts) with the binary cache on $HTTP_PORT.

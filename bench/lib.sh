@@ -41,6 +41,19 @@ daemon_cpu() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f\n", ($14 + $15) / 
 
 now() { date +%s.%N; }
 
+# Runs Nix commands without a Nix daemon, build users or substituters.
+nix_standalone() {
+  export NIX_CONFIG="build-users-group =
+experimental-features = nix-command
+substituters ="
+}
+
+# Sets CLIENT_ENV: an `env` prefix pointing arca clients at all three
+# services of the daemon on $PORT.
+client_env() {
+  CLIENT_ENV=(env BLOB_SERVICE_ADDR=grpc+http://127.0.0.1:$PORT DIRECTORY_SERVICE_ADDR=grpc+http://127.0.0.1:$PORT PATH_INFO_SERVICE_ADDR=grpc+http://127.0.0.1:$PORT)
+}
+
 # The median of the numbers on stdin (RUNS of them).
 median() { sort -n | sed -n "$(( (RUNS + 1) / 2 ))p"; }
 

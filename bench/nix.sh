@@ -18,13 +18,11 @@ RUNS=${RUNS:-3}
 WORK=${BENCH_WORK:-$(mktemp -d /var/tmp/arca-bench.XXXXXX)}
 trap 'kill "${DAEMON_PID:-}" 2>/dev/null || true; chmod -R u+w "$WORK" 2>/dev/null; rm -rf "$WORK"' EXIT
 for t in nix-store hyperfine; do command -v $t >/dev/null || { echo "missing $t" >&2; exit 2; }; done
-export NIX_CONFIG="build-users-group =
-experimental-features = nix-command
-substituters ="
+nix_standalone
 cargo build --release -q -p arca-cli
 ARCA=$PWD/target/release/arca
 PORT=${BENCH_PORT:-18767}
-CLIENT_ENV=(env BLOB_SERVICE_ADDR=grpc+http://127.0.0.1:$PORT DIRECTORY_SERVICE_ADDR=grpc+http://127.0.0.1:$PORT PATH_INFO_SERVICE_ADDR=grpc+http://127.0.0.1:$PORT)
+client_env
 
 cp -a "$SRC" "$WORK/tree"
 TREE=$WORK/tree
