@@ -6,8 +6,8 @@
 //! refer to each other by name; `default` is the entry point. Unknown names
 //! and reference cycles are refused before anything is built.
 use crate::blobservice::{
-    BlobService, CacheBlobService, GrpcBlobService, LocalCompression, LocalFilesOptions, MemoryBlobService,
-    ObjectStoreBlobService,
+    BlobService, CacheBlobService, GrpcBlobService, LocalCompression, LocalFilesOptions,
+    MemoryBlobService, ObjectStoreBlobService,
 };
 use crate::directoryservice::{
     CacheDirectoryService, DirectoryService, GrpcDirectoryService, LruDirectoryService,
@@ -165,15 +165,26 @@ fn split_keys(value: &str) -> Result<Vec<String>, String> {
         .split_whitespace()
         .map(|k| match k.split_once(':') {
             Some((name, key)) if !name.is_empty() && !key.is_empty() => Ok(k.to_string()),
-            _ => Err(format!("trusted public key {k:?} is not of the form name:base64key")),
+            _ => Err(format!(
+                "trusted public key {k:?} is not of the form name:base64key"
+            )),
         })
         .collect()
 }
 
 /// Parses `nix+http(s)://…` / `nix+file:///…` (see [ServiceConfig::NixBinaryCache]).
-fn nix_cache_from_url(s: &str, outer: &Url, pairs: Vec<(String, String)>) -> Result<ServiceConfig, String> {
-    if matches!(outer.scheme(), "nix+http" | "nix+https") && outer.host_str().is_none_or(|h| h.is_empty()) {
-        return Err(format!("missing host: expected {}://host[:port][/path]", outer.scheme()));
+fn nix_cache_from_url(
+    s: &str,
+    outer: &Url,
+    pairs: Vec<(String, String)>,
+) -> Result<ServiceConfig, String> {
+    if matches!(outer.scheme(), "nix+http" | "nix+https")
+        && outer.host_str().is_none_or(|h| h.is_empty())
+    {
+        return Err(format!(
+            "missing host: expected {}://host[:port][/path]",
+            outer.scheme()
+        ));
     }
     let inner = s.strip_prefix("nix+").ok_or("expected a nix+ URL")?;
     let inner = inner.split_once('?').map(|(a, _)| a).unwrap_or(inner);
@@ -182,7 +193,10 @@ fn nix_cache_from_url(s: &str, outer: &Url, pairs: Vec<(String, String)>) -> Res
     match url.scheme() {
         "http" | "https" => {
             if url.host_str().is_none_or(|h| h.is_empty()) {
-                return Err(format!("missing host: expected nix+{}://host[:port][/path]", url.scheme()));
+                return Err(format!(
+                    "missing host: expected nix+{}://host[:port][/path]",
+                    url.scheme()
+                ));
             }
             if !url.username().is_empty() || url.password().is_some() {
                 return Err("credentials in the URL are not supported".into());
@@ -196,26 +210,41 @@ fn nix_cache_from_url(s: &str, outer: &Url, pairs: Vec<(String, String)>) -> Res
                 return Err("expected nix+file:///absolute/path, not the root directory".into());
             }
         }
-        other => return Err(format!("unknown scheme nix+{other} (expected nix+http, nix+https, nix+file)")),
+        other => {
+            return Err(format!(
+                "unknown scheme nix+{other} (expected nix+http, nix+https, nix+file)"
+            ))
+        }
     }
     let mut trusted_public_keys = Vec::new();
     for (k, v) in pairs {
         match k.as_str() {
             "trusted-public-keys" => trusted_public_keys.extend(split_keys(&v)?),
-            other => return Err(format!("unknown parameter {other:?} (expected trusted-public-keys)")),
+            other => {
+                return Err(format!(
+                    "unknown parameter {other:?} (expected trusted-public-keys)"
+                ))
+            }
         }
     }
-    Ok(ServiceConfig::NixBinaryCache { url, trusted_public_keys })
+    Ok(ServiceConfig::NixBinaryCache {
+        url,
+        trusted_public_keys,
+    })
 }
 
 /// Splits a raw query into decoded pairs. Unlike form decoding, `+` stays a
 /// plus (nested URLs such as `grpc+http://…` need it).
 fn query_pairs(url: &Url) -> Result<Vec<(String, String)>, String> {
-    let Some(q) = url.query() else { return Ok(vec![]) };
+    let Some(q) = url.query() else {
+        return Ok(vec![]);
+    };
     q.split('&')
         .filter(|p| !p.is_empty())
         .map(|pair| {
-            let (k, v) = pair.split_once('=').ok_or_else(|| format!("query part {pair:?} has no '='"))?;
+            let (k, v) = pair
+                .split_once('=')
+                .ok_or_else(|| format!("query part {pair:?} has no '='"))?;
             let dec = |s: &str| {
                 percent_encoding::percent_decode_str(s)
                     .decode_utf8()
@@ -238,7 +267,11 @@ pub fn local_compression(options: &[(String, String)]) -> Result<LocalCompressio
 
 /// `objectstore+file://` takes one query pair, `compression`, and only for
 /// blob services; other object stores compress inline and take no such pair.
-fn check_compression_option(kind: ServiceKind, scheme: &str, pairs: &[(String, String)]) -> Result<(), String> {
+fn check_compression_option(
+    kind: ServiceKind,
+    scheme: &str,
+    pairs: &[(String, String)],
+) -> Result<(), String> {
     let has_compression = pairs.iter().any(|(k, _)| k == "compression");
     if scheme != "file" {
         if has_compression {
@@ -249,10 +282,15 @@ fn check_compression_option(kind: ServiceKind, scheme: &str, pairs: &[(String, S
         return Ok(());
     }
     if let Some((k, _)) = pairs.iter().find(|(k, _)| k != "compression") {
-        return Err(format!("unknown parameter {k:?} for objectstore+file:// (expected compression)"));
+        return Err(format!(
+            "unknown parameter {k:?} for objectstore+file:// (expected compression)"
+        ));
     }
     if has_compression && kind != ServiceKind::Blob {
-        return Err(format!("compression= only applies to blob services, not {} services", kind.noun()));
+        return Err(format!(
+            "compression= only applies to blob services, not {} services",
+            kind.noun()
+        ));
     }
     local_compression(pairs).map(|_| ())
 }
@@ -260,20 +298,28 @@ fn check_compression_option(kind: ServiceKind, scheme: &str, pairs: &[(String, S
 impl ServiceConfig {
     /// Parses a service URL for a service of `kind`.
     pub fn from_url(kind: ServiceKind, s: &str) -> Result<Self, CompositionError> {
-        let err = |reason: String| CompositionError::InvalidUrl { url: s.to_string(), reason };
+        let err = |reason: String| CompositionError::InvalidUrl {
+            url: s.to_string(),
+            reason,
+        };
         let url = Url::parse(s).map_err(|e| err(e.to_string()))?;
         let pairs = query_pairs(&url).map_err(err)?;
         let no_query = || {
             if pairs.is_empty() {
                 Ok(())
             } else {
-                Err(err(format!("{}:// takes no query parameters", url.scheme())))
+                Err(err(format!(
+                    "{}:// takes no query parameters",
+                    url.scheme()
+                )))
             }
         };
         let config = match url.scheme() {
             "memory" => {
                 no_query()?;
-                if url.has_host() && url.host_str() != Some("") || !(url.path().is_empty() || url.path() == "/") {
+                if url.has_host() && url.host_str() != Some("")
+                    || !(url.path().is_empty() || url.path() == "/")
+                {
                     return Err(err("memory:// takes no host or path".into()));
                 }
                 ServiceConfig::Memory
@@ -284,29 +330,44 @@ impl ServiceConfig {
                     return Err(err("expected sled:///absolute/path (three slashes) or sled:// for a temporary database".into()));
                 }
                 let path = url.path();
-                ServiceConfig::Sled { path: (!path.is_empty() && path != "/").then(|| PathBuf::from(path)) }
+                ServiceConfig::Sled {
+                    path: (!path.is_empty() && path != "/").then(|| PathBuf::from(path)),
+                }
             }
             scheme if scheme.starts_with("objectstore+") => {
                 let inner = s.strip_prefix("objectstore+").expect("checked");
                 let inner = inner.split_once('?').map(|(a, _)| a).unwrap_or(inner);
                 let ourl = Url::parse(inner).map_err(|e| err(e.to_string()))?;
                 match ourl.scheme() {
-                    "file" if ourl.path().len() <= 1 => return Err(err("expected objectstore+file:///absolute/path".into())),
+                    "file" if ourl.path().len() <= 1 => {
+                        return Err(err("expected objectstore+file:///absolute/path".into()))
+                    }
                     "file" if ourl.host_str().is_some_and(|h| !h.is_empty()) => {
-                        return Err(err("expected objectstore+file:///absolute/path (three slashes)".into()))
+                        return Err(err(
+                            "expected objectstore+file:///absolute/path (three slashes)".into(),
+                        ))
                     }
                     "s3" | "s3a" if ourl.host_str().is_none_or(|h| h.is_empty()) => {
                         return Err(err("expected objectstore+s3://bucket/prefix".into()))
                     }
-                    "file" | "memory" | "s3" | "s3a" | "gs" | "az" | "azure" | "abfs" | "abfss" | "http" | "https" => {}
-                    other => return Err(err(format!("object_store does not know the scheme {other:?}"))),
+                    "file" | "memory" | "s3" | "s3a" | "gs" | "az" | "azure" | "abfs" | "abfss"
+                    | "http" | "https" => {}
+                    other => {
+                        return Err(err(format!(
+                            "object_store does not know the scheme {other:?}"
+                        )))
+                    }
                 }
                 check_compression_option(kind, ourl.scheme(), &pairs).map_err(err)?;
                 if ourl.scheme() != "file" && ourl.scheme() != "memory" {
                     // Check options now, so a typo fails at start, not at first use.
-                    object_store::parse_url_opts(&ourl, pairs.clone()).map_err(|e| err(e.to_string()))?;
+                    object_store::parse_url_opts(&ourl, pairs.clone())
+                        .map_err(|e| err(e.to_string()))?;
                 }
-                ServiceConfig::ObjectStore { url: ourl, options: pairs }
+                ServiceConfig::ObjectStore {
+                    url: ourl,
+                    options: pairs,
+                }
             }
             "grpc+http" | "grpc+https" | "grpc+unix" => {
                 no_query()?;
@@ -318,9 +379,17 @@ impl ServiceConfig {
                 let mut far = None;
                 for (k, v) in pairs {
                     match k.as_str() {
-                        "near" => near = Some(ServiceRef::Inline(Box::new(Self::from_url(kind, &v)?))),
-                        "far" => far = Some(ServiceRef::Inline(Box::new(Self::from_url(kind, &v)?))),
-                        other => return Err(err(format!("unknown parameter {other:?} (expected near, far)"))),
+                        "near" => {
+                            near = Some(ServiceRef::Inline(Box::new(Self::from_url(kind, &v)?)))
+                        }
+                        "far" => {
+                            far = Some(ServiceRef::Inline(Box::new(Self::from_url(kind, &v)?)))
+                        }
+                        other => {
+                            return Err(err(format!(
+                                "unknown parameter {other:?} (expected near, far)"
+                            )))
+                        }
                     }
                 }
                 ServiceConfig::Cache {
@@ -334,18 +403,28 @@ impl ServiceConfig {
                 for (k, v) in pairs {
                     match k.as_str() {
                         "capacity" => {
-                            capacity = Some(
-                                v.parse::<NonZeroUsize>()
-                                    .map_err(|_| err(format!("capacity {v:?} is not a positive integer")))?,
-                            )
+                            capacity = Some(v.parse::<NonZeroUsize>().map_err(|_| {
+                                err(format!("capacity {v:?} is not a positive integer"))
+                            })?)
                         }
-                        "inner" => inner = Some(ServiceRef::Inline(Box::new(Self::from_url(kind, &v)?))),
-                        other => return Err(err(format!("unknown parameter {other:?} (expected capacity, inner)"))),
+                        "inner" => {
+                            inner = Some(ServiceRef::Inline(Box::new(Self::from_url(kind, &v)?)))
+                        }
+                        other => {
+                            return Err(err(format!(
+                                "unknown parameter {other:?} (expected capacity, inner)"
+                            )))
+                        }
                     }
                 }
-                ServiceConfig::Lru { capacity: capacity.ok_or_else(|| err("missing capacity=N".into()))?, inner }
+                ServiceConfig::Lru {
+                    capacity: capacity.ok_or_else(|| err("missing capacity=N".into()))?,
+                    inner,
+                }
             }
-            "nix+http" | "nix+https" | "nix+file" => nix_cache_from_url(s, &url, pairs).map_err(err)?,
+            "nix+http" | "nix+https" | "nix+file" => {
+                nix_cache_from_url(s, &url, pairs).map_err(err)?
+            }
             other => return Err(err(format!("unknown scheme {other:?}"))),
         };
         config.check_kind(kind).map_err(err)?;
@@ -379,9 +458,19 @@ impl ServiceConfig {
     }
 }
 
-fn entry_from_toml(kind: ServiceKind, name: &str, value: &toml::Value) -> Result<ServiceConfig, CompositionError> {
-    let err = |reason: String| CompositionError::InvalidEntry { section: kind.section().into(), name: name.into(), reason };
-    let table = value.as_table().ok_or_else(|| err("expected a table".into()))?;
+fn entry_from_toml(
+    kind: ServiceKind,
+    name: &str,
+    value: &toml::Value,
+) -> Result<ServiceConfig, CompositionError> {
+    let err = |reason: String| CompositionError::InvalidEntry {
+        section: kind.section().into(),
+        name: name.into(),
+        reason,
+    };
+    let table = value
+        .as_table()
+        .ok_or_else(|| err("expected a table".into()))?;
     let get_str = |key: &str| -> Result<Option<String>, CompositionError> {
         match table.get(key) {
             None => Ok(None),
@@ -393,7 +482,9 @@ fn entry_from_toml(kind: ServiceKind, name: &str, value: &toml::Value) -> Result
     let reference = |key: &str| -> Result<Option<ServiceRef>, CompositionError> {
         Ok(match get_str(key)? {
             None => None,
-            Some(v) if v.contains("://") => Some(ServiceRef::Inline(Box::new(ServiceConfig::from_url(kind, &v)?))),
+            Some(v) if v.contains("://") => Some(ServiceRef::Inline(Box::new(
+                ServiceConfig::from_url(kind, &v)?,
+            ))),
             Some(v) => Some(ServiceRef::Named(v)),
         })
     };
@@ -413,20 +504,31 @@ fn entry_from_toml(kind: ServiceKind, name: &str, value: &toml::Value) -> Result
         }
     };
     if let Some(k) = table.keys().find(|k| !allowed.contains(&k.as_str())) {
-        return Err(err(format!("unknown key {k:?} for type {ty:?} (allowed: {})", allowed.join(", "))));
+        return Err(err(format!(
+            "unknown key {k:?} for type {ty:?} (allowed: {})",
+            allowed.join(", ")
+        )));
     }
     let config = match ty.as_str() {
         "memory" => ServiceConfig::Memory,
-        "sled" => ServiceConfig::Sled { path: get_str("path")?.map(PathBuf::from) },
+        "sled" => ServiceConfig::Sled {
+            path: get_str("path")?.map(PathBuf::from),
+        },
         "objectstore" => {
             let url = require("url")?;
             let url = url.strip_prefix("objectstore+").unwrap_or(&url).to_string();
             let mut full = format!("objectstore+{url}");
             if let Some(opts) = table.get("options") {
-                let opts = opts.as_table().ok_or_else(|| err("options must be a table".into()))?;
+                let opts = opts
+                    .as_table()
+                    .ok_or_else(|| err("options must be a table".into()))?;
                 let mut ser = url::form_urlencoded::Serializer::new(String::new());
                 for (k, v) in opts {
-                    ser.append_pair(k, v.as_str().ok_or_else(|| err(format!("option {k} must be a string")))?);
+                    ser.append_pair(
+                        k,
+                        v.as_str()
+                            .ok_or_else(|| err(format!("option {k} must be a string")))?,
+                    );
                 }
                 let q = ser.finish().replace('+', "%20");
                 full.push(if full.contains('?') { '&' } else { '?' });
@@ -441,21 +543,39 @@ fn entry_from_toml(kind: ServiceKind, name: &str, value: &toml::Value) -> Result
         },
         "lru" => {
             let capacity = match table.get("capacity") {
-                Some(toml::Value::Integer(n)) if *n > 0 => NonZeroUsize::new(*n as usize).expect("positive"),
+                Some(toml::Value::Integer(n)) if *n > 0 => {
+                    NonZeroUsize::new(*n as usize).expect("positive")
+                }
                 _ => return Err(err("capacity must be a positive integer".into())),
             };
-            ServiceConfig::Lru { capacity, inner: reference("inner")? }
+            ServiceConfig::Lru {
+                capacity,
+                inner: reference("inner")?,
+            }
         }
         "nix" => {
             let url = require("url")?;
-            let full = if url.starts_with("nix+") { url } else { format!("nix+{url}") };
+            let full = if url.starts_with("nix+") {
+                url
+            } else {
+                format!("nix+{url}")
+            };
             let mut config = ServiceConfig::from_url(kind, &full)?;
-            if let (ServiceConfig::NixBinaryCache { trusted_public_keys, .. }, Some(keys)) =
-                (&mut config, table.get("trusted_public_keys"))
+            if let (
+                ServiceConfig::NixBinaryCache {
+                    trusted_public_keys,
+                    ..
+                },
+                Some(keys),
+            ) = (&mut config, table.get("trusted_public_keys"))
             {
-                let keys = keys.as_array().ok_or_else(|| err("trusted_public_keys must be an array of strings".into()))?;
+                let keys = keys
+                    .as_array()
+                    .ok_or_else(|| err("trusted_public_keys must be an array of strings".into()))?;
                 for k in keys {
-                    let k = k.as_str().ok_or_else(|| err("trusted_public_keys must be an array of strings".into()))?;
+                    let k = k.as_str().ok_or_else(|| {
+                        err("trusted_public_keys must be an array of strings".into())
+                    })?;
                     trusted_public_keys.extend(split_keys(k).map_err(err)?);
                 }
             }
@@ -479,26 +599,48 @@ impl Composition {
     /// A composition whose `default` entries are the given URLs.
     pub fn from_urls(blob_url: &str, directory_url: &str) -> Result<Self, CompositionError> {
         let mut c = Composition::default();
-        c.blob.insert("default".into(), ServiceConfig::from_url(ServiceKind::Blob, blob_url)?);
-        c.directory.insert("default".into(), ServiceConfig::from_url(ServiceKind::Directory, directory_url)?);
+        c.blob.insert(
+            "default".into(),
+            ServiceConfig::from_url(ServiceKind::Blob, blob_url)?,
+        );
+        c.directory.insert(
+            "default".into(),
+            ServiceConfig::from_url(ServiceKind::Directory, directory_url)?,
+        );
         Ok(c)
     }
 
     /// Parses a composition file and checks every reference (unknown names,
     /// cycles) in `blobservices`, `directoryservices` and `pathinfoservices`.
     pub fn from_toml(text: &str) -> Result<Self, CompositionError> {
-        let doc: toml::Table = text.parse().map_err(|e: toml::de::Error| CompositionError::Toml(e.to_string()))?;
+        let doc: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| CompositionError::Toml(e.to_string()))?;
         let mut c = Composition::default();
-        if let Some(k) = doc.keys().find(|k| ![ServiceKind::Blob, ServiceKind::Directory, ServiceKind::PathInfo].iter().any(|kind| kind.section() == k.as_str())) {
+        if let Some(k) = doc.keys().find(|k| {
+            ![
+                ServiceKind::Blob,
+                ServiceKind::Directory,
+                ServiceKind::PathInfo,
+            ]
+            .iter()
+            .any(|kind| kind.section() == k.as_str())
+        }) {
             return Err(CompositionError::Toml(format!(
                 "unknown section {k:?} (expected blobservices, directoryservices, pathinfoservices)"
             )));
         }
-        for kind in [ServiceKind::Blob, ServiceKind::Directory, ServiceKind::PathInfo] {
-            let Some(section) = doc.get(kind.section()) else { continue };
-            let section = section
-                .as_table()
-                .ok_or_else(|| CompositionError::Toml(format!("{} must be a table", kind.section())))?;
+        for kind in [
+            ServiceKind::Blob,
+            ServiceKind::Directory,
+            ServiceKind::PathInfo,
+        ] {
+            let Some(section) = doc.get(kind.section()) else {
+                continue;
+            };
+            let section = section.as_table().ok_or_else(|| {
+                CompositionError::Toml(format!("{} must be a table", kind.section()))
+            })?;
             let map = c.section_mut(kind);
             for (name, value) in section {
                 map.insert(name.clone(), entry_from_toml(kind, name, value)?);
@@ -531,7 +673,11 @@ impl Composition {
 
     /// Checks that every named reference exists and that none forms a cycle.
     pub fn check(&self) -> Result<(), CompositionError> {
-        for kind in [ServiceKind::Blob, ServiceKind::Directory, ServiceKind::PathInfo] {
+        for kind in [
+            ServiceKind::Blob,
+            ServiceKind::Directory,
+            ServiceKind::PathInfo,
+        ] {
             let section = self.section(kind);
             for (from, config) in section {
                 for name in config.named_refs() {
@@ -548,9 +694,11 @@ impl Composition {
             let mut done: Vec<&str> = Vec::new();
             for start in section.keys() {
                 let mut path: Vec<&str> = Vec::new();
-                visit(section, start, &mut path, &mut done).map_err(|cycle| CompositionError::Cycle {
-                    section: kind.section().into(),
-                    cycle,
+                visit(section, start, &mut path, &mut done).map_err(|cycle| {
+                    CompositionError::Cycle {
+                        section: kind.section().into(),
+                        cycle,
+                    }
                 })?;
             }
         }
@@ -593,7 +741,11 @@ pub struct Builder {
 impl Builder {
     /// A builder over a checked composition.
     pub fn new(composition: Composition) -> Self {
-        Self { composition, blobs: Default::default(), directories: Default::default() }
+        Self {
+            composition,
+            blobs: Default::default(),
+            directories: Default::default(),
+        }
     }
 
     /// The blob service named `name` (usually `default`).
@@ -608,30 +760,48 @@ impl Builder {
     }
 
     /// The directory service named `name` (usually `default`).
-    pub fn directory_service(&self, name: &str) -> Result<Arc<dyn DirectoryService>, CompositionError> {
+    pub fn directory_service(
+        &self,
+        name: &str,
+    ) -> Result<Arc<dyn DirectoryService>, CompositionError> {
         if let Some(s) = self.directories.lock().get(name) {
             return Ok(s.clone());
         }
         let config = self.named(ServiceKind::Directory, name)?;
         let svc = self.build_directory(&config, name)?;
-        self.directories.lock().insert(name.to_string(), svc.clone());
+        self.directories
+            .lock()
+            .insert(name.to_string(), svc.clone());
         Ok(svc)
     }
 
     fn named(&self, kind: ServiceKind, name: &str) -> Result<ServiceConfig, CompositionError> {
-        self.composition.section(kind).get(name).cloned().ok_or_else(|| CompositionError::UnknownName {
-            section: kind.section().into(),
-            from: "(entry point)".into(),
-            name: name.into(),
-        })
+        self.composition
+            .section(kind)
+            .get(name)
+            .cloned()
+            .ok_or_else(|| CompositionError::UnknownName {
+                section: kind.section().into(),
+                from: "(entry point)".into(),
+                name: name.into(),
+            })
     }
 
-    fn build_blob(&self, config: &ServiceConfig, name: &str) -> Result<Arc<dyn BlobService>, CompositionError> {
+    fn build_blob(
+        &self,
+        config: &ServiceConfig,
+        name: &str,
+    ) -> Result<Arc<dyn BlobService>, CompositionError> {
         let resolve = |r: &ServiceRef| match r {
             ServiceRef::Named(n) => self.blob_service(n),
             ServiceRef::Inline(c) => self.build_blob(c, name),
         };
-        let build_err = |e: String| CompositionError::Build(format!("{} service {name:?}: {e}", ServiceKind::Blob.noun()));
+        let build_err = |e: String| {
+            CompositionError::Build(format!(
+                "{} service {name:?}: {e}",
+                ServiceKind::Blob.noun()
+            ))
+        };
         Ok(match config {
             ServiceConfig::Memory => Arc::new(MemoryBlobService::default()),
             ServiceConfig::ObjectStore { url, options } => {
@@ -653,24 +823,41 @@ impl Builder {
             }
             ServiceConfig::Grpc { url } => {
                 let channels = (0..crate::GRPC_BLOB_CONNECTIONS)
-                    .map(|_| crate::grpc::channel_from_url(url).map_err(|e| build_err(e.to_string())))
+                    .map(|_| {
+                        crate::grpc::channel_from_url(url).map_err(|e| build_err(e.to_string()))
+                    })
                     .collect::<Result<Vec<_>, _>>()?;
-                Arc::new(GrpcBlobService::from_channels(channels).ok_or_else(|| build_err("no channel".into()))?)
+                Arc::new(
+                    GrpcBlobService::from_channels(channels)
+                        .ok_or_else(|| build_err("no channel".into()))?,
+                )
             }
-            ServiceConfig::Cache { near, far } => Arc::new(CacheBlobService::new(resolve(near)?, resolve(far)?)),
-            ServiceConfig::Sled { .. } | ServiceConfig::Lru { .. } | ServiceConfig::NixBinaryCache { .. } => {
+            ServiceConfig::Cache { near, far } => {
+                Arc::new(CacheBlobService::new(resolve(near)?, resolve(far)?))
+            }
+            ServiceConfig::Sled { .. }
+            | ServiceConfig::Lru { .. }
+            | ServiceConfig::NixBinaryCache { .. } => {
                 return Err(build_err("not available for blob services".into()))
             }
         })
     }
 
-    fn build_directory(&self, config: &ServiceConfig, name: &str) -> Result<Arc<dyn DirectoryService>, CompositionError> {
+    fn build_directory(
+        &self,
+        config: &ServiceConfig,
+        name: &str,
+    ) -> Result<Arc<dyn DirectoryService>, CompositionError> {
         let resolve = |r: &ServiceRef| match r {
             ServiceRef::Named(n) => self.directory_service(n),
             ServiceRef::Inline(c) => self.build_directory(c, name),
         };
-        let build_err =
-            |e: String| CompositionError::Build(format!("{} service {name:?}: {e}", ServiceKind::Directory.noun()));
+        let build_err = |e: String| {
+            CompositionError::Build(format!(
+                "{} service {name:?}: {e}",
+                ServiceKind::Directory.noun()
+            ))
+        };
         Ok(match config {
             ServiceConfig::Memory => Arc::new(MemoryDirectoryService::default()),
             ServiceConfig::Sled { path: None } => {
@@ -694,7 +881,9 @@ impl Builder {
                 inner.as_ref().map(resolve).transpose()?,
             )),
             ServiceConfig::NixBinaryCache { .. } => {
-                return Err(build_err("a Nix binary cache only serves path infos".into()))
+                return Err(build_err(
+                    "a Nix binary cache only serves path infos".into(),
+                ))
             }
         })
     }
@@ -714,7 +903,8 @@ pub fn object_store_from(
             .with_automatic_cleanup(true);
         return Ok((Arc::new(fs), object_store::path::Path::default()));
     }
-    let (store, path) = object_store::parse_url_opts(url, options.iter().cloned()).map_err(|e| e.to_string())?;
+    let (store, path) =
+        object_store::parse_url_opts(url, options.iter().cloned()).map_err(|e| e.to_string())?;
     Ok((Arc::from(store), path))
 }
 
@@ -733,12 +923,25 @@ mod tests {
     fn parses_every_scheme() {
         assert_eq!(blob("memory://").unwrap(), ServiceConfig::Memory);
         assert_eq!(dir("sled://").unwrap(), ServiceConfig::Sled { path: None });
-        assert_eq!(dir("sled:///var/lib/x").unwrap(), ServiceConfig::Sled { path: Some("/var/lib/x".into()) });
-        assert!(matches!(blob("objectstore+file:///tmp/b").unwrap(), ServiceConfig::ObjectStore { .. }));
-        assert!(matches!(blob("objectstore+memory:///").unwrap(), ServiceConfig::ObjectStore { .. }));
-        for (query, mode) in
-            [("", LocalCompression::Background), ("?compression=background", LocalCompression::Background), ("?compression=inline", LocalCompression::Inline)]
-        {
+        assert_eq!(
+            dir("sled:///var/lib/x").unwrap(),
+            ServiceConfig::Sled {
+                path: Some("/var/lib/x".into())
+            }
+        );
+        assert!(matches!(
+            blob("objectstore+file:///tmp/b").unwrap(),
+            ServiceConfig::ObjectStore { .. }
+        ));
+        assert!(matches!(
+            blob("objectstore+memory:///").unwrap(),
+            ServiceConfig::ObjectStore { .. }
+        ));
+        for (query, mode) in [
+            ("", LocalCompression::Background),
+            ("?compression=background", LocalCompression::Background),
+            ("?compression=inline", LocalCompression::Inline),
+        ] {
             match blob(&format!("objectstore+file:///tmp/b{query}")).unwrap() {
                 ServiceConfig::ObjectStore { url, options } => {
                     assert_eq!(url.as_str(), "file:///tmp/b");
@@ -754,9 +957,18 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert!(matches!(blob("grpc+http://127.0.0.1:8000").unwrap(), ServiceConfig::Grpc { .. }));
-        assert!(matches!(blob("grpc+unix:///run/arca.sock").unwrap(), ServiceConfig::Grpc { .. }));
-        assert!(matches!(dir("lru://?capacity=10").unwrap(), ServiceConfig::Lru { inner: None, .. }));
+        assert!(matches!(
+            blob("grpc+http://127.0.0.1:8000").unwrap(),
+            ServiceConfig::Grpc { .. }
+        ));
+        assert!(matches!(
+            blob("grpc+unix:///run/arca.sock").unwrap(),
+            ServiceConfig::Grpc { .. }
+        ));
+        assert!(matches!(
+            dir("lru://?capacity=10").unwrap(),
+            ServiceConfig::Lru { inner: None, .. }
+        ));
     }
 
     #[test]
@@ -766,14 +978,19 @@ mod tests {
             ServiceConfig::Cache { near, far } => {
                 assert_eq!(near, ServiceRef::Inline(Box::new(ServiceConfig::Memory)));
                 match far {
-                    ServiceRef::Inline(f) => assert!(matches!(*f, ServiceConfig::Grpc { ref url } if url.scheme() == "grpc+http")),
+                    ServiceRef::Inline(f) => assert!(
+                        matches!(*f, ServiceConfig::Grpc { ref url } if url.scheme() == "grpc+http")
+                    ),
                     other => panic!("{other:?}"),
                 }
             }
             other => panic!("{other:?}"),
         }
         // Percent-encoded nested queries.
-        let c = dir("lru://?capacity=5&inner=cache%3A%2F%2F%3Fnear%3Dmemory%3A%2F%2F%26far%3Dsled%3A%2F%2F").unwrap();
+        let c = dir(
+            "lru://?capacity=5&inner=cache%3A%2F%2F%3Fnear%3Dmemory%3A%2F%2F%26far%3Dsled%3A%2F%2F",
+        )
+        .unwrap();
         assert!(matches!(c, ServiceConfig::Lru { inner: Some(_), .. }));
     }
 
@@ -785,7 +1002,10 @@ mod tests {
             ("sled://relative/path", "three slashes"),
             ("memory://?x=1", "no query"),
             ("cache://?near=memory://", "missing far"),
-            ("cache://?near=memory://&far=memory://&extra=1", "unknown parameter"),
+            (
+                "cache://?near=memory://&far=memory://&extra=1",
+                "unknown parameter",
+            ),
             ("lru://?capacity=0", "positive integer"),
             ("lru://", "missing capacity"),
             ("grpc+http://", "missing host"),
@@ -796,20 +1016,43 @@ mod tests {
             let e = dir(url).unwrap_err().to_string();
             assert!(e.contains(needle), "{url}: {e}");
         }
-        assert!(blob("sled:///x").unwrap_err().to_string().contains("not available for blob"));
+        assert!(blob("sled:///x")
+            .unwrap_err()
+            .to_string()
+            .contains("not available for blob"));
         for (url, needle) in [
-            ("objectstore+file:///tmp/b?compression=lazy", "unknown compression \"lazy\" (expected inline or background)"),
-            ("objectstore+file:///tmp/b?compression=", "unknown compression \"\""),
-            ("objectstore+file:///tmp/b?compresion=inline", "unknown parameter \"compresion\""),
-            ("objectstore+memory:///?compression=inline", "only for objectstore+file://"),
-            ("objectstore+s3://bucket/p?endpoint=http://h:1&compression=background", "only for objectstore+file://"),
+            (
+                "objectstore+file:///tmp/b?compression=lazy",
+                "unknown compression \"lazy\" (expected inline or background)",
+            ),
+            (
+                "objectstore+file:///tmp/b?compression=",
+                "unknown compression \"\"",
+            ),
+            (
+                "objectstore+file:///tmp/b?compresion=inline",
+                "unknown parameter \"compresion\"",
+            ),
+            (
+                "objectstore+memory:///?compression=inline",
+                "only for objectstore+file://",
+            ),
+            (
+                "objectstore+s3://bucket/p?endpoint=http://h:1&compression=background",
+                "only for objectstore+file://",
+            ),
         ] {
             let e = blob(url).unwrap_err().to_string();
             assert!(e.contains(needle), "{url}: {e}");
         }
-        let e = dir("objectstore+file:///tmp/d?compression=inline").unwrap_err().to_string();
+        let e = dir("objectstore+file:///tmp/d?compression=inline")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("only applies to blob services"), "{e}");
-        assert!(blob("lru://?capacity=3").unwrap_err().to_string().contains("not available for blob"));
+        assert!(blob("lru://?capacity=3")
+            .unwrap_err()
+            .to_string()
+            .contains("not available for blob"));
     }
 
     fn pathinfo(s: &str) -> Result<ServiceConfig, CompositionError> {
@@ -818,11 +1061,19 @@ mod tests {
 
     #[test]
     fn nix_binary_cache_urls() {
-        match pathinfo("nix+http://127.0.0.1:8080/sub/path?trusted-public-keys=a-1:AAAA%20b-1:B+/=").unwrap() {
-            ServiceConfig::NixBinaryCache { url, trusted_public_keys } => {
+        match pathinfo("nix+http://127.0.0.1:8080/sub/path?trusted-public-keys=a-1:AAAA%20b-1:B+/=")
+            .unwrap()
+        {
+            ServiceConfig::NixBinaryCache {
+                url,
+                trusted_public_keys,
+            } => {
                 assert_eq!(url.as_str(), "http://127.0.0.1:8080/sub/path");
                 // `+` stays a plus, `%20` separates keys, `=` inside a value is kept.
-                assert_eq!(trusted_public_keys, vec!["a-1:AAAA".to_string(), "b-1:B+/=".to_string()]);
+                assert_eq!(
+                    trusted_public_keys,
+                    vec!["a-1:AAAA".to_string(), "b-1:B+/=".to_string()]
+                );
             }
             other => panic!("{other:?}"),
         }
@@ -835,8 +1086,13 @@ mod tests {
             ServiceConfig::NixBinaryCache { ref url, .. } if url.scheme() == "file" && url.path() == "/var/cache/nix"
         ));
         // Nested in a layer.
-        let c = pathinfo("cache://?near=sled:///tmp/x&far=nix+http://127.0.0.1:1?trusted-public-keys=k:AAAA").unwrap();
-        assert!(matches!(c, ServiceConfig::Cache { far: ServiceRef::Inline(ref f), .. } if matches!(**f, ServiceConfig::NixBinaryCache { .. })));
+        let c = pathinfo(
+            "cache://?near=sled:///tmp/x&far=nix+http://127.0.0.1:1?trusted-public-keys=k:AAAA",
+        )
+        .unwrap();
+        assert!(
+            matches!(c, ServiceConfig::Cache { far: ServiceRef::Inline(ref f), .. } if matches!(**f, ServiceConfig::NixBinaryCache { .. }))
+        );
 
         for (url, needle) in [
             ("nix+http://", "host"),
@@ -853,7 +1109,11 @@ mod tests {
             let e = pathinfo(url).unwrap_err().to_string();
             assert!(e.contains(needle), "{url}: {e}");
         }
-        for bad in [blob("nix+http://h"), dir("nix+http://h"), dir("cache://?near=memory://&far=nix+file:///x")] {
+        for bad in [
+            blob("nix+http://h"),
+            dir("nix+http://h"),
+            dir("cache://?near=memory://&far=nix+file:///x"),
+        ] {
             let e = bad.unwrap_err().to_string();
             assert!(e.contains("only serves path infos"), "{e}");
         }
@@ -866,7 +1126,10 @@ mod tests {
         )
         .unwrap();
         match c.get(ServiceKind::PathInfo, "default").unwrap() {
-            ServiceConfig::NixBinaryCache { url, trusted_public_keys } => {
+            ServiceConfig::NixBinaryCache {
+                url,
+                trusted_public_keys,
+            } => {
                 assert_eq!(url.as_str(), "https://cache.example.org/");
                 assert_eq!(trusted_public_keys.len(), 3);
             }
@@ -906,14 +1169,20 @@ mod tests {
         let b = Builder::new(c);
         b.blob_service("default").unwrap();
         b.directory_service("default").unwrap();
-        assert!(Arc::ptr_eq(&b.blob_service("local").unwrap(), &b.blob_service("local").unwrap()));
+        assert!(Arc::ptr_eq(
+            &b.blob_service("local").unwrap(),
+            &b.blob_service("local").unwrap()
+        ));
     }
 
     #[test]
     fn toml_unknown_names_and_cycles_are_refused_with_names() {
         let e = Composition::from_toml("[blobservices.default]\ntype = \"cache\"\nnear = \"a\"\nfar = \"nowhere\"\n[blobservices.a]\ntype=\"memory\"\n")
             .unwrap_err();
-        assert!(matches!(&e, CompositionError::UnknownName { from, name, .. } if from == "default" && name == "nowhere"), "{e}");
+        assert!(
+            matches!(&e, CompositionError::UnknownName { from, name, .. } if from == "default" && name == "nowhere"),
+            "{e}"
+        );
         assert!(e.to_string().contains("nowhere"));
 
         let e = Composition::from_toml(
@@ -924,7 +1193,8 @@ mod tests {
         assert!(matches!(e, CompositionError::Cycle { .. }), "{msg}");
         assert!(msg.contains("a -> b -> a"), "{msg}");
 
-        let e = Composition::from_toml("[blobservices.x]\ntype=\"cache\"\nnear=\"x\"\nfar=\"x\"\n").unwrap_err();
+        let e = Composition::from_toml("[blobservices.x]\ntype=\"cache\"\nnear=\"x\"\nfar=\"x\"\n")
+            .unwrap_err();
         assert!(e.to_string().contains("x -> x"), "{e}");
     }
 
@@ -932,14 +1202,26 @@ mod tests {
     fn toml_bad_entries() {
         for (text, needle) in [
             ("[blobservices.a]\ntype=\"weird\"\n", "unknown type"),
-            ("[blobservices.a]\ntype=\"memory\"\nurl=\"x\"\n", "unknown key"),
+            (
+                "[blobservices.a]\ntype=\"memory\"\nurl=\"x\"\n",
+                "unknown key",
+            ),
             ("[blobservices.a]\nurl=\"x\"\n", "missing type"),
-            ("[directoryservices.a]\ntype=\"lru\"\ncapacity=-1\n", "positive integer"),
-            ("[blobservices.a]\ntype=\"sled\"\n", "not available for blob"),
+            (
+                "[directoryservices.a]\ntype=\"lru\"\ncapacity=-1\n",
+                "positive integer",
+            ),
+            (
+                "[blobservices.a]\ntype=\"sled\"\n",
+                "not available for blob",
+            ),
             ("[blobservices]\na = 1\n", "expected a table"),
             ("not toml", "composition file"),
             ("[blobservice.a]\ntype=\"memory\"\n", "unknown section"),
-            ("[pathinfoservices.a]\ntype=\"cache\"\nnear=\"a\"\nfar=\"a\"\n", "a -> a"),
+            (
+                "[pathinfoservices.a]\ntype=\"cache\"\nnear=\"a\"\nfar=\"a\"\n",
+                "a -> a",
+            ),
         ] {
             let e = Composition::from_toml(text).unwrap_err().to_string();
             assert!(e.contains(needle), "{text}: {e}");

@@ -58,7 +58,9 @@ impl From<[u8; B3_LEN]> for B3Digest {
 impl TryFrom<&[u8]> for B3Digest {
     type Error = DigestError;
     fn try_from(v: &[u8]) -> Result<Self, Self::Error> {
-        let arr: [u8; B3_LEN] = v.try_into().map_err(|_| DigestError::InvalidLength(v.len()))?;
+        let arr: [u8; B3_LEN] = v
+            .try_into()
+            .map_err(|_| DigestError::InvalidLength(v.len()))?;
         Ok(Self(arr))
     }
 }
@@ -122,9 +124,21 @@ mod tests {
         let d = B3Digest::of(b"x");
         assert_eq!(d.to_hex().parse::<B3Digest>().unwrap(), d);
         assert_eq!(d.to_hex().to_uppercase().parse::<B3Digest>().unwrap(), d);
-        assert!(matches!("abc".parse::<B3Digest>(), Err(DigestError::InvalidHex(_))));
-        assert!(matches!("zz".repeat(32).parse::<B3Digest>(), Err(DigestError::InvalidHex(_))));
-        assert_eq!(B3Digest::try_from(&[0u8; 31][..]), Err(DigestError::InvalidLength(31)));
-        assert_eq!(B3Digest::try_from(&[0u8; 33][..]), Err(DigestError::InvalidLength(33)));
+        assert!(matches!(
+            "abc".parse::<B3Digest>(),
+            Err(DigestError::InvalidHex(_))
+        ));
+        assert!(matches!(
+            "zz".repeat(32).parse::<B3Digest>(),
+            Err(DigestError::InvalidHex(_))
+        ));
+        assert_eq!(
+            B3Digest::try_from(&[0u8; 31][..]),
+            Err(DigestError::InvalidLength(31))
+        );
+        assert_eq!(
+            B3Digest::try_from(&[0u8; 33][..]),
+            Err(DigestError::InvalidLength(33))
+        );
     }
 }

@@ -116,7 +116,11 @@ impl Directory {
                     digest: digest.to_bytes(),
                     size: *size,
                 }),
-                Node::File { digest, size, executable } => out.files.push(proto::FileNode {
+                Node::File {
+                    digest,
+                    size,
+                    executable,
+                } => out.files.push(proto::FileNode {
                     name,
                     digest: digest.to_bytes(),
                     size: *size,
@@ -143,7 +147,8 @@ impl Directory {
 
     /// Decodes and validates bytes holding a wire `Directory`.
     pub fn decode(bytes: &[u8]) -> Result<Self, DirectoryError> {
-        let p = proto::Directory::decode(bytes).map_err(|e| DirectoryError::Decode(e.to_string()))?;
+        let p =
+            proto::Directory::decode(bytes).map_err(|e| DirectoryError::Decode(e.to_string()))?;
         Self::try_from(p)
     }
 }
@@ -176,13 +181,15 @@ impl TryFrom<proto::Directory> for Directory {
         let nodes = p
             .directories
             .into_iter()
-            .map(|d| proto::Node { node: Some(proto::node::Node::Directory(d)) })
-            .chain(p.files.into_iter().map(|f| proto::Node { node: Some(proto::node::Node::File(f)) }))
-            .chain(
-                p.symlinks
-                    .into_iter()
-                    .map(|s| proto::Node { node: Some(proto::node::Node::Symlink(s)) }),
-            );
+            .map(|d| proto::Node {
+                node: Some(proto::node::Node::Directory(d)),
+            })
+            .chain(p.files.into_iter().map(|f| proto::Node {
+                node: Some(proto::node::Node::File(f)),
+            }))
+            .chain(p.symlinks.into_iter().map(|s| proto::Node {
+                node: Some(proto::node::Node::Symlink(s)),
+            }));
         for node in nodes {
             let (name, node) = Node::try_from_proto_named(node)?;
             dir.add(name, node)?;
@@ -213,13 +220,25 @@ mod tests {
     }
 
     fn pnode(name: &str) -> proto::DirectoryNode {
-        proto::DirectoryNode { name: Bytes::from(name.to_string()), digest: empty_digest().to_bytes(), size: 0 }
+        proto::DirectoryNode {
+            name: Bytes::from(name.to_string()),
+            digest: empty_digest().to_bytes(),
+            size: 0,
+        }
     }
     fn pfile(name: &str) -> proto::FileNode {
-        proto::FileNode { name: Bytes::from(name.to_string()), digest: empty_digest().to_bytes(), size: 0, executable: false }
+        proto::FileNode {
+            name: Bytes::from(name.to_string()),
+            digest: empty_digest().to_bytes(),
+            size: 0,
+            executable: false,
+        }
     }
     fn plink(name: &str, target: &str) -> proto::SymlinkNode {
-        proto::SymlinkNode { name: Bytes::from(name.to_string()), target: Bytes::from(target.to_string()) }
+        proto::SymlinkNode {
+            name: Bytes::from(name.to_string()),
+            target: Bytes::from(target.to_string()),
+        }
     }
 
     #[test]
@@ -233,83 +252,176 @@ mod tests {
     #[test]
     fn vector_keep_file() {
         let mut d = Directory::new();
-        d.add(".keep".try_into().unwrap(), Node::File { digest: empty_digest(), size: 0, executable: false })
-            .unwrap();
-        assert_eq!(d.digest().to_hex(), "8b5b5d642b646bb8ed504b0862c39413e87e57491497de7bd075953f7b83810e");
+        d.add(
+            ".keep".try_into().unwrap(),
+            Node::File {
+                digest: empty_digest(),
+                size: 0,
+                executable: false,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            d.digest().to_hex(),
+            "8b5b5d642b646bb8ed504b0862c39413e87e57491497de7bd075953f7b83810e"
+        );
     }
 
     #[test]
     fn vector_child_directory() {
         let mut d = Directory::new();
-        d.add("a".try_into().unwrap(), Node::Directory { digest: Directory::new().digest(), size: 0 })
-            .unwrap();
-        assert_eq!(d.digest().to_hex(), "8701f4722d8dae7f2c40fa003331b8437a3825f9e1bfd3a77998c64cc226b9cc");
+        d.add(
+            "a".try_into().unwrap(),
+            Node::Directory {
+                digest: Directory::new().digest(),
+                size: 0,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            d.digest().to_hex(),
+            "8701f4722d8dae7f2c40fa003331b8437a3825f9e1bfd3a77998c64cc226b9cc"
+        );
     }
 
     #[test]
     fn size_uses_deployed_convention() {
         let mut inner = Directory::new();
-        inner.add(".keep".try_into().unwrap(), Node::File { digest: empty_digest(), size: 0, executable: false }).unwrap();
+        inner
+            .add(
+                ".keep".try_into().unwrap(),
+                Node::File {
+                    digest: empty_digest(),
+                    size: 0,
+                    executable: false,
+                },
+            )
+            .unwrap();
         assert_eq!(inner.size(), 2);
         let mut outer = Directory::new();
-        outer.add("keep".try_into().unwrap(), Node::Directory { digest: inner.digest(), size: inner.size() }).unwrap();
-        outer.add("l".try_into().unwrap(), Node::Symlink { target: "x".try_into().unwrap() }).unwrap();
+        outer
+            .add(
+                "keep".try_into().unwrap(),
+                Node::Directory {
+                    digest: inner.digest(),
+                    size: inner.size(),
+                },
+            )
+            .unwrap();
+        outer
+            .add(
+                "l".try_into().unwrap(),
+                Node::Symlink {
+                    target: "x".try_into().unwrap(),
+                },
+            )
+            .unwrap();
         // 2 entries + (1 + 2) + 1
         assert_eq!(outer.size(), 6);
     }
 
     #[test]
     fn roundtrip_through_proto() {
-        let p = proto::Directory { directories: vec![pnode("a")], files: vec![pfile("b")], symlinks: vec![plink("c", "t")] };
+        let p = proto::Directory {
+            directories: vec![pnode("a")],
+            files: vec![pfile("b")],
+            symlinks: vec![plink("c", "t")],
+        };
         let d = Directory::try_from(p.clone()).unwrap();
         assert_eq!(d.to_proto(), p);
     }
 
     #[test]
     fn rejects_unsorted_list() {
-        let p = proto::Directory { files: vec![pfile("b"), pfile("a")], ..Default::default() };
+        let p = proto::Directory {
+            files: vec![pfile("b"), pfile("a")],
+            ..Default::default()
+        };
         assert!(matches!(Directory::try_from(p), Err(DirectoryError::WrongSorting(n)) if n == "a"));
     }
 
     #[test]
     fn rejects_duplicate_within_list() {
-        let p = proto::Directory { symlinks: vec![plink("a", "t"), plink("a", "t")], ..Default::default() };
-        assert!(matches!(Directory::try_from(p), Err(DirectoryError::DuplicateName(_))));
+        let p = proto::Directory {
+            symlinks: vec![plink("a", "t"), plink("a", "t")],
+            ..Default::default()
+        };
+        assert!(matches!(
+            Directory::try_from(p),
+            Err(DirectoryError::DuplicateName(_))
+        ));
     }
 
     #[test]
     fn rejects_duplicate_across_lists() {
-        let p = proto::Directory { directories: vec![pnode("a")], files: vec![pfile("a")], ..Default::default() };
-        assert!(matches!(Directory::try_from(p), Err(DirectoryError::DuplicateName(_))));
+        let p = proto::Directory {
+            directories: vec![pnode("a")],
+            files: vec![pfile("a")],
+            ..Default::default()
+        };
+        assert!(matches!(
+            Directory::try_from(p),
+            Err(DirectoryError::DuplicateName(_))
+        ));
     }
 
     #[test]
     fn rejects_invalid_names() {
         for bad in ["", ".", "..", "a/b", "a\0b"] {
-            let p = proto::Directory { files: vec![pfile(bad)], ..Default::default() };
-            assert!(matches!(Directory::try_from(p), Err(DirectoryError::InvalidName(..))), "{bad:?}");
+            let p = proto::Directory {
+                files: vec![pfile(bad)],
+                ..Default::default()
+            };
+            assert!(
+                matches!(Directory::try_from(p), Err(DirectoryError::InvalidName(..))),
+                "{bad:?}"
+            );
         }
-        let p = proto::Directory { files: vec![pfile(&"x".repeat(256))], ..Default::default() };
-        assert!(matches!(Directory::try_from(p), Err(DirectoryError::InvalidName(..))));
+        let p = proto::Directory {
+            files: vec![pfile(&"x".repeat(256))],
+            ..Default::default()
+        };
+        assert!(matches!(
+            Directory::try_from(p),
+            Err(DirectoryError::InvalidName(..))
+        ));
     }
 
     #[test]
     fn rejects_wrong_digest_length() {
         let mut f = pfile("a");
         f.digest = Bytes::from_static(&[1u8; 31]);
-        let p = proto::Directory { files: vec![f], ..Default::default() };
-        assert!(matches!(Directory::try_from(p), Err(DirectoryError::InvalidDigest(..))));
+        let p = proto::Directory {
+            files: vec![f],
+            ..Default::default()
+        };
+        assert!(matches!(
+            Directory::try_from(p),
+            Err(DirectoryError::InvalidDigest(..))
+        ));
         let mut d = pnode("a");
         d.digest = Bytes::new();
-        let p = proto::Directory { directories: vec![d], ..Default::default() };
-        assert!(matches!(Directory::try_from(p), Err(DirectoryError::InvalidDigest(..))));
+        let p = proto::Directory {
+            directories: vec![d],
+            ..Default::default()
+        };
+        assert!(matches!(
+            Directory::try_from(p),
+            Err(DirectoryError::InvalidDigest(..))
+        ));
     }
 
     #[test]
     fn rejects_invalid_symlink_targets() {
         for bad in [String::new(), "a\0".to_string(), "x".repeat(4096)] {
-            let p = proto::Directory { symlinks: vec![plink("l", &bad)], ..Default::default() };
-            assert!(matches!(Directory::try_from(p), Err(DirectoryError::InvalidSymlinkTarget(..))));
+            let p = proto::Directory {
+                symlinks: vec![plink("l", &bad)],
+                ..Default::default()
+            };
+            assert!(matches!(
+                Directory::try_from(p),
+                Err(DirectoryError::InvalidSymlinkTarget(..))
+            ));
         }
     }
 
@@ -317,23 +429,41 @@ mod tests {
     fn rejects_size_overflow() {
         let mut a = pnode("a");
         a.size = u64::MAX - 1;
-        let p = proto::Directory { directories: vec![a], ..Default::default() };
-        assert!(matches!(Directory::try_from(p), Err(DirectoryError::SizeOverflow(_))));
+        let p = proto::Directory {
+            directories: vec![a],
+            ..Default::default()
+        };
+        assert!(matches!(
+            Directory::try_from(p),
+            Err(DirectoryError::SizeOverflow(_))
+        ));
         let mut a = pnode("a");
         a.size = u64::MAX / 2;
         let mut b = pnode("b");
         b.size = u64::MAX / 2;
-        let p = proto::Directory { directories: vec![a, b], ..Default::default() };
-        assert!(matches!(Directory::try_from(p), Err(DirectoryError::SizeOverflow(_))));
+        let p = proto::Directory {
+            directories: vec![a, b],
+            ..Default::default()
+        };
+        assert!(matches!(
+            Directory::try_from(p),
+            Err(DirectoryError::SizeOverflow(_))
+        ));
     }
 
     #[test]
     fn rejects_node_without_variant() {
-        assert_eq!(Node::try_from_proto(proto::Node { node: None }), Err(DirectoryError::NoNodeSet));
+        assert_eq!(
+            Node::try_from_proto(proto::Node { node: None }),
+            Err(DirectoryError::NoNodeSet)
+        );
     }
 
     #[test]
     fn rejects_garbage_bytes() {
-        assert!(matches!(Directory::decode(&[0xff, 0xff, 0xff]), Err(DirectoryError::Decode(_))));
+        assert!(matches!(
+            Directory::decode(&[0xff, 0xff, 0xff]),
+            Err(DirectoryError::Decode(_))
+        ));
     }
 }

@@ -83,11 +83,14 @@ impl From<Status> for Error {
     fn from(s: Status) -> Self {
         let m = s.message().to_string();
         match s.code() {
-            Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => Error::InvalidRequest(m),
-            Code::NotFound => Error::NotFound(m),
-            Code::Unavailable | Code::DeadlineExceeded | Code::Aborted | Code::ResourceExhausted => {
-                Error::Unavailable(format!("{}: {m}", s.code()))
+            Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => {
+                Error::InvalidRequest(m)
             }
+            Code::NotFound => Error::NotFound(m),
+            Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::Aborted
+            | Code::ResourceExhausted => Error::Unavailable(format!("{}: {m}", s.code())),
             _ => Error::Storage(format!("{}: {m}", s.code())),
         }
     }
@@ -116,10 +119,22 @@ mod tests {
 
     #[test]
     fn maps_to_precise_grpc_codes() {
-        assert_eq!(Status::from(Error::InvalidRequest("x".into())).code(), Code::InvalidArgument);
-        assert_eq!(Status::from(Error::NotFound("x".into())).code(), Code::NotFound);
-        assert_eq!(Status::from(Error::Unavailable("x".into())).code(), Code::Unavailable);
-        assert_eq!(Status::from(Error::Storage("x".into())).code(), Code::Internal);
+        assert_eq!(
+            Status::from(Error::InvalidRequest("x".into())).code(),
+            Code::InvalidArgument
+        );
+        assert_eq!(
+            Status::from(Error::NotFound("x".into())).code(),
+            Code::NotFound
+        );
+        assert_eq!(
+            Status::from(Error::Unavailable("x".into())).code(),
+            Code::Unavailable
+        );
+        assert_eq!(
+            Status::from(Error::Storage("x".into())).code(),
+            Code::Internal
+        );
     }
 
     #[test]
@@ -130,9 +145,21 @@ mod tests {
 
     #[test]
     fn status_back_to_error() {
-        assert!(matches!(Error::from(Status::not_found("x")), Error::NotFound(_)));
-        assert!(matches!(Error::from(Status::invalid_argument("x")), Error::InvalidRequest(_)));
-        assert!(matches!(Error::from(Status::unavailable("x")), Error::Unavailable(_)));
-        assert!(matches!(Error::from(Status::internal("x")), Error::Storage(_)));
+        assert!(matches!(
+            Error::from(Status::not_found("x")),
+            Error::NotFound(_)
+        ));
+        assert!(matches!(
+            Error::from(Status::invalid_argument("x")),
+            Error::InvalidRequest(_)
+        ));
+        assert!(matches!(
+            Error::from(Status::unavailable("x")),
+            Error::Unavailable(_)
+        ));
+        assert!(matches!(
+            Error::from(Status::internal("x")),
+            Error::Storage(_)
+        ));
     }
 }

@@ -1,5 +1,6 @@
 //! gRPC plumbing: server wrappers exposing any [BlobService] /
 //! [DirectoryService] as `tvix.castore.v1`, and client channels from URLs.
+use crate::blobservice::MAX_BATCH_DIGESTS;
 use crate::directoryservice::ClosureValidator;
 use crate::{B3Digest, BlobService, DirectoryService, Error};
 use arca_proto::castore as proto;
@@ -7,7 +8,6 @@ use arca_proto::castore::blob_service_server::BlobServiceServer;
 use arca_proto::castore::directory_service_server::DirectoryServiceServer;
 use arca_proto::castore_batch as batch_proto;
 use arca_proto::castore_batch::blob_batch_service_server::BlobBatchServiceServer;
-use crate::blobservice::MAX_BATCH_DIGESTS;
 use futures::stream::{BoxStream, StreamExt};
 use std::sync::Arc;
 use tokio_util::io::ReaderStream;
@@ -43,7 +43,10 @@ impl proto::blob_service_server::BlobService for GrpcBlobServiceWrapper {
     type ReadStream = BoxStream<'static, Result<proto::BlobChunk, Status>>;
 
     #[instrument(skip_all, err(level = "debug"))]
-    async fn stat(&self, request: Request<proto::StatBlobRequest>) -> Result<Response<proto::StatBlobResponse>, Status> {
+    async fn stat(
+        &self,
+        request: Request<proto::StatBlobRequest>,
+    ) -> Result<Response<proto::StatBlobResponse>, Status> {
         let req = request.into_inner();
         let digest = digest_arg(&req.digest)?;
         let chunks = if req.send_chunks {
@@ -56,7 +59,10 @@ impl proto::blob_service_server::BlobService for GrpcBlobServiceWrapper {
             Some(chunks) => Ok(Response::new(proto::StatBlobResponse {
                 chunks: chunks
                     .into_iter()
-                    .map(|c| proto::stat_blob_response::ChunkMeta { digest: c.digest.to_bytes(), size: c.size })
+                    .map(|c| proto::stat_blob_response::ChunkMeta {
+                        digest: c.digest.to_bytes(),
+                        size: c.size,
+                    })
                     .collect(),
                 bao: Default::default(),
             })),
@@ -64,23 +70,37 @@ impl proto::blob_service_server::BlobService for GrpcBlobServiceWrapper {
     }
 
     #[instrument(skip_all, err(level = "debug"))]
-    async fn read(&self, request: Request<proto::ReadBlobRequest>) -> Result<Response<Self::ReadStream>, Status> {
+    async fn read(
+        &self,
+        request: Request<proto::ReadBlobRequest>,
+    ) -> Result<Response<Self::ReadStream>, Status> {
         let digest = digest_arg(&request.into_inner().digest)?;
-        let reader = self.svc.open_read(&digest).await?.ok_or_else(|| Status::not_found(format!("blob {digest}")))?;
-        let stream = ReaderStream::with_capacity(reader, crate::BLOB_MESSAGE_CHUNK)
-            .map(|r| r.map(|data| proto::BlobChunk { data }).map_err(|e| Status::from(Error::from(e))));
+        let reader = self
+            .svc
+            .open_read(&digest)
+            .await?
+            .ok_or_else(|| Status::not_found(format!("blob {digest}")))?;
+        let stream = ReaderStream::with_capacity(reader, crate::BLOB_MESSAGE_CHUNK).map(|r| {
+            r.map(|data| proto::BlobChunk { data })
+                .map_err(|e| Status::from(Error::from(e)))
+        });
         Ok(Response::new(stream.boxed()))
     }
 
     #[instrument(skip_all, err(level = "debug"))]
-    async fn put(&self, request: Request<Streaming<proto::BlobChunk>>) -> Result<Response<proto::PutBlobResponse>, Status> {
+    async fn put(
+        &self,
+        request: Request<Streaming<proto::BlobChunk>>,
+    ) -> Result<Response<proto::PutBlobResponse>, Status> {
         let mut stream = request.into_inner();
         let mut writer = self.svc.open_write().await;
         while let Some(msg) = stream.message().await? {
             writer.write(msg.data).await?;
         }
         let digest = writer.close().await?;
-        Ok(Response::new(proto::PutBlobResponse { digest: digest.to_bytes() }))
+        Ok(Response::new(proto::PutBlobResponse {
+            digest: digest.to_bytes(),
+        }))
     }
 }
 
@@ -121,7 +141,11 @@ impl batch_proto::blob_batch_service_server::BlobBatchService for GrpcBlobBatchS
                 req.digests.len()
             )));
         }
-        let digests = req.digests.iter().map(digest_arg).collect::<Result<Vec<_>, _>>()?;
+        let digests = req
+            .digests
+            .iter()
+            .map(digest_arg)
+            .collect::<Result<Vec<_>, _>>()?;
         let svc = self.svc.clone();
         let stream = async_stream::stream! {
             let mut items = svc.read_many(digests);
@@ -167,15 +191,24 @@ impl proto::directory_service_server::DirectoryService for GrpcDirectoryServiceW
     type GetStream = BoxStream<'static, Result<proto::Directory, Status>>;
 
     #[instrument(skip_all, err(level = "debug"))]
-    async fn get(&self, request: Request<proto::GetDirectoryRequest>) -> Result<Response<Self::GetStream>, Status> {
+    async fn get(
+        &self,
+        request: Request<proto::GetDirectoryRequest>,
+    ) -> Result<Response<Self::GetStream>, Status> {
         let req = request.into_inner();
         let digest = match &req.by_what {
             Some(proto::get_directory_request::ByWhat::Digest(d)) => digest_arg(d)?,
             None => return Err(Status::invalid_argument("no digest given")),
         };
         if !req.recursive {
-            let dir = self.svc.get(&digest).await?.ok_or_else(|| Status::not_found(format!("directory {digest}")))?;
-            return Ok(Response::new(futures::stream::once(async move { Ok(dir.to_proto()) }).boxed()));
+            let dir = self
+                .svc
+                .get(&digest)
+                .await?
+                .ok_or_else(|| Status::not_found(format!("directory {digest}")))?;
+            return Ok(Response::new(
+                futures::stream::once(async move { Ok(dir.to_proto()) }).boxed(),
+            ));
         }
         let svc = self.svc.clone();
         let mut stream = async_stream::try_stream! {
@@ -196,7 +229,10 @@ impl proto::directory_service_server::DirectoryService for GrpcDirectoryServiceW
     }
 
     #[instrument(skip_all, err(level = "debug"))]
-    async fn put(&self, request: Request<Streaming<proto::Directory>>) -> Result<Response<proto::PutDirectoryResponse>, Status> {
+    async fn put(
+        &self,
+        request: Request<Streaming<proto::Directory>>,
+    ) -> Result<Response<proto::PutDirectoryResponse>, Status> {
         let mut stream = request.into_inner();
         let mut validator = ClosureValidator::new();
         while let Some(msg) = stream.message().await? {
@@ -204,7 +240,9 @@ impl proto::directory_service_server::DirectoryService for GrpcDirectoryServiceW
             validator.add(dir)?;
         }
         let root = self.svc.put_closure(validator.finalize()?).await?;
-        Ok(Response::new(proto::PutDirectoryResponse { root_digest: root.to_bytes() }))
+        Ok(Response::new(proto::PutDirectoryResponse {
+            root_digest: root.to_bytes(),
+        }))
     }
 }
 
@@ -234,7 +272,10 @@ pub fn parse_grpc_url(url: &url::Url) -> Result<GrpcTarget, Error> {
             Ok(GrpcTarget::Unix(url.path().into()))
         }
         "grpc+http" | "grpc+https" => {
-            let host = url.host_str().filter(|h| !h.is_empty()).ok_or_else(|| bad("missing host"))?;
+            let host = url
+                .host_str()
+                .filter(|h| !h.is_empty())
+                .ok_or_else(|| bad("missing host"))?;
             if url.path().len() > 1 {
                 return Err(bad("gRPC URLs take no path"));
             }
@@ -242,7 +283,10 @@ pub fn parse_grpc_url(url: &url::Url) -> Result<GrpcTarget, Error> {
             let port = url.port().map(|p| format!(":{p}")).unwrap_or_default();
             let uri = format!("{scheme}://{host}{port}");
             Endpoint::from_shared(uri.clone()).map_err(|e| bad(&e.to_string()))?;
-            Ok(GrpcTarget::Tcp { uri, tls: scheme == "https" })
+            Ok(GrpcTarget::Tcp {
+                uri,
+                tls: scheme == "https",
+            })
         }
         other => Err(bad(&format!("unknown gRPC scheme {other:?}"))),
     }
@@ -257,13 +301,15 @@ pub fn channel_from_url(url: &url::Url) -> Result<Channel, Error> {
                 .initial_stream_window_size(crate::HTTP2_STREAM_WINDOW)
                 .initial_connection_window_size(crate::HTTP2_CONNECTION_WINDOW)
                 .max_frame_size(crate::HTTP2_MAX_FRAME_SIZE);
-            Ok(endpoint.connect_with_connector_lazy(tower::service_fn(move |_: tonic::transport::Uri| {
-                let path = path.clone();
-                async move {
-                    let stream = tokio::net::UnixStream::connect(path).await?;
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-                }
-            })))
+            Ok(endpoint.connect_with_connector_lazy(tower::service_fn(
+                move |_: tonic::transport::Uri| {
+                    let path = path.clone();
+                    async move {
+                        let stream = tokio::net::UnixStream::connect(path).await?;
+                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+                    }
+                },
+            )))
         }
         GrpcTarget::Tcp { uri, tls } => {
             let mut endpoint = Endpoint::from_shared(uri).map_err(|e| bad(&e.to_string()))?;

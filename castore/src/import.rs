@@ -2,7 +2,9 @@
 //! parallel, symlinks stored (never followed), the exec bit kept, and the
 //! directory closure put leaves first.
 use crate::directoryservice::ClosureValidator;
-use crate::{B3Digest, BlobService, Directory, DirectoryService, Error, Node, PathComponent, SymlinkTarget};
+use crate::{
+    B3Digest, BlobService, Directory, DirectoryService, Error, Node, PathComponent, SymlinkTarget,
+};
 use futures::stream::{StreamExt, TryStreamExt};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -83,7 +85,11 @@ pub struct ImportStats {
 }
 
 enum Kind {
-    File { size: u64, executable: bool, index: usize },
+    File {
+        size: u64,
+        executable: bool,
+        index: usize,
+    },
     Symlink(SymlinkTarget),
     Directory,
 }
@@ -108,35 +114,58 @@ fn walk(root: &Path) -> Result<Walk, ImportError> {
     use std::os::unix::fs::MetadataExt;
     let mut entries = Vec::new();
     let mut files = Vec::new();
-    let mut by_inode: std::collections::HashMap<(u64, u64), usize> = std::collections::HashMap::new();
+    let mut by_inode: std::collections::HashMap<(u64, u64), usize> =
+        std::collections::HashMap::new();
     let (mut file_count, mut file_bytes) = (0u64, 0u64);
-    for e in walkdir::WalkDir::new(root).follow_links(false).follow_root_links(false).contents_first(true) {
+    for e in walkdir::WalkDir::new(root)
+        .follow_links(false)
+        .follow_root_links(false)
+        .contents_first(true)
+    {
         let e = e.map_err(|err| {
             let path = err.path().unwrap_or(root).to_path_buf();
-            ImportError::Io { path, source: err.into_io_error().unwrap_or_else(|| std::io::Error::other("walk failed")) }
+            ImportError::Io {
+                path,
+                source: err
+                    .into_io_error()
+                    .unwrap_or_else(|| std::io::Error::other("walk failed")),
+            }
         })?;
         let path = e.path().to_path_buf();
         let ft = e.file_type();
         let name = if e.depth() == 0 {
             None
         } else {
-            Some(PathComponent::try_from(e.file_name().as_bytes()).map_err(|err| ImportError::Invalid {
-                path: path.clone(),
-                reason: format!("invalid name: {err}"),
-            })?)
+            Some(
+                PathComponent::try_from(e.file_name().as_bytes()).map_err(|err| {
+                    ImportError::Invalid {
+                        path: path.clone(),
+                        reason: format!("invalid name: {err}"),
+                    }
+                })?,
+            )
         };
         let kind = if ft.is_dir() {
             Kind::Directory
         } else if ft.is_symlink() {
-            let target = std::fs::read_link(&path).map_err(|source| ImportError::Io { path: path.clone(), source })?;
-            Kind::Symlink(SymlinkTarget::try_from(target.as_os_str().as_bytes()).map_err(|err| ImportError::Invalid {
+            let target = std::fs::read_link(&path).map_err(|source| ImportError::Io {
                 path: path.clone(),
-                reason: format!("invalid symlink target: {err}"),
-            })?)
+                source,
+            })?;
+            Kind::Symlink(
+                SymlinkTarget::try_from(target.as_os_str().as_bytes()).map_err(|err| {
+                    ImportError::Invalid {
+                        path: path.clone(),
+                        reason: format!("invalid symlink target: {err}"),
+                    }
+                })?,
+            )
         } else if ft.is_file() {
             let meta = e.metadata().map_err(|err| ImportError::Io {
                 path: path.clone(),
-                source: err.into_io_error().unwrap_or_else(|| std::io::Error::other("metadata failed")),
+                source: err
+                    .into_io_error()
+                    .unwrap_or_else(|| std::io::Error::other("metadata failed")),
             })?;
             file_count += 1;
             file_bytes += meta.len();
@@ -149,7 +178,11 @@ fn walk(root: &Path) -> Result<Walk, ImportError> {
                 files.push((path.clone(), meta.len()));
                 files.len() - 1
             };
-            Kind::File { size: meta.len(), executable: meta.permissions().mode() & 0o100 != 0, index }
+            Kind::File {
+                size: meta.len(),
+                executable: meta.permissions().mode() & 0o100 != 0,
+                index,
+            }
         } else {
             let kind = if ft.is_socket() {
                 "socket"
@@ -164,9 +197,19 @@ fn walk(root: &Path) -> Result<Walk, ImportError> {
             };
             return Err(ImportError::UnsupportedType { path, kind });
         };
-        entries.push(Entry { path, depth: e.depth(), name, kind });
+        entries.push(Entry {
+            path,
+            depth: e.depth(),
+            name,
+            kind,
+        });
     }
-    Ok(Walk { entries, uploads: files, file_count, file_bytes })
+    Ok(Walk {
+        entries,
+        uploads: files,
+        file_count,
+        file_bytes,
+    })
 }
 
 /// Size of the pieces a file is read in.
@@ -180,7 +223,11 @@ fn read_file_chunks(path: PathBuf) -> tokio::sync::mpsc::Receiver<std::io::Resul
     tokio::task::spawn_blocking(move || {
         use std::io::Read;
         use std::os::unix::fs::OpenOptionsExt;
-        let mut f = match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(&path) {
+        let mut f = match std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+        {
             Ok(f) => f,
             Err(e) => {
                 let _ = tx.blocking_send(Err(e));
@@ -222,10 +269,22 @@ pub async fn import_path(
     progress: Arc<dyn ImportProgress>,
 ) -> Result<(Node, ImportStats), ImportError> {
     let owned = root.to_path_buf();
-    let Walk { entries, uploads: files, file_count, file_bytes } = tokio::task::spawn_blocking(move || walk(&owned))
+    let Walk {
+        entries,
+        uploads: files,
+        file_count,
+        file_bytes,
+    } = tokio::task::spawn_blocking(move || walk(&owned))
         .await
-        .map_err(|e| ImportError::Io { path: root.to_path_buf(), source: std::io::Error::other(e) })??;
-    let mut stats = ImportStats { files: file_count, bytes: file_bytes, ..Default::default() };
+        .map_err(|e| ImportError::Io {
+            path: root.to_path_buf(),
+            source: std::io::Error::other(e),
+        })??;
+    let mut stats = ImportStats {
+        files: file_count,
+        bytes: file_bytes,
+        ..Default::default()
+    };
     progress.walked(files.len() as u64, files.iter().map(|(_, s)| s).sum());
 
     // Upload all files, many at a time.
@@ -244,9 +303,22 @@ pub async fn import_path(
                     Ok(B3Digest::from(h.finalize()))
                 })
                 .await
-                .map_err(|e| ImportError::Io { path: path.clone(), source: std::io::Error::other(e) })?
-                .map_err(|source| ImportError::Io { path: path.clone(), source })?;
-                if blobs.has(&local).await.map_err(|source| ImportError::Store { path: path.clone(), source })? {
+                .map_err(|e| ImportError::Io {
+                    path: path.clone(),
+                    source: std::io::Error::other(e),
+                })?
+                .map_err(|source| ImportError::Io {
+                    path: path.clone(),
+                    source,
+                })?;
+                if blobs
+                    .has(&local)
+                    .await
+                    .map_err(|source| ImportError::Store {
+                        path: path.clone(),
+                        source,
+                    })?
+                {
                     progress.file_done(expected);
                     return Ok((index, local));
                 }
@@ -255,13 +327,26 @@ pub async fn import_path(
                 let mut chunks = read_file_chunks(path.clone());
                 let mut actual = 0u64;
                 while let Some(chunk) = chunks.recv().await {
-                    let chunk = chunk.map_err(|source| ImportError::Io { path: path.clone(), source })?;
+                    let chunk = chunk.map_err(|source| ImportError::Io {
+                        path: path.clone(),
+                        source,
+                    })?;
                     actual += chunk.len() as u64;
-                    w.write(chunk).await.map_err(|source| ImportError::Store { path: path.clone(), source })?;
+                    w.write(chunk).await.map_err(|source| ImportError::Store {
+                        path: path.clone(),
+                        source,
+                    })?;
                 }
-                let digest = w.close().await.map_err(|source| ImportError::Store { path: path.clone(), source })?;
+                let digest = w.close().await.map_err(|source| ImportError::Store {
+                    path: path.clone(),
+                    source,
+                })?;
                 if actual != expected || digest != local {
-                    return Err(ImportError::Changed { path, expected, actual });
+                    return Err(ImportError::Changed {
+                        path,
+                        expected,
+                        actual,
+                    });
                 }
                 progress.file_done(actual);
                 Ok::<_, ImportError>((index, digest))
@@ -281,20 +366,41 @@ pub async fn import_path(
     let mut root_node = None;
     for e in entries {
         let node = match e.kind {
-            Kind::File { size, executable, index } => Node::File { digest: digests[index], size, executable },
+            Kind::File {
+                size,
+                executable,
+                index,
+            } => Node::File {
+                digest: digests[index],
+                size,
+                executable,
+            },
             Kind::Symlink(target) => {
                 stats.symlinks += 1;
                 Node::Symlink { target }
             }
             Kind::Directory => {
                 stats.directories += 1;
-                let children = if pending.len() > e.depth + 1 { std::mem::take(&mut pending[e.depth + 1]) } else { Vec::new() };
+                let children = if pending.len() > e.depth + 1 {
+                    std::mem::take(&mut pending[e.depth + 1])
+                } else {
+                    Vec::new()
+                };
                 let mut dir = Directory::new();
                 for (name, node) in children {
-                    dir.add(name, node).map_err(|err| ImportError::Invalid { path: e.path.clone(), reason: err.to_string() })?;
+                    dir.add(name, node).map_err(|err| ImportError::Invalid {
+                        path: e.path.clone(),
+                        reason: err.to_string(),
+                    })?;
                 }
-                let node = Node::Directory { digest: dir.digest(), size: dir.size() };
-                validator.add(dir).map_err(|source| ImportError::Store { path: e.path.clone(), source })?;
+                let node = Node::Directory {
+                    digest: dir.digest(),
+                    size: dir.size(),
+                };
+                validator.add(dir).map_err(|source| ImportError::Store {
+                    path: e.path.clone(),
+                    source,
+                })?;
                 node
             }
         };
@@ -308,14 +414,23 @@ pub async fn import_path(
             }
         }
     }
-    let root_node = root_node.ok_or_else(|| ImportError::Invalid { path: root.to_path_buf(), reason: "nothing to import".into() })?;
+    let root_node = root_node.ok_or_else(|| ImportError::Invalid {
+        path: root.to_path_buf(),
+        reason: "nothing to import".into(),
+    })?;
     if let Node::Directory { digest, .. } = &root_node {
-        let closure = validator.finalize().map_err(|source| ImportError::Store { path: root.to_path_buf(), source })?;
+        let closure = validator.finalize().map_err(|source| ImportError::Store {
+            path: root.to_path_buf(),
+            source,
+        })?;
         debug_assert_eq!(closure.root(), *digest);
         directories
             .put_closure(closure)
             .await
-            .map_err(|source| ImportError::Store { path: root.to_path_buf(), source })?;
+            .map_err(|source| ImportError::Store {
+                path: root.to_path_buf(),
+                source,
+            })?;
     }
     Ok((root_node, stats))
 }

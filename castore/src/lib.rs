@@ -18,13 +18,13 @@ pub mod import;
 mod names;
 mod node;
 
+pub use blobservice::BlobService;
 pub use digest::{B3Digest, DigestError, B3_LEN};
 pub use directory::{Directory, DirectoryError};
+pub use directoryservice::DirectoryService;
 pub use errors::Error;
 pub use names::{NameError, PathComponent, SymlinkTarget};
 pub use node::Node;
-pub use blobservice::BlobService;
-pub use directoryservice::DirectoryService;
 
 /// Largest gRPC message Arca accepts for directories: far above any real
 /// directory (a 255-byte name per entry gives ~3.3 million entries), far
@@ -56,7 +56,11 @@ where
 {
     static PERMITS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
     let permits = PERMITS.get_or_init(|| {
-        tokio::sync::Semaphore::new(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2))
+        tokio::sync::Semaphore::new(
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
+        )
     });
     let _permit = permits.acquire().await.map_err(Error::storage)?;
     tokio::task::spawn_blocking(f).await.map_err(Error::storage)

@@ -165,20 +165,41 @@ mod tests {
     #[test]
     fn name_rules() {
         assert_eq!(PathComponent::try_from(""), Err(NameError::Empty));
-        assert!(matches!(PathComponent::try_from("."), Err(NameError::Dot(_))));
-        assert!(matches!(PathComponent::try_from(".."), Err(NameError::Dot(_))));
-        assert!(matches!(PathComponent::try_from("a/b"), Err(NameError::Slash(_))));
-        assert!(matches!(PathComponent::try_from("a\0b"), Err(NameError::Nul(_))));
-        assert_eq!(PathComponent::try_from("x".repeat(256).as_str()), Err(NameError::TooLong(256)));
+        assert!(matches!(
+            PathComponent::try_from("."),
+            Err(NameError::Dot(_))
+        ));
+        assert!(matches!(
+            PathComponent::try_from(".."),
+            Err(NameError::Dot(_))
+        ));
+        assert!(matches!(
+            PathComponent::try_from("a/b"),
+            Err(NameError::Slash(_))
+        ));
+        assert!(matches!(
+            PathComponent::try_from("a\0b"),
+            Err(NameError::Nul(_))
+        ));
+        assert_eq!(
+            PathComponent::try_from("x".repeat(256).as_str()),
+            Err(NameError::TooLong(256))
+        );
         assert!(PathComponent::try_from("x".repeat(255).as_str()).is_ok());
         assert!(PathComponent::try_from("...").is_ok());
-        assert!(PathComponent::try_from(&[0xff, 0xfe][..]).is_ok(), "non-UTF-8 names are allowed");
+        assert!(
+            PathComponent::try_from(&[0xff, 0xfe][..]).is_ok(),
+            "non-UTF-8 names are allowed"
+        );
     }
 
     #[test]
     fn symlink_target_rules() {
         assert_eq!(SymlinkTarget::try_from(""), Err(NameError::EmptyTarget));
-        assert!(matches!(SymlinkTarget::try_from("a\0"), Err(NameError::Nul(_))));
+        assert!(matches!(
+            SymlinkTarget::try_from("a\0"),
+            Err(NameError::Nul(_))
+        ));
         assert_eq!(
             SymlinkTarget::try_from("x".repeat(4096).as_str()),
             Err(NameError::TargetTooLong(4096))

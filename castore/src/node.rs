@@ -65,12 +65,18 @@ impl Node {
     /// The wire `Node` with the given name (empty for `CalculateNAR`).
     pub fn into_proto(self, name: Bytes) -> proto::Node {
         let inner = match self {
-            Node::Directory { digest, size } => proto::node::Node::Directory(proto::DirectoryNode {
-                name,
-                digest: digest.to_bytes(),
+            Node::Directory { digest, size } => {
+                proto::node::Node::Directory(proto::DirectoryNode {
+                    name,
+                    digest: digest.to_bytes(),
+                    size,
+                })
+            }
+            Node::File {
+                digest,
                 size,
-            }),
-            Node::File { digest, size, executable } => proto::node::Node::File(proto::FileNode {
+                executable,
+            } => proto::node::Node::File(proto::FileNode {
                 name,
                 digest: digest.to_bytes(),
                 size,
@@ -85,7 +91,9 @@ impl Node {
     }
 
     /// Converts a wire `Node` whose name must be a valid [PathComponent].
-    pub fn try_from_proto_named(node: proto::Node) -> Result<(PathComponent, Node), DirectoryError> {
+    pub fn try_from_proto_named(
+        node: proto::Node,
+    ) -> Result<(PathComponent, Node), DirectoryError> {
         let (name, node) = Self::try_from_proto(node)?;
         let name = PathComponent::try_from(name.clone())
             .map_err(|e| DirectoryError::InvalidName(lossy(&name), e))?;
@@ -98,7 +106,11 @@ impl Node {
             Node::Directory { digest, size } => {
                 serde_json::json!({"type": "directory", "digest": digest.to_hex(), "size": size})
             }
-            Node::File { digest, size, executable } => serde_json::json!({
+            Node::File {
+                digest,
+                size,
+                executable,
+            } => serde_json::json!({
                 "type": "file", "digest": digest.to_hex(), "size": size, "executable": executable
             }),
             Node::Symlink { target } => {

@@ -21,16 +21,24 @@ const PATIENCE: Duration = Duration::from_secs(120);
 /// normal priority: other tests keep the cores busy).
 fn open(dir: &Path, idle_delay: Duration) -> ObjectStoreBlobService {
     let url = url::Url::from_directory_path(dir).expect("absolute dir");
-    let (store, base) = arca_castore::composition::object_store_from(&url, &[]).expect("local store");
-    let options =
-        LocalFilesOptions { compression: LocalCompression::Background, idle_delay, low_priority: false };
-    ObjectStoreBlobService::new(store, base).with_local_files(dir.to_path_buf(), options).expect("service")
+    let (store, base) =
+        arca_castore::composition::object_store_from(&url, &[]).expect("local store");
+    let options = LocalFilesOptions {
+        compression: LocalCompression::Background,
+        idle_delay,
+        low_priority: false,
+    };
+    ObjectStoreBlobService::new(store, base)
+        .with_local_files(dir.to_path_buf(), options)
+        .expect("service")
 }
 
 /// Every file under `chunks/` (staging files included), sorted.
 fn chunk_files(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
-    let Ok(subdirs) = std::fs::read_dir(dir.join("chunks")) else { return out };
+    let Ok(subdirs) = std::fs::read_dir(dir.join("chunks")) else {
+        return out;
+    };
     for sub in subdirs.flatten() {
         for f in std::fs::read_dir(sub.path()).expect("chunk dir").flatten() {
             out.push(f.path());
@@ -41,19 +49,27 @@ fn chunk_files(dir: &Path) -> Vec<PathBuf> {
 }
 
 fn staging_files(dir: &Path) -> Vec<PathBuf> {
-    chunk_files(dir).into_iter().filter(|p| p.to_string_lossy().contains("#arca-")).collect()
+    chunk_files(dir)
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains("#arca-"))
+        .collect()
 }
 
 /// A chunk file's tag byte.
 fn tag(p: &Path) -> u8 {
     use std::io::Read;
     let mut b = [0u8; 1];
-    std::fs::File::open(p).and_then(|mut f| f.read_exact(&mut b)).expect("chunk file");
+    std::fs::File::open(p)
+        .and_then(|mut f| f.read_exact(&mut b))
+        .expect("chunk file");
     b[0]
 }
 
 fn disk_bytes(files: &[PathBuf]) -> u64 {
-    files.iter().map(|f| std::fs::metadata(f).expect("chunk file").len()).sum()
+    files
+        .iter()
+        .map(|f| std::fs::metadata(f).expect("chunk file").len())
+        .sum()
 }
 
 fn journal_len(dir: &Path) -> u64 {
@@ -98,20 +114,45 @@ async fn chunks_are_written_raw_then_compressed() {
     let digest = put_bytes(&svc, data.clone().into()).await.unwrap();
     let files = chunk_files(dir);
     assert!(files.len() > 2, "{files:?}");
-    assert!(files.iter().all(|f| tag(f) == TAG_RAW), "every new chunk is raw");
+    assert!(
+        files.iter().all(|f| tag(f) == TAG_RAW),
+        "every new chunk is raw"
+    );
     let raw_bytes = disk_bytes(&files);
-    assert_eq!(raw_bytes, data.len() as u64 + files.len() as u64, "raw: one tag byte per chunk");
-    assert_eq!(journal_len(dir), 32 * files.len() as u64, "one journal record per new chunk");
+    assert_eq!(
+        raw_bytes,
+        data.len() as u64 + files.len() as u64,
+        "raw: one tag byte per chunk"
+    );
+    assert_eq!(
+        journal_len(dir),
+        32 * files.len() as u64,
+        "one journal record per new chunk"
+    );
     assert_eq!(svc.pending_compression(), files.len());
-    assert_eq!(read_all(&svc, &digest).await.unwrap().unwrap(), data, "raw chunks read back");
+    assert_eq!(
+        read_all(&svc, &digest).await.unwrap().unwrap(),
+        data,
+        "raw chunks read back"
+    );
 
     wait_compacted(&svc, dir).await;
     let after = chunk_files(dir);
     assert_eq!(after, files, "same chunks, no staging files left");
-    assert!(after.iter().all(|f| tag(f) == TAG_ZSTD), "every chunk compressed");
+    assert!(
+        after.iter().all(|f| tag(f) == TAG_ZSTD),
+        "every chunk compressed"
+    );
     let compressed = disk_bytes(&after);
-    assert!(compressed < raw_bytes * 3 / 4, "{compressed} of {raw_bytes}");
-    assert_eq!(read_all(&svc, &digest).await.unwrap().unwrap(), data, "compressed chunks read back");
+    assert!(
+        compressed < raw_bytes * 3 / 4,
+        "{compressed} of {raw_bytes}"
+    );
+    assert_eq!(
+        read_all(&svc, &digest).await.unwrap().unwrap(),
+        data,
+        "compressed chunks read back"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -131,7 +172,10 @@ async fn incompressible_chunks_stay_raw() {
     assert!(after.iter().all(|f| tag(f) == TAG_RAW));
     assert_eq!(disk_bytes(&after), before);
     assert_eq!(read_all(&svc, &digest).await.unwrap().unwrap(), data);
-    assert_eq!(read_all(&svc, &tiny).await.unwrap().unwrap(), vec![b'a'; 300]);
+    assert_eq!(
+        read_all(&svc, &tiny).await.unwrap().unwrap(),
+        vec![b'a'; 300]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -157,8 +201,13 @@ async fn reads_during_compaction_are_correct() {
             loop {
                 let done = svc.pending_compression() == 0;
                 for (i, (digest, data)) in blobs.iter().enumerate().skip(r) {
-                    let got = read_all(&svc, digest).await.unwrap_or_else(|e| panic!("blob {i}: {e}"));
-                    assert!(got.as_deref() == Some(&data[..]), "blob {i} read back different bytes");
+                    let got = read_all(&svc, digest)
+                        .await
+                        .unwrap_or_else(|e| panic!("blob {i}: {e}"));
+                    assert!(
+                        got.as_deref() == Some(&data[..]),
+                        "blob {i} read back different bytes"
+                    );
                     reads += 1;
                 }
                 if done {
@@ -189,7 +238,11 @@ async fn the_journal_resumes_compaction_after_a_restart() {
     assert_eq!(journal_len(dir), 32 * files.len() as u64);
     assert!(files.iter().all(|f| tag(f) == TAG_RAW));
     let svc = open(dir, Duration::from_millis(20));
-    assert_eq!(svc.pending_compression(), files.len(), "the journal was read back");
+    assert_eq!(
+        svc.pending_compression(),
+        files.len(),
+        "the journal was read back"
+    );
     wait_compacted(&svc, dir).await;
     assert_eq!(chunk_files(dir), files);
     assert!(files.iter().all(|f| tag(f) == TAG_ZSTD));
@@ -219,10 +272,16 @@ async fn stopping_mid_compaction_leaves_a_consistent_store() {
     assert!(staging_files(dir).is_empty());
     // Every chunk still raw is still in the journal.
     let journal = std::fs::read(dir.join(JOURNAL)).unwrap();
-    let listed: Vec<B3Digest> = journal.chunks_exact(32).map(|r| B3Digest::try_from(r).unwrap()).collect();
+    let listed: Vec<B3Digest> = journal
+        .chunks_exact(32)
+        .map(|r| B3Digest::try_from(r).unwrap())
+        .collect();
     for f in files.iter().filter(|f| tag(f) == TAG_RAW) {
         let name = f.file_name().unwrap().to_str().unwrap();
-        assert!(listed.iter().any(|d| d.to_hex() == name), "raw chunk {name} fell out of the journal");
+        assert!(
+            listed.iter().any(|d| d.to_hex() == name),
+            "raw chunk {name} fell out of the journal"
+        );
     }
     let svc = open(dir, Duration::from_millis(20));
     wait_compacted(&svc, dir).await;
@@ -245,18 +304,28 @@ async fn a_corrupt_raw_chunk_is_not_compressed() {
 
     let svc = open(dir, Duration::from_millis(20));
     wait_compacted(&svc, dir).await;
-    assert_eq!(std::fs::read(victim).unwrap(), bytes, "the corrupt chunk is left exactly as it was");
+    assert_eq!(
+        std::fs::read(victim).unwrap(),
+        bytes,
+        "the corrupt chunk is left exactly as it was"
+    );
     for f in files.iter().filter(|f| *f != victim) {
         assert_eq!(tag(f), TAG_ZSTD, "{}", f.display());
     }
     let r = read_all(&svc, &digest).await;
-    assert!(matches!(r, Err(Error::Storage(ref m)) if m.contains("verification")), "{r:?}");
+    assert!(
+        matches!(r, Err(Error::Storage(ref m)) if m.contains("verification")),
+        "{r:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compression_is_chosen_by_the_url() {
     // inline: compressed at once, no journal.
-    let (b, _d, g) = from_urls("objectstore+file://{tmp}/blobs?compression=inline", "memory://");
+    let (b, _d, g) = from_urls(
+        "objectstore+file://{tmp}/blobs?compression=inline",
+        "memory://",
+    );
     let dir = g.tmp.as_ref().unwrap().path().join("blobs");
     let data = test_data(2 * 1024 * 1024, 61);
     let digest = put_bytes(&*b, data.clone().into()).await.unwrap();
@@ -267,7 +336,10 @@ async fn compression_is_chosen_by_the_url() {
     assert_eq!(read_all(&*b, &digest).await.unwrap().unwrap(), data);
 
     // background (the default, and spelled out): raw first, journaled.
-    for url in ["objectstore+file://{tmp}/blobs", "objectstore+file://{tmp}/blobs?compression=background"] {
+    for url in [
+        "objectstore+file://{tmp}/blobs",
+        "objectstore+file://{tmp}/blobs?compression=background",
+    ] {
         let (b, _d, g) = from_urls(url, "memory://");
         let dir = g.tmp.as_ref().unwrap().path().join("blobs");
         put_bytes(&*b, data.clone().into()).await.unwrap();
@@ -277,11 +349,17 @@ async fn compression_is_chosen_by_the_url() {
     }
 
     // Unknown values are refused when the URL is parsed.
-    let e = arca_castore::composition::Composition::from_urls("objectstore+file:///tmp/x?compression=later", "memory://")
-        .map(|_| ())
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("unknown compression \"later\" (expected inline or background)"), "{e}");
+    let e = arca_castore::composition::Composition::from_urls(
+        "objectstore+file:///tmp/x?compression=later",
+        "memory://",
+    )
+    .map(|_| ())
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("unknown compression \"later\" (expected inline or background)"),
+        "{e}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

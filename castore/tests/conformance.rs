@@ -3,10 +3,10 @@
 mod common;
 
 use arca_castore::blobservice::{put_bytes, read_all, BlobService, MAX_BATCH_BLOB_SIZE};
-use futures::{StreamExt, TryStreamExt};
 use arca_castore::directoryservice::{get_closure, put_all, DirectoryService};
 use arca_castore::{B3Digest, Directory, Error, Node};
 use common::*;
+use futures::{StreamExt, TryStreamExt};
 use std::io::SeekFrom;
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
@@ -84,12 +84,19 @@ pub mod cases {
         assert_eq!(got[0].1.as_deref(), Some(&b"Hello World!"[..]));
         assert_eq!(got[1].1, None);
         assert_eq!(got[2].1.as_deref(), Some(&b""[..]));
-        assert!(got[3].1.as_deref() == Some(&multi_data[..]), "multi-chunk blob read whole");
+        assert!(
+            got[3].1.as_deref() == Some(&multi_data[..]),
+            "multi-chunk blob read whole"
+        );
         assert_eq!(got[4].1.as_deref(), Some(&b"Hello World!"[..]));
         // many blobs: more than any backend's group size
         let mut many = Vec::new();
         for i in 0..300 {
-            many.push(put_bytes(&*b, format!("small blob {i}").into_bytes().into()).await.unwrap());
+            many.push(
+                put_bytes(&*b, format!("small blob {i}").into_bytes().into())
+                    .await
+                    .unwrap(),
+            );
         }
         let got: Vec<_> = b.read_many(many.clone()).try_collect().await.unwrap();
         assert_eq!(got.len(), 300);
@@ -102,7 +109,10 @@ pub mod cases {
         let big_data = test_data(MAX_BATCH_BLOB_SIZE as usize + 1, 9);
         let big = put_in_pieces(&*b, &big_data, 1024 * 1024).await;
         let r: Result<Vec<_>, Error> = b.read_many(vec![small, big]).try_collect().await;
-        assert!(matches!(r, Err(Error::InvalidRequest(ref m)) if m.contains("larger than")), "{r:?}");
+        assert!(
+            matches!(r, Err(Error::InvalidRequest(ref m)) if m.contains("larger than")),
+            "{r:?}"
+        );
     }
 
     pub async fn blob_seek(b: Arc<dyn BlobService>, _d: Arc<dyn DirectoryService>) {
@@ -111,10 +121,22 @@ pub mod cases {
         let mut r = b.open_read(&d).await.unwrap().unwrap();
         let mut buf = vec![0u8; 1000];
         // forward, backward, forward again, relative, and across chunk boundaries
-        for pos in [0u64, 4_000_000, 100, 2_500_000, 1_048_570, 5 * 1024 * 1024 - 997, 10] {
+        for pos in [
+            0u64,
+            4_000_000,
+            100,
+            2_500_000,
+            1_048_570,
+            5 * 1024 * 1024 - 997,
+            10,
+        ] {
             assert_eq!(r.seek(SeekFrom::Start(pos)).await.unwrap(), pos);
             r.read_exact(&mut buf).await.unwrap();
-            assert_eq!(&buf[..], &data[pos as usize..pos as usize + 1000], "at {pos}");
+            assert_eq!(
+                &buf[..],
+                &data[pos as usize..pos as usize + 1000],
+                "at {pos}"
+            );
         }
         let here = r.seek(SeekFrom::Current(-500)).await.unwrap();
         assert_eq!(here, 510);
@@ -124,7 +146,10 @@ pub mod cases {
         r.seek(SeekFrom::Start(data.len() as u64)).await.unwrap();
         assert_eq!(r.read(&mut buf).await.unwrap(), 0);
         // Before the start: an error.
-        assert!(r.seek(SeekFrom::Current(-(data.len() as i64) - 10)).await.is_err());
+        assert!(r
+            .seek(SeekFrom::Current(-(data.len() as i64) - 10))
+            .await
+            .is_err());
     }
 
     pub async fn blob_chunks(b: Arc<dyn BlobService>, _d: Arc<dyn DirectoryService>) {
@@ -135,10 +160,16 @@ pub mod cases {
             return; // kept in one piece: nothing finer to read
         }
         assert!(chunks.len() > 1);
-        assert_eq!(chunks.iter().map(|c| c.size).sum::<u64>(), data.len() as u64);
+        assert_eq!(
+            chunks.iter().map(|c| c.size).sum::<u64>(),
+            data.len() as u64
+        );
         let mut offset = 0usize;
         for c in chunks {
-            let got = read_all(&*b, &c.digest).await.unwrap().expect("chunk readable by digest");
+            let got = read_all(&*b, &c.digest)
+                .await
+                .unwrap()
+                .expect("chunk readable by digest");
             assert_eq!(got.len() as u64, c.size);
             assert_eq!(&got[..], &data[offset..offset + got.len()]);
             offset += got.len();
@@ -170,7 +201,10 @@ pub mod cases {
         }
     }
 
-    pub async fn blob_unclosed_writer_leaves_nothing(b: Arc<dyn BlobService>, _d: Arc<dyn DirectoryService>) {
+    pub async fn blob_unclosed_writer_leaves_nothing(
+        b: Arc<dyn BlobService>,
+        _d: Arc<dyn DirectoryService>,
+    ) {
         let data = test_data(3 * 1024 * 1024, 5);
         {
             let mut w = b.open_write().await;
@@ -182,20 +216,38 @@ pub mod cases {
     }
 
     fn file(data: &[u8]) -> Node {
-        Node::File { digest: B3Digest::of(data), size: data.len() as u64, executable: false }
+        Node::File {
+            digest: B3Digest::of(data),
+            size: data.len() as u64,
+            executable: false,
+        }
     }
 
     fn leaf(tag: &str) -> Directory {
         let mut d = Directory::new();
-        d.add(tag.try_into().unwrap(), file(tag.as_bytes())).unwrap();
-        d.add("link".try_into().unwrap(), Node::Symlink { target: "/nix/store/x".try_into().unwrap() }).unwrap();
+        d.add(tag.try_into().unwrap(), file(tag.as_bytes()))
+            .unwrap();
+        d.add(
+            "link".try_into().unwrap(),
+            Node::Symlink {
+                target: "/nix/store/x".try_into().unwrap(),
+            },
+        )
+        .unwrap();
         d
     }
 
     fn with_children(children: &[(&str, &Directory)]) -> Directory {
         let mut d = Directory::new();
         for (name, c) in children {
-            d.add((*name).try_into().unwrap(), Node::Directory { digest: c.digest(), size: c.size() }).unwrap();
+            d.add(
+                (*name).try_into().unwrap(),
+                Node::Directory {
+                    digest: c.digest(),
+                    size: c.size(),
+                },
+            )
+            .unwrap();
         }
         d
     }
@@ -229,7 +281,10 @@ pub mod cases {
         assert_eq!(d.get(&B3Digest::of(b"nope")).await.unwrap(), None);
     }
 
-    pub async fn dir_recursive_unknown_root(_b: Arc<dyn BlobService>, d: Arc<dyn DirectoryService>) {
+    pub async fn dir_recursive_unknown_root(
+        _b: Arc<dyn BlobService>,
+        d: Arc<dyn DirectoryService>,
+    ) {
         let r = get_closure(&*d, &B3Digest::of(b"nope")).await;
         assert!(matches!(r, Err(Error::NotFound(_))), "{r:?}");
     }
@@ -245,7 +300,9 @@ pub mod cases {
         let mut seen = std::collections::HashSet::new();
         for (i, dir) in got.iter().enumerate() {
             if i > 0 {
-                assert!(got[..i].iter().any(|p| p.child_directories().any(|(_, c, _)| c == dir.digest())));
+                assert!(got[..i]
+                    .iter()
+                    .any(|p| p.child_directories().any(|(_, c, _)| c == dir.digest())));
             }
             assert!(seen.insert(dir.digest()));
         }
@@ -258,19 +315,32 @@ pub mod cases {
         let mut dirs = diamond_tagged("-wrong-order");
         dirs.reverse();
         let root = dirs[0].digest();
-        assert!(matches!(put_all(&*d, dirs).await, Err(Error::InvalidRequest(_))));
+        assert!(matches!(
+            put_all(&*d, dirs).await,
+            Err(Error::InvalidRequest(_))
+        ));
         assert_eq!(d.get(&root).await.unwrap(), None, "nothing stored");
         // Disconnected: an extra directory nobody refers to.
         let mut dirs = diamond_tagged("-disconnected");
         dirs.insert(0, leaf("stray"));
-        assert!(matches!(put_all(&*d, dirs).await, Err(Error::InvalidRequest(_))));
-        assert_eq!(d.get(&leaf("stray").digest()).await.unwrap(), None, "nothing stored");
+        assert!(matches!(
+            put_all(&*d, dirs).await,
+            Err(Error::InvalidRequest(_))
+        ));
+        assert_eq!(
+            d.get(&leaf("stray").digest()).await.unwrap(),
+            None,
+            "nothing stored"
+        );
     }
 
     pub async fn dir_dangling_reference(_b: Arc<dyn BlobService>, d: Arc<dyn DirectoryService>) {
         let missing = leaf("missing");
         let parent = with_children(&[("m", &missing)]);
-        assert!(matches!(d.put(parent.clone()).await, Err(Error::InvalidRequest(_))));
+        assert!(matches!(
+            d.put(parent.clone()).await,
+            Err(Error::InvalidRequest(_))
+        ));
         assert_eq!(d.get(&parent.digest()).await.unwrap(), None);
     }
 
@@ -279,11 +349,23 @@ pub mod cases {
         d.put(child.clone()).await.unwrap();
         let mut parent = Directory::new();
         parent
-            .add("c".try_into().unwrap(), Node::Directory { digest: child.digest(), size: child.size() + 1 })
+            .add(
+                "c".try_into().unwrap(),
+                Node::Directory {
+                    digest: child.digest(),
+                    size: child.size() + 1,
+                },
+            )
             .unwrap();
-        assert!(matches!(d.put(parent.clone()).await, Err(Error::InvalidRequest(_))));
+        assert!(matches!(
+            d.put(parent.clone()).await,
+            Err(Error::InvalidRequest(_))
+        ));
         assert_eq!(d.get(&parent.digest()).await.unwrap(), None);
-        assert!(matches!(put_all(&*d, vec![child, parent]).await, Err(Error::InvalidRequest(_))));
+        assert!(matches!(
+            put_all(&*d, vec![child, parent]).await,
+            Err(Error::InvalidRequest(_))
+        ));
     }
 
     pub async fn dir_duplicate(_b: Arc<dyn BlobService>, d: Arc<dyn DirectoryService>) {
@@ -294,10 +376,16 @@ pub mod cases {
         assert_eq!(get_closure(&*d, &r1).await.unwrap().len(), 5);
     }
 
-    pub async fn dir_any_directory_fetchable(_b: Arc<dyn BlobService>, d: Arc<dyn DirectoryService>) {
+    pub async fn dir_any_directory_fetchable(
+        _b: Arc<dyn BlobService>,
+        d: Arc<dyn DirectoryService>,
+    ) {
         let dirs = diamond();
         put_all(&*d, dirs.clone()).await.unwrap();
-        assert_eq!(d.get(&dirs[3].digest()).await.unwrap(), Some(dirs[3].clone()));
+        assert_eq!(
+            d.get(&dirs[3].digest()).await.unwrap(),
+            Some(dirs[3].clone())
+        );
         let sub = get_closure(&*d, &dirs[3].digest()).await.unwrap();
         assert_eq!(sub.len(), 3);
         // a child put on its own after its closure exists
@@ -306,11 +394,20 @@ pub mod cases {
         assert_eq!(get_closure(&*d, &parent.digest()).await.unwrap().len(), 3);
     }
 
-    pub async fn dir_larger_than_grpc_default_limit(_b: Arc<dyn BlobService>, d: Arc<dyn DirectoryService>) {
+    pub async fn dir_larger_than_grpc_default_limit(
+        _b: Arc<dyn BlobService>,
+        d: Arc<dyn DirectoryService>,
+    ) {
         let mut big = Directory::new();
         for i in 0..70_000u32 {
-            big.add(format!("entry-with-a-longish-name-{i:08}").as_str().try_into().unwrap(), file(&i.to_le_bytes()))
-                .unwrap();
+            big.add(
+                format!("entry-with-a-longish-name-{i:08}")
+                    .as_str()
+                    .try_into()
+                    .unwrap(),
+                file(&i.to_le_bytes()),
+            )
+            .unwrap();
         }
         assert!(big.encode().len() > 4 * 1024 * 1024);
         let digest = d.put(big.clone()).await.unwrap();
@@ -347,22 +444,51 @@ macro_rules! suite {
 /// Every case against every backend, in one process (for S3, which is slow to start).
 pub async fn run_all(b: Arc<dyn BlobService>, d: Arc<dyn DirectoryService>) {
     macro_rules! all { ($($case:ident),*) => { $( eprintln!("case {}", stringify!($case)); cases::$case(b.clone(), d.clone()).await; )* } }
-    all!(blob_put_has_read, blob_missing, blob_empty, blob_large_50mib, blob_read_many, blob_seek,
-        blob_chunks, blob_duplicate, blob_concurrent_writes, blob_unclosed_writer_leaves_nothing,
-        dir_put_get, dir_missing, dir_recursive_unknown_root, dir_closure_right_order,
-        dir_closure_wrong_order, dir_dangling_reference, dir_wrong_size, dir_duplicate,
-        dir_any_directory_fetchable, dir_larger_than_grpc_default_limit);
+    all!(
+        blob_put_has_read,
+        blob_missing,
+        blob_empty,
+        blob_large_50mib,
+        blob_read_many,
+        blob_seek,
+        blob_chunks,
+        blob_duplicate,
+        blob_concurrent_writes,
+        blob_unclosed_writer_leaves_nothing,
+        dir_put_get,
+        dir_missing,
+        dir_recursive_unknown_root,
+        dir_closure_right_order,
+        dir_closure_wrong_order,
+        dir_dangling_reference,
+        dir_wrong_size,
+        dir_duplicate,
+        dir_any_directory_fetchable,
+        dir_larger_than_grpc_default_limit
+    );
 }
 
 suite!(memory, from_urls("memory://", "memory://"));
 suite!(sled, from_urls("memory://", "sled://{tmp}/dirs.sled"));
-suite!(objectstore_memory, from_urls("objectstore+memory:///", "objectstore+memory:///"));
+suite!(
+    objectstore_memory,
+    from_urls("objectstore+memory:///", "objectstore+memory:///")
+);
 // Local files: chunks written raw and compressed in the background (the
 // default), and compressed inline.
-suite!(objectstore_file, from_urls("objectstore+file://{tmp}/blobs", "objectstore+file://{tmp}/dirs"));
+suite!(
+    objectstore_file,
+    from_urls(
+        "objectstore+file://{tmp}/blobs",
+        "objectstore+file://{tmp}/dirs"
+    )
+);
 suite!(
     objectstore_file_inline,
-    from_urls("objectstore+file://{tmp}/blobs?compression=inline", "objectstore+file://{tmp}/dirs")
+    from_urls(
+        "objectstore+file://{tmp}/blobs?compression=inline",
+        "objectstore+file://{tmp}/dirs"
+    )
 );
 suite!(
     cache,
@@ -371,13 +497,36 @@ suite!(
         "cache://?near=memory://&far=sled://{tmp}/far-dirs.sled"
     )
 );
-suite!(lru, from_urls("objectstore+memory:///", "lru://?capacity=100000&inner=sled://{tmp}/dirs.sled"));
-suite!(grpc_memory, behind_grpc(from_urls("memory://", "memory://")).await);
-suite!(grpc_sled, behind_grpc(from_urls("memory://", "sled://{tmp}/dirs.sled")).await);
-suite!(grpc_objectstore_file, behind_grpc(from_urls("objectstore+file://{tmp}/b", "objectstore+file://{tmp}/d")).await);
+suite!(
+    lru,
+    from_urls(
+        "objectstore+memory:///",
+        "lru://?capacity=100000&inner=sled://{tmp}/dirs.sled"
+    )
+);
+suite!(
+    grpc_memory,
+    behind_grpc(from_urls("memory://", "memory://")).await
+);
+suite!(
+    grpc_sled,
+    behind_grpc(from_urls("memory://", "sled://{tmp}/dirs.sled")).await
+);
+suite!(
+    grpc_objectstore_file,
+    behind_grpc(from_urls(
+        "objectstore+file://{tmp}/b",
+        "objectstore+file://{tmp}/d"
+    ))
+    .await
+);
 suite!(
     grpc_objectstore_file_inline,
-    behind_grpc(from_urls("objectstore+file://{tmp}/b?compression=inline", "objectstore+file://{tmp}/d")).await
+    behind_grpc(from_urls(
+        "objectstore+file://{tmp}/b?compression=inline",
+        "objectstore+file://{tmp}/d"
+    ))
+    .await
 );
 suite!(
     grpc_cache,
@@ -389,30 +538,48 @@ suite!(
 );
 suite!(
     grpc_tvix_like_server,
-    behind_tvix_like_grpc(from_urls("objectstore+file://{tmp}/b", "objectstore+file://{tmp}/d")).await
+    behind_tvix_like_grpc(from_urls(
+        "objectstore+file://{tmp}/b",
+        "objectstore+file://{tmp}/d"
+    ))
+    .await
 );
+suite!(cache_far_grpc, behind_cache_far_grpc().await);
 suite!(
-    cache_far_grpc,
-    behind_cache_far_grpc().await
+    grpc_lru,
+    behind_grpc(from_urls(
+        "memory://",
+        "lru://?capacity=100000&inner=memory://"
+    ))
+    .await
 );
-suite!(grpc_lru, behind_grpc(from_urls("memory://", "lru://?capacity=100000&inner=memory://")).await);
 
 /// `cache://` with a local near store and a far gRPC daemon (what `arca
 /// mount` on a laptop uses): batch reads go to the far store in batches.
 async fn behind_cache_far_grpc() -> Services {
-    let (far_b, far_d, mut guard) = behind_grpc(from_urls("objectstore+file://{tmp}/b", "sled://{tmp}/d.sled")).await;
+    let (far_b, far_d, mut guard) = behind_grpc(from_urls(
+        "objectstore+file://{tmp}/b",
+        "sled://{tmp}/d.sled",
+    ))
+    .await;
     let (near_b, near_d, near_guard) = from_urls("objectstore+file://{tmp}/nb", "memory://");
     guard.extra.push(Box::new(near_guard));
     (
-        Arc::new(arca_castore::blobservice::CacheBlobService::new(near_b, far_b)),
-        Arc::new(arca_castore::directoryservice::CacheDirectoryService::new(near_d, far_d)),
+        Arc::new(arca_castore::blobservice::CacheBlobService::new(
+            near_b, far_b,
+        )),
+        Arc::new(arca_castore::directoryservice::CacheDirectoryService::new(
+            near_d, far_d,
+        )),
         guard,
     )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_seaweedfs_all_cases() {
-    let Some(sw) = seaweed::Seaweed::start() else { return };
+    let Some(sw) = seaweed::Seaweed::start() else {
+        return;
+    };
     let (b, d, _g) = from_urls(&sw.url("direct/blobs"), &sw.url("direct/dirs"));
     run_all(b, d).await;
     // and the same bucket behind the gRPC pair

@@ -31,8 +31,10 @@ fn flip_last_byte(p: &Path) {
 }
 
 /// Local-files blob URLs in both compression modes.
-const LOCAL_BLOBS: [&str; 2] =
-    ["objectstore+file://{tmp}/blobs?compression=inline", "objectstore+file://{tmp}/blobs?compression=background"];
+const LOCAL_BLOBS: [&str; 2] = [
+    "objectstore+file://{tmp}/blobs?compression=inline",
+    "objectstore+file://{tmp}/blobs?compression=background",
+];
 
 #[tokio::test]
 async fn tampered_chunks_fail_verification() {
@@ -55,26 +57,49 @@ async fn tampered_chunks_fail_verification_on(url: &str) {
     assert!(matches!(r, Err(Error::Storage(_))), "{r:?}");
 
     // single-chunk blob
-    let small = put_bytes(&*b, bytes::Bytes::from_static(b"small blob")).await.unwrap();
+    let small = put_bytes(&*b, bytes::Bytes::from_static(b"small blob"))
+        .await
+        .unwrap();
     let h = small.to_hex();
     let path = root.join("chunks").join(&h[..2]).join(&h);
     flip_last_byte(&path);
     let r = read_all(&*b, &small).await;
-    assert!(matches!(r, Err(Error::Storage(ref m)) if m.contains("verification")), "{r:?}");
+    assert!(
+        matches!(r, Err(Error::Storage(ref m)) if m.contains("verification")),
+        "{r:?}"
+    );
 }
 
 #[tokio::test]
 async fn tampered_directories_fail_verification() {
     let (_b, d, g) = from_urls("memory://", "objectstore+file://{tmp}/dirs");
     let mut leaf = Directory::new();
-    leaf.add("file".try_into().unwrap(), Node::File { digest: B3Digest::of(b"x"), size: 1, executable: false }).unwrap();
+    leaf.add(
+        "file".try_into().unwrap(),
+        Node::File {
+            digest: B3Digest::of(b"x"),
+            size: 1,
+            executable: false,
+        },
+    )
+    .unwrap();
     let root = put_all(&*d, vec![leaf.clone()]).await.unwrap();
     let h = root.to_hex();
-    let path = g.tmp.as_ref().unwrap().path().join("dirs/directories").join(&h[..2]).join(&h);
+    let path = g
+        .tmp
+        .as_ref()
+        .unwrap()
+        .path()
+        .join("dirs/directories")
+        .join(&h[..2])
+        .join(&h);
     // Replace with another valid directory: still caught by the digest check.
     std::fs::write(&path, Directory::new().encode()).unwrap();
     let r = d.get(&root).await;
-    assert!(matches!(r, Err(Error::Storage(ref m)) if m.contains("verification")), "{r:?}");
+    assert!(
+        matches!(r, Err(Error::Storage(ref m)) if m.contains("verification")),
+        "{r:?}"
+    );
     // Garbage: caught by decoding.
     std::fs::write(&path, b"\xff\xff\xff garbage").unwrap();
     assert!(matches!(d.get(&root).await, Err(Error::Storage(_))));
@@ -96,16 +121,23 @@ async fn a_reordered_chunk_list_fails_whole_blob_verification_on(url: &str) {
     let digest = put_bytes(&*b, data.clone().into()).await.unwrap();
     let h = digest.to_hex();
     let list_path = root.join("blobs").join(&h[..2]).join(&h);
-    let mut list = proto::StatBlobResponse::decode(&std::fs::read(&list_path).unwrap()[..]).unwrap();
+    let mut list =
+        proto::StatBlobResponse::decode(&std::fs::read(&list_path).unwrap()[..]).unwrap();
     assert!(list.chunks.len() > 2);
     // Every chunk is intact and verifies on its own; only their order is wrong.
     list.chunks.swap(0, 1);
     std::fs::write(&list_path, list.encode_to_vec()).unwrap();
     let r = read_all(&*b, &digest).await;
-    assert!(matches!(r, Err(Error::Storage(ref m)) if m.contains("verification")), "{r:?}");
+    assert!(
+        matches!(r, Err(Error::Storage(ref m)) if m.contains("verification")),
+        "{r:?}"
+    );
     // An absurd chunk size is refused before anything is read.
     list.chunks.swap(0, 1);
     list.chunks[0].size = u64::MAX;
     std::fs::write(&list_path, list.encode_to_vec()).unwrap();
-    assert!(matches!(b.open_read(&digest).await.map(|_| ()), Err(Error::Storage(_))));
+    assert!(matches!(
+        b.open_read(&digest).await.map(|_| ()),
+        Err(Error::Storage(_))
+    ));
 }

@@ -2,8 +2,12 @@
 //! and the gRPC clients against servers that lie.
 mod common;
 
-use arca_castore::blobservice::{put_bytes, read_all, BlobReader, BlobService, BlobWriter, MemoryBlobService};
-use arca_castore::directoryservice::{get_closure, DirectoryService, MemoryDirectoryService, ValidatedClosure};
+use arca_castore::blobservice::{
+    put_bytes, read_all, BlobReader, BlobService, BlobWriter, MemoryBlobService,
+};
+use arca_castore::directoryservice::{
+    get_closure, DirectoryService, MemoryDirectoryService, ValidatedClosure,
+};
 use arca_castore::{B3Digest, Directory, Error, Node};
 use arca_proto::castore as proto;
 use arca_proto::castore::blob_service_client::BlobServiceClient;
@@ -14,9 +18,19 @@ use common::*;
 use std::sync::Arc;
 use tonic::Code;
 
-async fn raw_clients() -> (BlobServiceClient<tonic::transport::Channel>, DirectoryServiceClient<tonic::transport::Channel>, ServerGuard) {
-    let server = serve(Arc::new(MemoryBlobService::default()), Arc::new(MemoryDirectoryService::default())).await;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr)).unwrap().connect_lazy();
+async fn raw_clients() -> (
+    BlobServiceClient<tonic::transport::Channel>,
+    DirectoryServiceClient<tonic::transport::Channel>,
+    ServerGuard,
+) {
+    let server = serve(
+        Arc::new(MemoryBlobService::default()),
+        Arc::new(MemoryDirectoryService::default()),
+    )
+    .await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect_lazy();
     (
         BlobServiceClient::new(channel.clone()),
         DirectoryServiceClient::new(channel).max_encoding_message_size(usize::MAX),
@@ -25,50 +39,124 @@ async fn raw_clients() -> (BlobServiceClient<tonic::transport::Channel>, Directo
 }
 
 fn pfile(name: &[u8]) -> proto::FileNode {
-    proto::FileNode { name: Bytes::copy_from_slice(name), digest: B3Digest::of(b"").to_bytes(), size: 0, executable: false }
+    proto::FileNode {
+        name: Bytes::copy_from_slice(name),
+        digest: B3Digest::of(b"").to_bytes(),
+        size: 0,
+        executable: false,
+    }
 }
 
 fn pdir(name: &str, d: &Directory) -> proto::DirectoryNode {
-    proto::DirectoryNode { name: Bytes::copy_from_slice(name.as_bytes()), digest: d.digest().to_bytes(), size: d.size() }
+    proto::DirectoryNode {
+        name: Bytes::copy_from_slice(name.as_bytes()),
+        digest: d.digest().to_bytes(),
+        size: d.size(),
+    }
 }
 
-async fn put_raw(client: &mut DirectoryServiceClient<tonic::transport::Channel>, dirs: Vec<proto::Directory>) -> Result<Bytes, tonic::Status> {
-    client.put(futures::stream::iter(dirs)).await.map(|r| r.into_inner().root_digest)
+async fn put_raw(
+    client: &mut DirectoryServiceClient<tonic::transport::Channel>,
+    dirs: Vec<proto::Directory>,
+) -> Result<Bytes, tonic::Status> {
+    client
+        .put(futures::stream::iter(dirs))
+        .await
+        .map(|r| r.into_inner().root_digest)
 }
 
 fn get_req(digest: Bytes, recursive: bool) -> proto::GetDirectoryRequest {
-    proto::GetDirectoryRequest { by_what: Some(proto::get_directory_request::ByWhat::Digest(digest)), recursive }
+    proto::GetDirectoryRequest {
+        by_what: Some(proto::get_directory_request::ByWhat::Digest(digest)),
+        recursive,
+    }
 }
 
 #[tokio::test]
 async fn invalid_directories_are_invalid_argument() {
     let (_b, mut d, _s) = raw_clients().await;
     let cases: Vec<(&str, proto::Directory)> = vec![
-        ("empty name", proto::Directory { files: vec![pfile(b"")], ..Default::default() }),
-        ("dot", proto::Directory { files: vec![pfile(b".")], ..Default::default() }),
-        ("dotdot", proto::Directory { files: vec![pfile(b"..")], ..Default::default() }),
-        ("slash", proto::Directory { files: vec![pfile(b"a/b")], ..Default::default() }),
-        ("nul", proto::Directory { files: vec![pfile(b"a\0")], ..Default::default() }),
-        ("too long", proto::Directory { files: vec![pfile(&[b'x'; 256])], ..Default::default() }),
-        ("unsorted", proto::Directory { files: vec![pfile(b"b"), pfile(b"a")], ..Default::default() }),
+        (
+            "empty name",
+            proto::Directory {
+                files: vec![pfile(b"")],
+                ..Default::default()
+            },
+        ),
+        (
+            "dot",
+            proto::Directory {
+                files: vec![pfile(b".")],
+                ..Default::default()
+            },
+        ),
+        (
+            "dotdot",
+            proto::Directory {
+                files: vec![pfile(b"..")],
+                ..Default::default()
+            },
+        ),
+        (
+            "slash",
+            proto::Directory {
+                files: vec![pfile(b"a/b")],
+                ..Default::default()
+            },
+        ),
+        (
+            "nul",
+            proto::Directory {
+                files: vec![pfile(b"a\0")],
+                ..Default::default()
+            },
+        ),
+        (
+            "too long",
+            proto::Directory {
+                files: vec![pfile(&[b'x'; 256])],
+                ..Default::default()
+            },
+        ),
+        (
+            "unsorted",
+            proto::Directory {
+                files: vec![pfile(b"b"), pfile(b"a")],
+                ..Default::default()
+            },
+        ),
         (
             "duplicate across lists",
             proto::Directory {
                 files: vec![pfile(b"a")],
-                symlinks: vec![proto::SymlinkNode { name: "a".into(), target: "t".into() }],
+                symlinks: vec![proto::SymlinkNode {
+                    name: "a".into(),
+                    target: "t".into(),
+                }],
                 ..Default::default()
             },
         ),
         (
             "short digest",
             proto::Directory {
-                files: vec![proto::FileNode { name: "a".into(), digest: Bytes::from_static(&[0; 31]), size: 0, executable: false }],
+                files: vec![proto::FileNode {
+                    name: "a".into(),
+                    digest: Bytes::from_static(&[0; 31]),
+                    size: 0,
+                    executable: false,
+                }],
                 ..Default::default()
             },
         ),
         (
             "empty symlink target",
-            proto::Directory { symlinks: vec![proto::SymlinkNode { name: "a".into(), target: Bytes::new() }], ..Default::default() },
+            proto::Directory {
+                symlinks: vec![proto::SymlinkNode {
+                    name: "a".into(),
+                    target: Bytes::new(),
+                }],
+                ..Default::default()
+            },
         ),
     ];
     for (what, dir) in cases {
@@ -82,12 +170,25 @@ async fn put_order_rules_are_enforced_on_the_wire() {
     let (_b, mut d, _s) = raw_clients().await;
     let leaf = {
         let mut l = Directory::new();
-        l.add("f".try_into().unwrap(), Node::File { digest: B3Digest::of(b""), size: 0, executable: false }).unwrap();
+        l.add(
+            "f".try_into().unwrap(),
+            Node::File {
+                digest: B3Digest::of(b""),
+                size: 0,
+                executable: false,
+            },
+        )
+        .unwrap();
         l
     };
-    let parent = proto::Directory { directories: vec![pdir("l", &leaf)], ..Default::default() };
+    let parent = proto::Directory {
+        directories: vec![pdir("l", &leaf)],
+        ..Default::default()
+    };
     // root first
-    let err = put_raw(&mut d, vec![parent.clone(), leaf.to_proto()]).await.unwrap_err();
+    let err = put_raw(&mut d, vec![parent.clone(), leaf.to_proto()])
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     // dangling: child never sent
     let err = put_raw(&mut d, vec![parent.clone()]).await.unwrap_err();
@@ -95,19 +196,28 @@ async fn put_order_rules_are_enforced_on_the_wire() {
     // wrong size
     let mut wrong = parent.clone();
     wrong.directories[0].size += 1;
-    let err = put_raw(&mut d, vec![leaf.to_proto(), wrong]).await.unwrap_err();
+    let err = put_raw(&mut d, vec![leaf.to_proto(), wrong])
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     // disconnected
-    let err = put_raw(&mut d, vec![leaf.to_proto(), Directory::new().to_proto()]).await.unwrap_err();
+    let err = put_raw(&mut d, vec![leaf.to_proto(), Directory::new().to_proto()])
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     // empty stream
     let err = put_raw(&mut d, vec![]).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     // nothing of the above was stored
-    let err = d.get(get_req(leaf.digest().to_bytes(), false)).await.unwrap_err();
+    let err = d
+        .get(get_req(leaf.digest().to_bytes(), false))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     // the right order works and returns the root
-    let root = put_raw(&mut d, vec![leaf.to_proto(), parent.clone()]).await.unwrap();
+    let root = put_raw(&mut d, vec![leaf.to_proto(), parent.clone()])
+        .await
+        .unwrap();
     assert_eq!(root.len(), 32);
 }
 
@@ -115,31 +225,83 @@ async fn put_order_rules_are_enforced_on_the_wire() {
 async fn bad_requests_and_unknown_digests_have_precise_codes() {
     let (mut b, mut d, _s) = raw_clients().await;
     let short = Bytes::from_static(&[1; 5]);
-    assert_eq!(d.get(get_req(short.clone(), false)).await.unwrap_err().code(), Code::InvalidArgument);
     assert_eq!(
-        d.get(proto::GetDirectoryRequest { by_what: None, recursive: false }).await.unwrap_err().code(),
+        d.get(get_req(short.clone(), false))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        d.get(proto::GetDirectoryRequest {
+            by_what: None,
+            recursive: false
+        })
+        .await
+        .unwrap_err()
+        .code(),
         Code::InvalidArgument
     );
     let unknown = B3Digest::of(b"unknown").to_bytes();
-    assert_eq!(d.get(get_req(unknown.clone(), false)).await.unwrap_err().code(), Code::NotFound);
-    assert_eq!(d.get(get_req(unknown.clone(), true)).await.unwrap_err().code(), Code::NotFound);
-    let stat = |digest: Bytes| proto::StatBlobRequest { digest, send_chunks: true, send_bao: false };
-    assert_eq!(b.stat(stat(short.clone())).await.unwrap_err().code(), Code::InvalidArgument);
-    assert_eq!(b.stat(stat(unknown.clone())).await.unwrap_err().code(), Code::NotFound);
-    assert_eq!(b.read(proto::ReadBlobRequest { digest: short }).await.unwrap_err().code(), Code::InvalidArgument);
-    assert_eq!(b.read(proto::ReadBlobRequest { digest: unknown }).await.unwrap_err().code(), Code::NotFound);
+    assert_eq!(
+        d.get(get_req(unknown.clone(), false))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    assert_eq!(
+        d.get(get_req(unknown.clone(), true))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    let stat = |digest: Bytes| proto::StatBlobRequest {
+        digest,
+        send_chunks: true,
+        send_bao: false,
+    };
+    assert_eq!(
+        b.stat(stat(short.clone())).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        b.stat(stat(unknown.clone())).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    assert_eq!(
+        b.read(proto::ReadBlobRequest { digest: short })
+            .await
+            .unwrap_err()
+            .code(),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        b.read(proto::ReadBlobRequest { digest: unknown })
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
 }
 
 #[tokio::test]
 async fn oversized_blob_messages_are_refused() {
     let (b, _d, _s) = raw_clients().await;
     let mut b = b.max_encoding_message_size(usize::MAX);
-    let huge = proto::BlobChunk { data: Bytes::from(vec![0u8; arca_castore::MAX_BLOB_MESSAGE_SIZE + 1]) };
+    let huge = proto::BlobChunk {
+        data: Bytes::from(vec![0u8; arca_castore::MAX_BLOB_MESSAGE_SIZE + 1]),
+    };
     let err = b.put(futures::stream::iter(vec![huge])).await.unwrap_err();
     assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
     // nothing stored under the digest of those bytes
     let digest = B3Digest::of(&vec![0u8; arca_castore::MAX_BLOB_MESSAGE_SIZE + 1]).to_bytes();
-    let stat = proto::StatBlobRequest { digest, send_chunks: false, send_bao: false };
+    let stat = proto::StatBlobRequest {
+        digest,
+        send_chunks: false,
+        send_bao: false,
+    };
     assert_eq!(b.stat(stat).await.unwrap_err().code(), Code::NotFound);
 }
 
@@ -153,7 +315,9 @@ impl BlobService for LyingBlobs {
     }
     async fn open_read(&self, d: &B3Digest) -> Result<Option<Box<dyn BlobReader>>, Error> {
         if self.0.has(d).await? {
-            return Ok(Some(Box::new(std::io::Cursor::new(Bytes::from_static(b"not what you asked for")))));
+            return Ok(Some(Box::new(std::io::Cursor::new(Bytes::from_static(
+                b"not what you asked for",
+            )))));
         }
         Ok(None)
     }
@@ -183,7 +347,14 @@ impl DirectoryService for LyingDirectories {
     async fn get(&self, d: &B3Digest) -> Result<Option<Directory>, Error> {
         Ok(self.0.get(d).await?.map(|_| {
             let mut other = Directory::new();
-            other.add("evil".try_into().unwrap(), Node::Symlink { target: "/etc/shadow".try_into().unwrap() }).unwrap();
+            other
+                .add(
+                    "evil".try_into().unwrap(),
+                    Node::Symlink {
+                        target: "/etc/shadow".try_into().unwrap(),
+                    },
+                )
+                .unwrap();
             other
         }))
     }
@@ -196,7 +367,9 @@ impl DirectoryService for LyingDirectories {
 async fn clients_verify_what_servers_send() {
     let mem_blobs = MemoryBlobService::default();
     let mem_dirs = MemoryDirectoryService::default();
-    let digest = put_bytes(&mem_blobs, Bytes::from_static(b"real content")).await.unwrap();
+    let digest = put_bytes(&mem_blobs, Bytes::from_static(b"real content"))
+        .await
+        .unwrap();
     let dir_digest = mem_dirs.put(Directory::new()).await.unwrap();
     let (b, d, _g) = behind_grpc((
         Arc::new(LyingBlobs(mem_blobs)),
@@ -206,10 +379,16 @@ async fn clients_verify_what_servers_send() {
     .await;
     // read: the bytes do not hash to the digest
     let r = read_all(&*b, &digest).await;
-    assert!(matches!(r, Err(Error::Storage(ref m)) if m.contains("verification")), "{r:?}");
+    assert!(
+        matches!(r, Err(Error::Storage(ref m)) if m.contains("verification")),
+        "{r:?}"
+    );
     // write: the server's digest does not match the data
     let r = put_bytes(&*b, Bytes::from_static(b"upload")).await;
-    assert!(matches!(r, Err(Error::Storage(ref m)) if m.contains("server returned digest")), "{r:?}");
+    assert!(
+        matches!(r, Err(Error::Storage(ref m)) if m.contains("server returned digest")),
+        "{r:?}"
+    );
     // directories: another directory than asked for
     let r = d.get(&dir_digest).await;
     assert!(matches!(r, Err(Error::Storage(_))), "{r:?}");
@@ -222,9 +401,14 @@ async fn expected_digest_is_checked_against_the_server() {
     let (b, _d, _g) = behind_grpc(from_urls("memory://", "memory://")).await;
     let mut w = b.open_write().await;
     w.expect_digest(B3Digest::of(b"what the caller hashed"));
-    w.write(Bytes::from_static(b"what was actually sent")).await.unwrap();
+    w.write(Bytes::from_static(b"what was actually sent"))
+        .await
+        .unwrap();
     let r = w.close().await;
-    assert!(matches!(r, Err(Error::Storage(ref m)) if m.contains("server returned digest")), "{r:?}");
+    assert!(
+        matches!(r, Err(Error::Storage(ref m)) if m.contains("server returned digest")),
+        "{r:?}"
+    );
     let mut w = b.open_write().await;
     w.expect_digest(B3Digest::of(b"right"));
     w.write(Bytes::from_static(b"right")).await.unwrap();
@@ -235,20 +419,42 @@ async fn expected_digest_is_checked_against_the_server() {
 async fn batch_reads_refuse_bad_requests() {
     use arca_proto::castore_batch::blob_batch_service_client::BlobBatchServiceClient;
     use arca_proto::castore_batch::ReadBlobsRequest;
-    let server = serve(Arc::new(MemoryBlobService::default()), Arc::new(MemoryDirectoryService::default())).await;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr)).unwrap().connect_lazy();
+    let server = serve(
+        Arc::new(MemoryBlobService::default()),
+        Arc::new(MemoryDirectoryService::default()),
+    )
+    .await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect_lazy();
     let mut client = BlobBatchServiceClient::new(channel);
     let unknown = B3Digest::of(b"unknown").to_bytes();
-    let too_many = ReadBlobsRequest { digests: vec![unknown.clone(); arca_castore::blobservice::MAX_BATCH_DIGESTS + 1] };
+    let too_many = ReadBlobsRequest {
+        digests: vec![unknown.clone(); arca_castore::blobservice::MAX_BATCH_DIGESTS + 1],
+    };
     let err = client.read_blobs(too_many).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert!(err.message().contains("at most"), "{err:?}");
-    let short = ReadBlobsRequest { digests: vec![unknown.clone(), Bytes::from_static(&[1; 5])] };
-    assert_eq!(client.read_blobs(short).await.unwrap_err().code(), Code::InvalidArgument);
+    let short = ReadBlobsRequest {
+        digests: vec![unknown.clone(), Bytes::from_static(&[1; 5])],
+    };
+    assert_eq!(
+        client.read_blobs(short).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
     // unknown digests are answered, not errors
-    let mut answers = client.read_blobs(ReadBlobsRequest { digests: vec![unknown.clone()] }).await.unwrap().into_inner();
+    let mut answers = client
+        .read_blobs(ReadBlobsRequest {
+            digests: vec![unknown.clone()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
     let first = answers.message().await.unwrap().unwrap();
-    assert_eq!((first.digest, first.found, first.data.len()), (unknown, false, 0));
+    assert_eq!(
+        (first.digest, first.found, first.data.len()),
+        (unknown, false, 0)
+    );
     assert!(answers.message().await.unwrap().is_none());
 }
 
@@ -310,8 +516,12 @@ async fn clients_verify_batch_answers() {
         (BatchLie::WrongBytes, "verification"),
     ] {
         let mem = MemoryBlobService::default();
-        let a = put_bytes(&mem, Bytes::from_static(b"first blob")).await.unwrap();
-        let b = put_bytes(&mem, Bytes::from_static(b"second blob")).await.unwrap();
+        let a = put_bytes(&mem, Bytes::from_static(b"first blob"))
+            .await
+            .unwrap();
+        let b = put_bytes(&mem, Bytes::from_static(b"second blob"))
+            .await
+            .unwrap();
         let (client, _d, _g) = behind_grpc((
             Arc::new(BatchLiar(mem, lie)),
             Arc::new(MemoryDirectoryService::default()),
@@ -319,8 +529,14 @@ async fn clients_verify_batch_answers() {
         ))
         .await;
         let r: Result<Vec<_>, Error> = client.read_many(vec![a, b]).try_collect().await;
-        assert!(matches!(r, Err(Error::Storage(ref m)) if m.contains(expected)), "{lie:?}: {r:?}");
+        assert!(
+            matches!(r, Err(Error::Storage(ref m)) if m.contains(expected)),
+            "{lie:?}: {r:?}"
+        );
         // single reads of the same server are fine
-        assert_eq!(read_all(&*client, &a).await.unwrap().unwrap(), b"first blob");
+        assert_eq!(
+            read_all(&*client, &a).await.unwrap().unwrap(),
+            b"first blob"
+        );
     }
 }

@@ -8,7 +8,9 @@ use arca_castore::{BlobService, DirectoryService, Node};
 use std::path::Path;
 use std::sync::Arc;
 
-async fn import(p: &Path) -> Result<(Node, Arc<dyn BlobService>, Arc<dyn DirectoryService>), ImportError> {
+async fn import(
+    p: &Path,
+) -> Result<(Node, Arc<dyn BlobService>, Arc<dyn DirectoryService>), ImportError> {
     let b: Arc<dyn BlobService> = Arc::new(MemoryBlobService::default());
     let d: Arc<dyn DirectoryService> = Arc::new(MemoryDirectoryService::default());
     let (node, _) = import_path(p, b.clone(), d.clone(), 8, Arc::new(NoProgress)).await?;
@@ -24,8 +26,13 @@ async fn protocol_test_vector_tree() {
     std::fs::write(root.join(".keep"), b"").unwrap();
     std::os::unix::fs::symlink("/nix/store/somewhereelse", root.join("aa")).unwrap();
     let (node, _, d) = import(&root).await.unwrap();
-    let Node::Directory { digest, .. } = node else { panic!("{node:?}") };
-    assert_eq!(digest.to_hex(), "424a7f6ce08d805d15b428062faae96299a1675d708c3a39261afe38cdd04feb");
+    let Node::Directory { digest, .. } = node else {
+        panic!("{node:?}")
+    };
+    assert_eq!(
+        digest.to_hex(),
+        "424a7f6ce08d805d15b428062faae96299a1675d708c3a39261afe38cdd04feb"
+    );
     let closure = get_closure(&*d, &digest).await.unwrap();
     assert_eq!(closure.len(), 2);
     let keep = closure[0].get(&"keep".try_into().unwrap()).unwrap();
@@ -47,7 +54,10 @@ async fn hard_links_are_uploaded_once_and_imported_like_copies() {
     let (n2, _, _) = import(&copied).await.unwrap();
     assert_eq!(n1, n2);
     let digest = arca_castore::B3Digest::of(b"shared content");
-    assert_eq!(read_all(&*b, &digest).await.unwrap().unwrap(), b"shared content");
+    assert_eq!(
+        read_all(&*b, &digest).await.unwrap().unwrap(),
+        b"shared content"
+    );
 }
 
 #[tokio::test]
@@ -58,11 +68,24 @@ async fn single_file_and_symlink_roots() {
     std::fs::write(&f, b"#!/bin/sh\n").unwrap();
     std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o755)).unwrap();
     let (node, _, _) = import(&f).await.unwrap();
-    assert!(matches!(node, Node::File { size: 10, executable: true, .. }), "{node:?}");
+    assert!(
+        matches!(
+            node,
+            Node::File {
+                size: 10,
+                executable: true,
+                ..
+            }
+        ),
+        "{node:?}"
+    );
     let l = t.path().join("link");
     std::os::unix::fs::symlink("tool", &l).unwrap();
     let (node, _, _) = import(&l).await.unwrap();
-    assert!(matches!(node, Node::Symlink { ref target } if target.as_bytes() == b"tool"), "{node:?}");
+    assert!(
+        matches!(node, Node::Symlink { ref target } if target.as_bytes() == b"tool"),
+        "{node:?}"
+    );
 }
 
 #[tokio::test]
@@ -80,5 +103,8 @@ async fn special_files_and_missing_paths_are_refused() {
         }
         other => panic!("{:?}", other.map(|r| r.0)),
     }
-    assert!(matches!(import(&t.path().join("missing")).await, Err(ImportError::Io { .. })));
+    assert!(matches!(
+        import(&t.path().join("missing")).await,
+        Err(ImportError::Io { .. })
+    ));
 }

@@ -11,7 +11,11 @@ use std::sync::Arc;
 fn hundreds_of_concurrent_closures_all_finish() {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
         let _ = tx.send(rt.block_on(puts()));
     });
     let stored = rx
@@ -22,19 +26,30 @@ fn hundreds_of_concurrent_closures_all_finish() {
 
 async fn puts() -> usize {
     let tmp = tempfile::tempdir().unwrap();
-    let svc: Arc<dyn DirectoryService> = Arc::new(SledDirectoryService::open(&tmp.path().join("d.sled")).unwrap());
+    let svc: Arc<dyn DirectoryService> =
+        Arc::new(SledDirectoryService::open(&tmp.path().join("d.sled")).unwrap());
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..600u32 {
         let svc = svc.clone();
         tasks.spawn(async move {
             let mut leaf = Directory::new();
             let name = PathComponent::try_from(format!("f{i}").as_str()).unwrap();
-            leaf.add(name, Node::File { digest: B3Digest::of(&i.to_le_bytes()), size: 4, executable: false })
-                .unwrap();
+            leaf.add(
+                name,
+                Node::File {
+                    digest: B3Digest::of(&i.to_le_bytes()),
+                    size: 4,
+                    executable: false,
+                },
+            )
+            .unwrap();
             let mut root = Directory::new();
             root.add(
                 PathComponent::try_from("sub").unwrap(),
-                Node::Directory { digest: leaf.digest(), size: leaf.size() },
+                Node::Directory {
+                    digest: leaf.digest(),
+                    size: leaf.size(),
+                },
             )
             .unwrap();
             let want = root.digest();

@@ -11,7 +11,9 @@ use tokio::io::AsyncWriteExt;
 #[derive(Subcommand)]
 pub enum CastoreCommand {
     /// Import a file, directory or symlink; print its root node as JSON.
-    #[command(after_help = "Example:\n  arca castore import ./tree\n  {\"type\":\"directory\",\"digest\":\"424a7f…\",\"size\":6}\n\nSymlinks are stored, never followed; the exec bit is kept; sockets, FIFOs and devices are refused.")]
+    #[command(
+        after_help = "Example:\n  arca castore import ./tree\n  {\"type\":\"directory\",\"digest\":\"424a7f…\",\"size\":6}\n\nSymlinks are stored, never followed; the exec bit is kept; sockets, FIFOs and devices are refused."
+    )]
     Import {
         /// What to import.
         path: PathBuf,
@@ -25,7 +27,9 @@ pub enum CastoreCommand {
         digest: B3Digest,
     },
     /// List a directory's entries.
-    #[command(after_help = "Output: one line per entry: kind (d, f, x for executable, l), digest or target, size, name.")]
+    #[command(
+        after_help = "Output: one line per entry: kind (d, f, x for executable, l), digest or target, size, name."
+    )]
     Ls {
         /// The directory's BLAKE3 digest (hex).
         digest: B3Digest,
@@ -69,13 +73,20 @@ pub async fn run(cmd: CastoreCommand, args: ServiceArgs) -> Result<()> {
             // Large pieces: every write to tokio's stdout is a hop to the blocking pool.
             let mut reader = tokio::io::BufReader::with_capacity(1024 * 1024, &mut reader);
             let mut out = tokio::io::stdout();
-            tokio::io::copy_buf(&mut reader, &mut out).await.with_context(|| format!("reading blob {digest}"))?;
+            tokio::io::copy_buf(&mut reader, &mut out)
+                .await
+                .with_context(|| format!("reading blob {digest}"))?;
             out.flush().await?;
         }
         CastoreCommand::Ls { digest, json } => {
-            let dir =
-                services.directory.get(&digest).await.with_context(|| format!("reading directory {digest}"))?;
-            let Some(dir) = dir else { bail!("directory {digest} not found") };
+            let dir = services
+                .directory
+                .get(&digest)
+                .await
+                .with_context(|| format!("reading directory {digest}"))?;
+            let Some(dir) = dir else {
+                bail!("directory {digest} not found")
+            };
             if json {
                 let entries: Vec<serde_json::Value> = dir
                     .entries()
@@ -90,8 +101,15 @@ pub async fn run(cmd: CastoreCommand, args: ServiceArgs) -> Result<()> {
                 for (name, node) in dir.entries() {
                     match node {
                         Node::Directory { digest, size } => println!("d {digest} {size} {name}"),
-                        Node::File { digest, size, executable } => {
-                            println!("{} {digest} {size} {name}", if *executable { "x" } else { "f" })
+                        Node::File {
+                            digest,
+                            size,
+                            executable,
+                        } => {
+                            println!(
+                                "{} {digest} {size} {name}",
+                                if *executable { "x" } else { "f" }
+                            )
                         }
                         Node::Symlink { target } => println!("l {target} - {name}"),
                     }

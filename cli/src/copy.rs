@@ -59,7 +59,11 @@ enum Source {
     BinaryCache(NixHttpPathInfoService),
     /// Another store with its own castore (gRPC): path infos, then the
     /// directories and blobs they name.
-    Remote { path_info: Arc<dyn PathInfoService>, blobs: Arc<dyn BlobService>, directories: Arc<dyn DirectoryService> },
+    Remote {
+        path_info: Arc<dyn PathInfoService>,
+        blobs: Arc<dyn BlobService>,
+        directories: Arc<dyn DirectoryService>,
+    },
 }
 
 /// What a lookup found.
@@ -98,14 +102,26 @@ impl Copier {
     /// Whether the destination has `path`, else what the source knows of it.
     async fn lookup(&self, path: &StorePath) -> Result<Option<Found>> {
         let _permit = self.lookups.acquire().await?;
-        if let Some(info) = self.dest.path_info.get(*path.digest()).await.context("asking the destination")? {
+        if let Some(info) = self
+            .dest
+            .path_info
+            .get(*path.digest())
+            .await
+            .context("asking the destination")?
+        {
             if info.store_path == *path {
                 return Ok(Some(Found::Present));
             }
         }
         let meta = match &self.source {
-            Source::BinaryCache(cache) => cache.lookup(*path.digest()).await?.map(|n| Meta::NarInfo(Box::new(n))),
-            Source::Remote { path_info, .. } => path_info.get(*path.digest()).await?.map(|p| Meta::PathInfo(Box::new(p))),
+            Source::BinaryCache(cache) => cache
+                .lookup(*path.digest())
+                .await?
+                .map(|n| Meta::NarInfo(Box::new(n))),
+            Source::Remote { path_info, .. } => path_info
+                .get(*path.digest())
+                .await?
+                .map(|p| Meta::PathInfo(Box::new(p))),
         };
         match meta {
             None => Ok(None),
@@ -115,7 +131,9 @@ impl Copier {
                     Meta::PathInfo(p) => &p.store_path,
                 };
                 if found != path {
-                    return Err(anyhow!("the source has {found} under this hash, not {path}"));
+                    return Err(anyhow!(
+                        "the source has {found} under this hash, not {path}"
+                    ));
                 }
                 Ok(Some(Found::Source(m)))
             }
@@ -126,8 +144,15 @@ impl Copier {
     async fn fetch(&self, meta: Meta) -> Result<PathInfo> {
         let _permit = self.fetches.acquire().await?;
         match (meta, &self.source) {
-            (Meta::NarInfo(narinfo), Source::BinaryCache(cache)) => Ok(cache.fetch_narinfo(*narinfo).await?),
-            (Meta::PathInfo(info), Source::Remote { blobs, directories, .. }) => {
+            (Meta::NarInfo(narinfo), Source::BinaryCache(cache)) => {
+                Ok(cache.fetch_narinfo(*narinfo).await?)
+            }
+            (
+                Meta::PathInfo(info),
+                Source::Remote {
+                    blobs, directories, ..
+                },
+            ) => {
                 copy_castore(&info.node, &**blobs, &**directories, &self.dest).await?;
                 Ok(*info)
             }
@@ -159,7 +184,9 @@ async fn copy_castore(
                         }
                     }
                 }
-                closure = Some(arca_castore::directoryservice::order_leaves_first(*digest, dirs)?);
+                closure = Some(arca_castore::directoryservice::order_leaves_first(
+                    *digest, dirs,
+                )?);
             }
         }
         Node::File { digest, size, .. } => files.push((*digest, *size)),
@@ -171,7 +198,10 @@ async fn copy_castore(
         if dest.blob.has(&digest).await? {
             continue;
         }
-        let mut reader = blobs.open_read(&digest).await?.ok_or_else(|| anyhow!("the source lacks blob {digest}"))?;
+        let mut reader = blobs
+            .open_read(&digest)
+            .await?
+            .ok_or_else(|| anyhow!("the source lacks blob {digest}"))?;
         let mut writer = dest.blob.open_write().await;
         let mut total = 0u64;
         loop {
@@ -184,7 +214,9 @@ async fn copy_castore(
         }
         let stored = writer.close().await?;
         if stored != digest || total != size {
-            return Err(anyhow!("blob {digest} ({size} bytes) arrived as {stored} ({total} bytes)"));
+            return Err(anyhow!(
+                "blob {digest} ({size} bytes) arrived as {stored} ({total} bytes)"
+            ));
         }
     }
     if let Some(dirs) = closure {
@@ -210,11 +242,17 @@ struct Summary {
 }
 
 fn progress_bar() -> ProgressBar {
-    let target = if std::io::stderr().is_terminal() { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() };
+    let target = if std::io::stderr().is_terminal() {
+        ProgressDrawTarget::stderr()
+    } else {
+        ProgressDrawTarget::hidden()
+    };
     let bar = ProgressBar::with_draw_target(Some(0), target);
     bar.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} paths {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} paths {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar.enable_steady_tick(std::time::Duration::from_millis(100));
     bar
@@ -228,8 +266,16 @@ fn mib(bytes: u64) -> f64 {
 pub async fn run(args: CopyArgs, service_args: ServiceArgs) -> Result<()> {
     let started = Instant::now();
     let dest = services::build(&service_args, Defaults::Daemon)?;
-    let wanted: Vec<StorePath> = args.paths.iter().map(|p| crate::nix_cmds::parse_store_path(p)).collect::<Result<_>>()?;
-    let store = StoreServices::new(dest.blob.clone(), dest.directory.clone(), dest.nar_index.clone());
+    let wanted: Vec<StorePath> = args
+        .paths
+        .iter()
+        .map(|p| crate::nix_cmds::parse_store_path(p))
+        .collect::<Result<_>>()?;
+    let store = StoreServices::new(
+        dest.blob.clone(),
+        dest.directory.clone(),
+        dest.nar_index.clone(),
+    );
     let source = match arca_store::pathinfoservice::binary_cache_from_url(&args.from, &store)
         .with_context(|| format!("--from {}", args.from))?
     {
@@ -250,7 +296,12 @@ pub async fn run(args: CopyArgs, service_args: ServiceArgs) -> Result<()> {
         }
     };
     let jobs = args.jobs as usize;
-    let copier = Arc::new(Copier { source, dest, lookups: Semaphore::new(jobs), fetches: Semaphore::new(jobs) });
+    let copier = Arc::new(Copier {
+        source,
+        dest,
+        lookups: Semaphore::new(jobs),
+        fetches: Semaphore::new(jobs),
+    });
     let summary = walk(copier, wanted, !args.no_closure).await;
     let seconds = started.elapsed().as_secs_f64();
 
@@ -286,7 +337,10 @@ pub async fn run(args: CopyArgs, service_args: ServiceArgs) -> Result<()> {
     if summary.failed.is_empty() {
         Ok(())
     } else {
-        Err(anyhow!("{} of the paths could not be copied", summary.failed.len()))
+        Err(anyhow!(
+            "{} of the paths could not be copied",
+            summary.failed.len()
+        ))
     }
 }
 
@@ -322,7 +376,12 @@ async fn walk(copier: Arc<Copier>, wanted: Vec<StorePath>, closure: bool) -> Sum
         let c = copier.clone();
         Box::pin(async move {
             let path = info.store_path.clone();
-            let r = c.dest.path_info.put(info).await.map_err(anyhow::Error::from);
+            let r = c
+                .dest
+                .path_info
+                .put(info)
+                .await
+                .map_err(anyhow::Error::from);
             Event::Stored(path, r)
         })
     };
@@ -351,7 +410,10 @@ async fn walk(copier: Arc<Copier>, wanted: Vec<StorePath>, closure: bool) -> Sum
             }
             for d in dependents.remove(&digest).unwrap_or_default() {
                 if let Some((info, _)) = waiting.remove(&d) {
-                    queue.push((info.store_path, format!("its reference {path} could not be copied")));
+                    queue.push((
+                        info.store_path,
+                        format!("its reference {path} could not be copied"),
+                    ));
                 }
             }
             summary.failed.push((path, error));
@@ -360,9 +422,14 @@ async fn walk(copier: Arc<Copier>, wanted: Vec<StorePath>, closure: bool) -> Sum
 
     while let Some(event) = events.next().await {
         match event {
-            Event::Looked(path, Err(e)) => {
-                fail(path, format!("{e:#}"), &mut summary, &mut failed, &mut waiting, &mut dependents)
-            }
+            Event::Looked(path, Err(e)) => fail(
+                path,
+                format!("{e:#}"),
+                &mut summary,
+                &mut failed,
+                &mut waiting,
+                &mut dependents,
+            ),
             Event::Looked(path, Ok(None)) => fail(
                 path,
                 "not found in the source".into(),
@@ -374,7 +441,11 @@ async fn walk(copier: Arc<Copier>, wanted: Vec<StorePath>, closure: bool) -> Sum
             Event::Looked(path, Ok(Some(Found::Present))) => {
                 summary.present += 1;
                 bar.inc(1);
-                events.extend(mark_stored(*path.digest(), &mut stored, &mut waiting, &mut dependents).into_iter().map(&put));
+                events.extend(
+                    mark_stored(*path.digest(), &mut stored, &mut waiting, &mut dependents)
+                        .into_iter()
+                        .map(&put),
+                );
             }
             Event::Looked(path, Ok(Some(Found::Source(meta)))) => {
                 if closure {
@@ -387,9 +458,14 @@ async fn walk(copier: Arc<Copier>, wanted: Vec<StorePath>, closure: bool) -> Sum
                 }
                 events.push(fetch(path, meta));
             }
-            Event::Fetched(path, Err(e)) => {
-                fail(path, format!("{e:#}"), &mut summary, &mut failed, &mut waiting, &mut dependents)
-            }
+            Event::Fetched(path, Err(e)) => fail(
+                path,
+                format!("{e:#}"),
+                &mut summary,
+                &mut failed,
+                &mut waiting,
+                &mut dependents,
+            ),
             Event::Fetched(path, Ok(info)) => {
                 let digest = *path.digest();
                 let refs: HashSet<Digest> = info
@@ -400,10 +476,18 @@ async fn walk(copier: Arc<Copier>, wanted: Vec<StorePath>, closure: bool) -> Sum
                     .collect();
                 if let Some(bad) = refs.iter().find_map(|r| failed.get(r)) {
                     let error = format!("its reference {bad} could not be copied");
-                    fail(path, error, &mut summary, &mut failed, &mut waiting, &mut dependents);
+                    fail(
+                        path,
+                        error,
+                        &mut summary,
+                        &mut failed,
+                        &mut waiting,
+                        &mut dependents,
+                    );
                     continue;
                 }
-                let missing: HashSet<Digest> = refs.into_iter().filter(|r| !stored.contains(r)).collect();
+                let missing: HashSet<Digest> =
+                    refs.into_iter().filter(|r| !stored.contains(r)).collect();
                 if missing.is_empty() {
                     events.push(put(info));
                 } else {
@@ -413,23 +497,38 @@ async fn walk(copier: Arc<Copier>, wanted: Vec<StorePath>, closure: bool) -> Sum
                     waiting.insert(digest, (info, missing));
                 }
             }
-            Event::Stored(path, Err(e)) => {
-                fail(path, format!("storing: {e:#}"), &mut summary, &mut failed, &mut waiting, &mut dependents)
-            }
+            Event::Stored(path, Err(e)) => fail(
+                path,
+                format!("storing: {e:#}"),
+                &mut summary,
+                &mut failed,
+                &mut waiting,
+                &mut dependents,
+            ),
             Event::Stored(path, Ok(info)) => {
                 summary.copied += 1;
                 summary.nar_bytes += info.nar_size;
                 bar.inc(1);
                 let rate = mib(summary.nar_bytes) / started.elapsed().as_secs_f64().max(1e-9);
-                bar.set_message(format!("{:.1} MiB, {rate:.1} MiB/s", mib(summary.nar_bytes)));
-                events.extend(mark_stored(*path.digest(), &mut stored, &mut waiting, &mut dependents).into_iter().map(&put));
+                bar.set_message(format!(
+                    "{:.1} MiB, {rate:.1} MiB/s",
+                    mib(summary.nar_bytes)
+                ));
+                events.extend(
+                    mark_stored(*path.digest(), &mut stored, &mut waiting, &mut dependents)
+                        .into_iter()
+                        .map(&put),
+                );
             }
         }
     }
     bar.finish_and_clear();
     // Nothing can still wait: every reference ended stored or failed.
     for (_, (info, _)) in waiting.drain() {
-        summary.failed.push((info.store_path, "internal: left waiting for its references".into()));
+        summary.failed.push((
+            info.store_path,
+            "internal: left waiting for its references".into(),
+        ));
     }
     summary
 }

@@ -2,16 +2,18 @@
 use crate::services::{build, Defaults};
 use crate::ServiceArgs;
 use anyhow::{bail, Context, Result};
-use arca_castore::grpc::{GrpcBlobBatchServiceWrapper, GrpcBlobServiceWrapper, GrpcDirectoryServiceWrapper};
+use arca_castore::grpc::{
+    GrpcBlobBatchServiceWrapper, GrpcBlobServiceWrapper, GrpcDirectoryServiceWrapper,
+};
 use arca_proto::castore::blob_service_server::BlobServiceServer;
-use arca_proto::castore_batch::blob_batch_service_server::BlobBatchServiceServer;
 use arca_proto::castore::directory_service_server::DirectoryServiceServer;
+use arca_proto::castore_batch::blob_batch_service_server::BlobBatchServiceServer;
 use arca_proto::store::path_info_service_server::PathInfoServiceServer;
 use arca_store::grpc::GrpcPathInfoServiceWrapper;
 use arca_store::pathinfoservice::CheckedPathInfoService;
-use std::sync::Arc;
 use std::os::fd::FromRawFd;
 use std::path::PathBuf;
+use std::sync::Arc;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tokio_stream::StreamExt;
 
@@ -41,8 +43,14 @@ enum Listener {
 
 /// The socket passed by systemd (LISTEN_PID/LISTEN_FDS), if any.
 fn socket_activation() -> Result<Option<Listener>> {
-    let pid_matches = std::env::var("LISTEN_PID").ok().and_then(|p| p.parse::<u32>().ok()) == Some(std::process::id());
-    let fds = std::env::var("LISTEN_FDS").ok().and_then(|n| n.parse::<u32>().ok()).unwrap_or(0);
+    let pid_matches = std::env::var("LISTEN_PID")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok())
+        == Some(std::process::id());
+    let fds = std::env::var("LISTEN_FDS")
+        .ok()
+        .and_then(|n| n.parse::<u32>().ok())
+        .unwrap_or(0);
     if !pid_matches || fds == 0 {
         return Ok(None);
     }
@@ -55,7 +63,10 @@ fn socket_activation() -> Result<Option<Listener>> {
         let mut addr: libc::sockaddr_storage = std::mem::zeroed();
         let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
         if libc::getsockname(FD, &mut addr as *mut _ as *mut libc::sockaddr, &mut len) != 0 {
-            bail!("LISTEN_FDS is set but fd 3 is not a socket: {}", std::io::Error::last_os_error());
+            bail!(
+                "LISTEN_FDS is set but fd 3 is not a socket: {}",
+                std::io::Error::last_os_error()
+            );
         }
         addr.ss_family as i32
     };
@@ -89,14 +100,21 @@ async fn bind(listen: &str) -> Result<Listener> {
             let meta = std::fs::symlink_metadata(&path)?;
             use std::os::unix::fs::FileTypeExt;
             if !meta.file_type().is_socket() {
-                bail!("--listen {listen}: {} exists and is not a socket", path.display());
+                bail!(
+                    "--listen {listen}: {} exists and is not a socket",
+                    path.display()
+                );
             }
-            std::fs::remove_file(&path).with_context(|| format!("removing stale socket {}", path.display()))?;
+            std::fs::remove_file(&path)
+                .with_context(|| format!("removing stale socket {}", path.display()))?;
         }
-        let l = tokio::net::UnixListener::bind(&path).with_context(|| format!("listening on {listen}"))?;
+        let l = tokio::net::UnixListener::bind(&path)
+            .with_context(|| format!("listening on {listen}"))?;
         return Ok(Listener::Unix(l, Some(path)));
     }
-    let l = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listening on {listen}"))?;
+    let l = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("listening on {listen}"))?;
     Ok(Listener::Tcp(l))
 }
 
@@ -105,9 +123,18 @@ async fn bind(listen: &str) -> Result<Listener> {
 fn refuse_self_reference(listen: &str, args: &ServiceArgs) -> Result<()> {
     let own = [format!("grpc+http://{listen}"), format!("grpc+{listen}")];
     for (flag, url) in [
-        ("--blob-service-addr / BLOB_SERVICE_ADDR", &args.blob_service_addr),
-        ("--directory-service-addr / DIRECTORY_SERVICE_ADDR", &args.directory_service_addr),
-        ("--path-info-service-addr / PATH_INFO_SERVICE_ADDR", &args.path_info_service_addr),
+        (
+            "--blob-service-addr / BLOB_SERVICE_ADDR",
+            &args.blob_service_addr,
+        ),
+        (
+            "--directory-service-addr / DIRECTORY_SERVICE_ADDR",
+            &args.directory_service_addr,
+        ),
+        (
+            "--path-info-service-addr / PATH_INFO_SERVICE_ADDR",
+            &args.path_info_service_addr,
+        ),
     ] {
         if let Some(url) = url {
             if own.iter().any(|o| url.trim_end_matches('/') == o) {
@@ -122,26 +149,44 @@ pub async fn run(args: DaemonArgs, service_args: ServiceArgs) -> Result<()> {
     refuse_self_reference(&args.listen, &service_args)?;
     let services = build(&service_args, Defaults::Embedded)?;
     let mut path_info = services.path_info.clone();
-    let key = args.signing_key.as_deref().map(crate::serve_cache::load_signing_key).transpose()?;
+    let key = args
+        .signing_key
+        .as_deref()
+        .map(crate::serve_cache::load_signing_key)
+        .transpose()?;
     if let Some(key) = &key {
-        path_info = Arc::new(arca_store::pathinfoservice::SigningPathInfoService::new(path_info, key.clone()));
+        path_info = Arc::new(arca_store::pathinfoservice::SigningPathInfoService::new(
+            path_info,
+            key.clone(),
+        ));
     }
     // The binary cache over HTTP: reads from and (checked) uploads into the same stack.
     let http = match &args.http_listen {
         None => None,
         Some(addr) => {
-            let router = crate::serve_cache::router(&services, path_info.clone(), key.clone(), &args.http)?;
-            let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--http-listen {addr}"))?;
+            let router =
+                crate::serve_cache::router(&services, path_info.clone(), key.clone(), &args.http)?;
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("--http-listen {addr}"))?;
             Some((l, router))
         }
     };
     let listener = bind(&args.listen).await?;
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter.set_serving::<BlobServiceServer<GrpcBlobServiceWrapper>>().await;
-    health_reporter.set_serving::<DirectoryServiceServer<GrpcDirectoryServiceWrapper>>().await;
-    health_reporter.set_serving::<BlobBatchServiceServer<GrpcBlobBatchServiceWrapper>>().await;
-    health_reporter.set_serving::<PathInfoServiceServer<GrpcPathInfoServiceWrapper>>().await;
+    health_reporter
+        .set_serving::<BlobServiceServer<GrpcBlobServiceWrapper>>()
+        .await;
+    health_reporter
+        .set_serving::<DirectoryServiceServer<GrpcDirectoryServiceWrapper>>()
+        .await;
+    health_reporter
+        .set_serving::<BlobBatchServiceServer<GrpcBlobBatchServiceWrapper>>()
+        .await;
+    health_reporter
+        .set_serving::<PathInfoServiceServer<GrpcPathInfoServiceWrapper>>()
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(arca_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -188,10 +233,18 @@ pub async fn run(args: DaemonArgs, service_args: ServiceArgs) -> Result<()> {
         let signalled = crate::serve_cache::shutdown_signal();
         tokio::spawn(async move {
             signalled.await;
-            reporter.set_not_serving::<BlobServiceServer<GrpcBlobServiceWrapper>>().await;
-            reporter.set_not_serving::<BlobBatchServiceServer<GrpcBlobBatchServiceWrapper>>().await;
-            reporter.set_not_serving::<DirectoryServiceServer<GrpcDirectoryServiceWrapper>>().await;
-            reporter.set_not_serving::<PathInfoServiceServer<GrpcPathInfoServiceWrapper>>().await;
+            reporter
+                .set_not_serving::<BlobServiceServer<GrpcBlobServiceWrapper>>()
+                .await;
+            reporter
+                .set_not_serving::<BlobBatchServiceServer<GrpcBlobBatchServiceWrapper>>()
+                .await;
+            reporter
+                .set_not_serving::<DirectoryServiceServer<GrpcDirectoryServiceWrapper>>()
+                .await;
+            reporter
+                .set_not_serving::<PathInfoServiceServer<GrpcPathInfoServiceWrapper>>()
+                .await;
             stop.cancel();
         });
     }
@@ -201,7 +254,14 @@ pub async fn run(args: DaemonArgs, service_args: ServiceArgs) -> Result<()> {
         Some((l, router)) => {
             let addr = l.local_addr()?;
             let stop = stop.clone();
-            Some((addr, tokio::spawn(arca_store::http_cache::serve(l, router, stop.cancelled_owned()))))
+            Some((
+                addr,
+                tokio::spawn(arca_store::http_cache::serve(
+                    l,
+                    router,
+                    stop.cancelled_owned(),
+                )),
+            ))
         }
     };
     let grpc = async {
@@ -220,15 +280,22 @@ pub async fn run(args: DaemonArgs, service_args: ServiceArgs) -> Result<()> {
                         Ok(s)
                     })
                 });
-                router.serve_with_incoming_shutdown(incoming, shutdown).await?;
+                router
+                    .serve_with_incoming_shutdown(incoming, shutdown)
+                    .await?;
             }
             Listener::Unix(l, path) => {
-                let shown = path.as_ref().map(|p| format!("unix://{}", p.display())).unwrap_or_else(|| "the activated socket".into());
+                let shown = path
+                    .as_ref()
+                    .map(|p| format!("unix://{}", p.display()))
+                    .unwrap_or_else(|| "the activated socket".into());
                 eprintln!("arca daemon listening on {shown}");
                 if let Some((http_addr, _)) = &http_server {
                     eprintln!("arca daemon serving the Nix binary cache on http://{http_addr}");
                 }
-                router.serve_with_incoming_shutdown(UnixListenerStream::new(l), shutdown).await?;
+                router
+                    .serve_with_incoming_shutdown(UnixListenerStream::new(l), shutdown)
+                    .await?;
                 if let Some(p) = path {
                     let _ = std::fs::remove_file(p);
                 }
@@ -240,7 +307,9 @@ pub async fn run(args: DaemonArgs, service_args: ServiceArgs) -> Result<()> {
     // The gRPC server stopped (drained, or failed): stop HTTP too.
     stop.cancel();
     if let Some((_, task)) = http_server {
-        task.await.context("the HTTP server task failed")?.context("serving HTTP")?;
+        task.await
+            .context("the HTTP server task failed")?
+            .context("serving HTTP")?;
     }
     grpc_result?;
     eprintln!("arca daemon stopped");

@@ -65,29 +65,47 @@ pub struct ServiceArgs {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the store over gRPC (castore services, health, reflection).
-    #[command(after_help = "Examples:\n  arca daemon\n  arca daemon --listen 0.0.0.0:8000 --data-dir /var/lib/arca\n  arca daemon --listen unix:///run/arca/arca.sock\n\nUnder systemd socket activation (LISTEN_FDS) the passed socket is used.\nSIGTERM or SIGINT stops accepting, drains running calls and exits 0.")]
+    #[command(
+        after_help = "Examples:\n  arca daemon\n  arca daemon --listen 0.0.0.0:8000 --data-dir /var/lib/arca\n  arca daemon --listen unix:///run/arca/arca.sock\n\nUnder systemd socket activation (LISTEN_FDS) the passed socket is used.\nSIGTERM or SIGINT stops accepting, drains running calls and exits 0."
+    )]
     Daemon(daemon::DaemonArgs),
     /// Work with the content-addressed layer directly.
     #[command(subcommand)]
     Castore(castore_cmds::CastoreCommand),
     /// Add files or directories as store paths, exactly as `nix-store --add` would.
-    #[command(after_help = "Example:\n  arca import ./hello.txt ./src\n  /nix/store/…-hello.txt\n  /nix/store/…-src")]
+    #[command(
+        after_help = "Example:\n  arca import ./hello.txt ./src\n  /nix/store/…-hello.txt\n  /nix/store/…-src"
+    )]
     Import(nix_cmds::ImportArgs),
     /// NAR export and import.
     #[command(subcommand)]
     Nar(nix_cmds::NarCommand),
     /// Show store paths' metadata (narinfo-style, or `nix path-info --json` style).
-    #[command(after_help = "Examples:\n  arca path-info /nix/store/…-hello\n  arca path-info --json --recursive /nix/store/…-hello\n\nExit code 1 if a path is missing.")]
+    #[command(
+        after_help = "Examples:\n  arca path-info /nix/store/…-hello\n  arca path-info --json --recursive /nix/store/…-hello\n\nExit code 1 if a path is missing."
+    )]
     PathInfo(nix_cmds::PathInfoArgs),
     /// Copy store paths with their closure from a Nix binary cache or another store.
-    #[command(after_help = "Examples:\n  arca copy --from nix+https://cache.nixos.org /nix/store/…-hello-2.12\n  arca copy --from 'nix+http://127.0.0.1:5000?trusted-public-keys=cache-1:AbC…=' --jobs 64 /nix/store/…-hello\n  arca copy --from grpc+http://other-host:8000 --no-closure /nix/store/…-hello\n\nPaths already in the store are skipped with their closure, so an interrupted copy resumes.\nA path info is stored only after all its references. Exit code 1 if any path failed.")]
+    #[command(
+        after_help = "Examples:\n  arca copy --from nix+https://cache.nixos.org /nix/store/…-hello-2.12\n  arca copy --from 'nix+http://127.0.0.1:5000?trusted-public-keys=cache-1:AbC…=' --jobs 64 /nix/store/…-hello\n  arca copy --from grpc+http://other-host:8000 --no-closure /nix/store/…-hello\n\nPaths already in the store are skipped with their closure, so an interrupted copy resumes.\nA path info is stored only after all its references. Exit code 1 if any path failed."
+    )]
     Copy(copy::CopyArgs),
     /// Serve the store as a Nix binary cache over HTTP (reads and uploads).
-    #[command(after_help = "Examples:\n  arca serve-cache                                  over the daemon on 127.0.0.1:8000, on 127.0.0.1:9000\n  arca serve-cache --listen 0.0.0.0:9000 --signing-key /etc/arca/cache.sec\n  nix copy --from http://127.0.0.1:9000 --to ./store /nix/store/…-hello\n  nix copy --to 'http://127.0.0.1:9000?compression=zstd' /nix/store/…-hello\n\nSIGTERM or SIGINT stops accepting, lets running requests finish and exits 0.")]
+    #[command(
+        after_help = "Examples:\n  arca serve-cache                                  over the daemon on 127.0.0.1:8000, on 127.0.0.1:9000\n  arca serve-cache --listen 0.0.0.0:9000 --signing-key /etc/arca/cache.sec\n  nix copy --from http://127.0.0.1:9000 --to ./store /nix/store/…-hello\n  nix copy --to 'http://127.0.0.1:9000?compression=zstd' /nix/store/…-hello\n\nSIGTERM or SIGINT stops accepting, lets running requests finish and exits 0."
+    )]
     ServeCache(serve_cache::ServeCacheArgs),
     /// Mount the store as a lazy, read-only /nix/store (FUSE).
-    #[command(after_help = "Examples:\n  arca mount /nix/store                           over the daemon on 127.0.0.1:8000\n  arca mount --list-root --threads 8 /mnt/store\n  PATH_INFO_SERVICE_ADDR=grpc+http://10.0.0.5:8000 BLOB_SERVICE_ADDR=… DIRECTORY_SERVICE_ADDR=… arca mount /nix/store\n\n/MOUNTPOINT/<hash>-<name> resolves through the path-info service; content is fetched when read.\nExtended attribute user.arca.blake3: the BLAKE3 digest of a file or directory.\nSIGTERM or SIGINT unmounts and exits 0; if the process dies, fusermount3 unmounts.")]
+    #[command(
+        after_help = "Examples:\n  arca mount /nix/store                           over the daemon on 127.0.0.1:8000\n  arca mount --list-root --threads 8 /mnt/store\n  PATH_INFO_SERVICE_ADDR=grpc+http://10.0.0.5:8000 BLOB_SERVICE_ADDR=… DIRECTORY_SERVICE_ADDR=… arca mount /nix/store\n\n/MOUNTPOINT/<hash>-<name> resolves through the path-info service; content is fetched when read.\nExtended attribute user.arca.blake3: the BLAKE3 digest of a file or directory.\nSIGTERM or SIGINT unmounts and exits 0; if the process dies, fusermount3's helper and\nArca's unmount guard (`arca __mount-guard`) unmount."
+    )]
     Mount(mount::MountArgs),
+    /// Internal: the unmount guard `arca mount` starts (see arca_fuse::guard).
+    #[command(name = "__mount-guard", hide = true)]
+    MountGuard {
+        /// The mount point to watch.
+        mountpoint: PathBuf,
+    },
 }
 
 fn init_tracing(verbose: u8) {
@@ -98,7 +116,11 @@ fn init_tracing(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("ARCA_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
 }
 
 /// Keeps allocations below 32 MiB in glibc's heap, and up to 64 MiB of
@@ -118,7 +140,23 @@ fn main() -> ExitCode {
     tune_allocator();
     let cli = Cli::parse();
     init_tracing(cli.verbose);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    if let Command::MountGuard { mountpoint } = &cli.command {
+        // No runtime, no threads: it only waits, then maybe unmounts.
+        return match arca_fuse::guard::run_guard(mountpoint, std::io::stdin().lock()) {
+            Ok(outcome) => {
+                tracing::debug!("unmount guard of {}: {outcome:?}", mountpoint.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: unmount guard of {}: {e}", mountpoint.display());
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: starting the runtime: {e}");
@@ -136,6 +174,7 @@ fn main() -> ExitCode {
             Command::Copy(args) => copy::run(args, cli.services).await,
             Command::ServeCache(args) => serve_cache::run(args, cli.services).await,
             Command::Mount(args) => mount::run(args, cli.services).await,
+            Command::MountGuard { .. } => unreachable!("handled before the runtime starts"),
         }
     });
     match result {
@@ -156,7 +195,8 @@ pub fn default_data_dir() -> Result<PathBuf> {
     if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
         return Ok(PathBuf::from(x).join("arca"));
     }
-    let home = std::env::var_os("HOME").ok_or_else(|| anyhow!("neither XDG_DATA_HOME nor HOME is set; pass --data-dir"))?;
+    let home = std::env::var_os("HOME")
+        .ok_or_else(|| anyhow!("neither XDG_DATA_HOME nor HOME is set; pass --data-dir"))?;
     Ok(PathBuf::from(home).join(".local/share/arca"))
 }
 
@@ -171,6 +211,7 @@ pub fn data_dir_path(args: &ServiceArgs) -> Result<PathBuf> {
 /// Resolves the data directory and creates it.
 pub fn data_dir(args: &ServiceArgs) -> Result<PathBuf> {
     let dir = data_dir_path(args)?;
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating data directory {}", dir.display()))?;
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("creating data directory {}", dir.display()))?;
     std::fs::canonicalize(&dir).with_context(|| format!("resolving {}", dir.display()))
 }

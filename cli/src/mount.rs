@@ -33,24 +33,41 @@ pub async fn run(args: MountArgs, service_args: ServiceArgs) -> Result<()> {
     let meta = std::fs::metadata(&args.mountpoint)
         .with_context(|| format!("mount point {}", args.mountpoint.display()))?;
     if !meta.is_dir() {
-        bail!("mount point {} is not a directory", args.mountpoint.display());
+        bail!(
+            "mount point {} is not a directory",
+            args.mountpoint.display()
+        );
     }
     let services = build(&service_args, Defaults::Daemon)?;
     let fs = arca_fuse::ArcaFs::new(
         services.blob,
         services.directory,
         services.path_info,
-        arca_fuse::FsOptions { list_root: args.list_root },
+        arca_fuse::FsOptions {
+            list_root: args.list_root,
+        },
         tokio::runtime::Handle::current(),
     );
     // Signal handlers before mounting: a signal right after the mount still unmounts.
     let mut term = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
-    let options = arca_fuse::MountOptions { threads: args.threads, allow_other: args.allow_other, ..Default::default() };
+    let options = arca_fuse::MountOptions {
+        threads: args.threads,
+        allow_other: args.allow_other,
+        // Only for testing the guard alone.
+        auto_unmount: std::env::var_os("ARCA_MOUNT_NO_AUTO_UNMOUNT").is_none(),
+        ..Default::default()
+    };
+    // The same binary, as the guard that unmounts if this process dies.
+    let mut guard =
+        std::process::Command::new(std::env::current_exe().context("finding the arca binary")?);
+    guard.arg("__mount-guard");
     let mountpoint = args.mountpoint.clone();
-    let mut handle = tokio::task::spawn_blocking(move || arca_fuse::mount(fs, &mountpoint, &options))
-        .await?
-        .with_context(|| format!("mounting on {}", args.mountpoint.display()))?;
+    let mut handle = tokio::task::spawn_blocking(move || {
+        arca_fuse::mount(fs, &mountpoint, &options, Some(guard))
+    })
+    .await?
+    .with_context(|| format!("mounting on {}", args.mountpoint.display()))?;
     eprintln!("arca mount: mounted on {}", args.mountpoint.display());
     tokio::select! {
         r = handle.ended() => {
@@ -62,7 +79,9 @@ pub async fn run(args: MountArgs, service_args: ServiceArgs) -> Result<()> {
         _ = term.recv() => tracing::info!("SIGTERM: unmounting"),
         _ = int.recv() => tracing::info!("SIGINT: unmounting"),
     }
-    handle.unmount().with_context(|| format!("unmounting {}", args.mountpoint.display()))?;
+    handle
+        .unmount()
+        .with_context(|| format!("unmounting {}", args.mountpoint.display()))?;
     match tokio::time::timeout(Duration::from_secs(30), handle.ended()).await {
         Ok(r) => r.context("FUSE session")?,
         Err(_) => bail!("{} did not unmount within 30 s", args.mountpoint.display()),

@@ -33,7 +33,9 @@ pub enum NarCommand {
         store_path: String,
     },
     /// Ingest a NAR as a content-addressed store path and print the path.
-    #[command(after_help = "Examples:\n  arca nar add --name hello hello.nar\n  nix-store --dump ./dir | arca nar add --name dir")]
+    #[command(
+        after_help = "Examples:\n  arca nar add --name hello hello.nar\n  nix-store --dump ./dir | arca nar add --name dir"
+    )]
     Add {
         /// Name of the store path.
         #[arg(long)]
@@ -57,13 +59,21 @@ pub struct PathInfoArgs {
 }
 
 pub(crate) fn parse_store_path(s: &str) -> Result<StorePath> {
-    let parsed = if s.starts_with('/') { StorePath::from_absolute_path(s) } else { StorePath::from_basename(s) };
+    let parsed = if s.starts_with('/') {
+        StorePath::from_absolute_path(s)
+    } else {
+        StorePath::from_basename(s)
+    };
     parsed.with_context(|| format!("{s:?} is not a store path"))
 }
 
 /// Looks a path up by digest and checks the name too.
 async fn lookup(services: &Services, path: &StorePath) -> Result<Option<PathInfo>> {
-    let info = services.path_info.get(*path.digest()).await.with_context(|| format!("looking up {path}"))?;
+    let info = services
+        .path_info
+        .get(*path.digest())
+        .await
+        .with_context(|| format!("looking up {path}"))?;
     Ok(info.filter(|i| i.store_path == *path))
 }
 
@@ -85,9 +95,16 @@ async fn register_source_path(
         nar_sha256,
         signatures: vec![],
         deriver: None,
-        ca: Some(ContentAddress::Fixed { recursive: true, hash: NixHash::sha256(nar_sha256) }),
+        ca: Some(ContentAddress::Fixed {
+            recursive: true,
+            hash: NixHash::sha256(nar_sha256),
+        }),
     };
-    services.path_info.put(info).await.with_context(|| format!("registering {store_path}"))?;
+    services
+        .path_info
+        .put(info)
+        .await
+        .with_context(|| format!("registering {store_path}"))?;
     Ok(store_path)
 }
 
@@ -106,11 +123,16 @@ pub async fn import(args: ImportArgs, service_args: ServiceArgs) -> Result<()> {
                 .ok_or_else(|| anyhow!("{}: no usable file name; pass --name", path.display()))?
                 .to_string(),
         };
-        arca_store::store_path::validate_name(&name).with_context(|| format!("{}: invalid store path name", path.display()))?;
+        arca_store::store_path::validate_name(&name)
+            .with_context(|| format!("{}: invalid store path name", path.display()))?;
 
         // The NAR hash is computed from the files on disk while castore imports them.
         let nar_path = path.clone();
-        let nar_hash = tokio::spawn(async move { dump_path(&nar_path, HashingWriter::new()).await.map(|w| w.finalize()) });
+        let nar_hash = tokio::spawn(async move {
+            dump_path(&nar_path, HashingWriter::new())
+                .await
+                .map(|w| w.finalize())
+        });
         let bar = Arc::new(crate::progress::ImportBar::new());
         let imported = arca_castore::import::import_path(
             path,
@@ -122,8 +144,10 @@ pub async fn import(args: ImportArgs, service_args: ServiceArgs) -> Result<()> {
         .await;
         bar.finish();
         let (node, _) = imported?;
-        let (nar_size, nar_sha256) =
-            nar_hash.await.context("hashing the NAR")?.with_context(|| format!("{}: computing the NAR", path.display()))?;
+        let (nar_size, nar_sha256) = nar_hash
+            .await
+            .context("hashing the NAR")?
+            .with_context(|| format!("{}: computing the NAR", path.display()))?;
         let store_path = register_source_path(&services, &name, node, nar_size, nar_sha256).await?;
         println!("{store_path}");
     }
@@ -136,26 +160,37 @@ pub async fn nar(cmd: NarCommand, service_args: ServiceArgs) -> Result<()> {
     match cmd {
         NarCommand::Dump { store_path } => {
             let path = parse_store_path(&store_path)?;
-            let info = lookup(&services, &path).await?.ok_or_else(|| anyhow!("path '{path}' is not valid"))?;
+            let info = lookup(&services, &path)
+                .await?
+                .ok_or_else(|| anyhow!("path '{path}' is not valid"))?;
             let out = tokio::io::BufWriter::with_capacity(1024 * 1024, tokio::io::stdout());
-            let mut out = render_nar(&info.node, services.blob.clone(), services.directory.as_ref(), out)
-                .await
-                .with_context(|| format!("rendering the NAR of {path}"))?;
+            let mut out = render_nar(
+                &info.node,
+                services.blob.clone(),
+                services.directory.as_ref(),
+                out,
+            )
+            .await
+            .with_context(|| format!("rendering the NAR of {path}"))?;
             out.flush().await?;
         }
         NarCommand::Add { name, file } => {
             arca_store::store_path::validate_name(&name).context("invalid store path name")?;
             let reader: Box<dyn tokio::io::AsyncRead + Unpin + Send> = match &file {
                 Some(f) if f.as_os_str() != "-" => Box::new(
-                    tokio::fs::File::open(f).await.with_context(|| format!("opening {}", f.display()))?,
+                    tokio::fs::File::open(f)
+                        .await
+                        .with_context(|| format!("opening {}", f.display()))?,
                 ),
                 _ => Box::new(tokio::io::stdin()),
             };
             let reader = tokio::io::BufReader::with_capacity(1024 * 1024, reader);
-            let (node, nar_size, nar_sha256) = ingest_nar(reader, services.blob.clone(), services.directory.as_ref())
-                .await
-                .context("ingesting the NAR")?;
-            let store_path = register_source_path(&services, &name, node, nar_size, nar_sha256).await?;
+            let (node, nar_size, nar_sha256) =
+                ingest_nar(reader, services.blob.clone(), services.directory.as_ref())
+                    .await
+                    .context("ingesting the NAR")?;
+            let store_path =
+                register_source_path(&services, &name, node, nar_size, nar_sha256).await?;
             println!("{store_path}");
         }
     }
@@ -216,14 +251,22 @@ pub async fn path_info(args: PathInfoArgs, service_args: ServiceArgs) -> Result<
         for m in &missing {
             eprintln!("error: path '{m}' is not valid");
         }
-        bail!("{} of the paths asked for {} not in the store (first: {first})", missing.len(), if missing.len() == 1 { "is" } else { "are" });
+        bail!(
+            "{} of the paths asked for {} not in the store (first: {first})",
+            missing.len(),
+            if missing.len() == 1 { "is" } else { "are" }
+        );
     }
     Ok(())
 }
 
 /// The fields and formats of `nix path-info --json`.
 fn to_json(info: &PathInfo) -> serde_json::Value {
-    let mut refs: Vec<String> = info.references.iter().map(|r| r.to_absolute_path()).collect();
+    let mut refs: Vec<String> = info
+        .references
+        .iter()
+        .map(|r| r.to_absolute_path())
+        .collect();
     refs.sort();
     let mut v = serde_json::json!({
         "path": info.store_path.to_absolute_path(),
@@ -235,7 +278,12 @@ fn to_json(info: &PathInfo) -> serde_json::Value {
         v["deriver"] = d.to_absolute_path().into();
     }
     if !info.signatures.is_empty() {
-        v["signatures"] = info.signatures.iter().map(|s| s.to_string()).collect::<Vec<_>>().into();
+        v["signatures"] = info
+            .signatures
+            .iter()
+            .map(|s| s.to_string())
+            .collect::<Vec<_>>()
+            .into();
     }
     if let Some(ca) = &info.ca {
         v["ca"] = ca.to_string().into();

@@ -53,8 +53,11 @@ pub struct ServeCacheArgs {
 
 /// Reads a Nix secret key file.
 pub fn load_signing_key(file: &Path) -> Result<SecretKey> {
-    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-    text.trim().parse().with_context(|| format!("{} is not a Nix secret key", file.display()))
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    text.trim()
+        .parse()
+        .with_context(|| format!("{} is not a Nix secret key", file.display()))
 }
 
 /// The binary cache's router over `services`; `path_info` is where reads
@@ -75,7 +78,12 @@ pub fn router(
         narinfo_cache_capacity: args.narinfo_cache,
     };
     Ok(arca_store::http_cache::router(
-        CacheServices { blobs: services.blob.clone(), directories: services.directory.clone(), path_info, nar_index },
+        CacheServices {
+            blobs: services.blob.clone(),
+            directories: services.directory.clone(),
+            path_info,
+            nar_index,
+        },
         options,
     ))
 }
@@ -83,7 +91,10 @@ pub fn router(
 /// Installs SIGTERM and SIGINT handlers now, and returns a future that
 /// completes when one of them arrives.
 pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
-    let handlers = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()));
+    let handlers = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    );
     async move {
         let (Ok(mut term), Ok(mut int)) = handlers else {
             tracing::error!("cannot install signal handlers; stop with SIGKILL");
@@ -99,17 +110,27 @@ pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'stat
 /// `arca serve-cache`
 pub async fn run(args: ServeCacheArgs, service_args: ServiceArgs) -> Result<()> {
     let services = build(&service_args, Defaults::Daemon)?;
-    let key = args.signing_key.as_deref().map(load_signing_key).transpose()?;
+    let key = args
+        .signing_key
+        .as_deref()
+        .map(load_signing_key)
+        .transpose()?;
     let router = router(&services, services.path_info.clone(), key, &args.cache)?;
     if args.listen.starts_with("unix://") {
-        bail!("--listen {}: serve-cache listens on TCP (HOST:PORT)", args.listen);
+        bail!(
+            "--listen {}: serve-cache listens on TCP (HOST:PORT)",
+            args.listen
+        );
     }
-    let listener =
-        tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
     let addr = listener.local_addr()?;
     let shutdown = shutdown_signal();
     eprintln!("arca serve-cache listening on http://{addr}");
-    arca_store::http_cache::serve(listener, router, shutdown).await.context("serving HTTP")?;
+    arca_store::http_cache::serve(listener, router, shutdown)
+        .await
+        .context("serving HTTP")?;
     eprintln!("arca serve-cache stopped");
     Ok(())
 }

@@ -28,11 +28,15 @@ pub enum Defaults {
 /// Builds the services from flags, env vars or a composition file.
 pub fn build(args: &ServiceArgs, defaults: Defaults) -> Result<Services> {
     let default_path_info = match defaults {
-        Defaults::Embedded => format!("sled://{}", crate::data_dir(args)?.join("pathinfo.sled").display()),
+        Defaults::Embedded => format!(
+            "sled://{}",
+            crate::data_dir(args)?.join("pathinfo.sled").display()
+        ),
         Defaults::Daemon => "grpc+http://127.0.0.1:8000".to_string(),
     };
     let composition = if let Some(file) = &args.store_composition {
-        let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        let text =
+            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
         Composition::from_toml(&text).with_context(|| format!("in {}", file.display()))?
     } else {
         let (blob, dir) = match defaults {
@@ -43,28 +47,44 @@ pub fn build(args: &ServiceArgs, defaults: Defaults) -> Result<Services> {
                     format!("sled://{}", data.join("directories.sled").display()),
                 )
             }
-            Defaults::Daemon => ("grpc+http://127.0.0.1:8000".to_string(), "grpc+http://127.0.0.1:8000".to_string()),
+            Defaults::Daemon => (
+                "grpc+http://127.0.0.1:8000".to_string(),
+                "grpc+http://127.0.0.1:8000".to_string(),
+            ),
         };
         let blob = args.blob_service_addr.clone().unwrap_or(blob);
         let dir = args.directory_service_addr.clone().unwrap_or(dir);
         Composition::from_urls(&blob, &dir)?
     };
-    let has_path_info_entry =
-        composition.get(arca_castore::composition::ServiceKind::PathInfo, "default").is_some();
+    let has_path_info_entry = composition
+        .get(arca_castore::composition::ServiceKind::PathInfo, "default")
+        .is_some();
     let builder = Builder::new(composition.clone());
     let blob = builder.blob_service("default").context("blob service")?;
-    let directory = builder.directory_service("default").context("directory service")?;
+    let directory = builder
+        .directory_service("default")
+        .context("directory service")?;
     let nar_index = nar_index(args)?;
     let store = StoreServices::new(blob.clone(), directory.clone(), nar_index.clone());
     let path_info = match (&args.path_info_service_addr, has_path_info_entry) {
         // The flag wins; then the file's [pathinfoservices.default]; then the default URL.
-        (None, true) => arca_store::pathinfoservice::pathinfo_service_from_composition(&composition, "default", &store),
-        (url, _) => {
-            arca_store::pathinfoservice::pathinfo_service_from_url(url.as_deref().unwrap_or(&default_path_info), &store)
-        }
+        (None, true) => arca_store::pathinfoservice::pathinfo_service_from_composition(
+            &composition,
+            "default",
+            &store,
+        ),
+        (url, _) => arca_store::pathinfoservice::pathinfo_service_from_url(
+            url.as_deref().unwrap_or(&default_path_info),
+            &store,
+        ),
     }
     .context("path-info service")?;
-    Ok(Services { blob, directory, path_info, nar_index })
+    Ok(Services {
+        blob,
+        directory,
+        path_info,
+        nar_index,
+    })
 }
 
 /// The store's NAR index: `--nar-index-addr` / `NAR_INDEX_ADDR`, else

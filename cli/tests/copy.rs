@@ -8,7 +8,10 @@ mod store_common;
 use common::{stderr, stdout, Daemon};
 use std::path::{Path, PathBuf};
 use std::process::Output;
-use store_common::{closure, copy_dir, fixture, hash_part, narinfo_field, public_key, set_narinfo_field, CacheServer};
+use store_common::{
+    closure, copy_dir, fixture, hash_part, narinfo_field, public_key, set_narinfo_field,
+    CacheServer,
+};
 
 /// Runs `arca` against the daemon's three services, with its own data dir
 /// (for the client's NAR index).
@@ -28,7 +31,10 @@ fn nar_of(fx: &Path, path: &str) -> Vec<u8> {
 }
 
 fn root_path(fx: &Path) -> String {
-    std::fs::read_to_string(fx.join("ROOT_PATH")).unwrap().trim().to_string()
+    std::fs::read_to_string(fx.join("ROOT_PATH"))
+        .unwrap()
+        .trim()
+        .to_string()
 }
 
 /// Whether the daemon has `path` (by `arca path-info`).
@@ -49,7 +55,12 @@ async fn copies_every_fixture_cache_byte_identical() {
     let root = root_path(&fx);
     let paths = closure(&fx);
     assert!(paths.len() >= 6);
-    for (cache, keys) in [("cache-xz", None), ("cache-zstd", None), ("cache-none", None), ("cache-xz-signed", Some(&key))] {
+    for (cache, keys) in [
+        ("cache-xz", None),
+        ("cache-zstd", None),
+        ("cache-none", None),
+        ("cache-xz-signed", Some(&key)),
+    ] {
         let from = match keys {
             Some(k) => format!("nix+{}?trusted-public-keys={k}", server.url(cache)),
             None => format!("nix+{}", server.url(cache)),
@@ -58,22 +69,40 @@ async fn copies_every_fixture_cache_byte_identical() {
         blocking(move || {
             let d = Daemon::start();
             let client = tempfile::tempdir().unwrap();
-            let o = arca(&d, client.path(), &["copy", "--json", "--from", &from, &root2]);
+            let o = arca(
+                &d,
+                client.path(),
+                &["copy", "--json", "--from", &from, &root2],
+            );
             assert!(o.status.success(), "{cache}: {}", stderr(&o));
             let summary: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
             assert_eq!(summary["copied"], paths2.len(), "{cache}: {summary}");
-            assert!(stderr(&o).contains(&format!("copied {} paths", paths2.len())), "{}", stderr(&o));
+            assert!(
+                stderr(&o).contains(&format!("copied {} paths", paths2.len())),
+                "{}",
+                stderr(&o)
+            );
             for p in &paths2 {
                 let dump = arca(&d, client.path(), &["nar", "dump", p]);
                 assert!(dump.status.success(), "{cache} {p}: {}", stderr(&dump));
-                assert!(dump.stdout == nar_of(&fx2, p), "{cache}: NAR of {p} differs from cache-none's");
+                assert!(
+                    dump.stdout == nar_of(&fx2, p),
+                    "{cache}: NAR of {p} differs from cache-none's"
+                );
             }
             // A second copy finds everything present and fetches nothing.
-            let o = arca(&d, client.path(), &["copy", "--json", "--from", &from, &root2]);
+            let o = arca(
+                &d,
+                client.path(),
+                &["copy", "--json", "--from", &from, &root2],
+            );
             assert!(o.status.success(), "{}", stderr(&o));
             let summary: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
             assert_eq!(summary["copied"], 0);
-            assert_eq!(summary["alreadyPresent"], 1, "the root is present: its closure is not walked");
+            assert_eq!(
+                summary["alreadyPresent"], 1,
+                "the root is present: its closure is not walked"
+            );
         })
         .await;
     }
@@ -118,12 +147,26 @@ async fn refused_then_resumed(
     let client = tempfile::tempdir().unwrap();
     let client_path = client.path().to_path_buf();
     let (d, stored_before) = {
-        let (from, root, victim, needle, client_path) = (from.clone(), root.clone(), victim.clone(), needle, client_path.clone());
+        let (from, root, victim, needle, client_path) = (
+            from.clone(),
+            root.clone(),
+            victim.clone(),
+            needle,
+            client_path.clone(),
+        );
         blocking(move || {
             let o = arca(&d, &client_path, &["copy", "--from", &from, &root]);
-            assert_eq!(o.status.code(), Some(1), "tampered copy must fail: {}", stderr(&o));
+            assert_eq!(
+                o.status.code(),
+                Some(1),
+                "tampered copy must fail: {}",
+                stderr(&o)
+            );
             let err = stderr(&o);
-            assert!(err.contains(&victim) && err.contains(&needle), "error must name {victim} and {needle}: {err}");
+            assert!(
+                err.contains(&victim) && err.contains(&needle),
+                "error must name {victim} and {needle}: {err}"
+            );
             // What depends on the victim, transitively, including itself.
             let mut tainted = std::collections::HashSet::from([victim.clone()]);
             loop {
@@ -154,7 +197,12 @@ async fn refused_then_resumed(
             for p in &paths {
                 let has = has_path(&d, &client_path, p);
                 let expected = reachable.contains(p) && !tainted.contains(p);
-                assert_eq!(has, expected, "{p}: stored={has}, depends on the bad path={}", tainted.contains(p));
+                assert_eq!(
+                    has,
+                    expected,
+                    "{p}: stored={has}, depends on the bad path={}",
+                    tainted.contains(p)
+                );
                 if has {
                     stored.push(p.clone());
                 }
@@ -170,7 +218,11 @@ async fn refused_then_resumed(
     let (root2, client2) = (root.clone(), client_path.clone());
     let d = blocking(move || {
         let o = arca(&d, &client2, &["copy", "--from", &from, &root2]);
-        assert!(o.status.success(), "copy from the intact cache: {}", stderr(&o));
+        assert!(
+            o.status.success(),
+            "copy from the intact cache: {}",
+            stderr(&o)
+        );
         d
     })
     .await;
@@ -178,14 +230,23 @@ async fn refused_then_resumed(
     for p in &stored_before {
         let h = hash_part(p);
         let nar = narinfo_field(&fx.join(cache).join(format!("{h}.narinfo")), "URL").unwrap();
-        assert!(!after.iter().any(|r| r.ends_with(&nar)), "NAR of {p} (stored already) fetched again: {after:?}");
-        assert!(!after.iter().any(|r| r.ends_with(&format!("{h}.narinfo"))), "{p} looked up again upstream");
+        assert!(
+            !after.iter().any(|r| r.ends_with(&nar)),
+            "NAR of {p} (stored already) fetched again: {after:?}"
+        );
+        assert!(
+            !after.iter().any(|r| r.ends_with(&format!("{h}.narinfo"))),
+            "{p} looked up again upstream"
+        );
     }
     assert!(!requests_before.is_empty());
     let paths = closure(fx);
     blocking(move || {
         for p in &paths {
-            assert!(has_path(&d, &client_path, p), "{p} missing after the resumed copy");
+            assert!(
+                has_path(&d, &client_path, p),
+                "{p} missing after the resumed copy"
+            );
         }
         drop(client);
     })
@@ -217,14 +278,26 @@ async fn tampered_nar_is_refused_and_the_copy_resumes() {
     // A path with references and a large NAR: a byte in the middle of it is file content.
     let victim = middle(&fx);
     let h = hash_part(&victim).to_string();
-    refused_then_resumed(&fx, "cache-none", None, &victim, "NarHash mismatch", true, |c| {
-        let nar = c.join(narinfo_field(&c.join(format!("{h}.narinfo")), "URL").unwrap());
-        let mut bytes = std::fs::read(&nar).unwrap();
-        assert!(bytes.len() > 100_000, "{victim}: NAR of {} bytes", bytes.len());
-        let n = bytes.len() / 2;
-        bytes[n] ^= 0x20;
-        std::fs::write(&nar, bytes).unwrap();
-    })
+    refused_then_resumed(
+        &fx,
+        "cache-none",
+        None,
+        &victim,
+        "NarHash mismatch",
+        true,
+        |c| {
+            let nar = c.join(narinfo_field(&c.join(format!("{h}.narinfo")), "URL").unwrap());
+            let mut bytes = std::fs::read(&nar).unwrap();
+            assert!(
+                bytes.len() > 100_000,
+                "{victim}: NAR of {} bytes",
+                bytes.len()
+            );
+            let n = bytes.len() / 2;
+            bytes[n] ^= 0x20;
+            std::fs::write(&nar, bytes).unwrap();
+        },
+    )
     .await;
 }
 
@@ -234,11 +307,19 @@ async fn tampered_narinfo_fails_its_signature() {
     let victim = middle(&fx);
     let h = hash_part(&victim).to_string();
     let key = public_key(&fx);
-    refused_then_resumed(&fx, "cache-xz-signed", Some(key), &victim, "signature", false, |c| {
-        let ni = c.join(format!("{h}.narinfo"));
-        let size: u64 = narinfo_field(&ni, "NarSize").unwrap().parse().unwrap();
-        set_narinfo_field(&ni, "NarSize", Some(&(size + 8).to_string()));
-    })
+    refused_then_resumed(
+        &fx,
+        "cache-xz-signed",
+        Some(key),
+        &victim,
+        "signature",
+        false,
+        |c| {
+            let ni = c.join(format!("{h}.narinfo"));
+            let size: u64 = narinfo_field(&ni, "NarSize").unwrap().parse().unwrap();
+            set_narinfo_field(&ni, "NarSize", Some(&(size + 8).to_string()));
+        },
+    )
     .await;
 }
 
@@ -247,10 +328,25 @@ async fn narinfo_for_another_path_is_refused() {
     let Some(fx) = fixture() else { return };
     let victim = leaf(&fx);
     let other = closure(&fx).into_iter().find(|p| *p != victim).unwrap();
-    let (hv, ho) = (hash_part(&victim).to_string(), hash_part(&other).to_string());
-    refused_then_resumed(&fx, "cache-xz", None, &victim, "StorePath mismatch", false, |c| {
-        std::fs::copy(c.join(format!("{ho}.narinfo")), c.join(format!("{hv}.narinfo"))).unwrap();
-    })
+    let (hv, ho) = (
+        hash_part(&victim).to_string(),
+        hash_part(&other).to_string(),
+    );
+    refused_then_resumed(
+        &fx,
+        "cache-xz",
+        None,
+        &victim,
+        "StorePath mismatch",
+        false,
+        |c| {
+            std::fs::copy(
+                c.join(format!("{ho}.narinfo")),
+                c.join(format!("{hv}.narinfo")),
+            )
+            .unwrap();
+        },
+    )
     .await;
 }
 
@@ -260,9 +356,17 @@ async fn missing_signature_is_refused() {
     let victim = middle(&fx);
     let h = hash_part(&victim).to_string();
     let key = public_key(&fx);
-    refused_then_resumed(&fx, "cache-xz-signed", Some(key), &victim, "signature", false, |c| {
-        set_narinfo_field(&c.join(format!("{h}.narinfo")), "Sig", None);
-    })
+    refused_then_resumed(
+        &fx,
+        "cache-xz-signed",
+        Some(key),
+        &victim,
+        "signature",
+        false,
+        |c| {
+            set_narinfo_field(&c.join(format!("{h}.narinfo")), "Sig", None);
+        },
+    )
     .await;
 }
 
@@ -270,11 +374,17 @@ async fn missing_signature_is_refused() {
 async fn signature_by_an_untrusted_key_is_refused() {
     let Some(fx) = fixture() else { return };
     // A key of another fixture run: same name, other key.
-    let other_key =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../store/tests/data/keys/public.key")).unwrap();
+    let other_key = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../store/tests/data/keys/public.key"),
+    )
+    .unwrap();
     assert_ne!(other_key.trim(), public_key(&fx).trim());
     let server = CacheServer::start(&fx).await;
-    let from = format!("nix+{}?trusted-public-keys={}", server.url("cache-xz-signed"), other_key.trim());
+    let from = format!(
+        "nix+{}?trusted-public-keys={}",
+        server.url("cache-xz-signed"),
+        other_key.trim()
+    );
     let root = root_path(&fx);
     let paths = closure(&fx);
     blocking(move || {
@@ -282,9 +392,16 @@ async fn signature_by_an_untrusted_key_is_refused() {
         let client = tempfile::tempdir().unwrap();
         let o = arca(&d, client.path(), &["copy", "--from", &from, &root]);
         assert_eq!(o.status.code(), Some(1));
-        assert!(stderr(&o).contains("signature check failed"), "{}", stderr(&o));
+        assert!(
+            stderr(&o).contains("signature check failed"),
+            "{}",
+            stderr(&o)
+        );
         for p in &paths {
-            assert!(!has_path(&d, client.path(), p), "{p} stored without a trusted signature");
+            assert!(
+                !has_path(&d, client.path(), p),
+                "{p} stored without a trusted signature"
+            );
         }
     })
     .await;
@@ -300,11 +417,19 @@ async fn no_closure_copies_only_the_named_path() {
     blocking(move || {
         let d = Daemon::start();
         let client = tempfile::tempdir().unwrap();
-        let o = arca(&d, client.path(), &["copy", "--no-closure", "--from", &from, &leaf]);
+        let o = arca(
+            &d,
+            client.path(),
+            &["copy", "--no-closure", "--from", &from, &leaf],
+        );
         assert!(o.status.success(), "{}", stderr(&o));
         assert!(has_path(&d, client.path(), &leaf));
         // The root's references are not in the store: the daemon refuses it.
-        let o = arca(&d, client.path(), &["copy", "--no-closure", "--from", &from, &root]);
+        let o = arca(
+            &d,
+            client.path(),
+            &["copy", "--no-closure", "--from", &from, &root],
+        );
         assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
         assert!(stderr(&o).contains(&root), "{}", stderr(&o));
         assert!(!has_path(&d, client.path(), &root));
@@ -312,7 +437,11 @@ async fn no_closure_copies_only_the_named_path() {
         let o = arca(&d, client.path(), &["copy", "--from", "ftp://x", &root]);
         assert_eq!(o.status.code(), Some(1));
         assert!(stderr(&o).contains("--from"), "{}", stderr(&o));
-        let o = arca(&d, client.path(), &["copy", "--from", &from, "/nix/store/not-a-path"]);
+        let o = arca(
+            &d,
+            client.path(),
+            &["copy", "--from", &from, "/nix/store/not-a-path"],
+        );
         assert_eq!(o.status.code(), Some(1));
         assert!(stderr(&o).contains("not a store path"), "{}", stderr(&o));
     })
@@ -329,7 +458,10 @@ async fn daemon_reads_through_a_binary_cache_once() {
     let (fx2, far2) = (fx.clone(), far.clone());
     let (d, near) = blocking(move || {
         let near = tempfile::tempdir().unwrap();
-        let url = format!("cache://?near=sled://{}/pi.sled&far={far2}", near.path().display());
+        let url = format!(
+            "cache://?near=sled://{}/pi.sled&far={far2}",
+            near.path().display()
+        );
         let d = Daemon::start_with(&["--listen", "127.0.0.1:0", "--path-info-service-addr", &url]);
         (d, near)
     })
@@ -338,7 +470,10 @@ async fn daemon_reads_through_a_binary_cache_once() {
     let d = blocking(move || {
         let client = tempfile::tempdir().unwrap();
         for p in paths2.iter().chain([&root2]) {
-            assert!(has_path(&d, client.path(), p), "{p} not served through the daemon");
+            assert!(
+                has_path(&d, client.path(), p),
+                "{p} not served through the daemon"
+            );
         }
         let dump = arca(&d, client.path(), &["nar", "dump", &root2]);
         assert!(dump.status.success(), "{}", stderr(&dump));
@@ -347,7 +482,10 @@ async fn daemon_reads_through_a_binary_cache_once() {
     })
     .await;
     let after_first = server.request_count();
-    assert!(server.nar_requests() >= paths.len(), "NARs fetched on first access");
+    assert!(
+        server.nar_requests() >= paths.len(),
+        "NARs fetched on first access"
+    );
     let d = blocking(move || {
         let client = tempfile::tempdir().unwrap();
         for p in &paths {
@@ -356,7 +494,12 @@ async fn daemon_reads_through_a_binary_cache_once() {
         d
     })
     .await;
-    assert_eq!(server.request_count(), after_first, "second access answered locally: {:?}", server.requests());
+    assert_eq!(
+        server.request_count(),
+        after_first,
+        "second access answered locally: {:?}",
+        server.requests()
+    );
     drop(d);
     drop(near);
     let _ = far;
@@ -375,14 +518,21 @@ async fn copies_between_daemons_over_grpc() {
         let client = tempfile::tempdir().unwrap();
         let o = arca(&a, client.path(), &["copy", "--from", &from, &root]);
         assert!(o.status.success(), "{}", stderr(&o));
-        let o = arca(&b, client.path(), &["copy", "--json", "--from", &a.url, &root]);
+        let o = arca(
+            &b,
+            client.path(),
+            &["copy", "--json", "--from", &a.url, &root],
+        );
         assert!(o.status.success(), "{}", stderr(&o));
         let summary: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
         assert_eq!(summary["copied"], paths.len());
         for p in &paths {
             let dump = arca(&b, client.path(), &["nar", "dump", p]);
             assert!(dump.status.success(), "{p}: {}", stderr(&dump));
-            assert!(dump.stdout == nar_of(&fx, p), "NAR of {p} differs after a daemon-to-daemon copy");
+            assert!(
+                dump.stdout == nar_of(&fx, p),
+                "NAR of {p} differs after a daemon-to-daemon copy"
+            );
         }
     })
     .await;

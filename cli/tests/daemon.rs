@@ -13,14 +13,32 @@ fn import_prints_the_protocol_test_vector() {
     assert!(out.status.success(), "{}", stderr(&out));
     let node: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
     assert_eq!(node["type"], "directory");
-    assert_eq!(node["digest"], "424a7f6ce08d805d15b428062faae96299a1675d708c3a39261afe38cdd04feb");
+    assert_eq!(
+        node["digest"],
+        "424a7f6ce08d805d15b428062faae96299a1675d708c3a39261afe38cdd04feb"
+    );
     // and it is listable, with the keep entry's size 2
-    let ls = d.arca(&["castore", "ls", "--json", "424a7f6ce08d805d15b428062faae96299a1675d708c3a39261afe38cdd04feb"]);
+    let ls = d.arca(&[
+        "castore",
+        "ls",
+        "--json",
+        "424a7f6ce08d805d15b428062faae96299a1675d708c3a39261afe38cdd04feb",
+    ]);
     assert!(ls.status.success(), "{}", stderr(&ls));
     let entries: serde_json::Value = serde_json::from_str(&stdout(&ls)).unwrap();
-    let keep = entries.as_array().unwrap().iter().find(|e| e["name"] == "keep").unwrap();
+    let keep = entries
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "keep")
+        .unwrap();
     assert_eq!(keep["size"], 2);
-    let aa = entries.as_array().unwrap().iter().find(|e| e["name"] == "aa").unwrap();
+    let aa = entries
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "aa")
+        .unwrap();
     assert_eq!(aa["target"], "/nix/store/somewhereelse");
 }
 
@@ -38,7 +56,11 @@ fn second_import_adds_no_stored_bytes() {
     let second = d.arca(&["castore", "import", tree.to_str().unwrap()]);
     assert!(second.status.success(), "{}", stderr(&second));
     assert_eq!(stdout(&first), stdout(&second));
-    assert_eq!(d.blob_bytes(), after_first, "second import stored blob bytes");
+    assert_eq!(
+        d.blob_bytes(),
+        after_first,
+        "second import stored blob bytes"
+    );
     eprintln!(
         "blob bytes after first import: {after_first}, after second: {}; sled bytes {dirs_first} -> {}",
         d.blob_bytes(),
@@ -97,7 +119,12 @@ fn import_keeps_exec_bit_and_never_follows_symlinks() {
         serde_json::from_str(&stdout(&o)).unwrap()
     };
     let entry = |list: &serde_json::Value, name: &str| -> serde_json::Value {
-        list.as_array().unwrap().iter().find(|e| e["name"] == name).unwrap_or_else(|| panic!("{name}")).clone()
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .unwrap_or_else(|| panic!("{name}"))
+            .clone()
     };
     let top = ls(root["digest"].as_str().unwrap());
     assert_eq!(entry(&top, "etc-link")["type"], "symlink");
@@ -108,9 +135,17 @@ fn import_keeps_exec_bit_and_never_follows_symlinks() {
     assert_eq!(entry(&bin, "docs")["type"], "symlink");
     let share = ls(entry(&top, "share")["digest"].as_str().unwrap());
     assert_eq!(entry(&share, "tool-copy")["executable"], false);
-    assert_eq!(entry(&share, "tool-copy")["digest"], entry(&bin, "tool")["digest"], "same content, one blob");
+    assert_eq!(
+        entry(&share, "tool-copy")["digest"],
+        entry(&bin, "tool")["digest"],
+        "same content, one blob"
+    );
     // cat gives the bytes back
-    let cat = d.arca(&["castore", "cat", entry(&bin, "tool")["digest"].as_str().unwrap()]);
+    let cat = d.arca(&[
+        "castore",
+        "cat",
+        entry(&bin, "tool")["digest"].as_str().unwrap(),
+    ]);
     assert_eq!(cat.stdout, std::fs::read(tree.join("bin/tool")).unwrap());
 }
 
@@ -125,7 +160,11 @@ fn special_files_are_refused_with_their_path_and_nothing_is_stored() {
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
     let out = d.arca(&["castore", "import", tree.to_str().unwrap()]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("a-fifo") && stderr(&out).contains("FIFO"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("a-fifo") && stderr(&out).contains("FIFO"),
+        "{}",
+        stderr(&out)
+    );
     assert_eq!(d.blob_bytes(), 0, "nothing uploaded");
     std::fs::remove_file(&fifo).unwrap();
 
@@ -133,7 +172,11 @@ fn special_files_are_refused_with_their_path_and_nothing_is_stored() {
     let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
     let out = d.arca(&["castore", "import", tree.to_str().unwrap()]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("a-socket") && stderr(&out).contains("socket"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("a-socket") && stderr(&out).contains("socket"),
+        "{}",
+        stderr(&out)
+    );
     assert_eq!(d.blob_bytes(), 0, "nothing uploaded");
 }
 
@@ -141,7 +184,10 @@ fn special_files_are_refused_with_their_path_and_nothing_is_stored() {
 fn missing_objects_and_bad_input_exit_nonzero_with_one_line() {
     let d = Daemon::start();
     let unknown = "00".repeat(32);
-    for args in [vec!["castore", "cat", unknown.as_str()], vec!["castore", "ls", unknown.as_str()]] {
+    for args in [
+        vec!["castore", "cat", unknown.as_str()],
+        vec!["castore", "ls", unknown.as_str()],
+    ] {
         let out = d.arca(&args);
         assert_eq!(out.status.code(), Some(1));
         assert!(stderr(&out).contains("not found"), "{}", stderr(&out));
@@ -156,7 +202,11 @@ fn missing_objects_and_bad_input_exit_nonzero_with_one_line() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("not available for blob"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("not available for blob"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -168,15 +218,22 @@ fn composition_file_cycles_and_unknown_names_are_refused_at_start() {
         "[blobservices.default]\ntype=\"cache\"\nnear=\"a\"\nfar=\"b\"\n[blobservices.a]\ntype=\"memory\"\n[blobservices.b]\ntype=\"cache\"\nnear=\"a\"\nfar=\"default\"\n[directoryservices.default]\ntype=\"memory\"\n",
     )
     .unwrap();
-    let out = Command::new(arca_bin()).args(["daemon", "--store-composition", f.to_str().unwrap()]).output().unwrap();
+    let out = Command::new(arca_bin())
+        .args(["daemon", "--store-composition", f.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let msg = stderr(&out);
     assert!(
-        msg.contains("reference cycle") && (msg.contains("default -> b -> default") || msg.contains("b -> default -> b")),
+        msg.contains("reference cycle")
+            && (msg.contains("default -> b -> default") || msg.contains("b -> default -> b")),
         "{msg}"
     );
     std::fs::write(&f, "[blobservices.default]\ntype=\"cache\"\nnear=\"a\"\nfar=\"ghost\"\n[blobservices.a]\ntype=\"memory\"\n").unwrap();
-    let out = Command::new(arca_bin()).args(["daemon", "--store-composition", f.to_str().unwrap()]).output().unwrap();
+    let out = Command::new(arca_bin())
+        .args(["daemon", "--store-composition", f.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("\"ghost\""), "{}", stderr(&out));
 }
@@ -195,13 +252,23 @@ fn daemon_serves_a_composition_file() {
         ),
     )
     .unwrap();
-    let d = Daemon::start_with(&["--listen", "127.0.0.1:0", "--store-composition", f.to_str().unwrap()]);
+    let d = Daemon::start_with(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--store-composition",
+        f.to_str().unwrap(),
+    ]);
     let tree = t.path().join("tree");
     protocol_tree(&tree);
     let out = d.arca(&["castore", "import", tree.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stdout(&out).contains("424a7f6ce08d805d15b428062faae96299a1675d708c3a39261afe38cdd04feb"));
-    assert!(dir_bytes(&t.path().join("b")) > 0, "blobs reached the far store");
+    assert!(
+        stdout(&out).contains("424a7f6ce08d805d15b428062faae96299a1675d708c3a39261afe38cdd04feb")
+    );
+    assert!(
+        dir_bytes(&t.path().join("b")) > 0,
+        "blobs reached the far store"
+    );
     // the Nix layer goes through [pathinfoservices]
     let out = Command::new(arca_bin())
         .args(["import", tree.to_str().unwrap()])
@@ -212,7 +279,10 @@ fn daemon_serves_a_composition_file() {
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).starts_with("/nix/store/"), "{}", stdout(&out));
-    assert!(t.path().join("p").exists(), "path infos reached the sled entry of the file");
+    assert!(
+        t.path().join("p").exists(),
+        "path infos reached the sled entry of the file"
+    );
 }
 
 #[test]
@@ -226,7 +296,9 @@ fn sigterm_drains_and_exits_zero_and_unix_socket_works() {
     protocol_tree(&tree);
     let out = d.arca(&["castore", "import", tree.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stdout(&out).contains("424a7f6ce08d805d15b428062faae96299a1675d708c3a39261afe38cdd04feb"));
+    assert!(
+        stdout(&out).contains("424a7f6ce08d805d15b428062faae96299a1675d708c3a39261afe38cdd04feb")
+    );
     let status = d.stop();
     assert_eq!(status.code(), Some(0));
     assert!(!sock.exists(), "socket removed on exit");
@@ -238,28 +310,59 @@ fn health_and_reflection_are_served() {
     let addr = d.url.trim_start_matches("grpc+").to_string();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let channel = tonic::transport::Endpoint::from_shared(addr).unwrap().connect().await.unwrap();
+        let channel = tonic::transport::Endpoint::from_shared(addr)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
         let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
-        for service in ["", "tvix.castore.v1.BlobService", "tvix.castore.v1.DirectoryService"] {
+        for service in [
+            "",
+            "tvix.castore.v1.BlobService",
+            "tvix.castore.v1.DirectoryService",
+        ] {
             let resp = health
-                .check(tonic_health::pb::HealthCheckRequest { service: service.into() })
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: service.into(),
+                })
                 .await
                 .unwrap()
                 .into_inner();
-            assert_eq!(resp.status(), tonic_health::pb::health_check_response::ServingStatus::Serving, "{service:?}");
+            assert_eq!(
+                resp.status(),
+                tonic_health::pb::health_check_response::ServingStatus::Serving,
+                "{service:?}"
+            );
         }
         use tonic_reflection::pb::v1::{
-            server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest,
-            server_reflection_response::MessageResponse, ServerReflectionRequest,
+            server_reflection_client::ServerReflectionClient,
+            server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+            ServerReflectionRequest,
         };
         let mut refl = ServerReflectionClient::new(channel);
-        let req = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
-        let mut resp = refl.server_reflection_info(futures::stream::iter(vec![req])).await.unwrap().into_inner();
+        let req = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut resp = refl
+            .server_reflection_info(futures::stream::iter(vec![req]))
+            .await
+            .unwrap()
+            .into_inner();
         let msg = resp.message().await.unwrap().unwrap();
-        let Some(MessageResponse::ListServicesResponse(list)) = msg.message_response else { panic!("unexpected") };
+        let Some(MessageResponse::ListServicesResponse(list)) = msg.message_response else {
+            panic!("unexpected")
+        };
         let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
-        for want in ["tvix.castore.v1.BlobService", "tvix.castore.v1.DirectoryService", "grpc.health.v1.Health"] {
-            assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
+        for want in [
+            "tvix.castore.v1.BlobService",
+            "tvix.castore.v1.DirectoryService",
+            "grpc.health.v1.Health",
+        ] {
+            assert!(
+                names.iter().any(|n| n == want),
+                "{want} missing from {names:?}"
+            );
         }
     });
 }

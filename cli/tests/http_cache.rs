@@ -33,7 +33,12 @@ fn nix(xdg: &Path, args: &[&str]) -> Output {
 
 fn nix_ok(xdg: &Path, args: &[&str]) -> Output {
     let out = nix(xdg, args);
-    assert!(out.status.success(), "{args:?} failed:\n{}\n{}", stdout(&out), stderr(&out));
+    assert!(
+        out.status.success(),
+        "{args:?} failed:\n{}\n{}",
+        stdout(&out),
+        stderr(&out)
+    );
     out
 }
 
@@ -61,7 +66,11 @@ fn arca(d: &Daemon, client_data: &Path, args: &[&str]) -> Output {
 fn fill_from_fixture(d: &Daemon, fx: &Path, cache: &str) {
     let client = tempfile::tempdir().unwrap();
     let from = if cache == "cache-xz-signed" {
-        format!("nix+file://{}/{cache}?trusted-public-keys={}", fx.display(), public_key(fx))
+        format!(
+            "nix+file://{}/{cache}?trusted-public-keys={}",
+            fx.display(),
+            public_key(fx)
+        )
     } else {
         format!("nix+file://{}/{cache}", fx.display())
     };
@@ -70,13 +79,21 @@ fn fill_from_fixture(d: &Daemon, fx: &Path, cache: &str) {
 }
 
 fn root_path(fx: &Path) -> String {
-    std::fs::read_to_string(fx.join("ROOT_PATH")).unwrap().trim().to_string()
+    std::fs::read_to_string(fx.join("ROOT_PATH"))
+        .unwrap()
+        .trim()
+        .to_string()
 }
 
 /// `nix-store --dump` of a path of the fixture's chroot store.
 fn nix_dump(fx: &Path, path: &str) -> Vec<u8> {
     let on_disk = fx.join("nix-root").join(path.trim_start_matches('/'));
-    let o = Command::new("nix-store").arg("--dump").arg(&on_disk).env("NIX_CONFIG", NIX_CONFIG).output().unwrap();
+    let o = Command::new("nix-store")
+        .arg("--dump")
+        .arg(&on_disk)
+        .env("NIX_CONFIG", NIX_CONFIG)
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     o.stdout
 }
@@ -145,16 +162,25 @@ impl ServeCache {
                 break url.to_string();
             }
         };
-        ServeCache { child: Some(child), url, _data: data }
+        ServeCache {
+            child: Some(child),
+            url,
+            _data: data,
+        }
     }
 
     fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else { return };
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = child.try_wait().unwrap() {
-                assert!(status.success(), "serve-cache exited with {status} after SIGTERM");
+                assert!(
+                    status.success(),
+                    "serve-cache exited with {status} after SIGTERM"
+                );
                 return;
             }
             if Instant::now() > deadline {
@@ -197,37 +223,70 @@ impl Resp {
     }
 
     fn header(&self, name: &str) -> Option<String> {
-        self.headers.get(name).map(|v| v.to_str().unwrap().to_string())
+        self.headers
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_string())
     }
 }
 
 impl std::fmt::Debug for Resp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "HTTP {} {:?} {:?}", self.status, self.headers, String::from_utf8_lossy(&self.body[..self.body.len().min(300)]))
+        write!(
+            f,
+            "HTTP {} {:?} {:?}",
+            self.status,
+            self.headers,
+            String::from_utf8_lossy(&self.body[..self.body.len().min(300)])
+        )
     }
 }
 
 impl Http {
     fn new() -> Http {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let client = reqwest::Client::builder().timeout(Duration::from_secs(120)).build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(120))
+            .build()
+            .unwrap();
         Http { rt, client }
     }
 
-    fn send(&self, method: &str, url: &str, headers: &[(&str, &str)], body: Option<Vec<u8>>) -> Resp {
+    fn send(
+        &self,
+        method: &str,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: Option<Vec<u8>>,
+    ) -> Resp {
         self.rt.block_on(async {
-            let mut req = self.client.request(reqwest::Method::from_bytes(method.as_bytes()).unwrap(), url);
+            let mut req = self
+                .client
+                .request(reqwest::Method::from_bytes(method.as_bytes()).unwrap(), url);
             for (k, v) in headers {
                 req = req.header(*k, *v);
             }
             if let Some(b) = body {
                 req = req.body(b);
             }
-            let r = req.send().await.unwrap_or_else(|e| panic!("{method} {url}: {e}"));
+            let r = req
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("{method} {url}: {e}"));
             let status = r.status().as_u16();
             let headers = r.headers().clone();
-            let body = r.bytes().await.unwrap_or_else(|e| panic!("{method} {url}: reading the body: {e}")).to_vec();
-            Resp { status, headers, body }
+            let body = r
+                .bytes()
+                .await
+                .unwrap_or_else(|e| panic!("{method} {url}: reading the body: {e}"))
+                .to_vec();
+            Resp {
+                status,
+                headers,
+                body,
+            }
         })
     }
 
@@ -254,7 +313,9 @@ impl Http {
 
 /// A narinfo text's field.
 fn field(narinfo: &str, key: &str) -> Option<String> {
-    narinfo.lines().find_map(|l| l.strip_prefix(&format!("{key}: ")).map(String::from))
+    narinfo
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}: ")).map(String::from))
 }
 
 fn decompress_zstd(data: &[u8]) -> Vec<u8> {
@@ -264,22 +325,40 @@ fn decompress_zstd(data: &[u8]) -> Vec<u8> {
 /// Asserts a 4xx answer whose message contains `needle`.
 fn assert_4xx(r: &Resp, status: u16, needle: &str, what: &str) {
     assert_eq!(r.status, status, "{what}: {r:?}");
-    assert!(r.text().contains(needle), "{what}: {needle:?} not in {:?}", r.text());
-    assert_eq!(r.header("content-type").as_deref(), Some("text/plain; charset=utf-8"), "{what}");
+    assert!(
+        r.text().contains(needle),
+        "{what}: {needle:?} not in {:?}",
+        r.text()
+    );
+    assert_eq!(
+        r.header("content-type").as_deref(),
+        Some("text/plain; charset=utf-8"),
+        "{what}"
+    );
 }
 
 /// A fixture cache's narinfo and NAR file for `path`: (narinfo text, NAR URL, NAR bytes).
 fn cache_files(fx: &Path, cache: &str, path: &str) -> (String, String, Vec<u8>) {
     let ni = fx.join(cache).join(format!("{}.narinfo", hash_part(path)));
     let url = narinfo_field(&ni, "URL").unwrap();
-    (std::fs::read_to_string(&ni).unwrap(), url.clone(), std::fs::read(fx.join(cache).join(&url)).unwrap())
+    (
+        std::fs::read_to_string(&ni).unwrap(),
+        url.clone(),
+        std::fs::read(fx.join(cache).join(&url)).unwrap(),
+    )
 }
 
 /// Replaces a field of a narinfo text.
 fn with_field(narinfo: &str, key: &str, value: &str) -> String {
     narinfo
         .lines()
-        .map(|l| if l.starts_with(&format!("{key}: ")) { format!("{key}: {value}") } else { l.to_string() })
+        .map(|l| {
+            if l.starts_with(&format!("{key}: ")) {
+                format!("{key}: {value}")
+            } else {
+                l.to_string()
+            }
+        })
         .collect::<Vec<_>>()
         .join("\n")
         + "\n"
@@ -305,26 +384,77 @@ fn nix_copy_from_arca_with_signatures_required() {
     let xdg = t.path().join("xdg");
     nix_ok(
         &xdg,
-        &["nix", "copy", "--from", &cache.url, "--to", &store, "--option", "require-sigs", "true", "--option", "trusted-public-keys", &public, &root],
+        &[
+            "nix",
+            "copy",
+            "--from",
+            &cache.url,
+            "--to",
+            &store,
+            "--option",
+            "require-sigs",
+            "true",
+            "--option",
+            "trusted-public-keys",
+            &public,
+            &root,
+        ],
     );
-    let verify = nix_ok(&xdg, &["nix-store", "--store", &store, "--verify", "--check-contents"]);
+    let verify = nix_ok(
+        &xdg,
+        &[
+            "nix-store",
+            "--store",
+            &store,
+            "--verify",
+            "--check-contents",
+        ],
+    );
     assert!(!stderr(&verify).contains("error"), "{}", stderr(&verify));
-    let info: serde_json::Value =
-        serde_json::from_slice(&nix_ok(&xdg, &["nix", "path-info", "--store", &store, "--json", "-r", &root]).stdout).unwrap();
+    let info: serde_json::Value = serde_json::from_slice(
+        &nix_ok(
+            &xdg,
+            &["nix", "path-info", "--store", &store, "--json", "-r", &root],
+        )
+        .stdout,
+    )
+    .unwrap();
     let m = manifest(&fx);
     assert_eq!(info.as_array().unwrap().len(), m.len());
     for p in info.as_array().unwrap() {
         let path = p["path"].as_str().unwrap();
         assert_eq!(p["narHash"].as_str().unwrap(), m[path].nar_hash, "{path}");
-        let sigs: Vec<&str> = p["signatures"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
-        assert!(sigs.iter().any(|s| s.starts_with("arca-http-test-1:")), "{path}: {sigs:?}");
+        let sigs: Vec<&str> = p["signatures"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap())
+            .collect();
+        assert!(
+            sigs.iter().any(|s| s.starts_with("arca-http-test-1:")),
+            "{path}: {sigs:?}"
+        );
     }
 
     // Another key trusted (the fixture's, which signed nothing here): refused.
     let store2 = format!("local?root={}", t.path().join("r2").display());
     let out = nix(
         &t.path().join("xdg2"),
-        &["nix", "copy", "--from", &cache.url, "--to", &store2, "--option", "require-sigs", "true", "--option", "trusted-public-keys", &public_key(&fx), &root],
+        &[
+            "nix",
+            "copy",
+            "--from",
+            &cache.url,
+            "--to",
+            &store2,
+            "--option",
+            "require-sigs",
+            "true",
+            "--option",
+            "trusted-public-keys",
+            &public_key(&fx),
+            &root,
+        ],
     );
     assert!(!out.status.success(), "copied without a trusted signature");
     assert!(stderr(&out).contains("signature"), "{}", stderr(&out));
@@ -348,8 +478,15 @@ fn nix_build_substitutes_from_the_daemon() {
         assert_eq!(r.status, 200, "{p}: {r:?}");
         let text = r.text();
         let sigs: Vec<&str> = text.lines().filter(|l| l.starts_with("Sig: ")).collect();
-        assert!(sigs.iter().any(|s| s.starts_with("Sig: arca-fixture-1:")), "upstream signature kept: {text}");
-        assert!(sigs.iter().any(|s| s.starts_with("Sig: arca-daemon-test-1:")), "signed by Arca: {text}");
+        assert!(
+            sigs.iter().any(|s| s.starts_with("Sig: arca-fixture-1:")),
+            "upstream signature kept: {text}"
+        );
+        assert!(
+            sigs.iter()
+                .any(|s| s.starts_with("Sig: arca-daemon-test-1:")),
+            "signed by Arca: {text}"
+        );
     }
 
     let store = format!("local?root={}", t.path().join("built").display());
@@ -357,12 +494,38 @@ fn nix_build_substitutes_from_the_daemon() {
     let out = nix_ok(
         &t.path().join("xdg"),
         &[
-            "nix-build", "--store", &store, "--no-out-link", "--max-jobs", "0", "--option", "substituters", &url,
-            "--option", "trusted-public-keys", &public, expr.to_str().unwrap(), "-A", "link",
+            "nix-build",
+            "--store",
+            &store,
+            "--no-out-link",
+            "--max-jobs",
+            "0",
+            "--option",
+            "substituters",
+            &url,
+            "--option",
+            "trusted-public-keys",
+            &public,
+            expr.to_str().unwrap(),
+            "-A",
+            "link",
         ],
     );
     assert_eq!(stdout(&out).trim(), root_path(&fx));
-    nix_ok(&t.path().join("xdg"), &["nix", "store", "verify", "--store", &store, "--trusted-public-keys", &public, "-r", &root_path(&fx)]);
+    nix_ok(
+        &t.path().join("xdg"),
+        &[
+            "nix",
+            "store",
+            "verify",
+            "--store",
+            &store,
+            "--trusted-public-keys",
+            &public,
+            "-r",
+            &root_path(&fx),
+        ],
+    );
     assert!(d.stop().success());
 }
 
@@ -381,13 +544,27 @@ fn nix_copy_to_arca_in_every_compression() {
     let source = format!("local?root={}", fx.join("nix-root").display());
     for c in ["none", "xz", "zstd", "bzip2", "br", "gzip"] {
         let (mut d, url) = daemon_with_http(&[]);
-        nix_ok(&t.path().join(format!("xdg-{c}")), &["nix", "copy", "--from", &source, "--to", &format!("{url}?compression={c}"), &root]);
+        nix_ok(
+            &t.path().join(format!("xdg-{c}")),
+            &[
+                "nix",
+                "copy",
+                "--from",
+                &source,
+                "--to",
+                &format!("{url}?compression={c}"),
+                &root,
+            ],
+        );
         let client = tempfile::tempdir().unwrap();
         for p in &paths {
             let want = nix_dump(&fx, p);
             let dump = arca(&d, client.path(), &["nar", "dump", p]);
             assert!(dump.status.success(), "{c} {p}: {}", stderr(&dump));
-            assert!(dump.stdout == want, "{c}: arca nar dump of {p} differs from nix-store --dump");
+            assert!(
+                dump.stdout == want,
+                "{c}: arca nar dump of {p} differs from nix-store --dump"
+            );
 
             let ni = http.get(&format!("{url}/{}.narinfo", hash_part(p)));
             assert_eq!(ni.status, 200, "{c} {p}: {ni:?}");
@@ -396,25 +573,64 @@ fn nix_copy_to_arca_in_every_compression() {
             assert_eq!(field(&text, "NarSize").unwrap(), m[p].nar_size.to_string());
             assert_eq!(field(&text, "Compression").as_deref(), Some("zstd"));
             let nar_url = field(&text, "URL").unwrap();
-            assert_eq!(nar_url, format!("nar/{}.nar.zst", nar_hash.trim_start_matches("sha256:")));
+            assert_eq!(
+                nar_url,
+                format!("nar/{}.nar.zst", nar_hash.trim_start_matches("sha256:"))
+            );
             let zst = http.get(&format!("{url}/{nar_url}"));
             assert_eq!(zst.status, 200, "{zst:?}");
-            assert!(decompress_zstd(&zst.body) == want, "{c}: zstd NAR of {p} served over HTTP differs");
+            assert!(
+                decompress_zstd(&zst.body) == want,
+                "{c}: zstd NAR of {p} served over HTTP differs"
+            );
             let plain = http.get(&format!("{url}/{}", nar_url.trim_end_matches(".zst")));
-            assert!(plain.body == want, "{c}: NAR of {p} served over HTTP differs");
+            assert!(
+                plain.body == want,
+                "{c}: NAR of {p} served over HTTP differs"
+            );
         }
         // Uploaded again: Nix finds every narinfo and uploads nothing.
-        let again = nix_ok(&t.path().join(format!("xdg2-{c}")), &["nix", "copy", "--from", &source, "--to", &format!("{url}?compression={c}"), &root]);
-        assert!(!stderr(&again).contains("copying path"), "{}", stderr(&again));
+        let again = nix_ok(
+            &t.path().join(format!("xdg2-{c}")),
+            &[
+                "nix",
+                "copy",
+                "--from",
+                &source,
+                "--to",
+                &format!("{url}?compression={c}"),
+                &root,
+            ],
+        );
+        assert!(
+            !stderr(&again).contains("copying path"),
+            "{}",
+            stderr(&again)
+        );
         assert!(d.stop().success());
     }
 
     let (mut d, url) = daemon_with_http(&[]);
-    let out = nix(&t.path().join("xdg-lz4"), &["nix", "copy", "--from", &source, "--to", &format!("{url}?compression=lz4"), &root]);
+    let out = nix(
+        &t.path().join("xdg-lz4"),
+        &[
+            "nix",
+            "copy",
+            "--from",
+            &source,
+            "--to",
+            &format!("{url}?compression=lz4"),
+            &root,
+        ],
+    );
     assert!(!out.status.success(), "an lz4 upload was accepted");
     assert!(stderr(&out).contains("400"), "{}", stderr(&out));
     for p in &paths {
-        assert_eq!(http.get(&format!("{url}/{}.narinfo", hash_part(p))).status, 404, "{p} stored from an lz4 upload");
+        assert_eq!(
+            http.get(&format!("{url}/{}.narinfo", hash_part(p))).status,
+            404,
+            "{p} stored from an lz4 upload"
+        );
     }
     assert!(d.stop().success());
 }
@@ -432,15 +648,24 @@ fn range_requests_and_headers() {
 
     let info = http.get(&format!("{url}/nix-cache-info"));
     assert_eq!(info.status, 200);
-    assert_eq!(info.header("content-type").as_deref(), Some("text/x-nix-cache-info"));
-    assert_eq!(info.text(), "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 7\n");
+    assert_eq!(
+        info.header("content-type").as_deref(),
+        Some("text/x-nix-cache-info")
+    );
+    assert_eq!(
+        info.text(),
+        "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 7\n"
+    );
 
     // The largest path of the closure (the leaf, with a 2 MB file).
     let m = manifest(&fx);
     let leaf = m.values().max_by_key(|e| e.nar_size).unwrap().path.clone();
     let ni = http.get(&format!("{url}/{}.narinfo", hash_part(&leaf)));
     assert_eq!(ni.status, 200);
-    assert_eq!(ni.header("content-type").as_deref(), Some("text/x-nix-narinfo"));
+    assert_eq!(
+        ni.header("content-type").as_deref(),
+        Some("text/x-nix-narinfo")
+    );
     assert!(ni.header("cache-control").unwrap().contains("max-age"));
     let text = ni.text();
     assert_eq!(field(&text, "Compression").as_deref(), Some("none"));
@@ -456,8 +681,14 @@ fn range_requests_and_headers() {
     let want = nix_dump(&fx, &leaf);
     assert!(full.body == want);
     let len = want.len();
-    assert_eq!(full.header("content-type").as_deref(), Some("application/x-nix-nar"));
-    assert_eq!(full.header("cache-control").as_deref(), Some("public, max-age=31536000, immutable"));
+    assert_eq!(
+        full.header("content-type").as_deref(),
+        Some("application/x-nix-nar")
+    );
+    assert_eq!(
+        full.header("cache-control").as_deref(),
+        Some("public, max-age=31536000, immutable")
+    );
     assert_eq!(full.header("accept-ranges").as_deref(), Some("bytes"));
     assert_eq!(full.header("content-length"), Some(len.to_string()));
     let etag = full.header("etag").unwrap();
@@ -477,17 +708,37 @@ fn range_requests_and_headers() {
     ] {
         let r = http.get_with(&nar_url, &[("Range", &range)]);
         assert_eq!(r.status, 206, "{range}: {r:?}");
-        assert_eq!(r.header("content-range"), Some(format!("bytes {start}-{end}/{len}")), "{range}");
-        assert_eq!(r.header("content-length"), Some((end - start + 1).to_string()), "{range}");
+        assert_eq!(
+            r.header("content-range"),
+            Some(format!("bytes {start}-{end}/{len}")),
+            "{range}"
+        );
+        assert_eq!(
+            r.header("content-length"),
+            Some((end - start + 1).to_string()),
+            "{range}"
+        );
         assert!(r.body == want[start..=end], "{range}: wrong bytes");
     }
-    for range in [format!("bytes={len}-"), format!("bytes={}-{}", len + 10, len + 20), "bytes=-0".to_string()] {
+    for range in [
+        format!("bytes={len}-"),
+        format!("bytes={}-{}", len + 10, len + 20),
+        "bytes=-0".to_string(),
+    ] {
         let r = http.get_with(&nar_url, &[("Range", &range)]);
         assert_eq!(r.status, 416, "{range}: {r:?}");
-        assert_eq!(r.header("content-range"), Some(format!("bytes */{len}")), "{range}");
+        assert_eq!(
+            r.header("content-range"),
+            Some(format!("bytes */{len}")),
+            "{range}"
+        );
     }
     // A different validator, several ranges, other units: the whole NAR.
-    for (k, v) in [("If-Range", "\"other\""), ("Range", "bytes=0-1,5-6"), ("Range", "lines=1-2")] {
+    for (k, v) in [
+        ("If-Range", "\"other\""),
+        ("Range", "bytes=0-1,5-6"),
+        ("Range", "lines=1-2"),
+    ] {
         let mut headers = vec![(k, v)];
         if k == "If-Range" {
             headers.push(("Range", "bytes=0-9"));
@@ -527,8 +778,16 @@ fn bad_requests_get_4xx_and_store_nothing() {
     let client = tempfile::tempdir().unwrap();
     let m = manifest(&fx);
     // base: a single file without references; leaf refers to base and note.txt.
-    let base = m.keys().find(|p| p.ends_with("-fixture-base")).unwrap().clone();
-    let leaf = m.keys().find(|p| p.ends_with("-fixture-leaf")).unwrap().clone();
+    let base = m
+        .keys()
+        .find(|p| p.ends_with("-fixture-base"))
+        .unwrap()
+        .clone();
+    let leaf = m
+        .keys()
+        .find(|p| p.ends_with("-fixture-leaf"))
+        .unwrap()
+        .clone();
     let (base_ni, base_url, base_nar) = cache_files(&fx, "cache-xz", &base);
     let (leaf_ni, leaf_url, leaf_nar) = cache_files(&fx, "cache-xz", &leaf);
     let (_, _, base_plain) = cache_files(&fx, "cache-none", &base);
@@ -541,41 +800,101 @@ fn bad_requests_get_4xx_and_store_nothing() {
     // Malformed names.
     for (method, path, needle) in [
         ("GET", "/abc.narinfo".to_string(), "malformed narinfo name"),
-        ("GET", format!("/{}.narinfo", "e".repeat(32)), "malformed narinfo name"),
+        (
+            "GET",
+            format!("/{}.narinfo", "e".repeat(32)),
+            "malformed narinfo name",
+        ),
         ("HEAD", format!("/{}.narinfo", "0".repeat(31)), ""),
         ("PUT", "/x.narinfo".to_string(), "malformed narinfo name"),
         ("GET", "/nar/xyz.nar".to_string(), "malformed NAR file name"),
-        ("PUT", "/nar/xyz.nar.xz".to_string(), "malformed NAR file name"),
-        ("GET", format!("/nar/{}.tar", "0".repeat(52)), "malformed NAR file name"),
-        ("PUT", format!("/nar/{}.nar%2e.xz", "0".repeat(52)), "malformed NAR file name"),
-        ("GET", format!("/nar/{}.nar.lzip", "0".repeat(52)), "unknown compression"),
-        ("PUT", "/nar/..%2F..%2Fetc%2Fpasswd.nar".to_string(), "malformed NAR file name"),
+        (
+            "PUT",
+            "/nar/xyz.nar.xz".to_string(),
+            "malformed NAR file name",
+        ),
+        (
+            "GET",
+            format!("/nar/{}.tar", "0".repeat(52)),
+            "malformed NAR file name",
+        ),
+        (
+            "PUT",
+            format!("/nar/{}.nar%2e.xz", "0".repeat(52)),
+            "malformed NAR file name",
+        ),
+        (
+            "GET",
+            format!("/nar/{}.nar.lzip", "0".repeat(52)),
+            "unknown compression",
+        ),
+        (
+            "PUT",
+            "/nar/..%2F..%2Fetc%2Fpasswd.nar".to_string(),
+            "malformed NAR file name",
+        ),
         ("POST", "/_arca/narinfos".to_string(), "malformed hash part"),
     ] {
-        let body = if method == "POST" { Some(b"[\"not-a-hash\"]".to_vec()) } else if method == "PUT" { Some(b"x".to_vec()) } else { None };
+        let body = if method == "POST" {
+            Some(b"[\"not-a-hash\"]".to_vec())
+        } else if method == "PUT" {
+            Some(b"x".to_vec())
+        } else {
+            None
+        };
         let r = http.send(method, &format!("{url}{path}"), &[], body);
         assert_eq!(r.status, 400, "{method} {path}: {r:?}");
         if method != "HEAD" {
             assert!(r.text().contains(needle), "{method} {path}: {:?}", r.text());
         }
     }
-    assert_4xx(&http.get(&format!("{url}/some/thing")), 404, "no such file", "unknown path");
-    assert_4xx(&http.send("DELETE", &format!("{url}/nix-cache-info"), &[], None), 405, "not allowed", "DELETE");
+    assert_4xx(
+        &http.get(&format!("{url}/some/thing")),
+        404,
+        "no such file",
+        "unknown path",
+    );
+    assert_4xx(
+        &http.send("DELETE", &format!("{url}/nix-cache-info"), &[], None),
+        405,
+        "not allowed",
+        "DELETE",
+    );
 
     // Unknown compression.
-    let r = http.put(&format!("{url}/nar/{}.nar.lz4", h52(&base_nar)), base_nar.clone());
+    let r = http.put(
+        &format!("{url}/nar/{}.nar.lz4", h52(&base_nar)),
+        base_nar.clone(),
+    );
     assert_4xx(&r, 400, "unknown compression", "lz4 upload");
 
     // Truncated NAR upload (uncompressed and xz), corrupt xz, wrong name, trailing garbage.
     let trunc = &leaf_plain[..leaf_plain.len() - 24];
-    let r = http.put(&format!("{url}/nar/{}.nar", h52(&leaf_plain)), trunc.to_vec());
+    let r = http.put(
+        &format!("{url}/nar/{}.nar", h52(&leaf_plain)),
+        trunc.to_vec(),
+    );
     assert_4xx(&r, 400, "truncated NAR", "truncated upload");
-    assert_eq!(http.head(&format!("{url}/nar/{}.nar", h52(&leaf_plain))).status, 404, "nothing recorded for a truncated NAR");
-    let r = http.put(&format!("{url}/nar/{}.nar.xz", h52(&leaf_nar)), leaf_nar[..leaf_nar.len() / 2].to_vec());
+    assert_eq!(
+        http.head(&format!("{url}/nar/{}.nar", h52(&leaf_plain)))
+            .status,
+        404,
+        "nothing recorded for a truncated NAR"
+    );
+    let r = http.put(
+        &format!("{url}/nar/{}.nar.xz", h52(&leaf_nar)),
+        leaf_nar[..leaf_nar.len() / 2].to_vec(),
+    );
     assert_eq!(r.status, 400, "half an xz file: {r:?}");
-    let r = http.put(&format!("{url}/nar/{}.nar.xz", h52(b"garbage")), b"garbage, not xz".to_vec());
+    let r = http.put(
+        &format!("{url}/nar/{}.nar.xz", h52(b"garbage")),
+        b"garbage, not xz".to_vec(),
+    );
     assert_4xx(&r, 400, "decompressing (xz)", "corrupt xz");
-    let r = http.put(&format!("{url}/nar/{}.nar", "1".repeat(52)), base_plain.clone());
+    let r = http.put(
+        &format!("{url}/nar/{}.nar", "1".repeat(52)),
+        base_plain.clone(),
+    );
     assert_4xx(&r, 400, "hash mismatch", "misnamed NAR");
     let mut trailing = base_plain.clone();
     trailing.extend_from_slice(&[0u8; 8]);
@@ -583,14 +902,25 @@ fn bad_requests_get_4xx_and_store_nothing() {
     assert_4xx(&r, 400, "invalid NAR", "trailing bytes");
 
     // A narinfo whose NAR was never uploaded.
-    let r = http.put(&format!("{url}/{}.narinfo", hash_part(&base)), base_ni.clone().into_bytes());
+    let r = http.put(
+        &format!("{url}/{}.narinfo", hash_part(&base)),
+        base_ni.clone().into_bytes(),
+    );
     assert_4xx(&r, 400, "never uploaded", "narinfo before its NAR");
-    assert_eq!(http.get(&format!("{url}/{}.narinfo", hash_part(&base))).status, 404);
+    assert_eq!(
+        http.get(&format!("{url}/{}.narinfo", hash_part(&base)))
+            .status,
+        404
+    );
 
     // The NARs themselves are fine.
     let r = http.put(&format!("{url}/{base_url}"), base_nar.clone());
     assert_eq!(r.status, 204, "{r:?}");
-    assert_eq!(http.head(&format!("{url}/{base_url}")).status, 200, "an uploaded NAR exists (Nix skips it)");
+    assert_eq!(
+        http.head(&format!("{url}/{base_url}")).status,
+        200,
+        "an uploaded NAR exists (Nix skips it)"
+    );
     let r = http.put(&format!("{url}/{leaf_url}"), leaf_nar.clone());
     assert_eq!(r.status, 204, "{r:?}");
 
@@ -598,42 +928,106 @@ fn bad_requests_get_4xx_and_store_nothing() {
     let other_hash = field(&leaf_ni, "NarHash").unwrap();
     let base_size: u64 = field(&base_ni, "NarSize").unwrap().parse().unwrap();
     for (body, to, status, needle) in [
-        (with_field(&base_ni, "NarHash", &other_hash), hash_part(&base).to_string(), 400, "NarHash mismatch"),
-        (with_field(&base_ni, "NarSize", &(base_size + 8).to_string()), hash_part(&base).to_string(), 400, "NarSize mismatch"),
-        (with_field(&base_ni, "FileSize", "1"), hash_part(&base).to_string(), 400, "FileSize mismatch"),
-        (with_field(&base_ni, "Compression", "bzip2"), hash_part(&base).to_string(), 400, "Compression mismatch"),
-        (base_ni.clone(), hash_part(&leaf).to_string(), 400, "StorePath mismatch"),
-        (format!("{base_ni}X-Padding: {}\n", "x".repeat(70 * 1024)), hash_part(&base).to_string(), 413, "larger than 65536 bytes"),
-        ("StorePath: nonsense\n".to_string(), hash_part(&base).to_string(), 400, "invalid narinfo"),
-        (with_field(&base_ni, "Compression", "lz4"), hash_part(&base).to_string(), 400, "invalid narinfo"),
+        (
+            with_field(&base_ni, "NarHash", &other_hash),
+            hash_part(&base).to_string(),
+            400,
+            "NarHash mismatch",
+        ),
+        (
+            with_field(&base_ni, "NarSize", &(base_size + 8).to_string()),
+            hash_part(&base).to_string(),
+            400,
+            "NarSize mismatch",
+        ),
+        (
+            with_field(&base_ni, "FileSize", "1"),
+            hash_part(&base).to_string(),
+            400,
+            "FileSize mismatch",
+        ),
+        (
+            with_field(&base_ni, "Compression", "bzip2"),
+            hash_part(&base).to_string(),
+            400,
+            "Compression mismatch",
+        ),
+        (
+            base_ni.clone(),
+            hash_part(&leaf).to_string(),
+            400,
+            "StorePath mismatch",
+        ),
+        (
+            format!("{base_ni}X-Padding: {}\n", "x".repeat(70 * 1024)),
+            hash_part(&base).to_string(),
+            413,
+            "larger than 65536 bytes",
+        ),
+        (
+            "StorePath: nonsense\n".to_string(),
+            hash_part(&base).to_string(),
+            400,
+            "invalid narinfo",
+        ),
+        (
+            with_field(&base_ni, "Compression", "lz4"),
+            hash_part(&base).to_string(),
+            400,
+            "invalid narinfo",
+        ),
     ] {
         let r = http.put(&format!("{url}/{to}.narinfo"), body.into_bytes());
         assert_4xx(&r, status, needle, needle);
     }
     // References must be stored first: leaf before base is refused.
-    let r = http.put(&format!("{url}/{}.narinfo", hash_part(&leaf)), leaf_ni.clone().into_bytes());
-    assert_4xx(&r, 400, "which is not stored", "narinfo before its references");
+    let r = http.put(
+        &format!("{url}/{}.narinfo", hash_part(&leaf)),
+        leaf_ni.clone().into_bytes(),
+    );
+    assert_4xx(
+        &r,
+        400,
+        "which is not stored",
+        "narinfo before its references",
+    );
 
     // Nothing of the above was stored.
     for p in [&base, &leaf] {
-        assert_eq!(http.get(&format!("{url}/{}.narinfo", hash_part(p))).status, 404, "{p}");
+        assert_eq!(
+            http.get(&format!("{url}/{}.narinfo", hash_part(p))).status,
+            404,
+            "{p}"
+        );
         let o = arca(&d, client.path(), &["path-info", p]);
         assert_eq!(o.status.code(), Some(1), "{p} stored: {}", stdout(&o));
     }
 
     // Batch limits.
     let many: Vec<String> = (0..5001).map(|_| "0".repeat(32)).collect();
-    let r = http.post(&format!("{url}/_arca/narinfos"), serde_json::to_vec(&many).unwrap());
+    let r = http.post(
+        &format!("{url}/_arca/narinfos"),
+        serde_json::to_vec(&many).unwrap(),
+    );
     assert_4xx(&r, 413, "at most 5000", "batch too long");
     let r = http.post(&format!("{url}/_arca/narinfos"), vec![b'['; 600 * 1024]);
     assert_4xx(&r, 413, "larger than", "batch too large");
 
     // The server is alive and a correct upload works.
-    let r = http.put(&format!("{url}/{}.narinfo", hash_part(&base)), base_ni.clone().into_bytes());
+    let r = http.put(
+        &format!("{url}/{}.narinfo", hash_part(&base)),
+        base_ni.clone().into_bytes(),
+    );
     assert_eq!(r.status, 204, "{r:?}");
     let served = http.get(&format!("{url}/{}.narinfo", hash_part(&base)));
     assert_eq!(served.status, 200);
-    assert!(decompress_zstd(&http.get(&format!("{url}/{}", field(&served.text(), "URL").unwrap())).body) == base_plain);
+    assert!(
+        decompress_zstd(
+            &http
+                .get(&format!("{url}/{}", field(&served.text(), "URL").unwrap()))
+                .body
+        ) == base_plain
+    );
     assert_eq!(http.get(&format!("{url}/nix-cache-info")).status, 200);
     assert!(d.stop().success());
 }
@@ -657,14 +1051,20 @@ fn two_replicas_share_uploads_through_the_nar_index() {
     // The first narinfo at a replica that never saw the NAR (own sled index): refused.
     let (ni0, url0, nar0) = cache_files(&fx, "cache-xz", &paths[0]);
     assert_eq!(http.put(&format!("{}/{url0}", a.url), nar0).status, 204);
-    let r = http.put(&format!("{}/{}.narinfo", lone.url, hash_part(&paths[0])), ni0.into_bytes());
+    let r = http.put(
+        &format!("{}/{}.narinfo", lone.url, hash_part(&paths[0])),
+        ni0.into_bytes(),
+    );
     assert_4xx(&r, 400, "never uploaded", "replica with its own index");
 
     for p in &paths {
         let (ni, nar_url, nar) = cache_files(&fx, "cache-xz", p);
         let r = http.put(&format!("{}/{nar_url}", a.url), nar);
         assert_eq!(r.status, 204, "NAR of {p} to A: {r:?}");
-        let r = http.put(&format!("{}/{}.narinfo", b.url, hash_part(p)), ni.into_bytes());
+        let r = http.put(
+            &format!("{}/{}.narinfo", b.url, hash_part(p)),
+            ni.into_bytes(),
+        );
         assert_eq!(r.status, 204, "narinfo of {p} to B: {r:?}");
     }
     for p in &paths {
@@ -672,7 +1072,11 @@ fn two_replicas_share_uploads_through_the_nar_index() {
         for (served_by, fetched_from) in [(&a, &b), (&b, &a)] {
             let ni = http.get(&format!("{}/{}.narinfo", served_by.url, hash_part(p)));
             assert_eq!(ni.status, 200, "{p}");
-            let nar = http.get(&format!("{}/{}", fetched_from.url, field(&ni.text(), "URL").unwrap()));
+            let nar = http.get(&format!(
+                "{}/{}",
+                fetched_from.url,
+                field(&ni.text(), "URL").unwrap()
+            ));
             assert_eq!(nar.status, 200, "{p}");
             assert!(decompress_zstd(&nar.body) == want, "{p}");
         }
@@ -689,15 +1093,44 @@ fn two_replicas_share_uploads_through_the_nar_index() {
     let imported = stdout(&o).trim().to_string();
     let ni = http.get(&format!("{}/{}.narinfo", a.url, hash_part(&imported)));
     assert_eq!(ni.status, 200);
-    let nar = http.get(&format!("{}/{}", b.url, field(&ni.text(), "URL").unwrap().trim_end_matches(".zst")));
+    let nar = http.get(&format!(
+        "{}/{}",
+        b.url,
+        field(&ni.text(), "URL").unwrap().trim_end_matches(".zst")
+    ));
     assert_eq!(nar.status, 200, "{nar:?}");
-    let dump = Command::new("nix-store").arg("--dump").arg(&tree).output().unwrap();
+    let dump = Command::new("nix-store")
+        .arg("--dump")
+        .arg(&tree)
+        .output()
+        .unwrap();
     assert!(nar.body == dump.stdout);
 
     // Nix copies the uploaded closure from B.
     let store = format!("local?root={}", t.path().join("r").display());
-    nix_ok(&t.path().join("xdg"), &["nix", "copy", "--no-check-sigs", "--from", &b.url, "--to", &store, &root_path(&fx)]);
-    nix_ok(&t.path().join("xdg"), &["nix-store", "--store", &store, "--verify", "--check-contents"]);
+    nix_ok(
+        &t.path().join("xdg"),
+        &[
+            "nix",
+            "copy",
+            "--no-check-sigs",
+            "--from",
+            &b.url,
+            "--to",
+            &store,
+            &root_path(&fx),
+        ],
+    );
+    nix_ok(
+        &t.path().join("xdg"),
+        &[
+            "nix-store",
+            "--store",
+            &store,
+            "--verify",
+            "--check-contents",
+        ],
+    );
     a.stop();
     b.stop();
     lone.stop();
@@ -717,9 +1150,15 @@ fn batch_lookup() {
     hashes.push(absent.clone());
     hashes.push(hashes[0].clone());
 
-    let json = http.post(&format!("{url}/_arca/narinfos"), serde_json::to_vec(&hashes).unwrap());
+    let json = http.post(
+        &format!("{url}/_arca/narinfos"),
+        serde_json::to_vec(&hashes).unwrap(),
+    );
     assert_eq!(json.status, 200, "{json:?}");
-    assert_eq!(json.header("content-type").as_deref(), Some("application/json"));
+    assert_eq!(
+        json.header("content-type").as_deref(),
+        Some("application/json")
+    );
     let answer: serde_json::Value = serde_json::from_slice(&json.body).unwrap();
     let map = answer.as_object().unwrap();
     assert_eq!(map.len(), paths.len() + 1);
@@ -729,11 +1168,22 @@ fn batch_lookup() {
         let get = http.get(&format!("{url}/{h}.narinfo"));
         assert_eq!(map[h].as_str().unwrap(), get.text(), "{p}");
     }
-    let lines = http.post(&format!("{url}/_arca/narinfos"), hashes.join("\n").into_bytes());
+    let lines = http.post(
+        &format!("{url}/_arca/narinfos"),
+        hashes.join("\n").into_bytes(),
+    );
     assert_eq!(lines.status, 200);
-    assert_eq!(serde_json::from_slice::<serde_json::Value>(&lines.body).unwrap(), answer);
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&lines.body).unwrap(),
+        answer
+    );
     let empty = http.post(&format!("{url}/_arca/narinfos"), b"[]".to_vec());
     assert_eq!(empty.text(), "{}");
-    assert_4xx(&http.get(&format!("{url}/_arca/narinfos")), 405, "not allowed", "GET batch");
+    assert_4xx(
+        &http.get(&format!("{url}/_arca/narinfos")),
+        405,
+        "not allowed",
+        "GET batch",
+    );
     assert!(d.stop().success());
 }

@@ -29,7 +29,12 @@ fn have_fuse() -> bool {
     if !Path::new("/dev/fuse").exists() {
         missing.push("/dev/fuse");
     }
-    if !Command::new("fusermount3").arg("--version").output().map(|o| o.status.success()).unwrap_or(false) {
+    if !Command::new("fusermount3")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+    {
         missing.push("fusermount3 (apt-get install fuse3)");
     }
     // SAFETY: geteuid has no preconditions.
@@ -39,7 +44,10 @@ fn have_fuse() -> bool {
     if missing.is_empty() {
         return true;
     }
-    assert!(std::env::var("CI").as_deref() != Ok("true"), "FUSE tests need {missing:?} (scripts/test.sh installs fuse3)");
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "FUSE tests need {missing:?} (scripts/test.sh installs fuse3)"
+    );
     eprintln!("SKIPPED: FUSE tests need {missing:?}");
     false
 }
@@ -52,8 +60,17 @@ fn arca(d: &Daemon, client_data: &Path, args: &[&str]) -> Output {
 /// `arca import PATH` through the daemon: the store path's basename.
 fn import_base(d: &Daemon, client_data: &Path, path: &Path) -> String {
     let o = arca(d, client_data, &["import", path.to_str().unwrap()]);
-    assert!(o.status.success(), "arca import {}: {}", path.display(), stderr(&o));
-    stdout(&o).trim().strip_prefix("/nix/store/").unwrap().to_string()
+    assert!(
+        o.status.success(),
+        "arca import {}: {}",
+        path.display(),
+        stderr(&o)
+    );
+    stdout(&o)
+        .trim()
+        .strip_prefix("/nix/store/")
+        .unwrap()
+        .to_string()
 }
 
 fn is_mounted(path: &Path) -> bool {
@@ -84,6 +101,15 @@ struct Mount {
 
 impl Mount {
     fn start(d: &Daemon, client_data: &Path, extra: &[&str]) -> Mount {
+        Self::start_with_env(d, client_data, extra, &[])
+    }
+
+    fn start_with_env(
+        d: &Daemon,
+        client_data: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Mount {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().canonicalize().unwrap().join("store");
         std::fs::create_dir(&path).unwrap();
@@ -92,6 +118,7 @@ impl Mount {
             .arg("mount")
             .args(extra)
             .arg(&path)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -105,7 +132,12 @@ impl Mount {
                 }
             }
         });
-        let m = Mount { child: Some(child), path, stderr_lines: rx, _dir: dir };
+        let m = Mount {
+            child: Some(child),
+            path,
+            stderr_lines: rx,
+            _dir: dir,
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -115,7 +147,11 @@ impl Mount {
                 Err(e) => panic!("arca mount did not report the mount within 30 s: {e}"),
             }
         }
-        assert!(is_mounted(&m.path), "{} not in /proc/mounts", m.path.display());
+        assert!(
+            is_mounted(&m.path),
+            "{} not in /proc/mounts",
+            m.path.display()
+        );
         m
     }
 
@@ -160,7 +196,10 @@ impl Drop for Mount {
             let _ = child.wait();
         }
         if !wait_unmounted(&self.path, Duration::from_secs(5)) {
-            let _ = Command::new("fusermount3").args(["-u", "-z", "--"]).arg(&self.path).status();
+            let _ = Command::new("fusermount3")
+                .args(["-u", "-z", "--"])
+                .arg(&self.path)
+                .status();
             if is_mounted(&self.path) {
                 let _ = Command::new("umount").arg("-l").arg(&self.path).status();
             }
@@ -173,8 +212,15 @@ fn run(cmd: &mut Command) -> Output {
 }
 
 fn nix_hash(path: &Path) -> String {
-    let o = run(Command::new("nix-hash").args(["--type", "sha256", "--base32"]).arg(path));
-    assert!(o.status.success(), "nix-hash {}: {}", path.display(), stderr(&o));
+    let o = run(Command::new("nix-hash")
+        .args(["--type", "sha256", "--base32"])
+        .arg(path));
+    assert!(
+        o.status.success(),
+        "nix-hash {}: {}",
+        path.display(),
+        stderr(&o)
+    );
     stdout(&o).trim().to_string()
 }
 
@@ -196,13 +242,20 @@ fn xattr_names(path: &Path) -> Vec<u8> {
     let mut buf = vec![0u8; 256];
     // SAFETY: a valid C string and a buffer of the given length.
     let r = unsafe { libc::llistxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    assert!(r >= 0, "listxattr {}: {}", path.display(), std::io::Error::last_os_error());
+    assert!(
+        r >= 0,
+        "listxattr {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
     buf.truncate(r as usize);
     buf
 }
 
 fn errno<T: std::fmt::Debug>(r: std::io::Result<T>) -> i32 {
-    r.expect_err("expected an error").raw_os_error().expect("an OS error")
+    r.expect_err("expected an error")
+        .raw_os_error()
+        .expect("an OS error")
 }
 
 /// Walks `real` and `mounted` together: same names, same types, modes as
@@ -213,27 +266,53 @@ fn compare_trees(real: &Path, mounted: &Path) -> (usize, usize, usize) {
     let (mut files, mut dirs, mut links) = (0, 0, 0);
     let rm = std::fs::symlink_metadata(real).unwrap();
     let mm = std::fs::symlink_metadata(mounted).unwrap();
-    assert_eq!(mm.ino(), std::fs::symlink_metadata(mounted).unwrap().ino(), "{}: inode changed", mounted.display());
+    assert_eq!(
+        mm.ino(),
+        std::fs::symlink_metadata(mounted).unwrap().ino(),
+        "{}: inode changed",
+        mounted.display()
+    );
     let mode = mm.mode() & 0o7777;
     if rm.file_type().is_symlink() {
-        assert!(mm.file_type().is_symlink(), "{} is not a symlink", mounted.display());
-        assert_eq!(std::fs::read_link(real).unwrap(), std::fs::read_link(mounted).unwrap());
-        assert_eq!(mm.len(), std::fs::read_link(real).unwrap().as_os_str().len() as u64);
+        assert!(
+            mm.file_type().is_symlink(),
+            "{} is not a symlink",
+            mounted.display()
+        );
+        assert_eq!(
+            std::fs::read_link(real).unwrap(),
+            std::fs::read_link(mounted).unwrap()
+        );
+        assert_eq!(
+            mm.len(),
+            std::fs::read_link(real).unwrap().as_os_str().len() as u64
+        );
         assert_eq!(errno(xattr(mounted, "user.arca.blake3")), libc::ENODATA);
         links += 1;
     } else if rm.is_dir() {
         assert!(mm.is_dir(), "{} is not a directory", mounted.display());
         assert_eq!(mode, 0o555, "{}", mounted.display());
         assert_eq!(xattr_names(mounted), b"user.arca.blake3\0");
-        let mut real_names: Vec<_> = std::fs::read_dir(real).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let mut real_names: Vec<_> = std::fs::read_dir(real)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         real_names.sort();
-        let mut entries: Vec<_> = std::fs::read_dir(mounted).unwrap().map(|e| e.unwrap()).collect();
+        let mut entries: Vec<_> = std::fs::read_dir(mounted)
+            .unwrap()
+            .map(|e| e.unwrap())
+            .collect();
         entries.sort_by_key(|e| e.file_name());
         let names: Vec<_> = entries.iter().map(|e| e.file_name()).collect();
         assert_eq!(names, real_names, "{}", mounted.display());
         for e in entries {
             let (f, d, l) = compare_trees(&real.join(e.file_name()), &e.path());
-            assert_eq!(e.ino(), std::fs::symlink_metadata(e.path()).unwrap().ino(), "readdir vs stat: {}", e.path().display());
+            assert_eq!(
+                e.ino(),
+                std::fs::symlink_metadata(e.path()).unwrap().ino(),
+                "readdir vs stat: {}",
+                e.path().display()
+            );
             files += f;
             dirs += d;
             links += l;
@@ -242,16 +321,35 @@ fn compare_trees(real: &Path, mounted: &Path) -> (usize, usize, usize) {
     } else {
         assert!(mm.is_file(), "{} is not a file", mounted.display());
         let exec = rm.mode() & 0o100 != 0;
-        assert_eq!(mode, if exec { 0o555 } else { 0o444 }, "{}", mounted.display());
+        assert_eq!(
+            mode,
+            if exec { 0o555 } else { 0o444 },
+            "{}",
+            mounted.display()
+        );
         assert_eq!(mm.len(), rm.len(), "{}", mounted.display());
         let data = std::fs::read(mounted).unwrap();
-        assert!(data == std::fs::read(real).unwrap(), "{} differs", mounted.display());
+        assert!(
+            data == std::fs::read(real).unwrap(),
+            "{} differs",
+            mounted.display()
+        );
         let digest = arca_castore::B3Digest::of(&data).to_hex();
-        assert_eq!(xattr(mounted, "user.arca.blake3").unwrap(), digest.as_bytes(), "{}", mounted.display());
+        assert_eq!(
+            xattr(mounted, "user.arca.blake3").unwrap(),
+            digest.as_bytes(),
+            "{}",
+            mounted.display()
+        );
         assert_eq!(errno(xattr(mounted, "user.other")), libc::ENODATA);
         files += 1;
     }
-    assert_eq!(mm.ino(), std::fs::symlink_metadata(mounted).unwrap().ino(), "{}: inode changed", mounted.display());
+    assert_eq!(
+        mm.ino(),
+        std::fs::symlink_metadata(mounted).unwrap().ino(),
+        "{}: inode changed",
+        mounted.display()
+    );
     (files, dirs, links)
 }
 
@@ -263,7 +361,10 @@ fn fixture_closure_through_the_mount_matches_the_nix_store() {
     }
     let d = Daemon::start();
     let client = tempfile::tempdir().unwrap();
-    let root = std::fs::read_to_string(fx.join("ROOT_PATH")).unwrap().trim().to_string();
+    let root = std::fs::read_to_string(fx.join("ROOT_PATH"))
+        .unwrap()
+        .trim()
+        .to_string();
     let from = format!("nix+file://{}", fx.join("cache-xz").display());
     let o = arca(&d, client.path(), &["copy", "--from", &from, &root]);
     assert!(o.status.success(), "arca copy: {}", stderr(&o));
@@ -278,11 +379,23 @@ fn fixture_closure_through_the_mount_matches_the_nix_store() {
         let real = fx.join("nix-root/nix/store").join(base);
         let mounted = m.p(base);
         // diff -r: contents, names, and symlinks by target (never followed).
-        let o = run(Command::new("diff").args(["-r", "--no-dereference"]).arg(&real).arg(&mounted));
-        assert!(o.status.success(), "diff -r {base}:\n{}{}", stdout(&o), stderr(&o));
+        let o = run(Command::new("diff")
+            .args(["-r", "--no-dereference"])
+            .arg(&real)
+            .arg(&mounted));
+        assert!(
+            o.status.success(),
+            "diff -r {base}:\n{}{}",
+            stdout(&o),
+            stderr(&o)
+        );
         // nix-hash of the mounted path is the NarHash Nix recorded.
         let want: arca_store::NixHash = manifest[p].nar_hash.parse().unwrap();
-        assert_eq!(nix_hash(&mounted), want.to_nixbase32(), "NarHash of {base} through the mount");
+        assert_eq!(
+            nix_hash(&mounted),
+            want.to_nixbase32(),
+            "NarHash of {base} through the mount"
+        );
         let (f, dd, l) = compare_trees(&real, &mounted);
         files += f;
         dirs += dd;
@@ -290,51 +403,115 @@ fn fixture_closure_through_the_mount_matches_the_nix_store() {
         if std::fs::symlink_metadata(&real).unwrap().is_dir() {
             let expected = common::expected_node(&real);
             let got = xattr(&mounted, "user.arca.blake3").unwrap();
-            assert_eq!(String::from_utf8(got).unwrap(), expected["digest"].as_str().unwrap(), "{base}");
+            assert_eq!(
+                String::from_utf8(got).unwrap(),
+                expected["digest"].as_str().unwrap(),
+                "{base}"
+            );
         }
     }
-    assert!(files >= 5 && dirs >= 5 && links >= 2, "files {files}, dirs {dirs}, symlinks {links}");
+    assert!(
+        files >= 5 && dirs >= 5 && links >= 2,
+        "files {files}, dirs {dirs}, symlinks {links}"
+    );
 
     // --list-root lists the store paths.
-    let mut listed: Vec<String> =
-        std::fs::read_dir(&m.path).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let mut listed: Vec<String> = std::fs::read_dir(&m.path)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
     listed.sort();
-    let mut want: Vec<String> = paths.iter().map(|p| p.strip_prefix("/nix/store/").unwrap().to_string()).collect();
+    let mut want: Vec<String> = paths
+        .iter()
+        .map(|p| p.strip_prefix("/nix/store/").unwrap().to_string())
+        .collect();
     want.sort();
     assert_eq!(listed, want);
 
     // Lookups must match the whole name.
-    let top = paths.iter().find(|p| p.ends_with("-fixture-top")).unwrap().strip_prefix("/nix/store/").unwrap();
+    let top = paths
+        .iter()
+        .find(|p| p.ends_with("-fixture-top"))
+        .unwrap()
+        .strip_prefix("/nix/store/")
+        .unwrap();
     let hash = &top[..32];
-    for bad in [format!("{hash}-wrongname"), format!("{hash}-fixture-to"), format!("{hash}-fixture-topp"), hash.to_string()] {
-        assert_eq!(errno(std::fs::symlink_metadata(m.p(&bad))), libc::ENOENT, "{bad}");
+    for bad in [
+        format!("{hash}-wrongname"),
+        format!("{hash}-fixture-to"),
+        format!("{hash}-fixture-topp"),
+        hash.to_string(),
+    ] {
+        assert_eq!(
+            errno(std::fs::symlink_metadata(m.p(&bad))),
+            libc::ENOENT,
+            "{bad}"
+        );
     }
-    assert_eq!(errno(std::fs::symlink_metadata(m.p("00000000000000000000000000000000-fixture-top"))), libc::ENOENT);
-    assert_eq!(errno(std::fs::symlink_metadata(m.p("not-a-store-path"))), libc::ENOENT);
+    assert_eq!(
+        errno(std::fs::symlink_metadata(
+            m.p("00000000000000000000000000000000-fixture-top")
+        )),
+        libc::ENOENT
+    );
+    assert_eq!(
+        errno(std::fs::symlink_metadata(m.p("not-a-store-path"))),
+        libc::ENOENT
+    );
     assert!(std::fs::symlink_metadata(m.p(top)).unwrap().is_dir());
 
     // Writes fail with EROFS.
     let file = walk_first_file(&m.p(top));
-    assert_eq!(errno(std::fs::OpenOptions::new().write(true).open(&file)), libc::EROFS);
-    assert_eq!(errno(std::fs::OpenOptions::new().append(true).open(&file)), libc::EROFS);
-    assert_eq!(errno(std::fs::File::create(m.p(top).join("new-file"))), libc::EROFS);
+    assert_eq!(
+        errno(std::fs::OpenOptions::new().write(true).open(&file)),
+        libc::EROFS
+    );
+    assert_eq!(
+        errno(std::fs::OpenOptions::new().append(true).open(&file)),
+        libc::EROFS
+    );
+    assert_eq!(
+        errno(std::fs::File::create(m.p(top).join("new-file"))),
+        libc::EROFS
+    );
     assert_eq!(errno(std::fs::File::create(m.p("new-file"))), libc::EROFS);
-    assert_eq!(errno(std::fs::create_dir(m.p(top).join("new-dir"))), libc::EROFS);
+    assert_eq!(
+        errno(std::fs::create_dir(m.p(top).join("new-dir"))),
+        libc::EROFS
+    );
     assert_eq!(errno(std::fs::remove_file(&file)), libc::EROFS);
-    assert_eq!(errno(std::fs::rename(&file, m.p(top).join("renamed"))), libc::EROFS);
-    assert_eq!(errno(std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o777))), libc::EROFS);
-    assert_eq!(errno(std::os::unix::fs::symlink("x", m.p(top).join("link"))), libc::EROFS);
+    assert_eq!(
+        errno(std::fs::rename(&file, m.p(top).join("renamed"))),
+        libc::EROFS
+    );
+    assert_eq!(
+        errno(std::fs::set_permissions(
+            &file,
+            std::fs::Permissions::from_mode(0o777)
+        )),
+        libc::EROFS
+    );
+    assert_eq!(
+        errno(std::os::unix::fs::symlink("x", m.p(top).join("link"))),
+        libc::EROFS
+    );
 
     // SIGTERM unmounts and exits 0.
     let status = m.signal_and_wait(libc::SIGTERM);
-    assert!(status.success(), "arca mount exited with {status} after SIGTERM");
+    assert!(
+        status.success(),
+        "arca mount exited with {status} after SIGTERM"
+    );
     assert!(!is_mounted(&m.path), "still mounted after SIGTERM");
 }
 
 fn walk_first_file(dir: &Path) -> PathBuf {
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let mut entries: Vec<_> = std::fs::read_dir(&d).unwrap().map(|e| e.unwrap().path()).collect();
+        let mut entries: Vec<_> = std::fs::read_dir(&d)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
         entries.sort();
         for e in entries {
             let m = std::fs::symlink_metadata(&e).unwrap();
@@ -364,7 +541,11 @@ fn imported_tree_modes_exec_bits_large_files_and_parallel_reads() {
     common::varied_tree(&tree, 7);
     std::fs::write(tree.join("same-plain"), b"identical content\n").unwrap();
     std::fs::write(tree.join("same-exec"), b"identical content\n").unwrap();
-    std::fs::set_permissions(tree.join("same-exec"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(
+        tree.join("same-exec"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
     let big = common::bytes_for(99, 9 * 1024 * 1024 + 4321);
     std::fs::write(tree.join("big.bin"), &big).unwrap();
     let big2 = common::bytes_for(98, 7 * 1024 * 1024 + 17);
@@ -376,12 +557,19 @@ fn imported_tree_modes_exec_bits_large_files_and_parallel_reads() {
     }
     std::fs::write(tree.join("y/other"), b"other\n").unwrap();
     // A real ELF executable (mapped, not read, by the kernel and ld.so).
-    let elf = ["/bin/true", "/usr/bin/true"].into_iter().map(Path::new).find(|p| p.exists());
+    let elf = ["/bin/true", "/usr/bin/true"]
+        .into_iter()
+        .map(Path::new)
+        .find(|p| p.exists());
     if let Some(elf) = elf {
         std::fs::copy(elf, tree.join("bin/true")).unwrap();
     }
     for i in 0..200 {
-        std::fs::write(tree.join(format!("share/doc/small-{i:03}")), common::bytes_for(1000 + i, (i as usize * 977) % 20_000)).unwrap();
+        std::fs::write(
+            tree.join(format!("share/doc/small-{i:03}")),
+            common::bytes_for(1000 + i, (i as usize * 977) % 20_000),
+        )
+        .unwrap();
     }
     let base = import_base(&d, client.path(), &tree);
 
@@ -419,7 +607,10 @@ fn imported_tree_modes_exec_bits_large_files_and_parallel_reads() {
                 let mut buf = vec![0u8; 100_000];
                 while pos < big2.len() {
                     let n = f.read_at(&mut buf, pos as u64).unwrap();
-                    assert!(n > 0 && buf[..n] == big2[pos..pos + n], "reader from {start} at {pos}");
+                    assert!(
+                        n > 0 && buf[..n] == big2[pos..pos + n],
+                        "reader from {start} at {pos}"
+                    );
                     pos += n;
                 }
             });
@@ -431,54 +622,109 @@ fn imported_tree_modes_exec_bits_large_files_and_parallel_reads() {
     let exec = std::fs::symlink_metadata(mounted.join("same-exec")).unwrap();
     assert_eq!(plain.mode() & 0o7777, 0o444);
     assert_eq!(exec.mode() & 0o7777, 0o555);
-    assert_ne!(plain.ino(), exec.ino(), "same content, different exec bit: different inodes");
-    assert_eq!(xattr(&mounted.join("same-plain"), "user.arca.blake3").unwrap(), xattr(&mounted.join("same-exec"), "user.arca.blake3").unwrap());
-    assert_eq!(std::fs::read(mounted.join("same-exec")).unwrap(), b"identical content\n");
+    assert_ne!(
+        plain.ino(),
+        exec.ino(),
+        "same content, different exec bit: different inodes"
+    );
+    assert_eq!(
+        xattr(&mounted.join("same-plain"), "user.arca.blake3").unwrap(),
+        xattr(&mounted.join("same-exec"), "user.arca.blake3").unwrap()
+    );
+    assert_eq!(
+        std::fs::read(mounted.join("same-exec")).unwrap(),
+        b"identical content\n"
+    );
     // varied_tree: bin/tool (0755) and share/tool-copy (0644) share content too.
-    assert_eq!(std::fs::symlink_metadata(mounted.join("bin/tool")).unwrap().mode() & 0o7777, 0o555);
-    assert_eq!(std::fs::symlink_metadata(mounted.join("share/tool-copy")).unwrap().mode() & 0o7777, 0o444);
+    assert_eq!(
+        std::fs::symlink_metadata(mounted.join("bin/tool"))
+            .unwrap()
+            .mode()
+            & 0o7777,
+        0o555
+    );
+    assert_eq!(
+        std::fs::symlink_metadata(mounted.join("share/tool-copy"))
+            .unwrap()
+            .mode()
+            & 0o7777,
+        0o444
+    );
     let o = run(&mut Command::new(mounted.join("bin/tool")));
-    assert!(o.status.success(), "running an executable from the mount: {}", stderr(&o));
+    assert!(
+        o.status.success(),
+        "running an executable from the mount: {}",
+        stderr(&o)
+    );
     assert_eq!(stdout(&o), "7\n");
     if elf.is_some() {
         let o = run(&mut Command::new(mounted.join("bin/true")));
-        assert!(o.status.success(), "running an ELF binary from the mount: {}", stderr(&o));
+        assert!(
+            o.status.success(),
+            "running an ELF binary from the mount: {}",
+            stderr(&o)
+        );
     }
 
     // Identical directories are distinct inodes: a directory held open (a
     // cwd, an fd) keeps its own parent and path while its twin is used.
     let xs = mounted.join("x/same");
     let held = std::fs::File::open(&xs).unwrap();
-    let fd_path = PathBuf::from(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&held)));
-    assert_ne!(std::fs::metadata(&xs).unwrap().ino(), std::fs::metadata(mounted.join("y/same")).unwrap().ino());
-    assert_eq!(std::fs::read_dir(mounted.join("y/same")).unwrap().count(), 1);
+    let fd_path = PathBuf::from(format!(
+        "/proc/self/fd/{}",
+        std::os::fd::AsRawFd::as_raw_fd(&held)
+    ));
+    assert_ne!(
+        std::fs::metadata(&xs).unwrap().ino(),
+        std::fs::metadata(mounted.join("y/same")).unwrap().ino()
+    );
+    assert_eq!(
+        std::fs::read_dir(mounted.join("y/same")).unwrap().count(),
+        1
+    );
     assert_eq!(std::fs::read(mounted.join("y/same/f")).unwrap(), b"f\n");
-    let mut up: Vec<_> = std::fs::read_dir(fd_path.join("..")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let mut up: Vec<_> = std::fs::read_dir(fd_path.join(".."))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     up.sort();
     assert_eq!(up, ["same"], "`..` of x/same after using y/same");
     assert_eq!(std::fs::read_link(&fd_path).unwrap(), xs);
     drop(held);
 
     // Many files read at once from several threads.
-    let files: Vec<PathBuf> = (0..200).map(|i| PathBuf::from(format!("share/doc/small-{i:03}"))).collect();
+    let files: Vec<PathBuf> = (0..200)
+        .map(|i| PathBuf::from(format!("share/doc/small-{i:03}")))
+        .collect();
     std::thread::scope(|s| {
         for chunk in files.chunks(25) {
             let (tree, mounted) = (&tree, &mounted);
             s.spawn(move || {
                 for rel in chunk {
-                    assert!(std::fs::read(mounted.join(rel)).unwrap() == std::fs::read(tree.join(rel)).unwrap(), "{}", rel.display());
+                    assert!(
+                        std::fs::read(mounted.join(rel)).unwrap()
+                            == std::fs::read(tree.join(rel)).unwrap(),
+                        "{}",
+                        rel.display()
+                    );
                 }
             });
         }
     });
 
     // The whole tree, and its NAR hash as Nix computes it.
-    let o = run(Command::new("diff").args(["-r", "--no-dereference"]).arg(&tree).arg(&mounted));
+    let o = run(Command::new("diff")
+        .args(["-r", "--no-dereference"])
+        .arg(&tree)
+        .arg(&mounted));
     assert!(o.status.success(), "diff -r:\n{}{}", stdout(&o), stderr(&o));
     if store_common::have_nix() {
         assert_eq!(nix_hash(&mounted), nix_hash(&tree));
     }
-    let ino_before: HashMap<PathBuf, u64> = files.iter().map(|r| (r.clone(), std::fs::metadata(mounted.join(r)).unwrap().ino())).collect();
+    let ino_before: HashMap<PathBuf, u64> = files
+        .iter()
+        .map(|r| (r.clone(), std::fs::metadata(mounted.join(r)).unwrap().ino()))
+        .collect();
     compare_trees(&tree, &mounted);
 
     // Inodes are released when the kernel forgets them (statfs reports the
@@ -499,20 +745,43 @@ fn imported_tree_modes_exec_bits_large_files_and_parallel_reads() {
         }
         let after = live(&m.path);
         eprintln!("live inodes: {before} before dropping dentries, {after} after");
-        assert!(after <= before / 2, "inodes not released: {before} before dropping dentries, {after} after");
+        assert!(
+            after <= before / 2,
+            "inodes not released: {before} before dropping dentries, {after} after"
+        );
     }
     for (rel, ino) in &ino_before {
-        assert_eq!(std::fs::metadata(mounted.join(rel)).unwrap().ino(), *ino, "{}", rel.display());
+        assert_eq!(
+            std::fs::metadata(mounted.join(rel)).unwrap().ino(),
+            *ino,
+            "{}",
+            rel.display()
+        );
     }
 
     let status = m.signal_and_wait(libc::SIGINT);
-    assert!(status.success(), "arca mount exited with {status} after SIGINT");
+    assert!(
+        status.success(),
+        "arca mount exited with {status} after SIGINT"
+    );
     assert!(!is_mounted(&m.path));
 }
 
-/// A killed `arca mount` leaves no dead mount behind (fusermount3's auto_unmount).
+/// A killed `arca mount` leaves no dead mount behind (fusermount3's
+/// auto_unmount helper, backed by Arca's own unmount guard).
 #[test]
 fn sigkill_leaves_no_dead_mount() {
+    sigkill_case(&[]);
+}
+
+/// The unmount guard alone (no auto_unmount helper) cleans up after SIGKILL:
+/// it is what catches the helper's race with the dying process's fds.
+#[test]
+fn sigkill_leaves_no_dead_mount_with_the_guard_alone() {
+    sigkill_case(&[("ARCA_MOUNT_NO_AUTO_UNMOUNT", "1")]);
+}
+
+fn sigkill_case(env: &[(&str, &str)]) {
     if !have_fuse() {
         return;
     }
@@ -522,7 +791,7 @@ fn sigkill_leaves_no_dead_mount() {
     std::fs::write(src.path().join("hello"), b"hello\n").unwrap();
     let base = import_base(&d, client.path(), &src.path().join("hello"));
     let t0 = Instant::now();
-    let mut m = Mount::start(&d, client.path(), &[]);
+    let mut m = Mount::start_with_env(&d, client.path(), &[], env);
     let mounted = t0.elapsed();
     assert_eq!(std::fs::read(m.p(&base)).unwrap(), b"hello\n");
     let read = t0.elapsed();
@@ -531,9 +800,15 @@ fn sigkill_leaves_no_dead_mount() {
     assert!(!status.success(), "pid {pid} was killed");
     let killed = t0.elapsed();
     if !wait_unmounted(&m.path, Duration::from_secs(30)) {
-        let ps = Command::new("ps").args(["-eo", "pid,ppid,stat,wchan:32,args"]).output().unwrap();
+        let ps = Command::new("ps")
+            .args(["-eo", "pid,ppid,stat,wchan:32,args"])
+            .output()
+            .unwrap();
         let ps = String::from_utf8_lossy(&ps.stdout);
-        let related: Vec<&str> = ps.lines().filter(|l| l.contains("fusermount") || l.contains("arca")).collect();
+        let related: Vec<&str> = ps
+            .lines()
+            .filter(|l| l.contains("fusermount") || l.contains("arca"))
+            .collect();
         let log: Vec<String> = m.stderr_lines.try_iter().collect();
         panic!(
             "a dead mount stayed 30 s after SIGKILL (mounted after {mounted:?}, read after {read:?}, \
@@ -556,7 +831,14 @@ fn first_page_cached(path: &Path) -> bool {
     // SAFETY: a read-only shared mapping of an open file, unmapped before
     // return; mincore writes one byte per page of the (one-page) range.
     unsafe {
-        let p = libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, f.as_raw_fd(), 0);
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        );
         assert_ne!(p, libc::MAP_FAILED, "mmap {}", path.display());
         let mut vec = [0u8; 1];
         let r = libc::mincore(p, len.min(4096), vec.as_mut_ptr());
@@ -577,25 +859,42 @@ fn small_files_are_fetched_ahead_into_the_page_cache_only_once_reading_starts() 
     let tree = src.path().join("smalls");
     std::fs::create_dir(&tree).unwrap();
     for i in 0..100 {
-        std::fs::write(tree.join(format!("f{i:03}")), format!("small file {i}\n").repeat(50)).unwrap();
+        std::fs::write(
+            tree.join(format!("f{i:03}")),
+            format!("small file {i}\n").repeat(50),
+        )
+        .unwrap();
     }
     let base = import_base(&d, client.path(), &tree);
     let m = Mount::start(&d, client.path(), &[]);
     let later = m.p(&format!("{base}/f050"));
     // Listing and stat-ing fetch no contents: nothing is in the page cache yet.
     assert_eq!(std::fs::read_dir(m.p(&base)).unwrap().count(), 100);
-    assert!(!first_page_cached(&later), "contents fetched before any read");
+    assert!(
+        !first_page_cached(&later),
+        "contents fetched before any read"
+    );
     // Reading the first file fetches the ones after it in one batch, straight
     // into the page cache (FUSE_NOTIFY_STORE), before they are read.
-    assert_eq!(std::fs::read(m.p(&format!("{base}/f000"))).unwrap(), "small file 0\n".repeat(50).as_bytes());
+    assert_eq!(
+        std::fs::read(m.p(&format!("{base}/f000"))).unwrap(),
+        "small file 0\n".repeat(50).as_bytes()
+    );
     let start = Instant::now();
     while !first_page_cached(&later) {
-        assert!(start.elapsed() < Duration::from_secs(10), "f050 never reached the page cache");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "f050 never reached the page cache"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     // What the kernel holds is the file's content.
     for i in [1, 50, 99] {
         let got = std::fs::read(m.p(&format!("{base}/f{i:03}"))).unwrap();
-        assert_eq!(got, format!("small file {i}\n").repeat(50).as_bytes(), "f{i:03}");
+        assert_eq!(
+            got,
+            format!("small file {i}\n").repeat(50).as_bytes(),
+            "f{i:03}"
+        );
     }
 }

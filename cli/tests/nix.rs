@@ -7,20 +7,32 @@ use common::*;
 use std::path::Path;
 use std::process::{Command, Output};
 
-const NIX_CONFIG: &str = "build-users-group =\nexperimental-features = nix-command\nsubstituters =\n";
+const NIX_CONFIG: &str =
+    "build-users-group =\nexperimental-features = nix-command\nsubstituters =\n";
 
 /// Whether the real Nix is here. Under CI=true its absence fails the test.
 fn have_nix() -> bool {
-    let ok = Command::new("nix-store").arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
+    let ok = Command::new("nix-store")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
     if !ok {
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "nix-store not found (scripts/test.sh installs nix-bin)");
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "nix-store not found (scripts/test.sh installs nix-bin)"
+        );
         eprintln!("SKIPPED: nix-store not found (run scripts/test.sh to install nix-bin)");
     }
     ok
 }
 
 fn nix(args: &[&str]) -> Output {
-    let out = Command::new(args[0]).args(&args[1..]).env("NIX_CONFIG", NIX_CONFIG).output().expect("run nix");
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .env("NIX_CONFIG", NIX_CONFIG)
+        .output()
+        .expect("run nix");
     assert!(out.status.success(), "{args:?}: {}", stderr(&out));
     out
 }
@@ -40,20 +52,43 @@ fn check_against_nix(d: &Daemon, tree: &Path, nix_root: &Path) {
     let store = format!("local?root={}", nix_root.display());
     let ours = with_store(d, &["import", tree.to_str().unwrap()]);
     assert!(ours.status.success(), "{}", stderr(&ours));
-    let theirs = nix(&["nix-store", "--store", &store, "--add", tree.to_str().unwrap()]);
+    let theirs = nix(&[
+        "nix-store",
+        "--store",
+        &store,
+        "--add",
+        tree.to_str().unwrap(),
+    ]);
     let path = stdout(&ours).trim().to_string();
-    assert_eq!(path, stdout(&theirs).trim(), "store path of {}", tree.display());
+    assert_eq!(
+        path,
+        stdout(&theirs).trim(),
+        "store path of {}",
+        tree.display()
+    );
 
     let dump = with_store(d, &["nar", "dump", &path]);
     assert!(dump.status.success(), "{}", stderr(&dump));
     let nix_dump = nix(&["nix-store", "--dump", tree.to_str().unwrap()]);
-    assert!(dump.stdout == nix_dump.stdout, "NAR of {} differs from nix-store --dump", tree.display());
+    assert!(
+        dump.stdout == nix_dump.stdout,
+        "NAR of {} differs from nix-store --dump",
+        tree.display()
+    );
 
-    let ours: serde_json::Value = serde_json::from_slice(&with_store(d, &["path-info", "--json", &path]).stdout).unwrap();
-    let theirs: serde_json::Value =
-        serde_json::from_slice(&nix(&["nix", "path-info", "--store", &store, "--json", &path]).stdout).unwrap();
+    let ours: serde_json::Value =
+        serde_json::from_slice(&with_store(d, &["path-info", "--json", &path]).stdout).unwrap();
+    let theirs: serde_json::Value = serde_json::from_slice(
+        &nix(&["nix", "path-info", "--store", &store, "--json", &path]).stdout,
+    )
+    .unwrap();
     for field in ["path", "narHash", "narSize", "references", "ca"] {
-        assert_eq!(ours[0][field], theirs[0][field], "{field} of {}", tree.display());
+        assert_eq!(
+            ours[0][field],
+            theirs[0][field],
+            "{field} of {}",
+            tree.display()
+        );
     }
 }
 
@@ -76,10 +111,19 @@ fn import_dump_and_path_info_agree_with_nix() {
     // a real tree of the system: part of its documentation (symlinks, gzip files, deep dirs)
     let docs = t.path().join("doc");
     std::fs::create_dir_all(&docs).unwrap();
-    let mut entries: Vec<_> = std::fs::read_dir("/usr/share/doc").unwrap().flatten().map(|e| e.path()).collect();
+    let mut entries: Vec<_> = std::fs::read_dir("/usr/share/doc")
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
     entries.sort();
     for e in entries.iter().take(120) {
-        let cp = Command::new("cp").arg("-a").arg(e).arg(&docs).status().unwrap();
+        let cp = Command::new("cp")
+            .arg("-a")
+            .arg(e)
+            .arg(&docs)
+            .status()
+            .unwrap();
         assert!(cp.success());
     }
     check_against_nix(&d, &docs, &nix_root);
@@ -97,16 +141,28 @@ fn nar_add_matches_nix_and_refuses_malformed_nars() {
     let nar = nix(&["nix-store", "--dump", tree.to_str().unwrap()]).stdout;
     let nar_file = t.path().join("tree.nar");
     std::fs::write(&nar_file, &nar).unwrap();
-    let added = with_store(&d, &["nar", "add", "--name", "tree", nar_file.to_str().unwrap()]);
+    let added = with_store(
+        &d,
+        &["nar", "add", "--name", "tree", nar_file.to_str().unwrap()],
+    );
     assert!(added.status.success(), "{}", stderr(&added));
     let nix_root = t.path().join("nix-root");
-    let theirs = nix(&["nix-store", "--store", &format!("local?root={}", nix_root.display()), "--add", tree.to_str().unwrap()]);
+    let theirs = nix(&[
+        "nix-store",
+        "--store",
+        &format!("local?root={}", nix_root.display()),
+        "--add",
+        tree.to_str().unwrap(),
+    ]);
     assert_eq!(stdout(&added).trim(), stdout(&theirs).trim());
     let dump = with_store(&d, &["nar", "dump", stdout(&added).trim()]);
     assert!(dump.stdout == nar, "round trip");
 
     // Truncated, and with trailing garbage: refused, and no path registered.
-    for (what, bad) in [("truncated", nar[..nar.len() - 9].to_vec()), ("trailing", [nar.clone(), vec![0u8; 8]].concat())] {
+    for (what, bad) in [
+        ("truncated", nar[..nar.len() - 9].to_vec()),
+        ("trailing", [nar.clone(), vec![0u8; 8]].concat()),
+    ] {
         let f = t.path().join(format!("{what}.nar"));
         std::fs::write(&f, &bad).unwrap();
         let out = with_store(&d, &["nar", "add", "--name", what, f.to_str().unwrap()]);
@@ -146,13 +202,19 @@ fn daemon_signatures_are_the_ones_nix_makes_and_verifies() {
     assert!(public.status.success());
     let public = stdout(&public).trim().to_string();
 
-    let d = Daemon::start_with(&["--listen", "127.0.0.1:0", "--signing-key", sk.to_str().unwrap()]);
+    let d = Daemon::start_with(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--signing-key",
+        sk.to_str().unwrap(),
+    ]);
     let tree = t.path().join("signed-tree");
     varied_tree(&tree, 8);
     let out = with_store(&d, &["import", tree.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
     let path = stdout(&out).trim().to_string();
-    let ours: serde_json::Value = serde_json::from_slice(&with_store(&d, &["path-info", "--json", &path]).stdout).unwrap();
+    let ours: serde_json::Value =
+        serde_json::from_slice(&with_store(&d, &["path-info", "--json", &path]).stdout).unwrap();
     let our_sigs = ours[0]["signatures"].as_array().expect("signed").clone();
     assert_eq!(our_sigs.len(), 1);
     assert!(our_sigs[0].as_str().unwrap().starts_with("arca-test-1:"));
@@ -160,17 +222,55 @@ fn daemon_signatures_are_the_ones_nix_makes_and_verifies() {
     // Nix signs the same path in its own store: ed25519 is deterministic, so
     // the signatures must be identical, and Nix verifies them.
     let store = format!("local?root={}", t.path().join("nix-root").display());
-    nix(&["nix-store", "--store", &store, "--add", tree.to_str().unwrap()]);
-    nix(&["nix", "store", "sign", "--store", &store, "--key-file", sk.to_str().unwrap(), &path]);
-    let theirs: serde_json::Value =
-        serde_json::from_slice(&nix(&["nix", "path-info", "--store", &store, "--json", "--sigs", &path]).stdout).unwrap();
+    nix(&[
+        "nix-store",
+        "--store",
+        &store,
+        "--add",
+        tree.to_str().unwrap(),
+    ]);
+    nix(&[
+        "nix",
+        "store",
+        "sign",
+        "--store",
+        &store,
+        "--key-file",
+        sk.to_str().unwrap(),
+        &path,
+    ]);
+    let theirs: serde_json::Value = serde_json::from_slice(
+        &nix(&[
+            "nix",
+            "path-info",
+            "--store",
+            &store,
+            "--json",
+            "--sigs",
+            &path,
+        ])
+        .stdout,
+    )
+    .unwrap();
     assert_eq!(theirs[0]["signatures"], serde_json::Value::Array(our_sigs));
-    nix(&["nix", "store", "verify", "--store", &store, "--sigs-needed", "1", "--trusted-public-keys", &public, &path]);
+    nix(&[
+        "nix",
+        "store",
+        "verify",
+        "--store",
+        &store,
+        "--sigs-needed",
+        "1",
+        "--trusted-public-keys",
+        &public,
+        &path,
+    ]);
 }
 
 /// Builds the shared real-Nix fixture (a 6-path closure and binary caches).
 fn fixture() -> tempfile::TempDir {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/make-nix-fixture.sh");
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/make-nix-fixture.sh");
     assert!(script.exists(), "{} missing", script.display());
     let out = tempfile::tempdir().unwrap();
     let status = Command::new("bash")
@@ -205,7 +305,9 @@ fn fixture_closure_trees_and_narinfos() {
         for e in std::fs::read_dir(fx.path().join(cache)).unwrap().flatten() {
             if e.path().extension().is_some_and(|x| x == "narinfo") {
                 let text = std::fs::read_to_string(e.path()).unwrap();
-                let parsed: arca_store::NarInfo = text.parse().unwrap_or_else(|err| panic!("{}: {err}", e.path().display()));
+                let parsed: arca_store::NarInfo = text
+                    .parse()
+                    .unwrap_or_else(|err| panic!("{}: {err}", e.path().display()));
                 assert_eq!(parsed.to_string(), text, "{}", e.path().display());
                 count += 1;
             }

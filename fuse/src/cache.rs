@@ -29,12 +29,20 @@ pub struct Listing {
 
 impl Listing {
     fn new(d: &Directory) -> Self {
-        Self { digest: d.digest(), entries: d.entries().map(|(n, node)| (n.clone(), node.clone())).collect() }
+        Self {
+            digest: d.digest(),
+            entries: d
+                .entries()
+                .map(|(n, node)| (n.clone(), node.clone()))
+                .collect(),
+        }
     }
 
     /// Index of the entry called `name`.
     pub fn find(&self, name: &[u8]) -> Option<usize> {
-        self.entries.binary_search_by(|(n, _)| n.as_bytes().cmp(name)).ok()
+        self.entries
+            .binary_search_by(|(n, _)| n.as_bytes().cmp(name))
+            .ok()
     }
 }
 
@@ -56,7 +64,9 @@ impl DirCache {
             service,
             lru: Mutex::new(lru::LruCache::new(cap)),
             flights: Mutex::new(HashMap::new()),
-            prefetched: Mutex::new(lru::LruCache::new(std::num::NonZeroUsize::new(1024).expect("1024"))),
+            prefetched: Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(1024).expect("1024"),
+            )),
         })
     }
 
@@ -97,7 +107,9 @@ impl DirCache {
                         this.flights.lock().remove(&digest);
                         r
                     });
-                    async move { task.await.unwrap_or(Err(Errno::EIO)) }.boxed().shared()
+                    async move { task.await.unwrap_or(Err(Errno::EIO)) }
+                        .boxed()
+                        .shared()
                 })
                 .clone()
         };
@@ -216,7 +228,11 @@ impl BlobCache {
     /// its blobs fetch that blob on its own.
     /// `on_arrival(digest, bytes)` runs for every blob the batch delivers
     /// (the filesystem pushes small files into the kernel's page cache).
-    pub fn prefetch_batch(self: &Arc<Self>, items: &[(B3Digest, u64)], on_arrival: Option<ArrivalHook>) {
+    pub fn prefetch_batch(
+        self: &Arc<Self>,
+        items: &[(B3Digest, u64)],
+        on_arrival: Option<ArrivalHook>,
+    ) {
         let mut senders = Vec::new();
         {
             let mut flights = self.flights.lock();
@@ -249,7 +265,9 @@ impl BlobCache {
             let mut answers = this.service.read_many(digests);
             let mut pending = senders.into_iter();
             while let Some(answer) = answers.next().await {
-                let Some((digest, size, tx)) = pending.next() else { break };
+                let Some((digest, size, tx)) = pending.next() else {
+                    break;
+                };
                 match answer {
                     Ok((got, Some(data))) if got == digest && data.len() as u64 == size => {
                         this.insert(digest, data.clone());
@@ -302,7 +320,9 @@ impl BlobCache {
                     this.land(&digest);
                     r
                 });
-                async move { task.await.unwrap_or(Err(Errno::EIO)) }.boxed().shared()
+                async move { task.await.unwrap_or(Err(Errno::EIO)) }
+                    .boxed()
+                    .shared()
             })
             .clone()
     }
@@ -310,7 +330,11 @@ impl BlobCache {
 
 /// Reads a whole blob, checking its length against the node's size (the
 /// reader checks its digest).
-async fn fetch_whole(service: &dyn BlobService, digest: B3Digest, size: u64) -> Result<Bytes, Errno> {
+async fn fetch_whole(
+    service: &dyn BlobService,
+    digest: B3Digest,
+    size: u64,
+) -> Result<Bytes, Errno> {
     let mut reader = match service.open_read(&digest).await {
         Ok(Some(r)) => r,
         Ok(None) => {

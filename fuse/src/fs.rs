@@ -20,9 +20,10 @@ use crate::read::ReaderPool;
 use arca_castore::{B3Digest, BlobService, DirectoryService, Node};
 use arca_store::{PathInfoService, StorePath};
 use fuser::{
-    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
-    KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
-    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
+    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
+    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use futures::StreamExt;
 use parking_lot::Mutex;
@@ -120,14 +121,16 @@ impl PageCacheFiller {
     /// Starts the filler thread (it ends when every sender is gone).
     pub(crate) fn start(notifier: fuser::Notifier) -> std::io::Result<Self> {
         let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, bytes::Bytes)>(PAGE_CACHE_QUEUE);
-        std::thread::Builder::new().name("arca-pagecache".into()).spawn(move || {
-            for (ino, data) in rx {
-                // ENOENT (the kernel holds no such inode now) is ignored by fuser.
-                if let Err(e) = notifier.store(INodeNo(ino), 0, &data) {
-                    tracing::debug!(ino, "storing into the page cache: {e}");
+        std::thread::Builder::new()
+            .name("arca-pagecache".into())
+            .spawn(move || {
+                for (ino, data) in rx {
+                    // ENOENT (the kernel holds no such inode now) is ignored by fuser.
+                    if let Err(e) = notifier.store(INodeNo(ino), 0, &data) {
+                        tracing::debug!(ino, "storing into the page cache: {e}");
+                    }
                 }
-            }
-        })?;
+            })?;
         Ok(Self { tx })
     }
 
@@ -202,10 +205,16 @@ impl Inner {
         let (kind, perm, size) = match node {
             None => (FileType::Directory, 0o555, 0),
             Some(Node::Directory { size, .. }) => (FileType::Directory, 0o555, *size),
-            Some(Node::File { size, executable, .. }) => {
-                (FileType::RegularFile, if *executable { 0o555 } else { 0o444 }, *size)
+            Some(Node::File {
+                size, executable, ..
+            }) => (
+                FileType::RegularFile,
+                if *executable { 0o555 } else { 0o444 },
+                *size,
+            ),
+            Some(Node::Symlink { target }) => {
+                (FileType::Symlink, 0o777, target.as_bytes().len() as u64)
             }
-            Some(Node::Symlink { target }) => (FileType::Symlink, 0o777, target.as_bytes().len() as u64),
         };
         // Nix store timestamps: one second after the epoch.
         let time = SystemTime::UNIX_EPOCH + Duration::from_secs(1);
@@ -236,7 +245,14 @@ impl Inner {
         }
     }
 
-    fn reply_entry(&self, node: &Node, parent: Option<Parent>, parent_ino: u64, name: &[u8], reply: ReplyEntry) {
+    fn reply_entry(
+        &self,
+        node: &Node,
+        parent: Option<Parent>,
+        parent_ino: u64,
+        name: &[u8],
+        reply: ReplyEntry,
+    ) {
         self.note_dir_parent(node, parent);
         let ino = self.inodes.lookup(node, parent, parent_ino, name);
         reply.entry(&TTL, &self.attr(ino, Some(node)), Generation(0));
@@ -247,7 +263,16 @@ impl Inner {
         match listing.find(name) {
             Some(index) => {
                 let node = &listing.entries[index].1;
-                self.reply_entry(node, Some(Parent { dir: listing.digest, index }), parent_ino, name, reply)
+                self.reply_entry(
+                    node,
+                    Some(Parent {
+                        dir: listing.digest,
+                        index,
+                    }),
+                    parent_ino,
+                    name,
+                    reply,
+                )
             }
             None => reply.error(Errno::ENOENT),
         }
@@ -255,7 +280,10 @@ impl Inner {
 
     /// `<hash>-<name>` at the root: the path info by hash; the name must match.
     async fn lookup_root(&self, name: Vec<u8>, reply: ReplyEntry) {
-        let Some(path) = std::str::from_utf8(&name).ok().and_then(|s| StorePath::from_basename(s).ok()) else {
+        let Some(path) = std::str::from_utf8(&name)
+            .ok()
+            .and_then(|s| StorePath::from_basename(s).ok())
+        else {
             return reply.error(Errno::ENOENT);
         };
         match self.path_info.get(*path.digest()).await {
@@ -280,12 +308,22 @@ impl Inner {
     /// in one batch: when at least [BATCH_MIN] of them are missing, or when
     /// the current file is (a reader waits for it).
     fn prefetch_siblings(&self, parent: Parent, current_too: bool) {
-        let Some(listing) = self.dirs.cached(&parent.dir) else { return };
-        let mut budget = Budget { files: SIBLING_FILES, bytes: SIBLING_BYTES, scan: SIBLING_SCAN };
+        let Some(listing) = self.dirs.cached(&parent.dir) else {
+            return;
+        };
+        let mut budget = Budget {
+            files: SIBLING_FILES,
+            bytes: SIBLING_BYTES,
+            scan: SIBLING_SCAN,
+        };
         let current_missing = current_too
             && matches!(listing.entries.get(parent.index), Some((_, Node::File { digest, .. })) if !self.blobs.has(digest));
         let mut missing = Vec::new();
-        let start = if current_too { parent.index } else { parent.index + 1 };
+        let start = if current_too {
+            parent.index
+        } else {
+            parent.index + 1
+        };
         let mut room_left = self.prefetch_from(&listing, start, &mut budget, 0, &mut missing);
         // Past the end of this directory, the walk goes on after it in its parent.
         let mut at = parent.dir;
@@ -293,14 +331,19 @@ impl Inner {
             if !room_left {
                 break;
             }
-            let Some(up) = self.dir_parents.lock().get(&at).copied() else { break };
-            let Some(up_listing) = self.dirs.cached(&up.dir) else { break };
+            let Some(up) = self.dir_parents.lock().get(&at).copied() else {
+                break;
+            };
+            let Some(up_listing) = self.dirs.cached(&up.dir) else {
+                break;
+            };
             room_left = self.prefetch_from(&up_listing, up.index + 1, &mut budget, 0, &mut missing);
             at = up.dir;
         }
         if missing.len() >= BATCH_MIN || current_missing {
             let items: Vec<(B3Digest, u64)> = missing.iter().map(|(d, s, _)| (*d, *s)).collect();
-            self.blobs.prefetch_batch(&items, self.page_cache_hook(missing));
+            self.blobs
+                .prefetch_batch(&items, self.page_cache_hook(missing));
         }
     }
 
@@ -375,7 +418,10 @@ impl Inner {
             }
         }
         if file_size > SMALL_FILE {
-            return self.readers.read(ino, digest, file_size, offset, size).await;
+            return self
+                .readers
+                .read(ino, digest, file_size, offset, size)
+                .await;
         }
         let data = self.blobs.get(digest, file_size).await?;
         Ok(data.slice(read_range(offset, size, file_size)))
@@ -398,7 +444,10 @@ impl Inner {
     }
 
     /// The root's entries for this open root directory (`--list-root`), else none.
-    async fn root_entries(&self, listing: Option<Arc<RootListing>>) -> Result<Vec<(String, Node)>, Errno> {
+    async fn root_entries(
+        &self,
+        listing: Option<Arc<RootListing>>,
+    ) -> Result<Vec<(String, Node)>, Errno> {
         match (&listing, self.options.list_root) {
             (Some(l), true) => l.get_or_init(|| self.list_root()).await.clone(),
             _ => Ok(Vec::new()),
@@ -418,15 +467,32 @@ impl Inner {
         let dots = [(b".".as_slice(), dir_ino), (b"..".as_slice(), parent_ino)];
         for (i, (name, ino)) in dots.into_iter().enumerate().skip(offset as usize) {
             let attr = self.attr(ino, None);
-            if reply.add(INodeNo(ino), i as u64 + 1, OsStr::from_bytes(name), &TTL, &attr, Generation(0)) {
+            if reply.add(
+                INodeNo(ino),
+                i as u64 + 1,
+                OsStr::from_bytes(name),
+                &TTL,
+                &attr,
+                Generation(0),
+            ) {
                 return reply.ok();
             }
         }
-        for (i, (name, node, parent)) in entries.enumerate().skip((offset as usize).saturating_sub(2)) {
+        for (i, (name, node, parent)) in entries
+            .enumerate()
+            .skip((offset as usize).saturating_sub(2))
+        {
             self.note_dir_parent(node, parent);
             let ino = self.inodes.lookup(node, parent, dir_ino, name);
             let attr = self.attr(ino, Some(node));
-            if reply.add(INodeNo(ino), i as u64 + 3, OsStr::from_bytes(name), &TTL, &attr, Generation(0)) {
+            if reply.add(
+                INodeNo(ino),
+                i as u64 + 3,
+                OsStr::from_bytes(name),
+                &TTL,
+                &attr,
+                Generation(0),
+            ) {
                 if self.inodes.forget(ino, 1) {
                     self.readers.forget(ino);
                 }
@@ -485,8 +551,12 @@ impl Filesystem for ArcaFs {
             let inner = self.inner.clone();
             return self.spawn(async move { inner.lookup_root(name, reply).await });
         }
-        let Some(entry) = self.inner.inodes.get(parent.0) else { return reply.error(Errno::ENOENT) };
-        let Node::Directory { digest, .. } = entry.node else { return reply.error(Errno::ENOTDIR) };
+        let Some(entry) = self.inner.inodes.get(parent.0) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let Node::Directory { digest, .. } = entry.node else {
+            return reply.error(Errno::ENOTDIR);
+        };
         if let Some(listing) = self.inner.dirs.cached(&digest) {
             return self.inner.reply_child(&listing, parent.0, &name, reply);
         }
@@ -542,8 +612,17 @@ impl Filesystem for ArcaFs {
         reply: ReplyData,
     ) {
         tracing::trace!(ino = ino.0, offset, size, "read");
-        let Some(entry) = self.inner.inodes.get(ino.0) else { return reply.error(Errno::ENOENT) };
-        let Node::File { digest, size: file_size, .. } = entry.node else { return reply.error(Errno::EISDIR) };
+        let Some(entry) = self.inner.inodes.get(ino.0) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let Node::File {
+            digest,
+            size: file_size,
+            ..
+        } = entry.node
+        else {
+            return reply.error(Errno::EISDIR);
+        };
         if file_size <= SMALL_FILE {
             // Fetched ahead already (the common case in a walk): answer here,
             // without a hop through the runtime.
@@ -560,14 +639,24 @@ impl Filesystem for ArcaFs {
         }
         let inner = self.inner.clone();
         self.spawn(async move {
-            match inner.read(ino.0, (digest, file_size), entry.parent, offset, size).await {
+            match inner
+                .read(ino.0, (digest, file_size), entry.parent, offset, size)
+                .await
+            {
                 Ok(data) => reply.data(&data),
                 Err(e) => reply.error(e),
             }
         });
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
         // Nothing to flush; ENOSYS tells the kernel to stop sending flushes.
         reply.error(Errno::ENOSYS)
     }
@@ -575,20 +664,31 @@ impl Filesystem for ArcaFs {
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         if ino.0 == ROOT_INO {
             let fh = self.inner.next_fh.fetch_add(1, Ordering::Relaxed);
-            self.inner.root_listings.lock().insert(fh, Arc::new(RootListing::new()));
+            self.inner
+                .root_listings
+                .lock()
+                .insert(fh, Arc::new(RootListing::new()));
             return reply.opened(FileHandle(fh), FopenFlags::empty());
         }
         match self.inner.inodes.get(ino.0).map(|e| e.node) {
             // Immutable: the kernel may cache the listing.
-            Some(Node::Directory { .. }) => {
-                reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR)
-            }
+            Some(Node::Directory { .. }) => reply.opened(
+                FileHandle(0),
+                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
+            ),
             Some(_) => reply.error(Errno::ENOTDIR),
             None => reply.error(Errno::ENOENT),
         }
     }
 
-    fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, reply: ReplyDirectory) {
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        reply: ReplyDirectory,
+    ) {
         if ino.0 == ROOT_INO {
             let listing = self.inner.root_listings.lock().get(&fh.0).cloned();
             let inner = self.inner.clone();
@@ -598,11 +698,23 @@ impl Filesystem for ArcaFs {
                     Err(e) => return reply.error(e),
                 };
                 let mut reply = reply;
-                let dots = [(".".to_string(), ROOT_INO, FileType::Directory), ("..".to_string(), ROOT_INO, FileType::Directory)];
+                let dots = [
+                    (".".to_string(), ROOT_INO, FileType::Directory),
+                    ("..".to_string(), ROOT_INO, FileType::Directory),
+                ];
                 let rest = entries.iter().map(|(name, node)| {
-                    (name.clone(), ino_of(ROOT_INO, name.as_bytes(), node), kind_of(node))
+                    (
+                        name.clone(),
+                        ino_of(ROOT_INO, name.as_bytes(), node),
+                        kind_of(node),
+                    )
                 });
-                for (i, (name, ino, kind)) in dots.into_iter().chain(rest).enumerate().skip(offset as usize) {
+                for (i, (name, ino, kind)) in dots
+                    .into_iter()
+                    .chain(rest)
+                    .enumerate()
+                    .skip(offset as usize)
+                {
                     if reply.add(INodeNo(ino), i as u64 + 1, kind, name) {
                         break;
                     }
@@ -610,13 +722,30 @@ impl Filesystem for ArcaFs {
                 reply.ok()
             });
         }
-        let Some(entry) = self.inner.inodes.get(ino.0) else { return reply.error(Errno::ENOENT) };
-        let Node::Directory { digest, .. } = entry.node else { return reply.error(Errno::ENOTDIR) };
+        let Some(entry) = self.inner.inodes.get(ino.0) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let Node::Directory { digest, .. } = entry.node else {
+            return reply.error(Errno::ENOTDIR);
+        };
         let fill = move |listing: &Listing, mut reply: ReplyDirectory| {
-            let dots = [(b".".as_slice(), ino.0, FileType::Directory), (b"..".as_slice(), entry.parent_ino, FileType::Directory)];
-            let rest =
-                listing.entries.iter().map(|(name, node)| (name.as_bytes(), ino_of(ino.0, name.as_bytes(), node), kind_of(node)));
-            for (i, (name, ino, kind)) in dots.into_iter().chain(rest).enumerate().skip(offset as usize) {
+            let dots = [
+                (b".".as_slice(), ino.0, FileType::Directory),
+                (b"..".as_slice(), entry.parent_ino, FileType::Directory),
+            ];
+            let rest = listing.entries.iter().map(|(name, node)| {
+                (
+                    name.as_bytes(),
+                    ino_of(ino.0, name.as_bytes(), node),
+                    kind_of(node),
+                )
+            });
+            for (i, (name, ino, kind)) in dots
+                .into_iter()
+                .chain(rest)
+                .enumerate()
+                .skip(offset as usize)
+            {
                 if reply.add(INodeNo(ino), i as u64 + 1, kind, OsStr::from_bytes(name)) {
                     break;
                 }
@@ -635,26 +764,50 @@ impl Filesystem for ArcaFs {
         });
     }
 
-    fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, reply: ReplyDirectoryPlus) {
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        reply: ReplyDirectoryPlus,
+    ) {
         if ino.0 == ROOT_INO {
             let listing = self.inner.root_listings.lock().get(&fh.0).cloned();
             let inner = self.inner.clone();
             return self.spawn(async move {
                 match inner.root_entries(listing).await {
                     Ok(entries) => {
-                        let it = entries.iter().map(|(name, node)| (name.as_bytes(), node, None));
+                        let it = entries
+                            .iter()
+                            .map(|(name, node)| (name.as_bytes(), node, None));
                         inner.fill_plus((ROOT_INO, ROOT_INO), offset, it, reply)
                     }
                     Err(e) => reply.error(e),
                 }
             });
         }
-        let Some(entry) = self.inner.inodes.get(ino.0) else { return reply.error(Errno::ENOENT) };
-        let Node::Directory { digest, .. } = entry.node else { return reply.error(Errno::ENOTDIR) };
+        let Some(entry) = self.inner.inodes.get(ino.0) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let Node::Directory { digest, .. } = entry.node else {
+            return reply.error(Errno::ENOTDIR);
+        };
         let fill = move |inner: &Inner, listing: &Listing, reply: ReplyDirectoryPlus| {
-            let it = listing.entries.iter().enumerate().map(|(index, (name, node))| {
-                (name.as_bytes(), node, Some(Parent { dir: listing.digest, index }))
-            });
+            let it = listing
+                .entries
+                .iter()
+                .enumerate()
+                .map(|(index, (name, node))| {
+                    (
+                        name.as_bytes(),
+                        node,
+                        Some(Parent {
+                            dir: listing.digest,
+                            index,
+                        }),
+                    )
+                });
             inner.fill_plus((ino.0, entry.parent_ino), offset, it, reply)
         };
         if let Some(listing) = self.inner.dirs.cached(&digest) {
@@ -669,13 +822,29 @@ impl Filesystem for ArcaFs {
         });
     }
 
-    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
         self.inner.root_listings.lock().remove(&fh.0);
         reply.ok();
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        reply.statfs(0, 0, 0, self.inner.inodes.len() as u64, 0, MAX_IO, 255, MAX_IO);
+        reply.statfs(
+            0,
+            0,
+            0,
+            self.inner.inodes.len() as u64,
+            0,
+            MAX_IO,
+            255,
+            MAX_IO,
+        );
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
@@ -741,7 +910,15 @@ impl Filesystem for ArcaFs {
         reply.error(Errno::EROFS)
     }
 
-    fn mkdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, _mode: u32, _umask: u32, reply: ReplyEntry) {
+    fn mkdir(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
         reply.error(Errno::EROFS)
     }
 
@@ -753,7 +930,14 @@ impl Filesystem for ArcaFs {
         reply.error(Errno::EROFS)
     }
 
-    fn symlink(&self, _req: &Request, _parent: INodeNo, _link_name: &OsStr, _target: &Path, reply: ReplyEntry) {
+    fn symlink(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _link_name: &OsStr,
+        _target: &Path,
+        reply: ReplyEntry,
+    ) {
         reply.error(Errno::EROFS)
     }
 
@@ -770,7 +954,14 @@ impl Filesystem for ArcaFs {
         reply.error(Errno::EROFS)
     }
 
-    fn link(&self, _req: &Request, _ino: INodeNo, _newparent: INodeNo, _newname: &OsStr, reply: ReplyEntry) {
+    fn link(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _newparent: INodeNo,
+        _newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
         reply.error(Errno::EROFS)
     }
 

@@ -59,7 +59,9 @@ pub fn ino_of(parent_ino: u64, name: &[u8], node: &Node) -> u64 {
             h.update(&parent_ino.to_le_bytes());
             h.update(name);
         }
-        Node::File { digest, executable, .. } => {
+        Node::File {
+            digest, executable, ..
+        } => {
             h.update(if *executable { b"x" } else { b"f" });
             h.update(digest.as_bytes());
         }
@@ -102,7 +104,10 @@ impl InodeTable {
         let mut map = self.map.lock();
         loop {
             match map.get_mut(&ino) {
-                Some(e) if &e.node == node && (!is_dir || (e.parent_ino == parent_ino && e.name == name)) => {
+                Some(e)
+                    if &e.node == node
+                        && (!is_dir || (e.parent_ino == parent_ino && e.name == name)) =>
+                {
                     e.nlookup += 1;
                     if !is_dir {
                         // Files and symlinks: remember the latest place (for read-ahead of siblings).
@@ -122,7 +127,16 @@ impl InodeTable {
                     }
                 }
                 None => {
-                    map.insert(ino, InodeEntry { node: node.clone(), parent, parent_ino, name: name.to_vec(), nlookup: 1 });
+                    map.insert(
+                        ino,
+                        InodeEntry {
+                            node: node.clone(),
+                            parent,
+                            parent_ino,
+                            name: name.to_vec(),
+                            nlookup: 1,
+                        },
+                    );
                     return ino;
                 }
             }
@@ -164,17 +178,30 @@ mod tests {
     use super::*;
 
     fn file(byte: u8, executable: bool) -> Node {
-        Node::File { digest: B3Digest::from([byte; 32]), size: 1, executable }
+        Node::File {
+            digest: B3Digest::from([byte; 32]),
+            size: 1,
+            executable,
+        }
     }
 
     fn dir(byte: u8) -> Node {
-        Node::Directory { digest: B3Digest::from([byte; 32]), size: 1 }
+        Node::Directory {
+            digest: B3Digest::from([byte; 32]),
+            size: 1,
+        }
     }
 
     #[test]
     fn files_by_content_and_exec_bit_directories_by_path() {
-        assert_ne!(ino_of(5, b"a", &file(1, false)), ino_of(5, b"a", &file(1, true)));
-        assert_eq!(ino_of(5, b"a", &file(1, true)), ino_of(9, b"b", &file(1, true)));
+        assert_ne!(
+            ino_of(5, b"a", &file(1, false)),
+            ino_of(5, b"a", &file(1, true))
+        );
+        assert_eq!(
+            ino_of(5, b"a", &file(1, true)),
+            ino_of(9, b"b", &file(1, true))
+        );
         // Identical directories in two places: two inodes.
         assert_ne!(ino_of(5, b"same", &dir(1)), ino_of(6, b"same", &dir(1)));
         assert_ne!(ino_of(5, b"a", &dir(1)), ino_of(5, b"b", &dir(1)));
@@ -189,7 +216,11 @@ mod tests {
     fn entries_live_until_forgotten() {
         let t = InodeTable::new();
         let a = t.lookup(&file(7, false), None, ROOT_INO, b"a");
-        assert_eq!(t.lookup(&file(7, false), None, 12, b"b"), a, "same content elsewhere");
+        assert_eq!(
+            t.lookup(&file(7, false), None, 12, b"b"),
+            a,
+            "same content elsewhere"
+        );
         assert_eq!(t.len(), 1);
         assert!(!t.forget(a, 1));
         assert!(t.get(a).is_some());
@@ -210,7 +241,13 @@ mod tests {
         let b_ino = ino_of(ROOT_INO, b"b", &b);
         t.map.lock().insert(
             b_ino,
-            InodeEntry { node: a.clone(), parent: None, parent_ino: 1, name: b"a".to_vec(), nlookup: 1 },
+            InodeEntry {
+                node: a.clone(),
+                parent: None,
+                parent_ino: 1,
+                name: b"a".to_vec(),
+                nlookup: 1,
+            },
         );
         let got = t.lookup(&b, None, ROOT_INO, b"b");
         assert_ne!(got, b_ino);

@@ -15,6 +15,7 @@
 
 mod cache;
 pub mod fs;
+pub mod guard;
 pub mod inodes;
 mod read;
 
@@ -33,11 +34,19 @@ pub struct MountOptions {
     /// Kernel read-ahead per file in KiB, set through the mount's BDI when
     /// possible (root); `None` keeps the kernel's default.
     pub read_ahead_kb: Option<u32>,
+    /// Ask `fusermount3` for its `auto_unmount` helper (on by default; the
+    /// [guard] backs it up). Off only to test the guard alone.
+    pub auto_unmount: bool,
 }
 
 impl Default for MountOptions {
     fn default() -> Self {
-        Self { threads: 4, allow_other: false, read_ahead_kb: Some(4096) }
+        Self {
+            threads: 4,
+            allow_other: false,
+            read_ahead_kb: Some(4096),
+            auto_unmount: true,
+        }
     }
 }
 
@@ -46,13 +55,23 @@ pub struct MountHandle {
     unmounter: fuser::SessionUnmounter,
     ended: Option<tokio::sync::oneshot::Receiver<io::Result<()>>>,
     mountpoint: PathBuf,
+    guard: Option<guard::UnmountGuard>,
 }
 
 /// Mounts `fs` on `mountpoint`: read-only, `auto_unmount` (a `fusermount3`
 /// helper unmounts it when this process dies, even by SIGKILL), the kernel
 /// checking permissions from the modes. Blocks until the kernel's handshake
 /// is done, then serves requests on `options.threads` threads.
-pub fn mount(fs: ArcaFs, mountpoint: &Path, options: &MountOptions) -> io::Result<MountHandle> {
+///
+/// `guard`, if given, is a command running [guard::run_guard] on the same
+/// mount point; it is started before mounting and unmounts a mount this
+/// process leaves behind when `auto_unmount` loses its race (see [guard]).
+pub fn mount(
+    fs: ArcaFs,
+    mountpoint: &Path,
+    options: &MountOptions,
+    guard: Option<std::process::Command>,
+) -> io::Result<MountHandle> {
     use fuser::MountOption as O;
     let mut config = fuser::Config::default();
     config.mount_options = vec![
@@ -63,28 +82,53 @@ pub fn mount(fs: ArcaFs, mountpoint: &Path, options: &MountOptions) -> io::Resul
         O::NoSuid,
         O::NoAtime,
         O::DefaultPermissions,
-        O::AutoUnmount,
     ];
+    if options.auto_unmount {
+        config.mount_options.push(O::AutoUnmount);
+    }
     // auto_unmount needs allow_other at the kernel level; without
     // --allow-other fuser itself refuses everyone but the owner and root.
-    config.acl = if options.allow_other { fuser::SessionACL::All } else { fuser::SessionACL::RootAndOwner };
+    config.acl = if options.allow_other {
+        fuser::SessionACL::All
+    } else {
+        fuser::SessionACL::RootAndOwner
+    };
     config.n_threads = Some(options.threads.max(1));
     config.clone_fd = options.threads > 1;
     let mountpoint = mountpoint.canonicalize()?;
+    // Before mounting: the guard must not inherit a /dev/fuse fd.
+    let mut guard = guard
+        .map(|mut command| {
+            command.arg(&mountpoint);
+            guard::UnmountGuard::spawn(command)
+        })
+        .transpose()?;
     let notifier_slot = fs.notifier_slot();
     let mut session = fuser::Session::new(fs, &mountpoint, &config)?;
     let _ = notifier_slot.set(fs::PageCacheFiller::start(session.notifier())?);
     let unmounter = session.unmount_callable();
     let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new().name("arca-fuse".into()).spawn(move || {
-        let _ = tx.send(session.run());
-    })?;
+    std::thread::Builder::new()
+        .name("arca-fuse".into())
+        .spawn(move || {
+            let _ = tx.send(session.run());
+        })?;
+    if let Some(g) = guard.as_mut() {
+        if let Err(e) = g.arm(&mountpoint) {
+            tracing::warn!("the unmount guard could not be armed: {e}");
+        }
+    }
     if let Some(kb) = options.read_ahead_kb {
         if let Err(e) = set_read_ahead(&mountpoint, kb) {
             tracing::debug!("setting the mount's read-ahead: {e}");
         }
     }
-    Ok(MountHandle { unmounter, ended: Some(rx), mountpoint })
+    Ok(MountHandle {
+        unmounter,
+        ended: Some(rx),
+        mountpoint,
+        guard,
+    })
 }
 
 /// Raises the kernel's read-ahead for the mount (its BDI is named after the
@@ -93,7 +137,10 @@ fn set_read_ahead(mountpoint: &Path, kb: u32) -> io::Result<()> {
     use std::os::unix::fs::MetadataExt;
     let dev = std::fs::metadata(mountpoint)?.dev();
     let (major, minor) = (libc::major(dev), libc::minor(dev));
-    std::fs::write(format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb"), kb.to_string())
+    std::fs::write(
+        format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb"),
+        kb.to_string(),
+    )
 }
 
 impl MountHandle {
@@ -121,7 +168,9 @@ impl MountHandle {
                 .stdout(std::process::Stdio::null())
                 .status();
             if !matches!(status, Ok(s) if s.success()) {
-                return Err(io::Error::other(format!("umount2: {err}; fusermount3 -u -z failed too")));
+                return Err(io::Error::other(format!(
+                    "umount2: {err}; fusermount3 -u -z failed too"
+                )));
             }
         }
         self.unmounter.unmount()
@@ -130,9 +179,21 @@ impl MountHandle {
     /// Resolves when the session ends: after [Self::unmount], or when the
     /// filesystem was unmounted from outside (`fusermount3 -u`, `umount`).
     pub async fn ended(&mut self) -> io::Result<()> {
-        match self.ended.take() {
-            Some(rx) => rx.await.unwrap_or_else(|_| Err(io::Error::other("FUSE session thread died"))),
+        let ended = match self.ended.take() {
+            Some(rx) => rx
+                .await
+                .unwrap_or_else(|_| Err(io::Error::other("FUSE session thread died"))),
             None => Ok(()),
+        };
+        if let Some(guard) = self.guard.take() {
+            // Nothing is left for it to unmount; reap it.
+            if let Err(e) = tokio::task::spawn_blocking(move || guard.finish())
+                .await
+                .map_err(io::Error::other)?
+            {
+                tracing::debug!("waiting for the unmount guard: {e}");
+            }
         }
+        ended
     }
 }

@@ -57,7 +57,14 @@ pub struct BlobFileReader {
 impl BlobFileReader {
     /// A reader of the blob `digest` of `size` bytes; nothing is fetched until the first read.
     pub fn new(service: Arc<dyn BlobService>, digest: B3Digest, size: u64) -> Self {
-        Self { service, digest, size, ahead: None, window: VecDeque::new(), window_start: 0 }
+        Self {
+            service,
+            digest,
+            size,
+            ahead: None,
+            window: VecDeque::new(),
+            window_start: 0,
+        }
     }
 
     fn window_end(&self) -> u64 {
@@ -74,7 +81,11 @@ impl BlobFileReader {
         let service = self.service.clone();
         let digest = self.digest;
         let task = tokio::spawn(read_ahead(service, digest, offset, self.size, tx));
-        self.ahead = Some(Ahead { next: offset, rx, task });
+        self.ahead = Some(Ahead {
+            next: offset,
+            rx,
+            task,
+        });
     }
 
     /// Up to `len` bytes at `offset` (fewer only at the end of the blob).
@@ -84,7 +95,8 @@ impl BlobFileReader {
             return Ok(Bytes::new());
         }
         let received = self.window_end();
-        let usable = self.ahead.is_some() && offset >= self.window_start && offset <= received + MAX_FORWARD;
+        let usable =
+            self.ahead.is_some() && offset >= self.window_start && offset <= received + MAX_FORWARD;
         if !usable {
             self.restart(offset);
         }
@@ -187,7 +199,11 @@ async fn read_ahead(
         let want = PIECE.min((size - pos) as usize);
         let mut buf = BytesMut::with_capacity(want);
         while buf.len() < want {
-            match (&mut reader).take((want - buf.len()) as u64).read_buf(&mut buf).await {
+            match (&mut reader)
+                .take((want - buf.len()) as u64)
+                .read_buf(&mut buf)
+                .await
+            {
                 Ok(0) => break,
                 Ok(_) => {}
                 Err(e) => {
@@ -235,7 +251,11 @@ pub struct ReaderPool {
 impl ReaderPool {
     /// An empty pool over `service`.
     pub fn new(service: Arc<dyn BlobService>) -> Self {
-        Self { service, slots: Mutex::new(HashMap::new()), clock: AtomicU64::new(0) }
+        Self {
+            service,
+            slots: Mutex::new(HashMap::new()),
+            clock: AtomicU64::new(0),
+        }
     }
 
     fn pick(&self, ino: u64, digest: B3Digest, size: u64, offset: u64) -> Arc<Slot> {
@@ -256,10 +276,16 @@ impl ReaderPool {
         let slot = Arc::new(Slot {
             next: AtomicU64::new(offset),
             last_used: AtomicU64::new(now),
-            reader: tokio::sync::Mutex::new(BlobFileReader::new(self.service.clone(), digest, size)),
+            reader: tokio::sync::Mutex::new(BlobFileReader::new(
+                self.service.clone(),
+                digest,
+                size,
+            )),
         });
         if slots.len() >= READERS_PER_FILE {
-            if let Some(i) = (0..slots.len()).min_by_key(|&i| slots[i].last_used.load(Ordering::Relaxed)) {
+            if let Some(i) =
+                (0..slots.len()).min_by_key(|&i| slots[i].last_used.load(Ordering::Relaxed))
+            {
                 slots.swap_remove(i);
             }
         }
@@ -269,7 +295,11 @@ impl ReaderPool {
         while total > READERS_TOTAL {
             let oldest = map
                 .iter()
-                .flat_map(|(ino, v)| v.iter().enumerate().map(move |(i, s)| (*ino, i, s.last_used.load(Ordering::Relaxed))))
+                .flat_map(|(ino, v)| {
+                    v.iter()
+                        .enumerate()
+                        .map(move |(i, s)| (*ino, i, s.last_used.load(Ordering::Relaxed)))
+                })
                 .filter(|(_, _, used)| *used != now)
                 .min_by_key(|(_, _, used)| *used);
             let Some((victim, i, _)) = oldest else { break };
@@ -284,11 +314,19 @@ impl ReaderPool {
     }
 
     /// Reads `len` bytes at `offset` of the file `ino` (the blob `digest` of `size` bytes).
-    pub async fn read(&self, ino: u64, digest: B3Digest, size: u64, offset: u64, len: u32) -> Result<Bytes, Errno> {
+    pub async fn read(
+        &self,
+        ino: u64,
+        digest: B3Digest,
+        size: u64,
+        offset: u64,
+        len: u32,
+    ) -> Result<Bytes, Errno> {
         let slot = self.pick(ino, digest, size, offset);
         let mut reader = slot.reader.lock().await;
         let data = reader.read(offset, len).await?;
-        slot.next.fetch_max(offset + data.len() as u64, Ordering::Relaxed);
+        slot.next
+            .fetch_max(offset + data.len() as u64, Ordering::Relaxed);
         Ok(data)
     }
 

@@ -36,10 +36,11 @@ pub mod arca {
     }
 }
 
-pub use tvix::castore::v1 as castore;
 /// `arca.castore.v1`
 pub use arca::castore::v1 as castore_batch;
+pub use tvix::castore::v1 as castore;
 pub use tvix::store::v1 as store;
 
 /// Encoded `FileDescriptorSet` of all protocols, for gRPC server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/arca_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/arca_descriptor.bin"));

@@ -5,8 +5,12 @@
 //! ([NixHttpPathInfoService](crate::pathinfoservice::NixHttpPathInfoService))
 //! and the HTTP front ([http_cache](crate::http_cache)).
 use crate::narinfo::Compression;
-use async_compression::tokio::bufread::{BrotliDecoder, BzDecoder, GzipDecoder, XzDecoder, ZstdDecoder};
-use async_compression::tokio::write::{BrotliEncoder, BzEncoder, GzipEncoder, XzEncoder, ZstdEncoder};
+use async_compression::tokio::bufread::{
+    BrotliDecoder, BzDecoder, GzipDecoder, XzDecoder, ZstdDecoder,
+};
+use async_compression::tokio::write::{
+    BrotliEncoder, BzEncoder, GzipEncoder, XzEncoder, ZstdEncoder,
+};
 use async_compression::Level;
 use sha2::{Digest, Sha256};
 use std::pin::Pin;
@@ -70,7 +74,13 @@ pub(crate) struct RawTap<R> {
 impl<R> RawTap<R> {
     /// A tap over `inner`, failing once more than `limit` bytes were read.
     pub(crate) fn new(inner: R, limit: Option<u64>) -> Self {
-        RawTap { inner, hasher: Sha256::new(), count: 0, limit, failure: None }
+        RawTap {
+            inner,
+            hasher: Sha256::new(),
+            count: 0,
+            limit,
+            failure: None,
+        }
     }
 
     /// Bytes read and their SHA-256.
@@ -80,7 +90,11 @@ impl<R> RawTap<R> {
 }
 
 impl<R: AsyncRead + Unpin> AsyncRead for RawTap<R> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
@@ -90,7 +104,9 @@ impl<R: AsyncRead + Unpin> AsyncRead for RawTap<R> {
                 this.count += new.len() as u64;
                 if this.limit.is_some_and(|l| this.count > l) {
                     this.failure = Some(RawFailure::TooLong);
-                    return Poll::Ready(Err(std::io::Error::other("the NAR file is longer than expected")));
+                    return Poll::Ready(Err(std::io::Error::other(
+                        "the NAR file is longer than expected",
+                    )));
                 }
                 Poll::Ready(Ok(()))
             }
@@ -166,7 +182,11 @@ impl<R: AsyncBufRead + Unpin> Decoder<R> {
 }
 
 impl<R: AsyncBufRead + Unpin> AsyncRead for Decoder<R> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Decoder::None(r) => Pin::new(r).poll_read(cx, buf),
             Decoder::Xz(d) => Pin::new(d).poll_read(cx, buf),
@@ -189,12 +209,21 @@ pub(crate) struct Limited<R> {
 
 impl<R> Limited<R> {
     pub(crate) fn new(inner: R, limit: u64) -> Self {
-        Limited { inner, count: 0, limit, exceeded: false }
+        Limited {
+            inner,
+            count: 0,
+            limit,
+            exceeded: false,
+        }
     }
 }
 
 impl<R: AsyncRead + Unpin> AsyncRead for Limited<R> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
@@ -202,7 +231,9 @@ impl<R: AsyncRead + Unpin> AsyncRead for Limited<R> {
                 this.count += (buf.filled().len() - before) as u64;
                 if this.count > this.limit {
                     this.exceeded = true;
-                    return Poll::Ready(Err(std::io::Error::other("the NAR is longer than NarSize")));
+                    return Poll::Ready(Err(std::io::Error::other(
+                        "the NAR is longer than NarSize",
+                    )));
                 }
                 Poll::Ready(Ok(()))
             }
@@ -237,10 +268,14 @@ impl<W: AsyncWrite + Unpin> Encoder<W> {
         match compression {
             Compression::None => Encoder::None(w),
             Compression::Xz => Encoder::Xz(XzEncoder::with_quality(w, Level::Precise(1))),
-            Compression::Zstd => Encoder::Zstd(ZstdEncoder::with_quality(w, Level::Precise(zstd_level))),
+            Compression::Zstd => {
+                Encoder::Zstd(ZstdEncoder::with_quality(w, Level::Precise(zstd_level)))
+            }
             Compression::Bzip2 => Encoder::Bzip2(BzEncoder::with_quality(w, Level::Precise(1))),
             Compression::Gzip => Encoder::Gzip(GzipEncoder::with_quality(w, Level::Precise(1))),
-            Compression::Brotli => Encoder::Brotli(BrotliEncoder::with_quality(w, Level::Precise(1))),
+            Compression::Brotli => {
+                Encoder::Brotli(BrotliEncoder::with_quality(w, Level::Precise(1)))
+            }
         }
     }
 
@@ -289,7 +324,11 @@ macro_rules! each_encoder {
 }
 
 impl<W: AsyncWrite + Unpin> AsyncWrite for Encoder<W> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         each_encoder!(self, e => e.poll_write(cx, buf))
     }
 
@@ -329,7 +368,9 @@ mod tests {
 
     #[tokio::test]
     async fn every_encoder_decodes_back() {
-        let data: Vec<u8> = (0..200_000u32).flat_map(|i| (i % 251).to_le_bytes()).collect();
+        let data: Vec<u8> = (0..200_000u32)
+            .flat_map(|i| (i % 251).to_le_bytes())
+            .collect();
         for c in [
             Compression::None,
             Compression::Xz,
@@ -343,7 +384,10 @@ mod tests {
             enc.shutdown().await.unwrap();
             let packed = enc.into_inner();
             let mut out = Vec::new();
-            Decoder::new(c, BufReader::new(&packed[..])).read_to_end(&mut out).await.unwrap();
+            Decoder::new(c, BufReader::new(&packed[..]))
+                .read_to_end(&mut out)
+                .await
+                .unwrap();
             assert!(out == data, "{c}");
         }
     }

@@ -34,7 +34,11 @@ impl GrpcPathInfoServiceWrapper {
         blobs: Arc<dyn BlobService>,
         directories: Arc<dyn DirectoryService>,
     ) -> Self {
-        Self { svc, blobs, directories }
+        Self {
+            svc,
+            blobs,
+            directories,
+        }
     }
 
     /// The tonic server, with Arca's message limits.
@@ -54,44 +58,68 @@ impl proto::path_info_service_server::PathInfoService for GrpcPathInfoServiceWra
     type ListStream = BoxStream<'static, Result<proto::PathInfo, Status>>;
 
     #[instrument(skip_all, err(level = "debug"))]
-    async fn get(&self, request: Request<proto::GetPathInfoRequest>) -> Result<Response<proto::PathInfo>, Status> {
+    async fn get(
+        &self,
+        request: Request<proto::GetPathInfoRequest>,
+    ) -> Result<Response<proto::PathInfo>, Status> {
         let digest: [u8; DIGEST_LEN] = match &request.into_inner().by_what {
-            Some(proto::get_path_info_request::ByWhat::ByOutputHash(h)) => h.as_ref().try_into().map_err(|_| {
-                Status::invalid_argument(format!("by_output_hash is {} bytes long, expected {DIGEST_LEN}", h.len()))
-            })?,
+            Some(proto::get_path_info_request::ByWhat::ByOutputHash(h)) => {
+                h.as_ref().try_into().map_err(|_| {
+                    Status::invalid_argument(format!(
+                        "by_output_hash is {} bytes long, expected {DIGEST_LEN}",
+                        h.len()
+                    ))
+                })?
+            }
             None => return Err(Status::invalid_argument("no by_output_hash given")),
         };
         match self.svc.get(digest).await? {
             Some(info) => Ok(Response::new(out(&info)?)),
-            None => Err(Status::not_found(format!("path info {}", crate::nixbase32::encode(&digest)))),
+            None => Err(Status::not_found(format!(
+                "path info {}",
+                crate::nixbase32::encode(&digest)
+            ))),
         }
     }
 
     #[instrument(skip_all, err(level = "debug"))]
-    async fn put(&self, request: Request<proto::PathInfo>) -> Result<Response<proto::PathInfo>, Status> {
+    async fn put(
+        &self,
+        request: Request<proto::PathInfo>,
+    ) -> Result<Response<proto::PathInfo>, Status> {
         let info = PathInfo::try_from(request.into_inner()).map_err(Error::from)?;
         let stored = self.svc.put(info).await?;
         Ok(Response::new(out(&stored)?))
     }
 
     #[instrument(skip_all, err(level = "debug"))]
-    async fn calculate_nar(&self, request: Request<cproto::Node>) -> Result<Response<proto::CalculateNarResponse>, Status> {
+    async fn calculate_nar(
+        &self,
+        request: Request<cproto::Node>,
+    ) -> Result<Response<proto::CalculateNarResponse>, Status> {
         let node = calculate_nar_node(request.into_inner())?;
         let (nar_size, sha) = calculate_nar(&node, self.blobs.clone(), self.directories.as_ref())
             .await
             .map_err(|e| match e {
                 crate::nar::RenderError::MissingBlob(d) => Status::not_found(format!("blob {d}")),
-                crate::nar::RenderError::MissingDirectory(d) => Status::not_found(format!("directory {d}")),
-                crate::nar::RenderError::Directory(e) | crate::nar::RenderError::Blob { source: e, .. } => {
-                    Status::from(e)
+                crate::nar::RenderError::MissingDirectory(d) => {
+                    Status::not_found(format!("directory {d}"))
                 }
+                crate::nar::RenderError::Directory(e)
+                | crate::nar::RenderError::Blob { source: e, .. } => Status::from(e),
                 other => Status::internal(other.to_string()),
             })?;
-        Ok(Response::new(proto::CalculateNarResponse { nar_size, nar_sha256: Bytes::copy_from_slice(&sha) }))
+        Ok(Response::new(proto::CalculateNarResponse {
+            nar_size,
+            nar_sha256: Bytes::copy_from_slice(&sha),
+        }))
     }
 
     #[instrument(skip_all, err(level = "debug"))]
-    async fn list(&self, _request: Request<proto::ListPathInfoRequest>) -> Result<Response<Self::ListStream>, Status> {
+    async fn list(
+        &self,
+        _request: Request<proto::ListPathInfoRequest>,
+    ) -> Result<Response<Self::ListStream>, Status> {
         let svc = self.svc.clone();
         let stream = async_stream::try_stream! {
             let mut inner = svc.list();

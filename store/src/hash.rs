@@ -70,7 +70,9 @@ pub enum HashError {
     #[error("hash {0:?} has no algorithm prefix (expected e.g. \"sha256:…\")")]
     MissingPrefix(String),
     /// The encoded digest has a length that fits no encoding of this algorithm.
-    #[error("{algo} hash {value:?} has length {len}, which fits neither hex, nixbase32 nor base64")]
+    #[error(
+        "{algo} hash {value:?} has length {len}, which fits neither hex, nixbase32 nor base64"
+    )]
     BadLength {
         /// The algorithm.
         algo: HashAlgo,
@@ -171,7 +173,9 @@ impl NixHash {
             value: s.to_string(),
         };
         let digest = if s.len() == 2 * n {
-            HEXLOWER_PERMISSIVE.decode(s.as_bytes()).map_err(|_| bad("hex"))?
+            HEXLOWER_PERMISSIVE
+                .decode(s.as_bytes())
+                .map_err(|_| bad("hex"))?
         } else if s.len() == nixbase32::encode_len(n) {
             nixbase32::decode(s).map_err(|_| bad("nixbase32"))?
         } else if s.len() == BASE64.encode_len(n) {
@@ -277,7 +281,10 @@ mod tests {
 
     #[test]
     fn rejects_bad_hashes() {
-        assert!(matches!("sha256".parse::<NixHash>(), Err(HashError::MissingPrefix(_))));
+        assert!(matches!(
+            "sha256".parse::<NixHash>(),
+            Err(HashError::MissingPrefix(_))
+        ));
         assert!(matches!(
             "sha257:abc".parse::<NixHash>(),
             Err(HashError::UnknownAlgo(_))
@@ -297,7 +304,10 @@ mod tests {
         let bad_hex = format!("sha256:{}g", &HEX[..63]);
         assert!(matches!(
             bad_hex.parse::<NixHash>(),
-            Err(HashError::BadEncoding { encoding: "hex", .. })
+            Err(HashError::BadEncoding {
+                encoding: "hex",
+                ..
+            })
         ));
         // SRI takes base64 only.
         assert!(matches!(

@@ -26,17 +26,19 @@ pub mod http_cache;
 pub mod nar;
 pub mod nar_index;
 pub mod narinfo;
+pub mod nixbase32;
 pub mod pathinfo;
 pub mod pathinfoservice;
-pub mod nixbase32;
 pub mod signature;
 pub mod store_path;
 
 pub use hash::{HashAlgo, HashError, NixHash};
+pub use nar_index::{CachedNarInfo, LazyNarIndex, NarIndex, NarUpload, NarinfoTtl};
 pub use narinfo::{Compression, NarInfo, NarInfoError, MAX_NARINFO_SIZE};
 pub use nixbase32::Nixbase32Error;
-pub use signature::{fingerprint, PublicKey, SecretKey, Signature, SignatureError};
-pub use store_path::{compress_hash, ContentAddress, ContentAddressError, StorePath, StorePathError, STORE_DIR};
 pub use pathinfo::{PathInfo, PathInfoError};
 pub use pathinfoservice::PathInfoService;
-pub use nar_index::{CachedNarInfo, LazyNarIndex, NarIndex, NarUpload, NarinfoTtl};
+pub use signature::{fingerprint, PublicKey, SecretKey, Signature, SignatureError};
+pub use store_path::{
+    compress_hash, ContentAddress, ContentAddressError, StorePath, StorePathError, STORE_DIR,
+};

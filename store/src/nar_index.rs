@@ -64,10 +64,15 @@ pub struct NarinfoTtl {
 
 impl NarinfoTtl {
     /// Nix's defaults: 30 days for hits, 1 hour for misses.
-    pub const NIX_DEFAULT: NarinfoTtl =
-        NarinfoTtl { positive: Duration::from_secs(30 * 24 * 3600), negative: Duration::from_secs(3600) };
+    pub const NIX_DEFAULT: NarinfoTtl = NarinfoTtl {
+        positive: Duration::from_secs(30 * 24 * 3600),
+        negative: Duration::from_secs(3600),
+    };
     /// Nothing is ever fresh: every lookup asks the cache again.
-    pub const NONE: NarinfoTtl = NarinfoTtl { positive: Duration::ZERO, negative: Duration::ZERO };
+    pub const NONE: NarinfoTtl = NarinfoTtl {
+        positive: Duration::ZERO,
+        negative: Duration::ZERO,
+    };
 }
 
 impl Default for NarinfoTtl {
@@ -133,7 +138,10 @@ impl std::fmt::Debug for NarIndex {
             Backend::Sled { .. } => "sled".to_string(),
             Backend::ObjectStore { store, base } => format!("{store} {base}"),
         };
-        f.debug_struct("NarIndex").field("backend", &backend).field("ttl", &self.ttl()).finish_non_exhaustive()
+        f.debug_struct("NarIndex")
+            .field("backend", &backend)
+            .field("ttl", &self.ttl())
+            .finish_non_exhaustive()
     }
 }
 
@@ -166,13 +174,16 @@ fn decode_nar_entry(raw: &[u8], what: &str) -> Result<(Node, u64), Error> {
     if version != NAR_ENTRY_V1 {
         return Err(corrupt(what, &format!("unknown format version {version}")));
     }
-    let (size, node) = rest.split_at_checked(8).ok_or_else(|| corrupt(what, "too short"))?;
+    let (size, node) = rest
+        .split_at_checked(8)
+        .ok_or_else(|| corrupt(what, "too short"))?;
     let nar_size = u64::from_be_bytes(size.try_into().map_err(|_| corrupt(what, "too short"))?);
     Ok((decode_node(node, what)?, nar_size))
 }
 
 fn decode_node(raw: &[u8], what: &str) -> Result<Node, Error> {
-    let proto = arca_proto::castore::Node::decode(raw).map_err(|e| corrupt(what, &e.to_string()))?;
+    let proto =
+        arca_proto::castore::Node::decode(raw).map_err(|e| corrupt(what, &e.to_string()))?;
     let (name, node) = Node::try_from_proto(proto).map_err(|e| corrupt(what, &e.to_string()))?;
     if !name.is_empty() {
         return Err(corrupt(what, "the node has a name"));
@@ -283,25 +294,35 @@ impl NarIndex {
     /// `objectstore+s3://bucket/prefix?endpoint=…`, `objectstore+memory:///`).
     pub fn from_url(url: &str) -> Result<Self, Error> {
         let bad = |why: String| Error::InvalidRequest(format!("NAR index URL {url:?}: {why}"));
-        match ServiceConfig::from_url(ServiceKind::Directory, url).map_err(|e| bad(e.to_string()))? {
+        match ServiceConfig::from_url(ServiceKind::Directory, url)
+            .map_err(|e| bad(e.to_string()))?
+        {
             ServiceConfig::Sled { path: None } => Self::temporary(),
             ServiceConfig::Sled { path: Some(p) } => Self::open(&p),
             ServiceConfig::ObjectStore { url: ourl, options } => {
                 let (store, base) = object_store_from(&ourl, &options).map_err(bad)?;
                 Ok(Self::object_store(store, base))
             }
-            _ => Err(bad("expected sled:///path, sled:// or objectstore+…://…".into())),
+            _ => Err(bad(
+                "expected sled:///path, sled:// or objectstore+…://…".into()
+            )),
         }
     }
 
     fn from_db(db: sled::Db) -> Result<Self, Error> {
         let open = |name: &str| {
-            db.open_tree(name).map_err(|e| Error::Storage(format!("opening the NAR index ({name}): {e}")))
+            db.open_tree(name)
+                .map_err(|e| Error::Storage(format!("opening the NAR index ({name}): {e}")))
         };
         let nars = open("nars")?;
         let narinfos = open("narinfos")?;
         let uploads = open("uploads")?;
-        Ok(Self::with_backend(Backend::Sled { _db: db, nars, narinfos, uploads }))
+        Ok(Self::with_backend(Backend::Sled {
+            _db: db,
+            nars,
+            narinfos,
+            uploads,
+        }))
     }
 
     fn with_backend(backend: Backend) -> Self {
@@ -322,8 +343,10 @@ impl NarIndex {
     /// Sets the narinfo TTLs (whole seconds; they apply to entries already
     /// stored too, since freshness is decided when reading).
     pub fn set_ttl(&self, ttl: NarinfoTtl) {
-        self.positive_ttl_secs.store(ttl.positive.as_secs(), Ordering::Relaxed);
-        self.negative_ttl_secs.store(ttl.negative.as_secs(), Ordering::Relaxed);
+        self.positive_ttl_secs
+            .store(ttl.positive.as_secs(), Ordering::Relaxed);
+        self.negative_ttl_secs
+            .store(ttl.negative.as_secs(), Ordering::Relaxed);
     }
 
     /// The narinfo TTLs in force.
@@ -334,7 +357,11 @@ impl NarIndex {
         }
     }
 
-    fn os_key(base: &object_store::path::Path, table: &str, parts: &[&str]) -> object_store::path::Path {
+    fn os_key(
+        base: &object_store::path::Path,
+        table: &str,
+        parts: &[&str],
+    ) -> object_store::path::Path {
         let mut p = base.clone().join(table);
         for part in parts {
             p = p.join(*part);
@@ -343,7 +370,10 @@ impl NarIndex {
     }
 
     /// Reads an object, `None` if absent.
-    async fn os_get(store: &dyn ObjectStore, key: &object_store::path::Path) -> Result<Option<bytes::Bytes>, Error> {
+    async fn os_get(
+        store: &dyn ObjectStore,
+        key: &object_store::path::Path,
+    ) -> Result<Option<bytes::Bytes>, Error> {
         match store.get(key).await {
             Ok(r) => Ok(Some(r.bytes().await.map_err(os_err)?)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
@@ -356,12 +386,22 @@ impl NarIndex {
     /// caller's to check.) A stored entry that does not decode is an
     /// [Error::Storage].
     pub async fn get_nar(&self, nar_sha256: &[u8; 32]) -> Result<Option<(Node, u64)>, Error> {
-        let what = || format!("NAR index entry sha256:{}", crate::nixbase32::encode(nar_sha256));
+        let what = || {
+            format!(
+                "NAR index entry sha256:{}",
+                crate::nixbase32::encode(nar_sha256)
+            )
+        };
         let raw = match &self.backend {
-            Backend::Sled { nars, .. } => nars.get(nar_sha256).map_err(Error::storage)?.map(|v| v.to_vec()),
+            Backend::Sled { nars, .. } => nars
+                .get(nar_sha256)
+                .map_err(Error::storage)?
+                .map(|v| v.to_vec()),
             Backend::ObjectStore { store, base } => {
                 let key = Self::os_key(base, "nars", &[&crate::nixbase32::encode(nar_sha256)]);
-                Self::os_get(store.as_ref(), &key).await?.map(|b| b.to_vec())
+                Self::os_get(store.as_ref(), &key)
+                    .await?
+                    .map(|b| b.to_vec())
             }
         };
         raw.map(|raw| decode_nar_entry(&raw, &what())).transpose()
@@ -370,18 +410,34 @@ impl NarIndex {
     /// Records that the NAR with this SHA-256 and size was ingested as
     /// `node` (call only once the NAR was verified against both). Durable
     /// when it returns.
-    pub async fn put_nar(&self, nar_sha256: &[u8; 32], node: &Node, nar_size: u64) -> Result<(), Error> {
+    pub async fn put_nar(
+        &self,
+        nar_sha256: &[u8; 32],
+        node: &Node,
+        nar_size: u64,
+    ) -> Result<(), Error> {
         self.write_nar(nar_sha256, node, nar_size, true).await
     }
 
     /// Like [Self::put_nar], but not flushed on the sled backend: for
     /// mappings that can be derived again (a path info names its NarHash and
     /// root node), recorded so that another replica can resolve the NAR.
-    pub async fn record_nar(&self, nar_sha256: &[u8; 32], node: &Node, nar_size: u64) -> Result<(), Error> {
+    pub async fn record_nar(
+        &self,
+        nar_sha256: &[u8; 32],
+        node: &Node,
+        nar_size: u64,
+    ) -> Result<(), Error> {
         self.write_nar(nar_sha256, node, nar_size, false).await
     }
 
-    async fn write_nar(&self, nar_sha256: &[u8; 32], node: &Node, nar_size: u64, flush: bool) -> Result<(), Error> {
+    async fn write_nar(
+        &self,
+        nar_sha256: &[u8; 32],
+        node: &Node,
+        nar_size: u64,
+        flush: bool,
+    ) -> Result<(), Error> {
         let value = encode_nar_entry(node, nar_size);
         match &self.backend {
             Backend::Sled { nars, .. } => {
@@ -392,7 +448,10 @@ impl NarIndex {
             }
             Backend::ObjectStore { store, base } => {
                 let key = Self::os_key(base, "nars", &[&crate::nixbase32::encode(nar_sha256)]);
-                store.put(&key, PutPayload::from(value)).await.map_err(os_err)?;
+                store
+                    .put(&key, PutPayload::from(value))
+                    .await
+                    .map_err(os_err)?;
             }
         }
         Ok(())
@@ -421,7 +480,11 @@ impl NarIndex {
             Backend::Sled { nars, .. } => Ok(nars.len()),
             Backend::ObjectStore { store, base } => {
                 let prefix = base.clone().join("nars");
-                store.list(Some(&prefix)).map_err(os_err).try_fold(0usize, |n, _| async move { Ok(n + 1) }).await
+                store
+                    .list(Some(&prefix))
+                    .map_err(os_err)
+                    .try_fold(0usize, |n, _| async move { Ok(n + 1) })
+                    .await
             }
         }
     }
@@ -435,9 +498,14 @@ impl NarIndex {
     pub async fn get_upload(&self, url_path: &str) -> Result<Option<NarUpload>, Error> {
         let what = format!("NAR upload record {url_path:?}");
         let raw = match &self.backend {
-            Backend::Sled { uploads, .. } => uploads.get(url_path).map_err(Error::storage)?.map(|v| v.to_vec()),
+            Backend::Sled { uploads, .. } => uploads
+                .get(url_path)
+                .map_err(Error::storage)?
+                .map(|v| v.to_vec()),
             Backend::ObjectStore { store, base } => {
-                Self::os_get(store.as_ref(), &Self::upload_key(base, url_path)).await?.map(|b| b.to_vec())
+                Self::os_get(store.as_ref(), &Self::upload_key(base, url_path))
+                    .await?
+                    .map(|b| b.to_vec())
             }
         };
         raw.map(|raw| decode_upload(&raw, &what)).transpose()
@@ -453,7 +521,10 @@ impl NarIndex {
                 arca_castore::directoryservice::flush_sled(uploads).await?;
             }
             Backend::ObjectStore { store, base } => {
-                store.put(&Self::upload_key(base, url_path), PutPayload::from(value)).await.map_err(os_err)?;
+                store
+                    .put(&Self::upload_key(base, url_path), PutPayload::from(value))
+                    .await
+                    .map_err(os_err)?;
             }
         }
         Ok(())
@@ -463,14 +534,22 @@ impl NarIndex {
     /// answered for the store path `digest`, if that answer is still fresh at
     /// `now` (Unix seconds). Answers from the future (a clock set back) are
     /// not fresh; an unreadable entry is [CachedNarInfo::Missing].
-    pub async fn get_narinfo(&self, cache: &str, digest: &[u8; DIGEST_LEN], now: u64) -> Result<CachedNarInfo, Error> {
+    pub async fn get_narinfo(
+        &self,
+        cache: &str,
+        digest: &[u8; DIGEST_LEN],
+        now: u64,
+    ) -> Result<CachedNarInfo, Error> {
         let raw = match &self.backend {
-            Backend::Sled { narinfos, .. } => {
-                narinfos.get(narinfo_key(cache, digest)).map_err(Error::storage)?.map(|v| v.to_vec())
-            }
+            Backend::Sled { narinfos, .. } => narinfos
+                .get(narinfo_key(cache, digest))
+                .map_err(Error::storage)?
+                .map(|v| v.to_vec()),
             Backend::ObjectStore { store, base } => {
                 let key = Self::narinfo_os_key(base, cache, digest);
-                Self::os_get(store.as_ref(), &key).await?.map(|b| b.to_vec())
+                Self::os_get(store.as_ref(), &key)
+                    .await?
+                    .map(|b| b.to_vec())
             }
         };
         let Some(raw) = raw else {
@@ -481,7 +560,11 @@ impl NarIndex {
             return Ok(CachedNarInfo::Missing);
         };
         let ttl = self.ttl();
-        let ttl = if entry.is_some() { ttl.positive } else { ttl.negative };
+        let ttl = if entry.is_some() {
+            ttl.positive
+        } else {
+            ttl.negative
+        };
         let fresh = fetched_at <= now && now - fetched_at < ttl.as_secs();
         Ok(match (fresh, entry) {
             (false, _) => CachedNarInfo::Missing,
@@ -490,8 +573,22 @@ impl NarIndex {
         })
     }
 
-    fn narinfo_os_key(base: &object_store::path::Path, cache: &str, digest: &[u8; DIGEST_LEN]) -> object_store::path::Path {
-        Self::os_key(base, "narinfos", &[&cache_id(cache).iter().map(|b| format!("{b:02x}")).collect::<String>(), &crate::nixbase32::encode(digest)])
+    fn narinfo_os_key(
+        base: &object_store::path::Path,
+        cache: &str,
+        digest: &[u8; DIGEST_LEN],
+    ) -> object_store::path::Path {
+        Self::os_key(
+            base,
+            "narinfos",
+            &[
+                &cache_id(cache)
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<String>(),
+                &crate::nixbase32::encode(digest),
+            ],
+        )
     }
 
     /// Records what binary cache `cache` answered for the store path `digest`
@@ -508,11 +605,16 @@ impl NarIndex {
         let value = encode_narinfo_entry(fetched_at, narinfo);
         match &self.backend {
             Backend::Sled { narinfos, .. } => {
-                narinfos.insert(narinfo_key(cache, digest), value).map_err(Error::storage)?;
+                narinfos
+                    .insert(narinfo_key(cache, digest), value)
+                    .map_err(Error::storage)?;
             }
             Backend::ObjectStore { store, base } => {
                 let key = Self::narinfo_os_key(base, cache, digest);
-                store.put(&key, PutPayload::from(value)).await.map_err(os_err)?;
+                store
+                    .put(&key, PutPayload::from(value))
+                    .await
+                    .map_err(os_err)?;
             }
         }
         Ok(())
@@ -559,19 +661,27 @@ pub struct LazyNarIndex {
 
 impl std::fmt::Debug for LazyNarIndex {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LazyNarIndex").field("location", &self.location).finish_non_exhaustive()
+        f.debug_struct("LazyNarIndex")
+            .field("location", &self.location)
+            .finish_non_exhaustive()
     }
 }
 
 impl LazyNarIndex {
     /// A sled index at `path`, opened (created) on first use.
     pub fn at(path: impl Into<PathBuf>) -> Self {
-        Self { location: Location::Sled(path.into()), opened: Default::default() }
+        Self {
+            location: Location::Sled(path.into()),
+            opened: Default::default(),
+        }
     }
 
     /// A temporary index, created on first use.
     pub fn temporary() -> Self {
-        Self { location: Location::Temporary, opened: Default::default() }
+        Self {
+            location: Location::Temporary,
+            opened: Default::default(),
+        }
     }
 
     /// The index a URL names ([NarIndex::from_url]), opened on first use.
@@ -580,9 +690,10 @@ impl LazyNarIndex {
         match ServiceConfig::from_url(ServiceKind::Directory, url) {
             Ok(ServiceConfig::Sled { path: None }) => Ok(Self::temporary()),
             Ok(ServiceConfig::Sled { path: Some(p) }) => Ok(Self::at(p)),
-            Ok(ServiceConfig::ObjectStore { .. }) => {
-                Ok(Self { location: Location::Url(url.to_string()), opened: Default::default() })
-            }
+            Ok(ServiceConfig::ObjectStore { .. }) => Ok(Self {
+                location: Location::Url(url.to_string()),
+                opened: Default::default(),
+            }),
             Ok(_) => Err(Error::InvalidRequest(format!(
                 "NAR index URL {url:?}: expected sled:///path, sled:// or objectstore+…://…"
             ))),
@@ -617,7 +728,10 @@ impl LazyNarIndex {
 impl From<Arc<NarIndex>> for LazyNarIndex {
     /// An index that is already open.
     fn from(index: Arc<NarIndex>) -> Self {
-        Self { location: Location::Temporary, opened: Arc::new(Mutex::new(Some(index))) }
+        Self {
+            location: Location::Temporary,
+            opened: Arc::new(Mutex::new(Some(index))),
+        }
     }
 }
 
@@ -647,10 +761,23 @@ mod tests {
 
     fn nodes() -> Vec<Node> {
         vec![
-            Node::Directory { digest: B3Digest::of(b"dir"), size: 7 },
-            Node::File { digest: B3Digest::of(b"file"), size: 4, executable: true },
-            Node::File { digest: B3Digest::of(b""), size: 0, executable: false },
-            Node::Symlink { target: SymlinkTarget::try_from(bytes::Bytes::from_static(b"../x")).unwrap() },
+            Node::Directory {
+                digest: B3Digest::of(b"dir"),
+                size: 7,
+            },
+            Node::File {
+                digest: B3Digest::of(b"file"),
+                size: 4,
+                executable: true,
+            },
+            Node::File {
+                digest: B3Digest::of(b""),
+                size: 0,
+                executable: false,
+            },
+            Node::Symlink {
+                target: SymlinkTarget::try_from(bytes::Bytes::from_static(b"../x")).unwrap(),
+            },
         ]
     }
 
@@ -691,7 +818,10 @@ mod tests {
             }
         };
         for (i, n) in nodes().into_iter().enumerate() {
-            assert_eq!(idx.get_nar(&[i as u8; 32]).await.unwrap(), Some((n, 100 + i as u64)));
+            assert_eq!(
+                idx.get_nar(&[i as u8; 32]).await.unwrap(),
+                Some((n, 100 + i as u64))
+            );
         }
         idx.remove_nar(&[0; 32]).await.unwrap();
         assert_eq!(idx.get_nar(&[0; 32]).await.unwrap(), None);
@@ -709,7 +839,11 @@ mod tests {
                 } else {
                     idx.record_nar(&h, &n, 100 + i as u64).await.unwrap();
                 }
-                assert_eq!(idx.get_nar(&h).await.unwrap(), Some((n, 100 + i as u64)), "{idx:?}");
+                assert_eq!(
+                    idx.get_nar(&h).await.unwrap(),
+                    Some((n, 100 + i as u64)),
+                    "{idx:?}"
+                );
             }
             assert_eq!(idx.nar_count().await.unwrap(), 4, "{idx:?}");
             idx.remove_nar(&[0; 32]).await.unwrap();
@@ -734,14 +868,33 @@ mod tests {
             // Odd keys stay keys.
             assert_eq!(idx.get_upload("nar/../x").await.unwrap(), None);
 
-            assert_eq!(idx.get_narinfo(CACHE, &D, 1000).await.unwrap(), CachedNarInfo::Missing);
-            idx.put_narinfo(CACHE, &D, 1000, Some("StorePath: x\n")).await.unwrap();
-            assert_eq!(idx.get_narinfo(CACHE, &D, 1000).await.unwrap(), CachedNarInfo::Present("StorePath: x\n".into()));
-            idx.put_narinfo("http://other", &D, 1000, None).await.unwrap();
-            assert_eq!(idx.get_narinfo("http://other", &D, 1000).await.unwrap(), CachedNarInfo::Absent);
+            assert_eq!(
+                idx.get_narinfo(CACHE, &D, 1000).await.unwrap(),
+                CachedNarInfo::Missing
+            );
+            idx.put_narinfo(CACHE, &D, 1000, Some("StorePath: x\n"))
+                .await
+                .unwrap();
+            assert_eq!(
+                idx.get_narinfo(CACHE, &D, 1000).await.unwrap(),
+                CachedNarInfo::Present("StorePath: x\n".into())
+            );
+            idx.put_narinfo("http://other", &D, 1000, None)
+                .await
+                .unwrap();
+            assert_eq!(
+                idx.get_narinfo("http://other", &D, 1000).await.unwrap(),
+                CachedNarInfo::Absent
+            );
             idx.clear_narinfos().await.unwrap();
-            assert_eq!(idx.get_narinfo(CACHE, &D, 1000).await.unwrap(), CachedNarInfo::Missing);
-            assert_eq!(idx.get_narinfo("http://other", &D, 1000).await.unwrap(), CachedNarInfo::Missing);
+            assert_eq!(
+                idx.get_narinfo(CACHE, &D, 1000).await.unwrap(),
+                CachedNarInfo::Missing
+            );
+            assert_eq!(
+                idx.get_narinfo("http://other", &D, 1000).await.unwrap(),
+                CachedNarInfo::Missing
+            );
             // NARs and uploads survive clearing the narinfo cache.
             assert_eq!(idx.nar_count().await.unwrap(), 3);
             assert!(idx.get_upload("nar/1abc.nar.xz").await.unwrap().is_some());
@@ -767,7 +920,13 @@ mod tests {
         let lazy = LazyNarIndex::from_url(&format!("sled://{}", p.display())).unwrap();
         assert_eq!(lazy.path(), Some(p.as_path()));
         assert!(!p.exists(), "opened before first use");
-        for bad in ["memory://", "grpc+http://127.0.0.1:1", "ftp://x", "sled://relative", "nix+http://x"] {
+        for bad in [
+            "memory://",
+            "grpc+http://127.0.0.1:1",
+            "ftp://x",
+            "sled://relative",
+            "nix+http://x",
+        ] {
             let e = LazyNarIndex::from_url(bad).unwrap_err();
             assert!(e.to_string().contains("NAR index URL"), "{bad}: {e}");
             assert!(NarIndex::from_url(bad).is_err(), "{bad}");
@@ -777,14 +936,27 @@ mod tests {
     #[tokio::test]
     async fn corrupt_entries_are_storage_errors() {
         let idx = NarIndex::temporary().unwrap();
-        let Backend::Sled { nars, uploads, .. } = &idx.backend else { unreachable!() };
-        for bad in [&b""[..], &[9, 0, 0][..], &[1, 0, 0, 0][..], &[1, 0, 0, 0, 0, 0, 0, 0, 5, 0xff][..]] {
+        let Backend::Sled { nars, uploads, .. } = &idx.backend else {
+            unreachable!()
+        };
+        for bad in [
+            &b""[..],
+            &[9, 0, 0][..],
+            &[1, 0, 0, 0][..],
+            &[1, 0, 0, 0, 0, 0, 0, 0, 5, 0xff][..],
+        ] {
             nars.insert([7u8; 32], bad).unwrap();
             let e = idx.get_nar(&[7; 32]).await.unwrap_err();
-            assert!(matches!(&e, Error::Storage(m) if m.contains("corrupt")), "{bad:?}: {e}");
+            assert!(
+                matches!(&e, Error::Storage(m) if m.contains("corrupt")),
+                "{bad:?}: {e}"
+            );
             uploads.insert("u", bad).unwrap();
             let e = idx.get_upload("u").await.unwrap_err();
-            assert!(matches!(&e, Error::Storage(m) if m.contains("corrupt")), "{bad:?}: {e}");
+            assert!(
+                matches!(&e, Error::Storage(m) if m.contains("corrupt")),
+                "{bad:?}: {e}"
+            );
         }
     }
 
@@ -792,37 +964,78 @@ mod tests {
     async fn narinfo_ttls() {
         let idx = NarIndex::temporary().unwrap();
         assert_eq!(idx.ttl(), NarinfoTtl::NIX_DEFAULT);
-        assert_eq!(idx.get_narinfo(CACHE, &D, 1000).await.unwrap(), CachedNarInfo::Missing);
+        assert_eq!(
+            idx.get_narinfo(CACHE, &D, 1000).await.unwrap(),
+            CachedNarInfo::Missing
+        );
 
-        idx.put_narinfo(CACHE, &D, 1000, Some("StorePath: x\n")).await.unwrap();
-        assert_eq!(idx.get_narinfo(CACHE, &D, 1000).await.unwrap(), CachedNarInfo::Present("StorePath: x\n".into()));
+        idx.put_narinfo(CACHE, &D, 1000, Some("StorePath: x\n"))
+            .await
+            .unwrap();
+        assert_eq!(
+            idx.get_narinfo(CACHE, &D, 1000).await.unwrap(),
+            CachedNarInfo::Present("StorePath: x\n".into())
+        );
         let month = 30 * 24 * 3600;
         assert_eq!(
             idx.get_narinfo(CACHE, &D, 1000 + month - 1).await.unwrap(),
             CachedNarInfo::Present("StorePath: x\n".into())
         );
-        assert_eq!(idx.get_narinfo(CACHE, &D, 1000 + month).await.unwrap(), CachedNarInfo::Missing);
+        assert_eq!(
+            idx.get_narinfo(CACHE, &D, 1000 + month).await.unwrap(),
+            CachedNarInfo::Missing
+        );
         // From the future: not trusted.
-        assert_eq!(idx.get_narinfo(CACHE, &D, 999).await.unwrap(), CachedNarInfo::Missing);
+        assert_eq!(
+            idx.get_narinfo(CACHE, &D, 999).await.unwrap(),
+            CachedNarInfo::Missing
+        );
         // Per cache.
-        assert_eq!(idx.get_narinfo("http://other", &D, 1000).await.unwrap(), CachedNarInfo::Missing);
+        assert_eq!(
+            idx.get_narinfo("http://other", &D, 1000).await.unwrap(),
+            CachedNarInfo::Missing
+        );
 
         idx.put_narinfo(CACHE, &D, 2000, None).await.unwrap();
-        assert_eq!(idx.get_narinfo(CACHE, &D, 2000 + 3599).await.unwrap(), CachedNarInfo::Absent);
-        assert_eq!(idx.get_narinfo(CACHE, &D, 2000 + 3600).await.unwrap(), CachedNarInfo::Missing);
+        assert_eq!(
+            idx.get_narinfo(CACHE, &D, 2000 + 3599).await.unwrap(),
+            CachedNarInfo::Absent
+        );
+        assert_eq!(
+            idx.get_narinfo(CACHE, &D, 2000 + 3600).await.unwrap(),
+            CachedNarInfo::Missing
+        );
 
-        idx.set_ttl(NarinfoTtl { positive: Duration::from_secs(10), negative: Duration::from_secs(5) });
-        assert_eq!(idx.get_narinfo(CACHE, &D, 2004).await.unwrap(), CachedNarInfo::Absent);
-        assert_eq!(idx.get_narinfo(CACHE, &D, 2005).await.unwrap(), CachedNarInfo::Missing);
+        idx.set_ttl(NarinfoTtl {
+            positive: Duration::from_secs(10),
+            negative: Duration::from_secs(5),
+        });
+        assert_eq!(
+            idx.get_narinfo(CACHE, &D, 2004).await.unwrap(),
+            CachedNarInfo::Absent
+        );
+        assert_eq!(
+            idx.get_narinfo(CACHE, &D, 2005).await.unwrap(),
+            CachedNarInfo::Missing
+        );
 
         idx.set_ttl(NarinfoTtl::NONE);
         idx.put_narinfo(CACHE, &D, 3000, Some("x\n")).await.unwrap();
-        assert_eq!(idx.get_narinfo(CACHE, &D, 3000).await.unwrap(), CachedNarInfo::Missing);
+        assert_eq!(
+            idx.get_narinfo(CACHE, &D, 3000).await.unwrap(),
+            CachedNarInfo::Missing
+        );
 
         idx.set_ttl(NarinfoTtl::NIX_DEFAULT);
-        assert_eq!(idx.get_narinfo(CACHE, &D, 3000).await.unwrap(), CachedNarInfo::Present("x\n".into()));
+        assert_eq!(
+            idx.get_narinfo(CACHE, &D, 3000).await.unwrap(),
+            CachedNarInfo::Present("x\n".into())
+        );
         idx.clear_narinfos().await.unwrap();
-        assert_eq!(idx.get_narinfo(CACHE, &D, 3000).await.unwrap(), CachedNarInfo::Missing);
+        assert_eq!(
+            idx.get_narinfo(CACHE, &D, 3000).await.unwrap(),
+            CachedNarInfo::Missing
+        );
     }
 
     #[test]
@@ -843,10 +1056,22 @@ mod tests {
     #[tokio::test]
     async fn unreadable_narinfo_entries_are_missing() {
         let idx = NarIndex::temporary().unwrap();
-        let Backend::Sled { narinfos, .. } = &idx.backend else { unreachable!() };
-        for bad in [&b""[..], &[2, 0, 0, 0, 0, 0, 0, 0, 0, 1][..], &[1, 0, 0][..], &[1, 0, 0, 0, 0, 0, 0, 0, 0, 2][..], &[1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff][..]] {
+        let Backend::Sled { narinfos, .. } = &idx.backend else {
+            unreachable!()
+        };
+        for bad in [
+            &b""[..],
+            &[2, 0, 0, 0, 0, 0, 0, 0, 0, 1][..],
+            &[1, 0, 0][..],
+            &[1, 0, 0, 0, 0, 0, 0, 0, 0, 2][..],
+            &[1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff][..],
+        ] {
             narinfos.insert(narinfo_key(CACHE, &D), bad).unwrap();
-            assert_eq!(idx.get_narinfo(CACHE, &D, 0).await.unwrap(), CachedNarInfo::Missing, "{bad:?}");
+            assert_eq!(
+                idx.get_narinfo(CACHE, &D, 0).await.unwrap(),
+                CachedNarInfo::Missing,
+                "{bad:?}"
+            );
         }
     }
 }

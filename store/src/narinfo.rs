@@ -296,7 +296,11 @@ pub struct NarInfo {
 }
 
 fn parse_sha256(line: usize, field: &'static str, value: &str) -> Result<NixHash, NarInfoError> {
-    let h = NixHash::parse_prefixed(value).map_err(|source| NarInfoError::InvalidHash { line, field, source })?;
+    let h = NixHash::parse_prefixed(value).map_err(|source| NarInfoError::InvalidHash {
+        line,
+        field,
+        source,
+    })?;
     if h.algo() != HashAlgo::Sha256 {
         return Err(NarInfoError::NotSha256 {
             line,
@@ -323,8 +327,16 @@ fn parse_u64(line: usize, field: &'static str, value: &str) -> Result<u64, NarIn
     })
 }
 
-fn parse_basename(line: usize, field: &'static str, value: &str) -> Result<StorePath, NarInfoError> {
-    StorePath::from_basename(value).map_err(|source| NarInfoError::InvalidStorePath { line, field, source })
+fn parse_basename(
+    line: usize,
+    field: &'static str,
+    value: &str,
+) -> Result<StorePath, NarInfoError> {
+    StorePath::from_basename(value).map_err(|source| NarInfoError::InvalidStorePath {
+        line,
+        field,
+        source,
+    })
 }
 
 fn check_value(field: &'static str, value: &str) -> Result<(), NarInfoError> {
@@ -338,7 +350,11 @@ fn check_value(field: &'static str, value: &str) -> Result<(), NarInfoError> {
 }
 
 fn references_value(references: &[StorePath]) -> String {
-    references.iter().map(StorePath::basename).collect::<Vec<_>>().join(" ")
+    references
+        .iter()
+        .map(StorePath::basename)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 impl NarInfo {
@@ -376,7 +392,11 @@ impl NarInfo {
         let mut lines = Vec::new();
         let mut seen: Vec<Key> = Vec::new();
 
-        let lines_iter = if text.is_empty() { None } else { Some(body.split('\n')) };
+        let lines_iter = if text.is_empty() {
+            None
+        } else {
+            Some(body.split('\n'))
+        };
         for (idx, raw) in lines_iter.into_iter().flatten().enumerate() {
             let line = idx + 1;
             if let Some(character) = raw.chars().find(|c| c.is_control()) {
@@ -399,13 +419,13 @@ impl NarInfo {
             }
             match &key {
                 Key::StorePath => {
-                    store_path = Some(
-                        StorePath::from_absolute_path(value).map_err(|source| NarInfoError::InvalidStorePath {
+                    store_path = Some(StorePath::from_absolute_path(value).map_err(|source| {
+                        NarInfoError::InvalidStorePath {
                             line,
                             field,
                             source,
-                        })?,
-                    )
+                        }
+                    })?)
                 }
                 Key::Url => {
                     if value.is_empty() {
@@ -445,11 +465,10 @@ impl NarInfo {
                         .map_err(|source| NarInfoError::InvalidSignature { line, source })?,
                 ),
                 Key::Ca => {
-                    ca = Some(
-                        value
-                            .parse::<ContentAddress>()
-                            .map_err(|source| NarInfoError::InvalidContentAddress { line, source })?,
-                    )
+                    ca =
+                        Some(value.parse::<ContentAddress>().map_err(|source| {
+                            NarInfoError::InvalidContentAddress { line, source }
+                        })?)
                 }
                 Key::Unknown(_) => {}
             }
@@ -486,7 +505,12 @@ impl NarInfo {
     /// A new narinfo with the required fields and an empty `References` line.
     /// Nix also writes `Compression`, `FileHash` and `FileSize`: set them with
     /// the setters.
-    pub fn new(store_path: StorePath, url: &str, nar_sha256: [u8; 32], nar_size: u64) -> Result<Self, NarInfoError> {
+    pub fn new(
+        store_path: StorePath,
+        url: &str,
+        nar_sha256: [u8; 32],
+        nar_size: u64,
+    ) -> Result<Self, NarInfoError> {
         check_value("URL", url)?;
         if nar_size == 0 {
             return Err(NarInfoError::ZeroNarSize);
@@ -612,7 +636,12 @@ impl NarInfo {
 
     /// The fingerprint its signatures sign (see [signature::fingerprint]).
     pub fn fingerprint(&self) -> String {
-        signature::fingerprint(&self.store_path, &self.nar_hash, self.nar_size, &self.references)
+        signature::fingerprint(
+            &self.store_path,
+            &self.nar_hash,
+            self.nar_size,
+            &self.references,
+        )
     }
 
     /// How many of its signatures verify with one of `keys` (matched by name).
@@ -647,7 +676,13 @@ impl NarInfo {
             Some(last) => last + 1,
             None => self.insert_position(&Key::Sig),
         };
-        self.lines.insert(pos, Line { key: Key::Sig, value });
+        self.lines.insert(
+            pos,
+            Line {
+                key: Key::Sig,
+                value,
+            },
+        );
     }
 
     /// Removes every signature (e.g. before re-signing).
@@ -826,7 +861,11 @@ mod tests {
     const SECRET_KEY: &str = include_str!("../tests/data/keys/secret.key");
 
     fn fixture(name: &str) -> &'static str {
-        FIXTURES.iter().find(|(n, _)| *n == name).map(|(_, t)| *t).unwrap()
+        FIXTURES
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, t)| *t)
+            .unwrap()
     }
 
     fn top_signed() -> NarInfo {
@@ -889,13 +928,20 @@ mod tests {
         assert_eq!(ni.signatures()[0].name(), "arca-fixture-1");
         assert_eq!(ni.ca(), None);
 
-        let note: NarInfo = fixture("cache-none/p5fizk1ihhkjp9any6qdwxhrg2z24dxh").parse().unwrap();
+        let note: NarInfo = fixture("cache-none/p5fizk1ihhkjp9any6qdwxhrg2z24dxh")
+            .parse()
+            .unwrap();
         assert_eq!(note.compression(), Compression::None);
         assert!(note.references().is_empty());
         assert_eq!(note.deriver(), None);
         let ca = note.ca().unwrap();
-        assert_eq!(ca.store_path("note.txt", &[]).unwrap().unwrap(), *note.store_path());
-        let zstd: NarInfo = fixture("cache-zstd/26iyx2c1s18l4jyk02mys08wf1dv6cw6").parse().unwrap();
+        assert_eq!(
+            ca.store_path("note.txt", &[]).unwrap().unwrap(),
+            *note.store_path()
+        );
+        let zstd: NarInfo = fixture("cache-zstd/26iyx2c1s18l4jyk02mys08wf1dv6cw6")
+            .parse()
+            .unwrap();
         assert_eq!(zstd.compression(), Compression::Zstd);
         assert_eq!(zstd.nar_hash(), ni.nar_hash());
     }
@@ -904,15 +950,24 @@ mod tests {
     fn nix_signatures_verify_with_fixture_key() {
         let pk: PublicKey = PUBLIC_KEY.parse().unwrap();
         let mut n = 0;
-        for (name, text) in FIXTURES.iter().filter(|(n, _)| n.starts_with("cache-xz-signed/")) {
+        for (name, text) in FIXTURES
+            .iter()
+            .filter(|(n, _)| n.starts_with("cache-xz-signed/"))
+        {
             let ni: NarInfo = text.parse().unwrap();
             assert!(ni.verify(std::slice::from_ref(&pk)), "{name}");
-            assert_eq!(ni.count_valid_signatures(std::slice::from_ref(&pk)), 1, "{name}");
+            assert_eq!(
+                ni.count_valid_signatures(std::slice::from_ref(&pk)),
+                1,
+                "{name}"
+            );
             n += 1;
         }
         assert_eq!(n, 6);
         // Unsigned caches have nothing to verify.
-        let unsigned: NarInfo = fixture("cache-none/26iyx2c1s18l4jyk02mys08wf1dv6cw6").parse().unwrap();
+        let unsigned: NarInfo = fixture("cache-none/26iyx2c1s18l4jyk02mys08wf1dv6cw6")
+            .parse()
+            .unwrap();
         assert!(!unsigned.verify(&[pk]));
     }
 
@@ -947,7 +1002,10 @@ mod tests {
             assert!(!ni.verify(std::slice::from_ref(&pk)), "{from} -> {to}");
         }
         // Fields outside the fingerprint do not matter.
-        let ni: NarInfo = text.replace("FileSize: 360", "FileSize: 361").parse().unwrap();
+        let ni: NarInfo = text
+            .replace("FileSize: 360", "FileSize: 361")
+            .parse()
+            .unwrap();
         assert!(ni.verify(&[pk]));
     }
 
@@ -1034,8 +1092,14 @@ mod tests {
         ni.set_url("nar/x.nar").unwrap();
         assert_eq!(ni.url(), "nar/x.nar");
         assert!(ni.to_string().contains("\nURL: nar/x.nar\n"));
-        assert!(matches!(ni.set_url(""), Err(NarInfoError::InvalidValue { .. })));
-        assert!(matches!(ni.set_url("a\nb"), Err(NarInfoError::InvalidValue { .. })));
+        assert!(matches!(
+            ni.set_url(""),
+            Err(NarInfoError::InvalidValue { .. })
+        ));
+        assert!(matches!(
+            ni.set_url("a\nb"),
+            Err(NarInfoError::InvalidValue { .. })
+        ));
         assert!(matches!(
             ni.set_system(Some("a\rb")),
             Err(NarInfoError::InvalidValue { .. })
@@ -1075,7 +1139,10 @@ mod tests {
 
     #[test]
     fn unknown_lines_are_kept_in_place() {
-        let text = minimal().replace("URL: nar/x.nar\n", "URL: nar/x.nar\nX-Extra: a: b\nLastModified: \n");
+        let text = minimal().replace(
+            "URL: nar/x.nar\n",
+            "URL: nar/x.nar\nX-Extra: a: b\nLastModified: \n",
+        );
         let mut ni: NarInfo = text.parse().unwrap();
         assert_eq!(ni.to_string(), text);
         let unknown: Vec<_> = ni.unknown_fields().collect();
@@ -1151,14 +1218,26 @@ mod tests {
             ),
             ("NarSize", "NarSize: 128\n"),
         ] {
-            assert_eq!(err(&minimal().replace(line, "")), NarInfoError::MissingField(field));
+            assert_eq!(
+                err(&minimal().replace(line, "")),
+                NarInfoError::MissingField(field)
+            );
         }
         assert_eq!(err(""), NarInfoError::MissingField("StorePath"));
     }
 
     #[test]
     fn rejects_bad_numbers() {
-        for bad in ["", "-1", "+1", "1.0", "0x10", "12a", " 12", "18446744073709551616"] {
+        for bad in [
+            "",
+            "-1",
+            "+1",
+            "1.0",
+            "0x10",
+            "12a",
+            " 12",
+            "18446744073709551616",
+        ] {
             let e = err(&minimal().replace("NarSize: 128", &format!("NarSize: {bad}")));
             assert!(
                 matches!(
@@ -1220,7 +1299,13 @@ mod tests {
             );
             let e = err(&format!("{}FileHash: {bad}\n", minimal()));
             assert!(
-                matches!(e, NarInfoError::InvalidHash { field: "FileHash", .. }),
+                matches!(
+                    e,
+                    NarInfoError::InvalidHash {
+                        field: "FileHash",
+                        ..
+                    }
+                ),
                 "{bad:?}: {e:?}"
             );
         }
@@ -1317,7 +1402,10 @@ mod tests {
                 character: '\t'
             }
         ));
-        assert_eq!(NarInfo::parse(b"StorePath: \xff\n"), Err(NarInfoError::NotUtf8));
+        assert_eq!(
+            NarInfo::parse(b"StorePath: \xff\n"),
+            Err(NarInfoError::NotUtf8)
+        );
     }
 
     #[test]
@@ -1338,7 +1426,13 @@ mod tests {
         );
         let e = err(&minimal().replace("-fixture-base\n", "-.fixture-base\n"));
         assert!(
-            matches!(e, NarInfoError::InvalidStorePath { field: "StorePath", .. }),
+            matches!(
+                e,
+                NarInfoError::InvalidStorePath {
+                    field: "StorePath",
+                    ..
+                }
+            ),
             "{e:?}"
         );
         // References and Deriver are basenames, not absolute paths.
@@ -1373,7 +1467,13 @@ mod tests {
         );
         let e = err(&format!("{}Deriver: x.drv\n", minimal()));
         assert!(
-            matches!(e, NarInfoError::InvalidStorePath { field: "Deriver", .. }),
+            matches!(
+                e,
+                NarInfoError::InvalidStorePath {
+                    field: "Deriver",
+                    ..
+                }
+            ),
             "{e:?}"
         );
         let e = err(&format!("{}Compression: lzma\n", minimal()));
@@ -1385,7 +1485,10 @@ mod tests {
             }
         );
         let e = err(&format!("{}Compression: \n", minimal()));
-        assert!(matches!(e, NarInfoError::UnknownCompression { .. }), "{e:?}");
+        assert!(
+            matches!(e, NarInfoError::UnknownCompression { .. }),
+            "{e:?}"
+        );
         for bad in ["nokey", "k:!!", "k:AAAA", ":AAAA"] {
             let e = err(&format!("{}Sig: {bad}\n", minimal()));
             assert!(
@@ -1413,8 +1516,14 @@ mod tests {
         while text.len() <= MAX_NARINFO_SIZE {
             text.push_str("X-Padding: 0123456789012345678901234567890123456789\n");
         }
-        assert_eq!(NarInfo::parse(text.as_bytes()), Err(NarInfoError::TooLarge(text.len())));
-        assert_eq!(text.parse::<NarInfo>(), Err(NarInfoError::TooLarge(text.len())));
+        assert_eq!(
+            NarInfo::parse(text.as_bytes()),
+            Err(NarInfoError::TooLarge(text.len()))
+        );
+        assert_eq!(
+            text.parse::<NarInfo>(),
+            Err(NarInfoError::TooLarge(text.len()))
+        );
         // Exactly at the limit is fine.
         let mut text = minimal();
         let pad = MAX_NARINFO_SIZE - text.len() - "X: \n".len();

@@ -93,7 +93,10 @@ pub fn decode(input: &str) -> Result<Vec<u8>, Nixbase32Error> {
         .char_indices()
         .find(|&(_, c)| !c.is_ascii() || digit_value(c as u8).is_none())
     {
-        return Err(Nixbase32Error::InvalidCharacter { character, position });
+        return Err(Nixbase32Error::InvalidCharacter {
+            character,
+            position,
+        });
     }
     let mut out = vec![0u8; n];
     for (k, &c) in s.iter().rev().enumerate() {
@@ -136,7 +139,9 @@ mod tests {
     use super::*;
 
     fn unhex(s: &str) -> Vec<u8> {
-        data_encoding::HEXLOWER.decode(s.as_bytes()).expect("test hex")
+        data_encoding::HEXLOWER
+            .decode(s.as_bytes())
+            .expect("test hex")
     }
 
     /// Vectors printed by Nix 2.8:
@@ -224,7 +229,9 @@ mod tests {
     #[test]
     fn round_trips_all_lengths() {
         for n in 0..100usize {
-            let data: Vec<u8> = (0..n).map(|i| (i as u8).wrapping_mul(37).wrapping_add(11)).collect();
+            let data: Vec<u8> = (0..n)
+                .map(|i| (i as u8).wrapping_mul(37).wrapping_add(11))
+                .collect();
             let s = encode(&data);
             assert_eq!(s.len(), encode_len(n));
             assert_eq!(decode(&s).unwrap(), data);
@@ -264,8 +271,14 @@ mod tests {
     fn rejects_non_canonical_lengths() {
         assert_eq!(decode("0"), Err(Nixbase32Error::InvalidLength(1)));
         assert_eq!(decode("000"), Err(Nixbase32Error::InvalidLength(3)));
-        assert_eq!(decode(&"0".repeat(33)), Err(Nixbase32Error::InvalidLength(33)));
-        assert_eq!(decode(&"0".repeat(51)), Err(Nixbase32Error::InvalidLength(51)));
+        assert_eq!(
+            decode(&"0".repeat(33)),
+            Err(Nixbase32Error::InvalidLength(33))
+        );
+        assert_eq!(
+            decode(&"0".repeat(51)),
+            Err(Nixbase32Error::InvalidLength(51))
+        );
     }
 
     #[test]
@@ -286,7 +299,10 @@ mod tests {
     #[test]
     fn decode_fixed_checks_length() {
         let d: [u8; 20] = decode_fixed("2c91240g1q6hq2qa1440f1h50h1h4080").unwrap();
-        assert_eq!(d.to_vec(), unhex("000102030405060708090a0b0c0d0e0f10111213"));
+        assert_eq!(
+            d.to_vec(),
+            unhex("000102030405060708090a0b0c0d0e0f10111213")
+        );
         assert_eq!(
             decode_fixed::<20>("0g1q6hq2qa1440f1h50h1h4080"),
             Err(Nixbase32Error::WrongLength {
@@ -295,7 +311,10 @@ mod tests {
                 expected: 20
             })
         );
-        assert_eq!(decode_fixed::<20>("000"), Err(Nixbase32Error::InvalidLength(3)));
+        assert_eq!(
+            decode_fixed::<20>("000"),
+            Err(Nixbase32Error::InvalidLength(3))
+        );
         assert!(matches!(
             decode_fixed::<20>("0000000000000000000000000000000e"),
             Err(Nixbase32Error::InvalidCharacter {

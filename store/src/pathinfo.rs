@@ -147,7 +147,10 @@ fn ca_to_proto(ca: &ContentAddress) -> Result<proto::nar_info::Ca, PathInfoError
     let (ty, hash) = match ca {
         ContentAddress::Text(h) if h.algo() == HashAlgo::Sha256 => (H::TextSha256, h),
         ContentAddress::Text(_) => return Err(PathInfoError::UnrepresentableCa(ca.to_string())),
-        ContentAddress::Fixed { recursive: true, hash } => (
+        ContentAddress::Fixed {
+            recursive: true,
+            hash,
+        } => (
             match hash.algo() {
                 HashAlgo::Sha256 => H::NarSha256,
                 HashAlgo::Sha1 => H::NarSha1,
@@ -156,7 +159,10 @@ fn ca_to_proto(ca: &ContentAddress) -> Result<proto::nar_info::Ca, PathInfoError
             },
             hash,
         ),
-        ContentAddress::Fixed { recursive: false, hash } => (
+        ContentAddress::Fixed {
+            recursive: false,
+            hash,
+        } => (
             match hash.algo() {
                 HashAlgo::Sha256 => H::FlatSha256,
                 HashAlgo::Sha1 => H::FlatSha1,
@@ -166,7 +172,10 @@ fn ca_to_proto(ca: &ContentAddress) -> Result<proto::nar_info::Ca, PathInfoError
             hash,
         ),
     };
-    Ok(proto::nar_info::Ca { r#type: ty as i32, digest: Bytes::copy_from_slice(hash.digest()) })
+    Ok(proto::nar_info::Ca {
+        r#type: ty as i32,
+        digest: Bytes::copy_from_slice(hash.digest()),
+    })
 }
 
 fn ca_from_proto(ca: &proto::nar_info::Ca) -> Result<ContentAddress, PathInfoError> {
@@ -184,8 +193,15 @@ fn ca_from_proto(ca: &proto::nar_info::Ca) -> Result<ContentAddress, PathInfoErr
         H::FlatSha256 => (false, false, HashAlgo::Sha256),
         H::FlatSha512 => (false, false, HashAlgo::Sha512),
     };
-    let hash = NixHash::new(algo, &ca.digest).ok_or(PathInfoError::InvalidCaDigest { algo, len: ca.digest.len() })?;
-    Ok(if text { ContentAddress::Text(hash) } else { ContentAddress::Fixed { recursive, hash } })
+    let hash = NixHash::new(algo, &ca.digest).ok_or(PathInfoError::InvalidCaDigest {
+        algo,
+        len: ca.digest.len(),
+    })?;
+    Ok(if text {
+        ContentAddress::Text(hash)
+    } else {
+        ContentAddress::Fixed { recursive, hash }
+    })
 }
 
 impl TryFrom<proto::PathInfo> for PathInfo {
@@ -198,7 +214,10 @@ impl TryFrom<proto::PathInfo> for PathInfo {
         let store_path = std::str::from_utf8(&name)
             .map_err(|_| StorePathError::NotInStore(lossy_name.clone()))
             .and_then(StorePath::from_basename)
-            .map_err(|source| PathInfoError::InvalidNodeName { name: lossy_name, source })?;
+            .map_err(|source| PathInfoError::InvalidNodeName {
+                name: lossy_name,
+                source,
+            })?;
 
         let narinfo = p.narinfo.ok_or(PathInfoError::NoNarInfo)?;
         if p.references.len() != narinfo.reference_names.len() {
@@ -208,13 +227,26 @@ impl TryFrom<proto::PathInfo> for PathInfo {
             });
         }
         let mut references = Vec::with_capacity(p.references.len());
-        for (index, (raw, name)) in p.references.iter().zip(&narinfo.reference_names).enumerate() {
-            let digest: [u8; DIGEST_LEN] = raw
-                .as_ref()
-                .try_into()
-                .map_err(|_| PathInfoError::InvalidReferenceDigest { index, len: raw.len() })?;
-            let sp = StorePath::from_basename(name)
-                .map_err(|source| PathInfoError::InvalidReferenceName { index, name: name.clone(), source })?;
+        for (index, (raw, name)) in p
+            .references
+            .iter()
+            .zip(&narinfo.reference_names)
+            .enumerate()
+        {
+            let digest: [u8; DIGEST_LEN] =
+                raw.as_ref()
+                    .try_into()
+                    .map_err(|_| PathInfoError::InvalidReferenceDigest {
+                        index,
+                        len: raw.len(),
+                    })?;
+            let sp = StorePath::from_basename(name).map_err(|source| {
+                PathInfoError::InvalidReferenceName {
+                    index,
+                    name: name.clone(),
+                    source,
+                }
+            })?;
             if *sp.digest() != digest {
                 return Err(PathInfoError::ReferenceNameMismatch {
                     index,
@@ -236,21 +268,31 @@ impl TryFrom<proto::PathInfo> for PathInfo {
             if s.name.is_empty() {
                 return Err(PathInfoError::SignatureWithoutName(index));
             }
-            let bytes: [u8; SIGNATURE_LEN] = s
-                .data
-                .as_ref()
-                .try_into()
-                .map_err(|_| PathInfoError::InvalidSignatureLength { index, len: s.data.len() })?;
+            let bytes: [u8; SIGNATURE_LEN] =
+                s.data
+                    .as_ref()
+                    .try_into()
+                    .map_err(|_| PathInfoError::InvalidSignatureLength {
+                        index,
+                        len: s.data.len(),
+                    })?;
             signatures.push(Signature::new(s.name.clone(), bytes));
         }
 
         let deriver = match &narinfo.deriver {
             None => None,
             Some(d) => {
-                let digest: [u8; DIGEST_LEN] =
-                    d.digest.as_ref().try_into().map_err(|_| PathInfoError::InvalidDeriverDigest(d.digest.len()))?;
-                let sp = StorePath::new(digest, &d.name)
-                    .map_err(|source| PathInfoError::InvalidDeriverName { name: d.name.clone(), source })?;
+                let digest: [u8; DIGEST_LEN] = d
+                    .digest
+                    .as_ref()
+                    .try_into()
+                    .map_err(|_| PathInfoError::InvalidDeriverDigest(d.digest.len()))?;
+                let sp = StorePath::new(digest, &d.name).map_err(|source| {
+                    PathInfoError::InvalidDeriverName {
+                        name: d.name.clone(),
+                        source,
+                    }
+                })?;
                 if !d.name.ends_with(".drv") {
                     return Err(PathInfoError::DeriverNotDrv(d.name.clone()));
                 }
@@ -260,7 +302,16 @@ impl TryFrom<proto::PathInfo> for PathInfo {
 
         let ca = narinfo.ca.as_ref().map(ca_from_proto).transpose()?;
 
-        Ok(PathInfo { store_path, node, references, nar_size: narinfo.nar_size, nar_sha256, signatures, deriver, ca })
+        Ok(PathInfo {
+            store_path,
+            node,
+            references,
+            nar_size: narinfo.nar_size,
+            nar_sha256,
+            signatures,
+            deriver,
+            ca,
+        })
     }
 }
 
@@ -274,8 +325,16 @@ impl PathInfo {
     /// (`text:` with another hash than SHA-256).
     pub fn try_to_proto(&self) -> Result<proto::PathInfo, PathInfoError> {
         Ok(proto::PathInfo {
-            node: Some(self.node.clone().into_proto(Bytes::from(self.store_path.basename()))),
-            references: self.references.iter().map(|r| Bytes::copy_from_slice(r.digest())).collect(),
+            node: Some(
+                self.node
+                    .clone()
+                    .into_proto(Bytes::from(self.store_path.basename())),
+            ),
+            references: self
+                .references
+                .iter()
+                .map(|r| Bytes::copy_from_slice(r.digest()))
+                .collect(),
             narinfo: Some(proto::NarInfo {
                 nar_size: self.nar_size,
                 nar_sha256: Bytes::copy_from_slice(&self.nar_sha256),
@@ -305,7 +364,12 @@ impl PathInfo {
 
     /// The fingerprint Nix signs: `1;<path>;sha256:<nixbase32>;<size>;<sorted refs>`.
     pub fn fingerprint(&self) -> String {
-        signature::fingerprint(&self.store_path, &NixHash::sha256(self.nar_sha256), self.nar_size, &self.references)
+        signature::fingerprint(
+            &self.store_path,
+            &NixHash::sha256(self.nar_sha256),
+            self.nar_size,
+            &self.references,
+        )
     }
 
     /// Signs the fingerprint with `key` and adds the signature, keeping the
@@ -320,7 +384,9 @@ impl PathInfo {
     /// Whether at least one signature verifies with one of `keys`.
     pub fn verify(&self, keys: &[PublicKey]) -> bool {
         let fp = self.fingerprint();
-        self.signatures.iter().any(|s| keys.iter().any(|k| k.verify(fp.as_bytes(), s)))
+        self.signatures
+            .iter()
+            .any(|s| keys.iter().any(|k| k.verify(fp.as_bytes(), s)))
     }
 
     /// The narinfo describing it, for a NAR served at `url` with `compression`
@@ -358,10 +424,12 @@ impl PathInfo {
 
 /// The root node of a `CalculateNAR` request: any valid node, with an empty name.
 pub fn calculate_nar_node(node: cproto::Node) -> Result<Node, arca_castore::Error> {
-    let (name, node) =
-        Node::try_from_proto(node).map_err(|e| arca_castore::Error::InvalidRequest(format!("invalid node: {e}")))?;
+    let (name, node) = Node::try_from_proto(node)
+        .map_err(|e| arca_castore::Error::InvalidRequest(format!("invalid node: {e}")))?;
     if !name.is_empty() {
-        return Err(arca_castore::Error::InvalidRequest("the node of CalculateNAR must have an empty name".into()));
+        return Err(arca_castore::Error::InvalidRequest(
+            "the node of CalculateNAR must have an empty name".into(),
+        ));
     }
     Ok(node)
 }
@@ -382,13 +450,19 @@ mod tests {
         let other = sp("11111111111111111111111111111111-dep");
         PathInfo {
             store_path: me.clone(),
-            node: Node::Directory { digest: B3Digest::of(b"x"), size: 3 },
+            node: Node::Directory {
+                digest: B3Digest::of(b"x"),
+                size: 3,
+            },
             references: vec![other, me],
             nar_size: 100,
             nar_sha256: [7; 32],
             signatures: vec![Signature::new("k-1", [9; 64])],
             deriver: Some(sp(DRV)),
-            ca: Some(ContentAddress::Fixed { recursive: true, hash: NixHash::sha256([1; 32]) }),
+            ca: Some(ContentAddress::Fixed {
+                recursive: true,
+                hash: NixHash::sha256([1; 32]),
+            }),
         }
     }
 
@@ -408,9 +482,18 @@ mod tests {
         assert_eq!(PathInfo::try_from(i.try_to_proto().unwrap()).unwrap(), i);
         for ca in [
             ContentAddress::Text(NixHash::sha256([2; 32])),
-            ContentAddress::Fixed { recursive: false, hash: NixHash::new(HashAlgo::Md5, &[3; 16]).unwrap() },
-            ContentAddress::Fixed { recursive: true, hash: NixHash::new(HashAlgo::Sha512, &[3; 64]).unwrap() },
-            ContentAddress::Fixed { recursive: false, hash: NixHash::new(HashAlgo::Sha1, &[3; 20]).unwrap() },
+            ContentAddress::Fixed {
+                recursive: false,
+                hash: NixHash::new(HashAlgo::Md5, &[3; 16]).unwrap(),
+            },
+            ContentAddress::Fixed {
+                recursive: true,
+                hash: NixHash::new(HashAlgo::Sha512, &[3; 64]).unwrap(),
+            },
+            ContentAddress::Fixed {
+                recursive: false,
+                hash: NixHash::new(HashAlgo::Sha1, &[3; 20]).unwrap(),
+            },
         ] {
             let mut i = sample();
             i.ca = Some(ca);
@@ -423,29 +506,62 @@ mod tests {
     #[test]
     fn every_rule_has_its_error() {
         assert_eq!(bad(|p| p.node = None), PathInfoError::NoNode);
-        assert!(matches!(bad(|p| p.node = Some(cproto::Node { node: None })), PathInfoError::InvalidNode(_)));
         assert!(matches!(
-            bad(|p| p.node = Some(Node::Symlink { target: arca_castore::SymlinkTarget::try_from(Bytes::from_static(b"/x")).unwrap() }.into_proto("hello".into()))),
+            bad(|p| p.node = Some(cproto::Node { node: None })),
+            PathInfoError::InvalidNode(_)
+        ));
+        assert!(matches!(
+            bad(|p| p.node = Some(
+                Node::Symlink {
+                    target: arca_castore::SymlinkTarget::try_from(Bytes::from_static(b"/x"))
+                        .unwrap()
+                }
+                .into_proto("hello".into())
+            )),
             PathInfoError::InvalidNodeName { .. }
         ));
         assert!(matches!(
-            bad(|p| p.node = Some(Node::File { digest: B3Digest::of(b""), size: 0, executable: false }.into_proto("".into()))),
+            bad(|p| p.node = Some(
+                Node::File {
+                    digest: B3Digest::of(b""),
+                    size: 0,
+                    executable: false
+                }
+                .into_proto("".into())
+            )),
             PathInfoError::InvalidNodeName { .. }
         ));
         assert_eq!(bad(|p| p.narinfo = None), PathInfoError::NoNarInfo);
         assert_eq!(
-            bad(|p| { ni(p).reference_names.pop(); }),
-            PathInfoError::ReferenceCountMismatch { references: 2, names: 1 }
+            bad(|p| {
+                ni(p).reference_names.pop();
+            }),
+            PathInfoError::ReferenceCountMismatch {
+                references: 2,
+                names: 1
+            }
         );
         assert_eq!(
             bad(|p| p.references[0] = Bytes::from_static(&[1; 19])),
             PathInfoError::InvalidReferenceDigest { index: 0, len: 19 }
         );
-        assert!(matches!(bad(|p| ni(p).reference_names[1] = "nope".into()), PathInfoError::InvalidReferenceName { index: 1, .. }));
+        assert!(matches!(
+            bad(|p| ni(p).reference_names[1] = "nope".into()),
+            PathInfoError::InvalidReferenceName { index: 1, .. }
+        ));
         // Same count, swapped order: names no longer match the raw digests.
-        assert!(matches!(bad(|p| ni(p).reference_names.swap(0, 1)), PathInfoError::ReferenceNameMismatch { index: 0, .. }));
-        assert_eq!(bad(|p| ni(p).nar_sha256 = Bytes::from_static(&[0; 20])), PathInfoError::InvalidNarSha256(20));
-        assert_eq!(bad(|p| ni(p).signatures[0].name.clear()), PathInfoError::SignatureWithoutName(0));
+        assert!(matches!(
+            bad(|p| ni(p).reference_names.swap(0, 1)),
+            PathInfoError::ReferenceNameMismatch { index: 0, .. }
+        ));
+        assert_eq!(
+            bad(|p| ni(p).nar_sha256 = Bytes::from_static(&[0; 20])),
+            PathInfoError::InvalidNarSha256(20)
+        );
+        assert_eq!(
+            bad(|p| ni(p).signatures[0].name.clear()),
+            PathInfoError::SignatureWithoutName(0)
+        );
         assert_eq!(
             bad(|p| ni(p).signatures[0].data = Bytes::from_static(&[0; 63])),
             PathInfoError::InvalidSignatureLength { index: 0, len: 63 }
@@ -454,19 +570,31 @@ mod tests {
             bad(|p| ni(p).deriver.as_mut().unwrap().digest = Bytes::from_static(&[0; 32])),
             PathInfoError::InvalidDeriverDigest(32)
         );
-        assert!(matches!(bad(|p| ni(p).deriver.as_mut().unwrap().name = "a/b.drv".into()), PathInfoError::InvalidDeriverName { .. }));
+        assert!(matches!(
+            bad(|p| ni(p).deriver.as_mut().unwrap().name = "a/b.drv".into()),
+            PathInfoError::InvalidDeriverName { .. }
+        ));
         assert_eq!(
             bad(|p| ni(p).deriver.as_mut().unwrap().name = "hello".into()),
             PathInfoError::DeriverNotDrv("hello".into())
         );
-        assert_eq!(bad(|p| ni(p).ca.as_mut().unwrap().r#type = 42), PathInfoError::UnknownCaHashType(42));
+        assert_eq!(
+            bad(|p| ni(p).ca.as_mut().unwrap().r#type = 42),
+            PathInfoError::UnknownCaHashType(42)
+        );
         assert_eq!(
             bad(|p| ni(p).ca.as_mut().unwrap().digest = Bytes::from_static(&[0; 20])),
-            PathInfoError::InvalidCaDigest { algo: HashAlgo::Sha256, len: 20 }
+            PathInfoError::InvalidCaDigest {
+                algo: HashAlgo::Sha256,
+                len: 20
+            }
         );
         assert_eq!(
             bad(|p| ni(p).ca.as_mut().unwrap().r#type = proto::nar_info::ca::Hash::NarMd5 as i32),
-            PathInfoError::InvalidCaDigest { algo: HashAlgo::Md5, len: 32 }
+            PathInfoError::InvalidCaDigest {
+                algo: HashAlgo::Md5,
+                len: 32
+            }
         );
         // Errors become INVALID_ARGUMENT.
         let e: arca_castore::Error = PathInfoError::NoNode.into();
@@ -475,18 +603,29 @@ mod tests {
 
     #[test]
     fn narinfo_conversion_and_signing() {
-        let key: SecretKey = include_str!("../tests/data/keys/secret.key").parse().unwrap();
-        let public: PublicKey = include_str!("../tests/data/keys/public.key").parse().unwrap();
+        let key: SecretKey = include_str!("../tests/data/keys/secret.key")
+            .parse()
+            .unwrap();
+        let public: PublicKey = include_str!("../tests/data/keys/public.key")
+            .parse()
+            .unwrap();
         let mut i = sample();
         i.sign(&key);
         i.sign(&key);
-        assert_eq!(i.signatures.len(), 2, "existing signature kept, re-signing adds nothing");
+        assert_eq!(
+            i.signatures.len(),
+            2,
+            "existing signature kept, re-signing adds nothing"
+        );
         assert!(i.verify(std::slice::from_ref(&public)));
         let n = i.to_narinfo("nar/x.nar", Compression::None).unwrap();
         assert_eq!(n.fingerprint(), i.fingerprint());
         assert!(n.verify(&[public]));
         assert_eq!(n.references().len(), 2);
-        let back = PathInfo::from_narinfo(&NarInfo::parse(n.to_string().as_bytes()).unwrap(), i.node.clone());
+        let back = PathInfo::from_narinfo(
+            &NarInfo::parse(n.to_string().as_bytes()).unwrap(),
+            i.node.clone(),
+        );
         let mut sorted = i.clone();
         sorted.references.sort();
         assert_eq!(back, sorted);
@@ -494,12 +633,21 @@ mod tests {
 
     #[test]
     fn fingerprints_of_real_narinfos_verify() {
-        let public: PublicKey = include_str!("../tests/data/keys/public.key").parse().unwrap();
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/cache-xz-signed");
+        let public: PublicKey = include_str!("../tests/data/keys/public.key")
+            .parse()
+            .unwrap();
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/cache-xz-signed");
         let mut n = 0;
         for e in std::fs::read_dir(dir).unwrap() {
             let n_info = NarInfo::parse(&std::fs::read(e.unwrap().path()).unwrap()).unwrap();
-            let i = PathInfo::from_narinfo(&n_info, Node::Directory { digest: B3Digest::of(b""), size: 0 });
+            let i = PathInfo::from_narinfo(
+                &n_info,
+                Node::Directory {
+                    digest: B3Digest::of(b""),
+                    size: 0,
+                },
+            );
             assert_eq!(i.fingerprint(), n_info.fingerprint());
             assert!(i.verify(std::slice::from_ref(&public)));
             let back = PathInfo::try_from(i.try_to_proto().unwrap()).unwrap();
@@ -511,8 +659,15 @@ mod tests {
 
     #[test]
     fn calculate_nar_node_needs_empty_name() {
-        let n = Node::File { digest: B3Digest::of(b""), size: 0, executable: false };
-        assert_eq!(calculate_nar_node(n.clone().into_proto(Bytes::new())).unwrap(), n);
+        let n = Node::File {
+            digest: B3Digest::of(b""),
+            size: 0,
+            executable: false,
+        };
+        assert_eq!(
+            calculate_nar_node(n.clone().into_proto(Bytes::new())).unwrap(),
+            n
+        );
         assert!(matches!(
             calculate_nar_node(n.into_proto("x".into())),
             Err(arca_castore::Error::InvalidRequest(_))

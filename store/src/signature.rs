@@ -68,7 +68,10 @@ pub fn fingerprint<'a>(
 }
 
 /// Splits `name:base64` and decodes the payload into exactly `N` bytes.
-fn parse_named<const N: usize>(s: &str, what: &'static str) -> Result<(String, [u8; N]), SignatureError> {
+fn parse_named<const N: usize>(
+    s: &str,
+    what: &'static str,
+) -> Result<(String, [u8; N]), SignatureError> {
     let s = s.trim_end_matches(['\n', '\r', ' ', '\t']);
     let (name, payload) = s
         .split_once(':')
@@ -80,12 +83,15 @@ fn parse_named<const N: usize>(s: &str, what: &'static str) -> Result<(String, [
             what,
             name: name.to_string(),
         })?;
-    let arr: [u8; N] = bytes.as_slice().try_into().map_err(|_| SignatureError::BadLength {
-        what,
-        name: name.to_string(),
-        actual: bytes.len(),
-        expected: N,
-    })?;
+    let arr: [u8; N] = bytes
+        .as_slice()
+        .try_into()
+        .map_err(|_| SignatureError::BadLength {
+            what,
+            name: name.to_string(),
+            actual: bytes.len(),
+            expected: N,
+        })?;
     Ok((name.to_string(), arr))
 }
 
@@ -145,7 +151,10 @@ pub struct PublicKey {
 
 impl PublicKey {
     /// A public key from its name and 32 bytes.
-    pub fn new(name: impl Into<String>, bytes: [u8; PUBLIC_KEY_LEN]) -> Result<Self, SignatureError> {
+    pub fn new(
+        name: impl Into<String>,
+        bytes: [u8; PUBLIC_KEY_LEN],
+    ) -> Result<Self, SignatureError> {
         let name = name.into();
         let key = ed25519_dalek::VerifyingKey::from_bytes(&bytes)
             .map_err(|_| SignatureError::InvalidPublicKey(name.clone()))?;
@@ -234,7 +243,11 @@ impl SecretKey {
 
     /// The key file contents `name:base64(seed ‖ public key)` (no newline).
     pub fn to_key_file(&self) -> String {
-        format!("{}:{}", self.name, BASE64.encode(&self.key.to_keypair_bytes()))
+        format!(
+            "{}:{}",
+            self.name,
+            BASE64.encode(&self.key.to_keypair_bytes())
+        )
     }
 }
 
@@ -274,8 +287,12 @@ mod tests {
         "test-key-1:kO5ojrQDq41cXh2l25nAUYXXrUs4IyPRr8b+z9SdExu8aJ2Z6Os/W5KBD5LR7Kh/iGatJMmf8UtQluSzHDbhCw==";
 
     fn hello_fingerprint() -> String {
-        let path: StorePath = "/nix/store/i9pmrzmpshapij2kin22pff6fc2adavx-hello.txt".parse().unwrap();
-        let hash: NixHash = "sha256-HDfQGvQL4ugGkd48w99EN3ppmvuxfGjwgJZLL9Bx/BM=".parse().unwrap();
+        let path: StorePath = "/nix/store/i9pmrzmpshapij2kin22pff6fc2adavx-hello.txt"
+            .parse()
+            .unwrap();
+        let hash: NixHash = "sha256-HDfQGvQL4ugGkd48w99EN3ppmvuxfGjwgJZLL9Bx/BM="
+            .parse()
+            .unwrap();
         fingerprint(&path, &hash, 120, [])
     }
 
@@ -310,7 +327,13 @@ mod tests {
         assert_eq!(pk.to_string(), PUBLIC);
         // Key files may end in a newline.
         assert_eq!(format!("{PUBLIC}\n").parse::<PublicKey>().unwrap(), pk);
-        assert_eq!(format!("{SECRET}\n").parse::<SecretKey>().unwrap().public_key(), pk);
+        assert_eq!(
+            format!("{SECRET}\n")
+                .parse::<SecretKey>()
+                .unwrap()
+                .public_key(),
+            pk
+        );
         assert!(!format!("{sk:?}").contains("26EfKz"));
     }
 
@@ -344,7 +367,10 @@ mod tests {
         for i in [0usize, 31, 32, 63] {
             let mut b = *sig.bytes();
             b[i] ^= 0x01;
-            assert!(!pk.verify(fp.as_bytes(), &Signature::new("test-key-1", b)), "byte {i}");
+            assert!(
+                !pk.verify(fp.as_bytes(), &Signature::new("test-key-1", b)),
+                "byte {i}"
+            );
         }
         // Another key.
         let other_key = SecretKey::from_seed("test-key-1", [7; 32]).public_key();
@@ -373,7 +399,10 @@ mod tests {
             Err(MissingName(_))
         ));
         assert!(matches!("name:".parse::<PublicKey>(), Err(MissingName(_))));
-        assert!(matches!("name:!!!!".parse::<PublicKey>(), Err(BadBase64 { .. })));
+        assert!(matches!(
+            "name:!!!!".parse::<PublicKey>(),
+            Err(BadBase64 { .. })
+        ));
         assert!(matches!(
             "name:AAAA".parse::<PublicKey>(),
             Err(BadLength {
@@ -399,7 +428,10 @@ mod tests {
                 ..
             })
         ));
-        assert!(matches!(NIX_SIG.parse::<PublicKey>(), Err(BadLength { .. })));
+        assert!(matches!(
+            NIX_SIG.parse::<PublicKey>(),
+            Err(BadLength { .. })
+        ));
         assert!(matches!(
             "k:AAAA".parse::<Signature>(),
             Err(BadLength { expected: 64, .. })
@@ -411,7 +443,10 @@ mod tests {
         bytes[..32].copy_from_slice(&[1; 32]);
         bytes[32..].copy_from_slice(&b.public_key().bytes());
         let mixed = format!("k:{}", BASE64.encode(&bytes));
-        assert!(matches!(mixed.parse::<SecretKey>(), Err(MismatchedKeyPair(_))));
+        assert!(matches!(
+            mixed.parse::<SecretKey>(),
+            Err(MismatchedKeyPair(_))
+        ));
         assert!(a.to_key_file().parse::<SecretKey>().is_ok());
         // About half of all y coordinates are not on the curve.
         let invalid = (2u8..100).find_map(|y| {

@@ -118,7 +118,10 @@ impl StorePath {
         if basename.len() < ENCODED_DIGEST_LEN + 2 {
             return Err(StorePathError::TooShort(basename.to_string()));
         }
-        let (hash, rest) = match (basename.get(..ENCODED_DIGEST_LEN), basename.get(ENCODED_DIGEST_LEN..)) {
+        let (hash, rest) = match (
+            basename.get(..ENCODED_DIGEST_LEN),
+            basename.get(ENCODED_DIGEST_LEN..),
+        ) {
             (Some(h), Some(r)) => (h, r),
             // Not a char boundary: the hash part holds a non-ASCII character.
             _ => {
@@ -131,9 +134,11 @@ impl StorePath {
         let name = rest
             .strip_prefix('-')
             .ok_or_else(|| StorePathError::MissingDash(basename.to_string()))?;
-        let digest = nixbase32::decode_fixed::<DIGEST_LEN>(hash).map_err(|source| StorePathError::InvalidHashPart {
-            basename: basename.to_string(),
-            source,
+        let digest = nixbase32::decode_fixed::<DIGEST_LEN>(hash).map_err(|source| {
+            StorePathError::InvalidHashPart {
+                basename: basename.to_string(),
+                source,
+            }
         })?;
         Self::new(digest, name)
     }
@@ -180,7 +185,11 @@ impl StorePath {
     /// `inner` is written as `algo:<hex>`.
     pub fn make(path_type: &str, inner: &NixHash, name: &str) -> Result<Self, StorePathError> {
         validate_name(name)?;
-        let s = format!("{path_type}:{}:{}:{STORE_DIR}:{name}", inner.algo(), inner.to_hex());
+        let s = format!(
+            "{path_type}:{}:{}:{STORE_DIR}:{name}",
+            inner.algo(),
+            inner.to_hex()
+        );
         Ok(Self {
             digest: compress_hash(&Sha256::digest(s.as_bytes())),
             name: name.to_string(),
@@ -190,7 +199,11 @@ impl StorePath {
     /// The path of a NAR-hashed (recursive) SHA-256 content-addressed path,
     /// as `nix-store --add` and `builtins.path` make it: type `source`, plus
     /// `:<path>` for each reference (sorted; `nix-store --add` has none).
-    pub fn from_source(nar_sha256: [u8; 32], references: &[StorePath], name: &str) -> Result<Self, StorePathError> {
+    pub fn from_source(
+        nar_sha256: [u8; 32],
+        references: &[StorePath],
+        name: &str,
+    ) -> Result<Self, StorePathError> {
         Self::make(
             &type_with_refs("source", references),
             &NixHash::sha256(nar_sha256),
@@ -213,7 +226,11 @@ impl StorePath {
     }
 
     /// [StorePath::from_text_hash] over `contents`.
-    pub fn from_text(contents: &[u8], references: &[StorePath], name: &str) -> Result<Self, StorePathError> {
+    pub fn from_text(
+        contents: &[u8],
+        references: &[StorePath],
+        name: &str,
+    ) -> Result<Self, StorePathError> {
         Self::from_text_hash(Sha256::digest(contents).into(), references, name)
     }
 
@@ -221,7 +238,11 @@ impl StorePath {
     /// without references. A recursive SHA-256 hash gives the `source` path
     /// of [StorePath::from_source]; anything else gives
     /// `output:out` over `sha256("fixed:out:" + ["r:"] + algo:hex + ":")`.
-    pub fn from_fixed_output(hash: &NixHash, recursive: bool, name: &str) -> Result<Self, StorePathError> {
+    pub fn from_fixed_output(
+        hash: &NixHash,
+        recursive: bool,
+        name: &str,
+    ) -> Result<Self, StorePathError> {
         if recursive {
             if let Some(d) = hash.as_sha256() {
                 return Self::from_source(d, &[], name);
@@ -254,7 +275,10 @@ fn first_bad_char(s: &str) -> nixbase32::Nixbase32Error {
         .char_indices()
         .find(|&(_, c)| !c.is_ascii() || !nixbase32::ALPHABET.contains(&(c as u8)))
         .unwrap_or((0, char::REPLACEMENT_CHARACTER));
-    nixbase32::Nixbase32Error::InvalidCharacter { character, position }
+    nixbase32::Nixbase32Error::InvalidCharacter {
+        character,
+        position,
+    }
 }
 
 impl fmt::Display for StorePath {
@@ -329,12 +353,21 @@ impl ContentAddress {
     /// The store path this content address gives for `name` and `references`
     /// (references only apply to text and recursive SHA-256 paths; other
     /// fixed outputs cannot have any, and `None` is returned if some are given).
-    pub fn store_path(&self, name: &str, references: &[StorePath]) -> Option<Result<StorePath, StorePathError>> {
+    pub fn store_path(
+        &self,
+        name: &str,
+        references: &[StorePath],
+    ) -> Option<Result<StorePath, StorePathError>> {
         match self {
-            ContentAddress::Text(h) => h.as_sha256().map(|d| StorePath::from_text_hash(d, references, name)),
-            ContentAddress::Fixed { recursive: true, hash } if hash.algo() == HashAlgo::Sha256 => {
-                hash.as_sha256().map(|d| StorePath::from_source(d, references, name))
-            }
+            ContentAddress::Text(h) => h
+                .as_sha256()
+                .map(|d| StorePath::from_text_hash(d, references, name)),
+            ContentAddress::Fixed {
+                recursive: true,
+                hash,
+            } if hash.algo() == HashAlgo::Sha256 => hash
+                .as_sha256()
+                .map(|d| StorePath::from_source(d, references, name)),
             ContentAddress::Fixed { recursive, hash } => references
                 .is_empty()
                 .then(|| StorePath::from_fixed_output(hash, *recursive, name)),
@@ -411,9 +444,14 @@ mod tests {
         assert_eq!(p.name(), "hello.txt");
         assert_eq!(p.hash_part(), "i9pmrzmpshapij2kin22pff6fc2adavx");
         assert_eq!(p.basename(), "i9pmrzmpshapij2kin22pff6fc2adavx-hello.txt");
-        assert_eq!(p.to_string(), "/nix/store/i9pmrzmpshapij2kin22pff6fc2adavx-hello.txt");
+        assert_eq!(
+            p.to_string(),
+            "/nix/store/i9pmrzmpshapij2kin22pff6fc2adavx-hello.txt"
+        );
         assert_eq!(p.to_absolute_path(), p.to_string());
-        let q = StorePath::from_absolute_path("/nix/store/i9pmrzmpshapij2kin22pff6fc2adavx-hello.txt").unwrap();
+        let q =
+            StorePath::from_absolute_path("/nix/store/i9pmrzmpshapij2kin22pff6fc2adavx-hello.txt")
+                .unwrap();
         assert_eq!(p, q);
         assert_eq!(StorePath::new(*p.digest(), "hello.txt").unwrap(), p);
         assert_eq!(
@@ -427,7 +465,10 @@ mod tests {
         use StorePathError::*;
         let h = "i9pmrzmpshapij2kin22pff6fc2adavx";
         assert!(matches!(StorePath::from_basename(h), Err(TooShort(_))));
-        assert!(matches!(StorePath::from_basename(&format!("{h}-")), Err(TooShort(_))));
+        assert!(matches!(
+            StorePath::from_basename(&format!("{h}-")),
+            Err(TooShort(_))
+        ));
         assert!(matches!(
             StorePath::from_basename(&format!("{h}_x")),
             Err(MissingDash(_))
@@ -439,7 +480,9 @@ mod tests {
         assert!(matches!(
             StorePath::from_basename("i9pmrzmpshapij2kin22pff6fc2adavé-x"),
             Err(InvalidHashPart {
-                source: nixbase32::Nixbase32Error::InvalidCharacter { character: 'é', .. },
+                source: nixbase32::Nixbase32Error::InvalidCharacter {
+                    character: 'é', ..
+                },
                 ..
             })
         ));
@@ -496,7 +539,9 @@ mod tests {
         assert_eq!(validate_name("-"), Ok(()));
         assert!(matches!(validate_name("."), Err(NameStartsWithDot(_))));
         assert!(matches!(validate_name(".."), Err(NameStartsWithDot(_))));
-        for bad in ["a b", "a:b", "a/b", "a\0b", "a\nb", "a@b", "a~b", "a%b", "aäb"] {
+        for bad in [
+            "a b", "a:b", "a/b", "a\0b", "a\nb", "a@b", "a~b", "a%b", "aäb",
+        ] {
             assert!(
                 matches!(validate_name(bad), Err(InvalidNameCharacter { .. })),
                 "{bad:?}"
@@ -517,7 +562,11 @@ mod tests {
         let input: Vec<u8> = (0..32).collect();
         let out: [u8; 20] = compress_hash(&input);
         for (i, &o) in out.iter().enumerate() {
-            let expected = if i < 12 { (i as u8) ^ (i as u8 + 20) } else { i as u8 };
+            let expected = if i < 12 {
+                (i as u8) ^ (i as u8 + 20)
+            } else {
+                i as u8
+            };
             assert_eq!(o, expected, "byte {i}");
         }
         assert_eq!(compress_hash::<0>(&input), [0u8; 0]);
@@ -539,7 +588,10 @@ mod tests {
             "hello.txt",
         )
         .unwrap();
-        assert_eq!(p, sp("/nix/store/i9pmrzmpshapij2kin22pff6fc2adavx-hello.txt"));
+        assert_eq!(
+            p,
+            sp("/nix/store/i9pmrzmpshapij2kin22pff6fc2adavx-hello.txt")
+        );
         // nix-store --store "$S" --add empty; nix-hash --type sha256 empty
         let p = StorePath::from_source(
             unhex32("77ac62e2629d8e45f624589c0c8bf99e24b3a722349bf1e79bc186008534e246"),
@@ -558,9 +610,10 @@ mod tests {
             p
         );
         // nix path-info --json: "ca":"fixed:r:sha256:04zw…"
-        let ca: ContentAddress = "fixed:r:sha256:04zwf782yjwnh3q6hz5izfd6jyip8kgw6g6yj43fiqhbyhdd0dqw"
-            .parse()
-            .unwrap();
+        let ca: ContentAddress =
+            "fixed:r:sha256:04zwf782yjwnh3q6hz5izfd6jyip8kgw6g6yj43fiqhbyhdd0dqw"
+                .parse()
+                .unwrap();
         assert_eq!(
             ca.store_path("hello.txt", &[]).unwrap().unwrap(),
             sp("/nix/store/i9pmrzmpshapij2kin22pff6fc2adavx-hello.txt")
@@ -584,9 +637,10 @@ mod tests {
             sp("/nix/store/w8r2kfwk48haw3v8l15jjjvwnhhavxc6-foo")
         );
         // nix path-info --json of it: "ca":"fixed:sha256:00xyyr…"
-        let ca: ContentAddress = "fixed:sha256:00xyyr3fi8l6hb839bv3f7yb86yjv7xi1cgh1xnhipym4asvb4aq"
-            .parse()
-            .unwrap();
+        let ca: ContentAddress =
+            "fixed:sha256:00xyyr3fi8l6hb839bv3f7yb86yjv7xi1cgh1xnhipym4asvb4aq"
+                .parse()
+                .unwrap();
         assert_eq!(
             ca,
             ContentAddress::Fixed {
@@ -599,7 +653,9 @@ mod tests {
             sp("/nix/store/gy454w1cxaq731grqwylhzf4pp9r5izh-hello.txt")
         );
         // nix-store --add-fixed sha1 hello.txt; nix-hash --type sha1 --flat hello.txt
-        let h: NixHash = "sha1:f572d396fae9206628714fb2ce00f72e94f2258f".parse().unwrap();
+        let h: NixHash = "sha1:f572d396fae9206628714fb2ce00f72e94f2258f"
+            .parse()
+            .unwrap();
         assert_eq!(
             StorePath::from_fixed_output(&h, false, "hello.txt").unwrap(),
             sp("/nix/store/svdva85yi507g9vncgsaxvnd1r808h4w-hello.txt")
@@ -612,10 +668,17 @@ mod tests {
         );
         // nix-store --add-fixed --recursive sha1 dir; nix-hash --type sha1 dir;
         // nix path-info --json: "ca":"fixed:r:sha1:v5s7ya7cixl38w27na7nfwvcp2m3wi48"
-        let h: NixHash = "sha1:88443eaab86c73678fb2477034688fec287f74d9".parse().unwrap();
+        let h: NixHash = "sha1:88443eaab86c73678fb2477034688fec287f74d9"
+            .parse()
+            .unwrap();
         let expected = sp("/nix/store/9ky8xnplywqha0jhajqfppz6rdz65nh7-dir");
-        assert_eq!(StorePath::from_fixed_output(&h, true, "dir").unwrap(), expected);
-        let ca: ContentAddress = "fixed:r:sha1:v5s7ya7cixl38w27na7nfwvcp2m3wi48".parse().unwrap();
+        assert_eq!(
+            StorePath::from_fixed_output(&h, true, "dir").unwrap(),
+            expected
+        );
+        let ca: ContentAddress = "fixed:r:sha1:v5s7ya7cixl38w27na7nfwvcp2m3wi48"
+            .parse()
+            .unwrap();
         assert_eq!(
             ca,
             ContentAddress::Fixed {
@@ -625,7 +688,9 @@ mod tests {
         );
         assert_eq!(ca.store_path("dir", &[]).unwrap().unwrap(), expected);
         // Fixed outputs other than recursive sha256 cannot have references.
-        assert!(ca.store_path("dir", std::slice::from_ref(&expected)).is_none());
+        assert!(ca
+            .store_path("dir", std::slice::from_ref(&expected))
+            .is_none());
     }
 
     #[test]
@@ -681,7 +746,10 @@ mod tests {
             StorePath::from_source([0; 32], &[], ".x"),
             Err(StorePathError::NameStartsWithDot(".x".into()))
         );
-        assert_eq!(StorePath::from_text(b"", &[], ""), Err(StorePathError::EmptyName));
+        assert_eq!(
+            StorePath::from_text(b"", &[], ""),
+            Err(StorePathError::EmptyName)
+        );
         assert!(StorePath::from_fixed_output(&h, false, "a b").is_err());
     }
 
@@ -698,8 +766,13 @@ mod tests {
             assert_eq!(ca.to_string(), s);
         }
         // Hex is accepted and written back as nixbase32.
-        let ca: ContentAddress = "fixed:sha1:f572d396fae9206628714fb2ce00f72e94f2258f".parse().unwrap();
-        assert_eq!(ca.to_string(), "fixed:sha1:iwjz551fyw0cxcjgf4l6c879zabd6wpm");
+        let ca: ContentAddress = "fixed:sha1:f572d396fae9206628714fb2ce00f72e94f2258f"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            ca.to_string(),
+            "fixed:sha1:iwjz551fyw0cxcjgf4l6c879zabd6wpm"
+        );
         assert!(matches!(
             "blob:sha256:x".parse::<ContentAddress>(),
             Err(UnknownMethod(_))
@@ -708,8 +781,14 @@ mod tests {
             "text:sha1:iwjz551fyw0cxcjgf4l6c879zabd6wpm".parse::<ContentAddress>(),
             Err(TextNotSha256(_))
         ));
-        assert!(matches!("fixed:sha256".parse::<ContentAddress>(), Err(Hash { .. })));
-        assert!(matches!("fixed:sha256:abc".parse::<ContentAddress>(), Err(Hash { .. })));
+        assert!(matches!(
+            "fixed:sha256".parse::<ContentAddress>(),
+            Err(Hash { .. })
+        ));
+        assert!(matches!(
+            "fixed:sha256:abc".parse::<ContentAddress>(),
+            Err(Hash { .. })
+        ));
         assert!(matches!(
             format!("fixed:r:sha256-{b32}").parse::<ContentAddress>(),
             Err(Hash { .. })

@@ -5,8 +5,8 @@ use arca_castore::directoryservice::{MemoryDirectoryService, ValidatedClosure};
 use arca_castore::import::{import_path, NoProgress};
 use arca_castore::{B3Digest, BlobService, Directory, DirectoryService, Node};
 use arca_store::nar::{
-    calculate_nar, dump_path, ingest_nar, ingest_nar_expecting, render_nar, Event, ExpectedNar, IngestError, NarError,
-    NarReader, NarWriter, RenderError, WriteError,
+    calculate_nar, dump_path, ingest_nar, ingest_nar_expecting, render_nar, Event, ExpectedNar,
+    IngestError, NarError, NarReader, NarWriter, RenderError, WriteError,
 };
 use arca_store::NixHash;
 use std::os::unix::ffi::OsStrExt;
@@ -21,7 +21,11 @@ use tokio::io::AsyncReadExt;
 
 /// Whether `nix-store` can be used; under CI=true its absence fails the test.
 fn have_nix(test: &str) -> bool {
-    let ok = Command::new("nix-store").arg("--version").env("NIX_CONFIG", "build-users-group =").output().is_ok_and(|o| o.status.success());
+    let ok = Command::new("nix-store")
+        .arg("--version")
+        .env("NIX_CONFIG", "build-users-group =")
+        .output()
+        .is_ok_and(|o| o.status.success());
     if !ok {
         if std::env::var("CI").as_deref() == Ok("true") {
             panic!("{test}: nix-store is not installed, and CI=true");
@@ -32,8 +36,16 @@ fn have_nix(test: &str) -> bool {
 }
 
 fn nix(cmd: &str, args: &[&std::ffi::OsStr]) -> Vec<u8> {
-    let out = Command::new(cmd).args(args).env("NIX_CONFIG", "build-users-group =").output().expect("run nix");
-    assert!(out.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(cmd)
+        .args(args)
+        .env("NIX_CONFIG", "build-users-group =")
+        .output()
+        .expect("run nix");
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     out.stdout
 }
 
@@ -42,7 +54,15 @@ fn nix_dump(p: &Path) -> Vec<u8> {
 }
 
 fn nix_hash(p: &Path) -> String {
-    let out = nix("nix-hash", &["--type".as_ref(), "sha256".as_ref(), "--base32".as_ref(), p.as_os_str()]);
+    let out = nix(
+        "nix-hash",
+        &[
+            "--type".as_ref(),
+            "sha256".as_ref(),
+            "--base32".as_ref(),
+            p.as_os_str(),
+        ],
+    );
     String::from_utf8(out).unwrap().trim().to_string()
 }
 
@@ -59,7 +79,11 @@ fn make_tree(root: &Path) {
     std::fs::write(root.join("run.sh"), b"#!/bin/sh\necho hi\n").unwrap();
     std::fs::set_permissions(root.join("run.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::write(root.join("exec-empty"), b"").unwrap();
-    std::fs::set_permissions(root.join("exec-empty"), std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::set_permissions(
+        root.join("exec-empty"),
+        std::fs::Permissions::from_mode(0o700),
+    )
+    .unwrap();
     // A few MiB of pseudo-random bytes (not a multiple of 8).
     let mut big = Vec::with_capacity(5 * 1024 * 1024 + 3);
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -70,7 +94,11 @@ fn make_tree(root: &Path) {
         big.push((x >> 24) as u8);
     }
     std::fs::write(root.join("a/big.bin"), &big).unwrap();
-    symlink("/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-dangling", root.join("abs-link")).unwrap();
+    symlink(
+        "/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-dangling",
+        root.join("abs-link"),
+    )
+    .unwrap();
     symlink("../hello", root.join("a/b/rel-link")).unwrap();
     symlink("a/hello", root.join("link-to-file")).unwrap();
     symlink("a", root.join("link-to-dir")).unwrap();
@@ -100,7 +128,10 @@ fn make_tree(root: &Path) {
 }
 
 fn memory() -> (Arc<dyn BlobService>, Arc<CountingDirectories>) {
-    (Arc::new(MemoryBlobService::default()), Arc::new(CountingDirectories::default()))
+    (
+        Arc::new(MemoryBlobService::default()),
+        Arc::new(CountingDirectories::default()),
+    )
 }
 
 /// A memory directory service that counts what is stored.
@@ -122,9 +153,13 @@ impl DirectoryService for CountingDirectories {
     async fn get(&self, digest: &B3Digest) -> Result<Option<Directory>, arca_castore::Error> {
         self.inner.get(digest).await
     }
-    async fn put_closure(&self, closure: ValidatedClosure) -> Result<B3Digest, arca_castore::Error> {
+    async fn put_closure(
+        &self,
+        closure: ValidatedClosure,
+    ) -> Result<B3Digest, arca_castore::Error> {
         self.closures.fetch_add(1, Ordering::SeqCst);
-        self.directories.fetch_add(closure.directories().len(), Ordering::SeqCst);
+        self.directories
+            .fetch_add(closure.directories().len(), Ordering::SeqCst);
         self.inner.put_closure(closure).await
     }
 }
@@ -156,7 +191,13 @@ async fn writer_is_byte_identical_to_nix_store_dump() {
     ] {
         let ours = write_nar_of(&p).await;
         let theirs = nix_dump(&p);
-        assert!(ours == theirs, "{}: our NAR ({} bytes) differs from nix-store --dump ({} bytes)", p.display(), ours.len(), theirs.len());
+        assert!(
+            ours == theirs,
+            "{}: our NAR ({} bytes) differs from nix-store --dump ({} bytes)",
+            p.display(),
+            ours.len(),
+            theirs.len()
+        );
     }
 }
 
@@ -168,17 +209,33 @@ async fn ingest_then_render_round_trips_nix_dumps() {
     let t = tempfile::tempdir().unwrap();
     let root = t.path().join("tree");
     make_tree(&root);
-    for p in [root.clone(), root.join("a/b"), root.join("run.sh"), root.join("empty-file"), root.join("abs-link"), root.join("empty")] {
+    for p in [
+        root.clone(),
+        root.join("a/b"),
+        root.join("run.sh"),
+        root.join("empty-file"),
+        root.join("abs-link"),
+        root.join("empty"),
+    ] {
         let nar = nix_dump(&p);
         let (blobs, dirs) = memory();
         let (node, size, sha) = ingest_nar(&nar[..], blobs.clone(), &*dirs).await.unwrap();
         assert_eq!(size, nar.len() as u64, "{}", p.display());
-        assert_eq!(NixHash::sha256(sha).to_nixbase32(), nix_hash(&p), "{}", p.display());
+        assert_eq!(
+            NixHash::sha256(sha).to_nixbase32(),
+            nix_hash(&p),
+            "{}",
+            p.display()
+        );
 
         // The same node as importing the tree from the file system.
-        let (b2, d2): (Arc<dyn BlobService>, Arc<dyn DirectoryService>) =
-            (Arc::new(MemoryBlobService::default()), Arc::new(MemoryDirectoryService::default()));
-        let (imported, _) = import_path(&p, b2, d2, 4, Arc::new(NoProgress)).await.unwrap();
+        let (b2, d2): (Arc<dyn BlobService>, Arc<dyn DirectoryService>) = (
+            Arc::new(MemoryBlobService::default()),
+            Arc::new(MemoryDirectoryService::default()),
+        );
+        let (imported, _) = import_path(&p, b2, d2, 4, Arc::new(NoProgress))
+            .await
+            .unwrap();
         assert_eq!(node, imported, "{}", p.display());
         if matches!(node, Node::Directory { .. }) {
             assert_eq!(dirs.closures.load(Ordering::SeqCst), 1);
@@ -187,9 +244,14 @@ async fn ingest_then_render_round_trips_nix_dumps() {
         }
 
         // Rendering gives the very same bytes, and calculate_nar their size and hash.
-        let rendered = render_nar(&node, blobs.clone(), &*dirs, Vec::new()).await.unwrap();
+        let rendered = render_nar(&node, blobs.clone(), &*dirs, Vec::new())
+            .await
+            .unwrap();
         assert!(rendered == nar, "{}: rendered NAR differs", p.display());
-        assert_eq!(calculate_nar(&node, blobs.clone(), &*dirs).await.unwrap(), (size, sha));
+        assert_eq!(
+            calculate_nar(&node, blobs.clone(), &*dirs).await.unwrap(),
+            (size, sha)
+        );
     }
 }
 
@@ -202,29 +264,67 @@ async fn ingest_checks_expected_hash_and_size() {
     let root = t.path().join("tree");
     make_tree(&root);
     let nar = nix_dump(&root);
-    let sha = NixHash::parse_unprefixed(arca_store::HashAlgo::Sha256, &nix_hash(&root)).unwrap().as_sha256().unwrap();
+    let sha = NixHash::parse_unprefixed(arca_store::HashAlgo::Sha256, &nix_hash(&root))
+        .unwrap()
+        .as_sha256()
+        .unwrap();
     let len = nar.len() as u64;
 
     let (blobs, dirs) = memory();
-    let ok = ExpectedNar { nar_size: Some(len), nar_sha256: Some(sha) };
-    ingest_nar_expecting(&nar[..], blobs, &*dirs, ok).await.unwrap();
+    let ok = ExpectedNar {
+        nar_size: Some(len),
+        nar_sha256: Some(sha),
+    };
+    ingest_nar_expecting(&nar[..], blobs, &*dirs, ok)
+        .await
+        .unwrap();
     assert!(dirs.stored() > 0);
 
     let mut wrong = sha;
     wrong[0] ^= 1;
     for (expected, what) in [
-        (ExpectedNar { nar_size: Some(len), nar_sha256: Some(wrong) }, "hash"),
-        (ExpectedNar { nar_size: Some(len - 8), nar_sha256: Some(sha) }, "size (smaller)"),
-        (ExpectedNar { nar_size: Some(len + 8), nar_sha256: None }, "size (larger)"),
+        (
+            ExpectedNar {
+                nar_size: Some(len),
+                nar_sha256: Some(wrong),
+            },
+            "hash",
+        ),
+        (
+            ExpectedNar {
+                nar_size: Some(len - 8),
+                nar_sha256: Some(sha),
+            },
+            "size (smaller)",
+        ),
+        (
+            ExpectedNar {
+                nar_size: Some(len + 8),
+                nar_sha256: None,
+            },
+            "size (larger)",
+        ),
     ] {
         let (blobs, dirs) = memory();
-        let err = ingest_nar_expecting(&nar[..], blobs, &*dirs, expected).await.unwrap_err();
+        let err = ingest_nar_expecting(&nar[..], blobs, &*dirs, expected)
+            .await
+            .unwrap_err();
         match what {
             "hash" => assert!(matches!(err, IngestError::NarHashMismatch { .. }), "{err}"),
-            "size (smaller)" => assert!(matches!(err, IngestError::NarSizeMismatch { at_least: true, .. }), "{err}"),
-            _ => assert!(matches!(err, IngestError::NarSizeMismatch { at_least: false, actual, .. } if actual == len), "{err}"),
+            "size (smaller)" => assert!(
+                matches!(err, IngestError::NarSizeMismatch { at_least: true, .. }),
+                "{err}"
+            ),
+            _ => assert!(
+                matches!(err, IngestError::NarSizeMismatch { at_least: false, actual, .. } if actual == len),
+                "{err}"
+            ),
         }
-        assert_eq!(dirs.stored(), 0, "{what}: directories stored despite the mismatch");
+        assert_eq!(
+            dirs.stored(),
+            0,
+            "{what}: directories stored despite the mismatch"
+        );
     }
 }
 
@@ -245,19 +345,32 @@ async fn reader_streams_exact_contents() {
             Event::DirectoryStart { name } => {
                 dirs += 1;
                 if let Some(n) = name {
-                    let p = path.last().unwrap().join(std::ffi::OsStr::from_bytes(n.as_bytes()));
+                    let p = path
+                        .last()
+                        .unwrap()
+                        .join(std::ffi::OsStr::from_bytes(n.as_bytes()));
                     path.push(p);
                 }
             }
             Event::DirectoryEnd => {
                 path.pop();
             }
-            Event::File { name, executable, size } => {
+            Event::File {
+                name,
+                executable,
+                size,
+            } => {
                 files += 1;
-                let p = path.last().unwrap().join(std::ffi::OsStr::from_bytes(name.unwrap().as_bytes()));
+                let p = path
+                    .last()
+                    .unwrap()
+                    .join(std::ffi::OsStr::from_bytes(name.unwrap().as_bytes()));
                 let want = std::fs::read(&p).unwrap();
                 assert_eq!(size, want.len() as u64);
-                assert_eq!(executable, std::fs::metadata(&p).unwrap().permissions().mode() & 0o100 != 0);
+                assert_eq!(
+                    executable,
+                    std::fs::metadata(&p).unwrap().permissions().mode() & 0o100 != 0
+                );
                 // Read in small pieces; more than the file must never come out.
                 let mut got = Vec::new();
                 let mut c = r.contents();
@@ -273,8 +386,14 @@ async fn reader_streams_exact_contents() {
             }
             Event::Symlink { name, target } => {
                 links += 1;
-                let p = path.last().unwrap().join(std::ffi::OsStr::from_bytes(name.unwrap().as_bytes()));
-                assert_eq!(std::fs::read_link(&p).unwrap().as_os_str().as_bytes(), target.as_bytes());
+                let p = path
+                    .last()
+                    .unwrap()
+                    .join(std::ffi::OsStr::from_bytes(name.unwrap().as_bytes()));
+                assert_eq!(
+                    std::fs::read_link(&p).unwrap().as_os_str().as_bytes(),
+                    target.as_bytes()
+                );
             }
         }
     }
@@ -308,11 +427,46 @@ fn build(tokens: &[&[u8]]) -> Vec<u8> {
 /// A valid NAR: a directory holding a directory with a file, and a symlink.
 fn valid_tokens() -> Vec<&'static [u8]> {
     vec![
-        b"nix-archive-1", b"(", b"type", b"directory",
-        b"entry", b"(", b"name", b"a", b"node", b"(", b"type", b"directory",
-        b"entry", b"(", b"name", b"f", b"node", b"(", b"type", b"regular", b"executable", b"", b"contents", b"hello", b")", b")",
-        b")", b")",
-        b"entry", b"(", b"name", b"b", b"node", b"(", b"type", b"symlink", b"target", b"a", b")", b")",
+        b"nix-archive-1",
+        b"(",
+        b"type",
+        b"directory",
+        b"entry",
+        b"(",
+        b"name",
+        b"a",
+        b"node",
+        b"(",
+        b"type",
+        b"directory",
+        b"entry",
+        b"(",
+        b"name",
+        b"f",
+        b"node",
+        b"(",
+        b"type",
+        b"regular",
+        b"executable",
+        b"",
+        b"contents",
+        b"hello",
+        b")",
+        b")",
+        b")",
+        b")",
+        b"entry",
+        b"(",
+        b"name",
+        b"b",
+        b"node",
+        b"(",
+        b"type",
+        b"symlink",
+        b"target",
+        b"a",
+        b")",
+        b")",
         b")",
     ]
 }
@@ -331,9 +485,15 @@ async fn reject(nar: &[u8]) -> (NarError, IngestError) {
         let mut r = NarReader::new(nar).await?;
         while let Some(ev) = r.next().await? {
             if let Event::File { .. } = ev {
-                tokio::io::copy(&mut r.contents(), &mut tokio::io::sink()).await.map_err(|e| {
-                    if e.kind() == std::io::ErrorKind::UnexpectedEof { NarError::Truncated } else { NarError::Io(e) }
-                })?;
+                tokio::io::copy(&mut r.contents(), &mut tokio::io::sink())
+                    .await
+                    .map_err(|e| {
+                        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                            NarError::Truncated
+                        } else {
+                            NarError::Io(e)
+                        }
+                    })?;
             }
         }
         Ok::<(), NarError>(())
@@ -341,7 +501,9 @@ async fn reject(nar: &[u8]) -> (NarError, IngestError) {
     .await
     .expect_err("the reader accepted a malformed NAR");
     let (blobs, dirs) = memory();
-    let ingest_err = ingest_nar(nar, blobs, &*dirs).await.expect_err("ingest accepted a malformed NAR");
+    let ingest_err = ingest_nar(nar, blobs, &*dirs)
+        .await
+        .expect_err("ingest accepted a malformed NAR");
     assert_eq!(dirs.stored(), 0, "a malformed NAR stored directories");
     assert_eq!(dirs.closures.load(Ordering::SeqCst), 0);
     (reader_err, ingest_err)
@@ -362,7 +524,10 @@ async fn the_valid_base_nar_is_accepted() {
     let (node, size, _) = ingest_nar(&nar[..], blobs.clone(), &*dirs).await.unwrap();
     assert_eq!(size, nar.len() as u64);
     assert_eq!(dirs.stored(), 2);
-    assert_eq!(render_nar(&node, blobs, &*dirs, Vec::new()).await.unwrap(), nar);
+    assert_eq!(
+        render_nar(&node, blobs, &*dirs, Vec::new()).await.unwrap(),
+        nar
+    );
 }
 
 #[tokio::test]
@@ -481,7 +646,10 @@ async fn rejects_absurd_lengths() {
         rejects!(bad, NarError::TokenTooLong(l) if l == len);
     }
     // The length of the name "a" set to u64::MAX.
-    let at = nar.windows(9).position(|w| w == [1, 0, 0, 0, 0, 0, 0, 0, b'a']).unwrap();
+    let at = nar
+        .windows(9)
+        .position(|w| w == [1, 0, 0, 0, 0, 0, 0, 0, b'a'])
+        .unwrap();
     let mut bad = nar.clone();
     bad[at..at + 8].copy_from_slice(&u64::MAX.to_le_bytes());
     rejects!(bad, NarError::NameTooLong(u64::MAX));
@@ -503,7 +671,16 @@ async fn rejects_contents_longer_than_the_input() {
         let (r, i) = reject(&bad).await;
         // Either the contents run past the end, or they swallow the rest
         // and the tokens after them are garbage.
-        assert!(matches!(r, NarError::Truncated | NarError::NonZeroPadding | NarError::TokenTooLong(_) | NarError::UnexpectedToken { .. }), "{r:?}");
+        assert!(
+            matches!(
+                r,
+                NarError::Truncated
+                    | NarError::NonZeroPadding
+                    | NarError::TokenTooLong(_)
+                    | NarError::UnexpectedToken { .. }
+            ),
+            "{r:?}"
+        );
         assert!(matches!(i, IngestError::Nar(_)), "{i:?}");
     }
 }
@@ -515,10 +692,20 @@ async fn rejects_every_truncation() {
         let (r, i) = reject(&nar[..cut]).await;
         let want_magic = cut < 24;
         assert!(
-            if want_magic { matches!(r, NarError::BadMagic) } else { matches!(r, NarError::Truncated) },
+            if want_magic {
+                matches!(r, NarError::BadMagic)
+            } else {
+                matches!(r, NarError::Truncated)
+            },
             "cut at {cut}: {r:?}"
         );
-        assert!(matches!(i, IngestError::Nar(NarError::Truncated | NarError::BadMagic)), "cut at {cut}: {i:?}");
+        assert!(
+            matches!(
+                i,
+                IngestError::Nar(NarError::Truncated | NarError::BadMagic)
+            ),
+            "cut at {cut}: {i:?}"
+        );
     }
 }
 
@@ -531,7 +718,15 @@ async fn rejects_trailing_bytes() {
         rejects!(bad, NarError::TrailingData);
     }
     // Also after a root file.
-    let mut bad = build(&[b"nix-archive-1", b"(", b"type", b"regular", b"contents", b"x", b")"]);
+    let mut bad = build(&[
+        b"nix-archive-1",
+        b"(",
+        b"type",
+        b"regular",
+        b"contents",
+        b"x",
+        b")",
+    ]);
     bad.push(b'!');
     rejects!(bad, NarError::TrailingData);
 }
@@ -540,7 +735,10 @@ async fn rejects_trailing_bytes() {
 async fn reader_stays_failed_after_an_error() {
     let nar = with(3, b"fifo");
     let mut r = NarReader::new(&nar[..]).await.unwrap();
-    assert!(matches!(r.next().await, Err(NarError::UnexpectedToken { .. })));
+    assert!(matches!(
+        r.next().await,
+        Err(NarError::UnexpectedToken { .. })
+    ));
     assert!(matches!(r.next().await, Err(NarError::Failed)));
 }
 
@@ -551,20 +749,47 @@ async fn writer_refuses_misuse() {
     let a = "a".try_into().unwrap();
     let b = "b".try_into().unwrap();
     let mut w = NarWriter::new(Vec::new()).await.unwrap();
-    assert!(matches!(w.start_directory(Some(&a)).await, Err(WriteError::Misuse(_))));
+    assert!(matches!(
+        w.start_directory(Some(&a)).await,
+        Err(WriteError::Misuse(_))
+    ));
     w.start_directory(None).await.unwrap();
-    assert!(matches!(w.start_directory(None).await, Err(WriteError::Misuse(_))));
+    assert!(matches!(
+        w.start_directory(None).await,
+        Err(WriteError::Misuse(_))
+    ));
     w.symlink(Some(&b), &"t".try_into().unwrap()).await.unwrap();
-    assert!(matches!(w.symlink(Some(&a), &"t".try_into().unwrap()).await, Err(WriteError::NamesOutOfOrder { .. })));
-    assert!(matches!(w.symlink(Some(&b), &"t".try_into().unwrap()).await, Err(WriteError::DuplicateName(_))));
+    assert!(matches!(
+        w.symlink(Some(&a), &"t".try_into().unwrap()).await,
+        Err(WriteError::NamesOutOfOrder { .. })
+    ));
+    assert!(matches!(
+        w.symlink(Some(&b), &"t".try_into().unwrap()).await,
+        Err(WriteError::DuplicateName(_))
+    ));
     let c = "c".try_into().unwrap();
     w.start_file(Some(&c), false, 3).await.unwrap();
-    assert!(matches!(w.write_contents(b"abcd").await, Err(WriteError::ContentsLength { expected: 3, actual: 4 })));
+    assert!(matches!(
+        w.write_contents(b"abcd").await,
+        Err(WriteError::ContentsLength {
+            expected: 3,
+            actual: 4
+        })
+    ));
     w.write_contents(b"ab").await.unwrap();
-    assert!(matches!(w.end_file().await, Err(WriteError::ContentsLength { expected: 3, actual: 2 })));
+    assert!(matches!(
+        w.end_file().await,
+        Err(WriteError::ContentsLength {
+            expected: 3,
+            actual: 2
+        })
+    ));
     let mut short = &b"xy"[..];
     let mut w = NarWriter::new(Vec::new()).await.unwrap();
-    assert!(matches!(w.file(None, false, 3, &mut short).await, Err(WriteError::ContentsLength { .. })));
+    assert!(matches!(
+        w.file(None, false, 3, &mut short).await,
+        Err(WriteError::ContentsLength { .. })
+    ));
     let w = NarWriter::new(Vec::new()).await.unwrap();
     assert!(matches!(w.finish().await, Err(WriteError::Misuse(_))));
     let mut w = NarWriter::new(Vec::new()).await.unwrap();
@@ -575,17 +800,36 @@ async fn writer_refuses_misuse() {
 #[tokio::test]
 async fn render_refuses_missing_or_wrong_size_blobs() {
     let (blobs, dirs) = memory();
-    let digest = put_bytes(&*blobs, bytes::Bytes::from_static(b"12345")).await.unwrap();
+    let digest = put_bytes(&*blobs, bytes::Bytes::from_static(b"12345"))
+        .await
+        .unwrap();
     for size in [4, 6] {
-        let node = Node::File { digest, size, executable: false };
-        let err = render_nar(&node, blobs.clone(), &*dirs, Vec::new()).await.unwrap_err();
+        let node = Node::File {
+            digest,
+            size,
+            executable: false,
+        };
+        let err = render_nar(&node, blobs.clone(), &*dirs, Vec::new())
+            .await
+            .unwrap_err();
         assert!(matches!(err, RenderError::BlobSize { .. }), "{err:?}");
     }
-    let missing = Node::File { digest: B3Digest::of(b"nope"), size: 4, executable: false };
-    let err = render_nar(&missing, blobs.clone(), &*dirs, Vec::new()).await.unwrap_err();
+    let missing = Node::File {
+        digest: B3Digest::of(b"nope"),
+        size: 4,
+        executable: false,
+    };
+    let err = render_nar(&missing, blobs.clone(), &*dirs, Vec::new())
+        .await
+        .unwrap_err();
     assert!(matches!(err, RenderError::MissingBlob(_)), "{err:?}");
-    let no_dir = Node::Directory { digest: B3Digest::of(b"nope"), size: 0 };
-    let err = render_nar(&no_dir, blobs, &*dirs, Vec::new()).await.unwrap_err();
+    let no_dir = Node::Directory {
+        digest: B3Digest::of(b"nope"),
+        size: 0,
+    };
+    let err = render_nar(&no_dir, blobs, &*dirs, Vec::new())
+        .await
+        .unwrap_err();
     assert!(matches!(err, RenderError::Directory(_)), "{err:?}");
 }
 
@@ -611,10 +855,15 @@ impl tokio::io::AsyncRead for Trickle<'_> {
 async fn ingest_handles_short_reads() {
     let nar = build(&valid_tokens());
     let (blobs, dirs) = memory();
-    let (node, size, sha) = ingest_nar(Trickle(&nar), blobs.clone(), &*dirs).await.unwrap();
+    let (node, size, sha) = ingest_nar(Trickle(&nar), blobs.clone(), &*dirs)
+        .await
+        .unwrap();
     assert_eq!(size, nar.len() as u64);
     assert_eq!(NixHash::sha256(sha), NixHash::sha256_of(&nar));
-    assert_eq!(render_nar(&node, blobs, &*dirs, Vec::new()).await.unwrap(), nar);
+    assert_eq!(
+        render_nar(&node, blobs, &*dirs, Vec::new()).await.unwrap(),
+        nar
+    );
 }
 
 /// A blob service whose uploads all fail.
@@ -652,8 +901,13 @@ impl BlobService for FailingBlobs {
 async fn failed_uploads_fail_the_ingest_and_store_no_directory() {
     let nar = build(&valid_tokens());
     let dirs = CountingDirectories::default();
-    let err = ingest_nar(&nar[..], Arc::new(FailingBlobs), &dirs).await.unwrap_err();
-    assert!(matches!(err, IngestError::Blob(arca_castore::Error::Unavailable(_))), "{err:?}");
+    let err = ingest_nar(&nar[..], Arc::new(FailingBlobs), &dirs)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, IngestError::Blob(arca_castore::Error::Unavailable(_))),
+        "{err:?}"
+    );
     assert_eq!(dirs.stored(), 0);
 }
 
@@ -669,13 +923,22 @@ async fn a_file_larger_than_the_announced_nar_is_refused_before_streaming() {
     // A file entry announcing 1 TiB, followed by endless zeros: with NarSize
     // known, the ingest must stop at the header, not stream a terabyte.
     let mut header = Vec::new();
-    for t in [&b"nix-archive-1"[..], b"(", b"type", b"regular", b"contents"] {
+    for t in [
+        &b"nix-archive-1"[..],
+        b"(",
+        b"type",
+        b"regular",
+        b"contents",
+    ] {
         nar_token(&mut header, t);
     }
     header.extend_from_slice(&(1u64 << 40).to_le_bytes());
     let reader = tokio::io::AsyncReadExt::chain(&header[..], tokio::io::repeat(0));
     let (blobs, dirs) = memory();
-    let expected = ExpectedNar { nar_size: Some(4096), nar_sha256: None };
+    let expected = ExpectedNar {
+        nar_size: Some(4096),
+        nar_sha256: None,
+    };
     let result = tokio::time::timeout(
         std::time::Duration::from_secs(20),
         ingest_nar_expecting(reader, blobs, &*dirs, expected),
@@ -683,6 +946,16 @@ async fn a_file_larger_than_the_announced_nar_is_refused_before_streaming() {
     .await
     .expect("refused at the header, not after streaming the contents");
     let err = result.unwrap_err();
-    assert!(matches!(err, IngestError::NarSizeMismatch { expected: 4096, at_least: true, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            IngestError::NarSizeMismatch {
+                expected: 4096,
+                at_least: true,
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert_eq!(dirs.stored(), 0);
 }

@@ -27,7 +27,11 @@ struct Counting {
 
 impl Counting {
     fn new(slow: bool) -> Arc<Self> {
-        Arc::new(Self { inner: MemoryBlobService::default(), opened: AtomicUsize::new(0), slow })
+        Arc::new(Self {
+            inner: MemoryBlobService::default(),
+            opened: AtomicUsize::new(0),
+            slow,
+        })
     }
     fn opened(&self) -> usize {
         self.opened.load(Ordering::SeqCst)
@@ -39,15 +43,30 @@ impl BlobService for Counting {
     async fn has(&self, digest: &B3Digest) -> Result<bool, arca_castore::Error> {
         self.inner.has(digest).await
     }
-    async fn open_read(&self, digest: &B3Digest) -> Result<Option<Box<dyn BlobReader>>, arca_castore::Error> {
+    async fn open_read(
+        &self,
+        digest: &B3Digest,
+    ) -> Result<Option<Box<dyn BlobReader>>, arca_castore::Error> {
         self.opened.fetch_add(1, Ordering::SeqCst);
         let r = self.inner.open_read(digest).await?;
-        Ok(if self.slow { r.map(|r| Box::new(Slow { inner: r, skip: false }) as Box<dyn BlobReader>) } else { r })
+        Ok(if self.slow {
+            r.map(|r| {
+                Box::new(Slow {
+                    inner: r,
+                    skip: false,
+                }) as Box<dyn BlobReader>
+            })
+        } else {
+            r
+        })
     }
     async fn open_write(&self) -> Box<dyn BlobWriter> {
         self.inner.open_write().await
     }
-    async fn chunks(&self, digest: &B3Digest) -> Result<Option<Vec<ChunkMeta>>, arca_castore::Error> {
+    async fn chunks(
+        &self,
+        digest: &B3Digest,
+    ) -> Result<Option<Vec<ChunkMeta>>, arca_castore::Error> {
         self.opened.fetch_add(1, Ordering::SeqCst);
         self.inner.chunks(digest).await
     }
@@ -59,7 +78,11 @@ struct Slow {
 }
 
 impl AsyncRead for Slow {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         self.skip = !self.skip;
         if self.skip {
             cx.waker().wake_by_ref();
@@ -119,7 +142,11 @@ fn make_tree(root: &Path) {
     std::fs::write(root.join("run.sh"), b"#!/bin/sh\necho hi\n").unwrap();
     std::fs::set_permissions(root.join("run.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::write(root.join("a/exec-empty"), b"").unwrap();
-    std::fs::set_permissions(root.join("a/exec-empty"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(
+        root.join("a/exec-empty"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
     symlink("a/hello", root.join("link")).unwrap();
     symlink("../../../nowhere/at/all/x", root.join("a/bb/dangling")).unwrap();
     symlink("1234567", root.join("a/l7")).unwrap();
@@ -128,7 +155,11 @@ fn make_tree(root: &Path) {
         let name = "n".repeat(len);
         std::fs::write(root.join("odd").join(&name), name.repeat(len % 5)).unwrap();
     }
-    std::fs::write(root.join(std::ffi::OsStr::from_bytes(b"\xff\x01 bytes")), b"raw").unwrap();
+    std::fs::write(
+        root.join(std::ffi::OsStr::from_bytes(b"\xff\x01 bytes")),
+        b"raw",
+    )
+    .unwrap();
     std::fs::write(root.join("m".repeat(255)), b"longest name").unwrap();
     // 3 MiB + 5 bytes of pseudo-random data.
     let mut rng = Rng(0x1234_5678_9abc_def1);
@@ -138,7 +169,9 @@ fn make_tree(root: &Path) {
 
 async fn import(root: &Path, blobs: Arc<dyn BlobService>) -> (Node, Arc<MemoryDirectoryService>) {
     let dirs = Arc::new(MemoryDirectoryService::default());
-    let (node, _) = import_path(root, blobs, dirs.clone(), 4, Arc::new(NoProgress)).await.unwrap();
+    let (node, _) = import_path(root, blobs, dirs.clone(), 4, Arc::new(NoProgress))
+        .await
+        .unwrap();
     (node, dirs)
 }
 
@@ -165,20 +198,36 @@ async fn fixture(slow: bool) -> Fixture {
     make_tree(&root);
     let blobs = Counting::new(slow);
     let (node, dirs) = import(&root, blobs.clone()).await;
-    let nar = render_nar(&node, blobs.clone(), &*dirs, Vec::new()).await.unwrap();
+    let nar = render_nar(&node, blobs.clone(), &*dirs, Vec::new())
+        .await
+        .unwrap();
     // The reference itself equals what the writer makes of the tree.
-    assert_eq!(nar, arca_store::nar::dump_path(&root, Vec::new()).await.unwrap());
-    Fixture { _tmp: tmp, blobs, dirs, node, nar }
+    assert_eq!(
+        nar,
+        arca_store::nar::dump_path(&root, Vec::new()).await.unwrap()
+    );
+    Fixture {
+        _tmp: tmp,
+        blobs,
+        dirs,
+        node,
+        nar,
+    }
 }
 
 impl Fixture {
     async fn seekable(&self) -> SeekableNar {
-        SeekableNar::new(self.node.clone(), self.blobs.clone(), &*self.dirs).await.unwrap()
+        SeekableNar::new(self.node.clone(), self.blobs.clone(), &*self.dirs)
+            .await
+            .unwrap()
     }
 }
 
 fn render_error(e: std::io::Error) -> RenderError {
-    *e.into_inner().expect("an error with a source").downcast::<RenderError>().expect("a RenderError")
+    *e.into_inner()
+        .expect("an error with a source")
+        .downcast::<RenderError>()
+        .expect("a RenderError")
 }
 
 // ---------------------------------------------------------------- length and layout
@@ -194,7 +243,10 @@ async fn length_is_known_without_reading_any_blob() {
     assert_eq!(s.position(), 0);
     let b: Vec<u64> = s.boundaries().collect();
     assert_eq!(b[0], 0);
-    assert!(b.windows(2).all(|w| w[0] < w[1]), "boundaries not strictly increasing: {b:?}");
+    assert!(
+        b.windows(2).all(|w| w[0] < w[1]),
+        "boundaries not strictly increasing: {b:?}"
+    );
     assert!(*b.last().unwrap() < s.len());
 }
 
@@ -212,7 +264,9 @@ async fn single_nodes_as_root() {
     for name in ["file", "exe", "empty", "eight", "dir", "link"] {
         let blobs = Counting::new(false);
         let (node, dirs) = import(&p.join(name), blobs.clone()).await;
-        let nar = render_nar(&node, blobs.clone(), &*dirs, Vec::new()).await.unwrap();
+        let nar = render_nar(&node, blobs.clone(), &*dirs, Vec::new())
+            .await
+            .unwrap();
         let before = blobs.opened();
         let mut s = SeekableNar::new(node, blobs.clone(), &*dirs).await.unwrap();
         assert_eq!(blobs.opened(), before, "{name}");
@@ -258,7 +312,10 @@ async fn sequential_read_with_slow_blob_readers() {
     let mut s = f.seekable().await;
     let mut out = Vec::new();
     s.read_to_end(&mut out).await.unwrap();
-    assert!(out == f.nar, "read through slow readers differs from render_nar");
+    assert!(
+        out == f.nar,
+        "read through slow readers differs from render_nar"
+    );
 }
 
 // ---------------------------------------------------------------- seeks
@@ -275,7 +332,14 @@ async fn check_seeks(f: &Fixture, seed: u64) -> usize {
         offsets.push(rng.below(len));
     }
     // Backwards too, and within the big file.
-    offsets.extend(offsets.clone().into_iter().rev().step_by(3).collect::<Vec<_>>());
+    offsets.extend(
+        offsets
+            .clone()
+            .into_iter()
+            .rev()
+            .step_by(3)
+            .collect::<Vec<_>>(),
+    );
     let mut checked = 0;
     for off in offsets {
         let want = match rng.below(10) {
@@ -285,7 +349,9 @@ async fn check_seeks(f: &Fixture, seed: u64) -> usize {
             _ => rng.below(4 << 20) as usize,
         };
         assert_eq!(s.seek(SeekFrom::Start(off)).await.unwrap(), off);
-        let got = read_up_to(&mut s, want).await.unwrap_or_else(|e| panic!("at {off} (+{want}): {e}"));
+        let got = read_up_to(&mut s, want)
+            .await
+            .unwrap_or_else(|e| panic!("at {off} (+{want}): {e}"));
         let from = (off as usize).min(f.nar.len());
         let to = (off as usize).saturating_add(want).min(f.nar.len());
         assert!(got == f.nar[from..to], "at {off} (+{want}): wrong bytes");
@@ -315,7 +381,10 @@ async fn seeks_from_end_and_current() {
     let got = read_up_to(&mut s, 1000).await.unwrap();
     assert_eq!(got, &f.nar[f.nar.len() - 100..]);
     assert_eq!(s.seek(SeekFrom::Current(-50)).await.unwrap(), len - 50);
-    assert_eq!(read_up_to(&mut s, 10).await.unwrap(), &f.nar[f.nar.len() - 50..f.nar.len() - 40]);
+    assert_eq!(
+        read_up_to(&mut s, 10).await.unwrap(),
+        &f.nar[f.nar.len() - 50..f.nar.len() - 40]
+    );
     assert_eq!(s.seek(SeekFrom::End(0)).await.unwrap(), len);
     assert_eq!(s.read(&mut [0u8; 4]).await.unwrap(), 0);
     assert!(s.seek(SeekFrom::End(-(len as i64) - 1)).await.is_err());
@@ -323,7 +392,12 @@ async fn seeks_from_end_and_current() {
     // A failed seek leaves the position alone.
     assert_eq!(s.stream_position().await.unwrap(), len);
     // Into the middle of the big file, then read across its end.
-    let big_at = f.nar.windows(8).position(|w| w == ((3u64 << 20) + 5).to_le_bytes()).unwrap() + 8;
+    let big_at = f
+        .nar
+        .windows(8)
+        .position(|w| w == ((3u64 << 20) + 5).to_le_bytes())
+        .unwrap()
+        + 8;
     let off = big_at as u64 + (1 << 20) + 3;
     s.seek(SeekFrom::Start(off)).await.unwrap();
     let got = read_up_to(&mut s, 3 << 20).await.unwrap();
@@ -340,21 +414,48 @@ async fn sequential_reads_do_not_reopen_blobs() {
     s.read_to_end(&mut out).await.unwrap();
     let opened = f.blobs.opened() - before;
     let mut rendered_opens = f.blobs.opened();
-    render_nar(&f.node, f.blobs.clone(), &*f.dirs, Vec::new()).await.unwrap();
+    render_nar(&f.node, f.blobs.clone(), &*f.dirs, Vec::new())
+        .await
+        .unwrap();
     rendered_opens = f.blobs.opened() - rendered_opens;
-    assert_eq!(opened, rendered_opens, "one open per blob, as render_nar does");
+    assert_eq!(
+        opened, rendered_opens,
+        "one open per blob, as render_nar does"
+    );
 }
 
 // ---------------------------------------------------------------- wrong blobs
 
 /// A directory holding `inner` under "f" (between two other files), stored.
-async fn wrap_in_directory(inner: Node, blobs: &dyn BlobService, dirs: &dyn DirectoryService) -> Node {
-    let other = put_bytes(blobs, bytes::Bytes::from_static(b"other")).await.unwrap();
+async fn wrap_in_directory(
+    inner: Node,
+    blobs: &dyn BlobService,
+    dirs: &dyn DirectoryService,
+) -> Node {
+    let other = put_bytes(blobs, bytes::Bytes::from_static(b"other"))
+        .await
+        .unwrap();
     let mut d = Directory::new();
     let name = |s: &str| PathComponent::try_from(s.as_bytes()).unwrap();
-    d.add(name("a"), Node::File { digest: other, size: 5, executable: false }).unwrap();
+    d.add(
+        name("a"),
+        Node::File {
+            digest: other,
+            size: 5,
+            executable: false,
+        },
+    )
+    .unwrap();
     d.add(name("f"), inner).unwrap();
-    d.add(name("z"), Node::File { digest: other, size: 5, executable: true }).unwrap();
+    d.add(
+        name("z"),
+        Node::File {
+            digest: other,
+            size: 5,
+            executable: true,
+        },
+    )
+    .unwrap();
     let size = d.size();
     let digest = dirs.put(d).await.unwrap();
     Node::Directory { digest, size }
@@ -365,11 +466,24 @@ async fn blobs_of_the_wrong_size_are_errors() {
     let blobs = Counting::new(false);
     let dirs = MemoryDirectoryService::default();
     // (blob length, claimed size): shorter and longer, with and without padding.
-    let cases: [(usize, u64); 8] = [(5, 4), (5, 6), (8, 9), (9, 8), (8, 7), (16, 8), (8, 16), (3 << 20, (3 << 20) - 1)];
+    let cases: [(usize, u64); 8] = [
+        (5, 4),
+        (5, 6),
+        (8, 9),
+        (9, 8),
+        (8, 7),
+        (16, 8),
+        (8, 16),
+        (3 << 20, (3 << 20) - 1),
+    ];
     for (blob_len, claimed) in cases {
         let data: Vec<u8> = (0..blob_len).map(|i| (i * 7) as u8).collect();
         let digest = put_bytes(&*blobs, data.into()).await.unwrap();
-        let file = Node::File { digest, size: claimed, executable: false };
+        let file = Node::File {
+            digest,
+            size: claimed,
+            executable: false,
+        };
         for node in [file.clone(), wrap_in_directory(file, &*blobs, &dirs).await] {
             let mut s = SeekableNar::new(node, blobs.clone(), &dirs).await.unwrap();
             // Sequentially.
@@ -384,11 +498,18 @@ async fn blobs_of_the_wrong_size_are_errors() {
             // framing read before the error), to the end.
             let mut token = b"contents".to_vec();
             token.extend_from_slice(&claimed.to_le_bytes());
-            let start = out.windows(16).position(|w| w == token).expect("contents token") as u64 + 16;
+            let start = out
+                .windows(16)
+                .position(|w| w == token)
+                .expect("contents token") as u64
+                + 16;
             let contents_at = start + claimed.min(blob_len as u64) / 2;
             s.seek(SeekFrom::Start(contents_at)).await.unwrap();
             let err = s.read_to_end(&mut Vec::new()).await.unwrap_err();
-            assert!(matches!(render_error(err), RenderError::BlobSize { .. }), "{blob_len} vs {claimed} from {contents_at}");
+            assert!(
+                matches!(render_error(err), RenderError::BlobSize { .. }),
+                "{blob_len} vs {claimed} from {contents_at}"
+            );
         }
     }
 }
@@ -400,11 +521,25 @@ async fn wrong_size_never_yields_wrong_bytes() {
     // node describes with a right-sized blob.
     let blobs = Counting::new(false);
     let dirs = MemoryDirectoryService::default();
-    let right = put_bytes(&*blobs, bytes::Bytes::from_static(b"12345678")).await.unwrap();
-    let long = put_bytes(&*blobs, bytes::Bytes::from_static(b"12345678X")).await.unwrap();
-    let good = Node::File { digest: right, size: 8, executable: false };
-    let bad = Node::File { digest: long, size: 8, executable: false };
-    let nar = render_nar(&good, blobs.clone(), &dirs, Vec::new()).await.unwrap();
+    let right = put_bytes(&*blobs, bytes::Bytes::from_static(b"12345678"))
+        .await
+        .unwrap();
+    let long = put_bytes(&*blobs, bytes::Bytes::from_static(b"12345678X"))
+        .await
+        .unwrap();
+    let good = Node::File {
+        digest: right,
+        size: 8,
+        executable: false,
+    };
+    let bad = Node::File {
+        digest: long,
+        size: 8,
+        executable: false,
+    };
+    let nar = render_nar(&good, blobs.clone(), &dirs, Vec::new())
+        .await
+        .unwrap();
     let mut s = SeekableNar::new(bad, blobs.clone(), &dirs).await.unwrap();
     let mut out = Vec::new();
     loop {
@@ -413,7 +548,14 @@ async fn wrong_size_never_yields_wrong_bytes() {
             Ok(0) => panic!("read to the end without noticing the longer blob"),
             Ok(n) => out.extend_from_slice(&buf[..n]),
             Err(e) => {
-                assert!(matches!(render_error(e), RenderError::BlobSize { expected: 8, actual: 9, .. }));
+                assert!(matches!(
+                    render_error(e),
+                    RenderError::BlobSize {
+                        expected: 8,
+                        actual: 9,
+                        ..
+                    }
+                ));
                 break;
             }
         }
@@ -426,23 +568,54 @@ async fn wrong_size_never_yields_wrong_bytes() {
 async fn missing_blobs_and_impossible_nodes() {
     let blobs = Counting::new(false);
     let dirs = MemoryDirectoryService::default();
-    let missing = Node::File { digest: B3Digest::of(b"nope"), size: 4, executable: false };
-    let mut s = SeekableNar::new(missing, blobs.clone(), &dirs).await.unwrap();
+    let missing = Node::File {
+        digest: B3Digest::of(b"nope"),
+        size: 4,
+        executable: false,
+    };
+    let mut s = SeekableNar::new(missing, blobs.clone(), &dirs)
+        .await
+        .unwrap();
     let err = s.read_to_end(&mut Vec::new()).await.unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::NotFound);
     assert!(matches!(render_error(err), RenderError::MissingBlob(_)));
     // The error is not sticky: framing before the blob still reads.
     s.seek(SeekFrom::Start(0)).await.unwrap();
-    assert_eq!(read_up_to(&mut s, 21).await.unwrap(), b"\x0d\0\0\0\0\0\0\0nix-archive-1");
+    assert_eq!(
+        read_up_to(&mut s, 21).await.unwrap(),
+        b"\x0d\0\0\0\0\0\0\0nix-archive-1"
+    );
 
     // An empty file whose digest is not the empty blob's: refused up front.
-    let zero = Node::File { digest: B3Digest::of(b"x"), size: 0, executable: false };
-    let err = SeekableNar::new(zero, blobs.clone(), &dirs).await.err().unwrap();
-    assert!(matches!(err, RenderError::BlobSize { expected: 0, .. }), "{err:?}");
+    let zero = Node::File {
+        digest: B3Digest::of(b"x"),
+        size: 0,
+        executable: false,
+    };
+    let err = SeekableNar::new(zero, blobs.clone(), &dirs)
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        matches!(err, RenderError::BlobSize { expected: 0, .. }),
+        "{err:?}"
+    );
 
     // A directory that is not stored.
-    let no_dir = Node::Directory { digest: B3Digest::of(b"nope"), size: 0 };
-    let err = SeekableNar::new(no_dir, blobs.clone(), &dirs).await.err().unwrap();
-    assert!(matches!(err, RenderError::Directory(_) | RenderError::MissingDirectory(_)), "{err:?}");
+    let no_dir = Node::Directory {
+        digest: B3Digest::of(b"nope"),
+        size: 0,
+    };
+    let err = SeekableNar::new(no_dir, blobs.clone(), &dirs)
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        matches!(
+            err,
+            RenderError::Directory(_) | RenderError::MissingDirectory(_)
+        ),
+        "{err:?}"
+    );
     assert_eq!(blobs.opened(), 1);
 }

@@ -36,11 +36,15 @@ impl BlobService for CacheBlobService {
         if self.near.has(digest).await? {
             return self.near.open_read(digest).await;
         }
-        let Some(mut far_reader) = self.far.open_read(digest).await? else { return Ok(None) };
+        let Some(mut far_reader) = self.far.open_read(digest).await? else {
+            return Ok(None);
+        };
         let mut w = self.near.open_write().await;
         let (filled, _) = super::copy_to_blob(&mut far_reader, w.as_mut()).await?;
         if filled != *digest {
-            return Err(Error::Storage(format!("far store returned blob {filled} when asked for {digest}")));
+            return Err(Error::Storage(format!(
+                "far store returned blob {filled} when asked for {digest}"
+            )));
         }
         tracing::debug!(%digest, "filled near cache");
         self.near.open_read(digest).await
@@ -57,22 +61,29 @@ impl BlobService for CacheBlobService {
         futures::stream::iter(groups)
             .then(move |group| async move {
                 let mut answers: Vec<BatchItem> = self.near.read_many(group).try_collect().await?;
-                let missing: Vec<B3Digest> =
-                    answers.iter().filter(|(_, data)| data.is_none()).map(|(d, _)| *d).collect();
+                let missing: Vec<B3Digest> = answers
+                    .iter()
+                    .filter(|(_, data)| data.is_none())
+                    .map(|(d, _)| *d)
+                    .collect();
                 if !missing.is_empty() {
                     let mut from_far = self.far.read_many(missing);
                     for slot in answers.iter_mut().filter(|(_, data)| data.is_none()) {
-                        let (digest, data) = from_far
-                            .try_next()
-                            .await?
-                            .ok_or_else(|| Error::Storage("far store answered fewer blobs than asked".into()))?;
+                        let (digest, data) = from_far.try_next().await?.ok_or_else(|| {
+                            Error::Storage("far store answered fewer blobs than asked".into())
+                        })?;
                         if digest != slot.0 {
-                            return Err(Error::Storage(format!("far store answered {digest} for {}", slot.0)));
+                            return Err(Error::Storage(format!(
+                                "far store answered {digest} for {}",
+                                slot.0
+                            )));
                         }
                         if let Some(data) = &data {
                             let filled = super::put_bytes(self.near.as_ref(), data.clone()).await?;
                             if filled != digest {
-                                return Err(Error::Storage(format!("far store returned blob {filled} for {digest}")));
+                                return Err(Error::Storage(format!(
+                                    "far store returned blob {filled} for {digest}"
+                                )));
                             }
                         }
                         slot.1 = data;

@@ -22,9 +22,14 @@ pub fn validate_chunk_list(chunks: &[ChunkMeta]) -> Result<u64, Error> {
     let mut total = 0u64;
     for c in chunks {
         if c.size == 0 || c.size > MAX_CHUNK_SIZE {
-            return Err(Error::Storage(format!("chunk {} has an invalid size {}", c.digest, c.size)));
+            return Err(Error::Storage(format!(
+                "chunk {} has an invalid size {}",
+                c.digest, c.size
+            )));
         }
-        total = total.checked_add(c.size).ok_or_else(|| Error::Storage("chunk sizes overflow".into()))?;
+        total = total
+            .checked_add(c.size)
+            .ok_or_else(|| Error::Storage("chunk sizes overflow".into()))?;
     }
     Ok(total)
 }
@@ -48,7 +53,10 @@ pub(crate) fn verify_chunk(chunk: &ChunkMeta, data: &Bytes) -> Result<(), Error>
     }
     let actual = B3Digest::of(data);
     if actual != chunk.digest {
-        return Err(Error::Storage(format!("chunk {} failed verification (got {actual})", chunk.digest)));
+        return Err(Error::Storage(format!(
+            "chunk {} failed verification (got {actual})",
+            chunk.digest
+        )));
     }
     Ok(())
 }
@@ -70,7 +78,9 @@ impl std::future::Future for AbortOnDrop {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match Pin::new(&mut self.0).poll(cx) {
             Poll::Ready(Ok(r)) => Poll::Ready(r),
-            Poll::Ready(Err(e)) => Poll::Ready(Err(Error::Storage(format!("chunk fetch failed: {e}")))),
+            Poll::Ready(Err(e)) => {
+                Poll::Ready(Err(Error::Storage(format!("chunk fetch failed: {e}"))))
+            }
             Poll::Pending => Poll::Pending,
         }
     }
@@ -93,7 +103,11 @@ pub struct ChunkedReader {
 impl ChunkedReader {
     /// A reader over `chunks` (validated: sizes bounded, no overflow), in order,
     /// of the blob `blob_digest`.
-    pub fn new(chunks: Vec<ChunkMeta>, fetcher: Arc<dyn ChunkFetcher>, blob_digest: B3Digest) -> Result<Self, Error> {
+    pub fn new(
+        chunks: Vec<ChunkMeta>,
+        fetcher: Arc<dyn ChunkFetcher>,
+        blob_digest: B3Digest,
+    ) -> Result<Self, Error> {
         validate_chunk_list(&chunks)?;
         let mut offset = 0u64;
         let chunks: Vec<(u64, ChunkMeta)> = chunks
@@ -104,7 +118,14 @@ impl ChunkedReader {
                 (o, c)
             })
             .collect();
-        Ok(Self { chunks: chunks.into(), size: offset, fetcher, blob_digest, pos: 0, inner: None })
+        Ok(Self {
+            chunks: chunks.into(),
+            size: offset,
+            fetcher,
+            blob_digest,
+            pos: 0,
+            inner: None,
+        })
     }
 
     /// Total length of the blob.
@@ -126,7 +147,9 @@ impl ChunkedReader {
             .map(move |i| {
                 let chunk = chunks[i].1.clone();
                 let fetcher = fetcher.clone();
-                AbortOnDrop(tokio::spawn(async move { fetcher.fetch_chunk(&chunk).await }))
+                AbortOnDrop(tokio::spawn(
+                    async move { fetcher.fetch_chunk(&chunk).await },
+                ))
             })
             .buffered(READ_AHEAD);
         if pos == 0 {
@@ -154,14 +177,26 @@ impl ChunkedReader {
         }
         fetched
             .enumerate()
-            .map(move |(n, r)| r.map(|b| if n == 0 { b.slice(skip_first.min(b.len())..) } else { b }))
+            .map(move |(n, r)| {
+                r.map(|b| {
+                    if n == 0 {
+                        b.slice(skip_first.min(b.len())..)
+                    } else {
+                        b
+                    }
+                })
+            })
             .map_err(std::io::Error::from)
             .boxed()
     }
 }
 
 impl AsyncRead for ChunkedReader {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         if self.pos >= self.size {
             return Poll::Ready(Ok(()));
         }

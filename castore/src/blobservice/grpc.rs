@@ -4,18 +4,21 @@
 //! streams before their last bytes are handed out. Uploads are hashed
 //! locally and the server's digest must match.
 use super::chunked_reader::{verify_chunk, ChunkFetcher, ChunkedReader};
-use super::{BatchItem, BlobReader, BlobService, BlobWriter, ChunkMeta, MAX_BATCH_BLOB_SIZE, MAX_BATCH_DIGESTS};
+use super::{
+    BatchItem, BlobReader, BlobService, BlobWriter, ChunkMeta, MAX_BATCH_BLOB_SIZE,
+    MAX_BATCH_DIGESTS,
+};
 use crate::{B3Digest, Error, BLOB_MESSAGE_CHUNK};
 use arca_proto::castore as proto;
 use arca_proto::castore::blob_service_client::BlobServiceClient;
 use arca_proto::castore_batch::blob_batch_service_client::BlobBatchServiceClient;
 use arca_proto::castore_batch::ReadBlobsRequest;
-use std::sync::atomic::{AtomicBool, Ordering};
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures::stream::{BoxStream, StreamExt};
 use std::io::SeekFrom;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use tokio::io::{AsyncBufRead, AsyncRead, AsyncSeek, ReadBuf};
@@ -82,7 +85,13 @@ impl GrpcBlobService {
     fn pick(&self) -> Self {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.clients.len();
         let (client, batch_client) = self.clients[i].clone();
-        Self { clients: self.clients.clone(), next: self.next.clone(), client, batch_client, no_batch: self.no_batch.clone() }
+        Self {
+            clients: self.clients.clone(),
+            next: self.next.clone(),
+            client,
+            batch_client,
+            no_batch: self.no_batch.clone(),
+        }
     }
 
     /// Starts one `ReadBlobs` call for `digests` (at most
@@ -91,7 +100,9 @@ impl GrpcBlobService {
         &self,
         digests: &[B3Digest],
     ) -> Result<Option<tonic::Streaming<arca_proto::castore_batch::ReadBlobsResponse>>, Error> {
-        let req = ReadBlobsRequest { digests: digests.iter().map(B3Digest::to_bytes).collect() };
+        let req = ReadBlobsRequest {
+            digests: digests.iter().map(B3Digest::to_bytes).collect(),
+        };
         match self.batch_client.clone().read_blobs(req).await {
             Ok(r) => Ok(Some(r.into_inner())),
             Err(s) if s.code() == Code::Unimplemented => Ok(None),
@@ -142,7 +153,11 @@ fn checked_batch(
 impl BlobService for GrpcBlobService {
     #[instrument(skip(self), level = "debug")]
     async fn has(&self, digest: &B3Digest) -> Result<bool, Error> {
-        let req = proto::StatBlobRequest { digest: digest.to_bytes(), send_chunks: false, send_bao: false };
+        let req = proto::StatBlobRequest {
+            digest: digest.to_bytes(),
+            send_chunks: false,
+            send_bao: false,
+        };
         match self.client.clone().stat(req).await {
             Ok(_) => Ok(true),
             Err(s) if s.code() == Code::NotFound => Ok(false),
@@ -158,9 +173,15 @@ impl BlobService for GrpcBlobService {
     #[instrument(skip(self), level = "debug")]
     async fn open_read(&self, digest: &B3Digest) -> Result<Option<Box<dyn BlobReader>>, Error> {
         let this = self.pick();
-        let req = proto::ReadBlobRequest { digest: digest.to_bytes() };
+        let req = proto::ReadBlobRequest {
+            digest: digest.to_bytes(),
+        };
         match this.client.clone().read(req).await {
-            Ok(resp) => Ok(Some(Box::new(GrpcBlobReader::new(this, *digest, resp.into_inner())))),
+            Ok(resp) => Ok(Some(Box::new(GrpcBlobReader::new(
+                this,
+                *digest,
+                resp.into_inner(),
+            )))),
             Err(s) if s.code() == Code::NotFound => Ok(None),
             Err(s) => Err(s.into()),
         }
@@ -185,7 +206,10 @@ impl BlobService for GrpcBlobService {
         if self.no_batch.load(Ordering::Relaxed) {
             return super::read_each(self, digests);
         }
-        let groups: Vec<Vec<B3Digest>> = digests.chunks(MAX_BATCH_DIGESTS).map(<[_]>::to_vec).collect();
+        let groups: Vec<Vec<B3Digest>> = digests
+            .chunks(MAX_BATCH_DIGESTS)
+            .map(<[_]>::to_vec)
+            .collect();
         futures::stream::iter(groups)
             .map(move |group| async move {
                 let this = self.pick();
@@ -206,7 +230,11 @@ impl BlobService for GrpcBlobService {
 
     #[instrument(skip(self), level = "debug")]
     async fn chunks(&self, digest: &B3Digest) -> Result<Option<Vec<ChunkMeta>>, Error> {
-        let req = proto::StatBlobRequest { digest: digest.to_bytes(), send_chunks: true, send_bao: false };
+        let req = proto::StatBlobRequest {
+            digest: digest.to_bytes(),
+            send_chunks: true,
+            send_bao: false,
+        };
         let resp = match self.client.clone().stat(req).await {
             Ok(r) => r.into_inner(),
             Err(s) if s.code() == Code::NotFound => return Ok(None),
@@ -216,14 +244,16 @@ impl BlobService for GrpcBlobService {
             .into_iter()
             .map(|c| {
                 Ok(ChunkMeta {
-                    digest: B3Digest::try_from(&c.digest)
-                        .map_err(|e| Error::Storage(format!("server sent an invalid chunk digest: {e}")))?,
+                    digest: B3Digest::try_from(&c.digest).map_err(|e| {
+                        Error::Storage(format!("server sent an invalid chunk digest: {e}"))
+                    })?,
                     size: c.size,
                 })
             })
             .collect::<Result<Vec<_>, Error>>()
             .and_then(|list| {
-                super::validate_chunk_list(&list).map_err(|e| Error::Storage(format!("server sent a bad chunk list: {e}")))?;
+                super::validate_chunk_list(&list)
+                    .map_err(|e| Error::Storage(format!("server sent a bad chunk list: {e}")))?;
                 Ok(Some(list))
             })
     }
@@ -236,12 +266,17 @@ struct GrpcChunkFetcher {
 #[async_trait]
 impl ChunkFetcher for GrpcChunkFetcher {
     async fn fetch_chunk(&self, chunk: &ChunkMeta) -> Result<Bytes, Error> {
-        let req = proto::ReadBlobRequest { digest: chunk.digest.to_bytes() };
+        let req = proto::ReadBlobRequest {
+            digest: chunk.digest.to_bytes(),
+        };
         let mut stream = self.client.clone().read(req).await?.into_inner();
         let mut buf = BytesMut::with_capacity(chunk.size as usize);
         while let Some(msg) = stream.message().await? {
             if (buf.len() + msg.data.len()) as u64 > chunk.size {
-                return Err(Error::Storage(format!("chunk {} is longer than {} bytes", chunk.digest, chunk.size)));
+                return Err(Error::Storage(format!(
+                    "chunk {} is longer than {} bytes",
+                    chunk.digest, chunk.size
+                )));
             }
             buf.extend_from_slice(&msg.data);
         }
@@ -290,11 +325,15 @@ fn verified_stream(
 /// ones (and backward ones) switch to chunk-wise reads.
 const MAX_STREAM_SKIP: u64 = 4 * 1024 * 1024;
 
-type ChunkListFuture = Pin<Box<dyn std::future::Future<Output = Result<Option<Vec<ChunkMeta>>, Error>> + Send>>;
+type ChunkListFuture =
+    Pin<Box<dyn std::future::Future<Output = Result<Option<Vec<ChunkMeta>>, Error>> + Send>>;
 
 enum ReadMode {
     /// The server's one stream of the whole blob, at `pos`.
-    Stream { inner: StreamReader<BoxStream<'static, std::io::Result<Bytes>>, Bytes>, pos: u64 },
+    Stream {
+        inner: StreamReader<BoxStream<'static, std::io::Result<Bytes>>, Bytes>,
+        pos: u64,
+    },
     /// Chunk-wise random access.
     Chunked(ChunkedReader),
 }
@@ -313,9 +352,24 @@ struct GrpcBlobReader {
 }
 
 impl GrpcBlobReader {
-    fn new(service: GrpcBlobService, digest: B3Digest, response: tonic::Streaming<proto::BlobChunk>) -> Self {
-        let inner = StreamReader::new(verified_stream(service.client.clone(), digest, Some(response)));
-        Self { service, digest, mode: ReadMode::Stream { inner, pos: 0 }, target: 0, switch: None, failed: None }
+    fn new(
+        service: GrpcBlobService,
+        digest: B3Digest,
+        response: tonic::Streaming<proto::BlobChunk>,
+    ) -> Self {
+        let inner = StreamReader::new(verified_stream(
+            service.client.clone(),
+            digest,
+            Some(response),
+        ));
+        Self {
+            service,
+            digest,
+            mode: ReadMode::Stream { inner, pos: 0 },
+            target: 0,
+            switch: None,
+            failed: None,
+        }
     }
 
     fn check(&self) -> std::io::Result<()> {
@@ -332,7 +386,9 @@ impl GrpcBlobReader {
 
     /// Finishes a seek that needed the chunk list.
     fn poll_switch(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let Some((position, fut)) = self.switch.as_mut() else { return Poll::Ready(Ok(())) };
+        let Some((position, fut)) = self.switch.as_mut() else {
+            return Poll::Ready(Ok(()));
+        };
         let fut = fut.get_or_insert_with(|| {
             let service = self.service.clone();
             let digest = self.digest;
@@ -344,9 +400,14 @@ impl GrpcBlobReader {
         let chunks = chunks.map_err(std::io::Error::from)?;
         match chunks {
             Some(chunks) if chunks.len() > 1 => {
-                let mut reader =
-                    ChunkedReader::new(chunks, Arc::new(GrpcChunkFetcher { client: self.service.client.clone() }), self.digest)
-                        .map_err(std::io::Error::from)?;
+                let mut reader = ChunkedReader::new(
+                    chunks,
+                    Arc::new(GrpcChunkFetcher {
+                        client: self.service.client.clone(),
+                    }),
+                    self.digest,
+                )
+                .map_err(std::io::Error::from)?;
                 Pin::new(&mut reader).start_seek(position)?;
                 self.mode = ReadMode::Chunked(reader);
                 Ok(()).into()
@@ -363,18 +424,30 @@ impl GrpcBlobReader {
                     }
                 };
                 // One piece: restart the stream and skip to the target.
-                let inner = StreamReader::new(verified_stream(self.service.client.clone(), self.digest, None));
+                let inner = StreamReader::new(verified_stream(
+                    self.service.client.clone(),
+                    self.digest,
+                    None,
+                ));
                 self.mode = ReadMode::Stream { inner, pos: 0 };
                 self.target = target;
                 Ok(()).into()
             }
-            None => Err(std::io::Error::from(Error::Storage(format!("blob {} disappeared", self.digest)))).into(),
+            None => Err(std::io::Error::from(Error::Storage(format!(
+                "blob {} disappeared",
+                self.digest
+            ))))
+            .into(),
         }
     }
 }
 
 impl AsyncRead for GrpcBlobReader {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         self.check()?;
         let this = &mut *self;
         let result = match &mut this.mode {
@@ -407,7 +480,9 @@ impl AsyncSeek for GrpcBlobReader {
                 return Ok(());
             }
         }
-        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "seek before start"))?;
+        .ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "seek before start")
+        })?;
         if target < pos || target - pos > MAX_STREAM_SKIP {
             self.switch = Some((SeekFrom::Start(target), None));
         } else {
@@ -469,7 +544,9 @@ impl Drop for GrpcBlobWriter {
 impl GrpcBlobWriter {
     fn start(&mut self) -> Result<(), Error> {
         if self.failed {
-            return Err(Error::Storage("blob upload failed earlier; start a new one".into()));
+            return Err(Error::Storage(
+                "blob upload failed earlier; start a new one".into(),
+            ));
         }
         if self.task.is_some() {
             return Ok(());
@@ -477,7 +554,9 @@ impl GrpcBlobWriter {
         let (tx, rx) = mpsc::channel(4);
         let mut client = self.client.clone();
         self.task = Some(tokio::spawn(async move {
-            let resp = client.put(tokio_stream::wrappers::ReceiverStream::new(rx)).await?;
+            let resp = client
+                .put(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await?;
             Ok(resp.into_inner().digest)
         }));
         self.tx = Some(tx);
@@ -487,8 +566,13 @@ impl GrpcBlobWriter {
     async fn finish(&mut self) -> Result<Bytes, Error> {
         self.tx = None;
         let r = match self.task.take() {
-            Some(t) => t.await.map_err(Error::storage).and_then(|r| r.map_err(Error::from)),
-            None => Err(Error::Storage("blob upload failed earlier; start a new one".into())),
+            Some(t) => t
+                .await
+                .map_err(Error::storage)
+                .and_then(|r| r.map_err(Error::from)),
+            None => Err(Error::Storage(
+                "blob upload failed earlier; start a new one".into(),
+            )),
         };
         self.failed |= r.is_err();
         r
@@ -535,7 +619,9 @@ impl BlobWriter for GrpcBlobWriter {
         };
         if returned != local {
             self.failed = true;
-            return Err(Error::Storage(format!("server returned digest {returned} for data with digest {local}")));
+            return Err(Error::Storage(format!(
+                "server returned digest {returned} for data with digest {local}"
+            )));
         }
         self.done = Some(local);
         Ok(local)

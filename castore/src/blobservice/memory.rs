@@ -38,12 +38,21 @@ impl PiecesReader {
             starts.push(len);
             len += p.len() as u64;
         }
-        Self { pieces, starts, len, pos: 0 }
+        Self {
+            pieces,
+            starts,
+            len,
+            pos: 0,
+        }
     }
 }
 
 impl AsyncRead for PiecesReader {
-    fn poll_read(mut self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         while buf.remaining() > 0 && self.pos < self.len {
             // The last piece starting at or before pos (empty pieces are skipped over).
             let i = self.starts.partition_point(|&s| s <= self.pos) - 1;
@@ -89,7 +98,12 @@ impl BlobService for MemoryBlobService {
     }
 
     async fn open_write(&self) -> Box<dyn BlobWriter> {
-        Box::new(MemoryBlobWriter { blobs: self.blobs.clone(), hasher: blake3::Hasher::new(), pieces: Vec::new(), done: None })
+        Box::new(MemoryBlobWriter {
+            blobs: self.blobs.clone(),
+            hasher: blake3::Hasher::new(),
+            pieces: Vec::new(),
+            done: None,
+        })
     }
 }
 
@@ -117,7 +131,10 @@ impl BlobWriter for MemoryBlobWriter {
             return Ok(d);
         }
         let digest = B3Digest::from(self.hasher.finalize());
-        let pieces: Pieces = std::mem::take(&mut self.pieces).into_iter().filter(|p| !p.is_empty()).collect();
+        let pieces: Pieces = std::mem::take(&mut self.pieces)
+            .into_iter()
+            .filter(|p| !p.is_empty())
+            .collect();
         self.blobs.write().entry(digest).or_insert(pieces);
         self.done = Some(digest);
         Ok(digest)
@@ -140,7 +157,11 @@ mod tests {
         let mut all = Vec::new();
         r.read_to_end(&mut all).await.unwrap();
         assert_eq!(all, whole);
-        for (from, pos) in [(SeekFrom::Start(399), 399u64), (SeekFrom::End(-1), 999), (SeekFrom::Start(0), 0)] {
+        for (from, pos) in [
+            (SeekFrom::Start(399), 399u64),
+            (SeekFrom::End(-1), 999),
+            (SeekFrom::Start(0), 0),
+        ] {
             assert_eq!(r.seek(from).await.unwrap(), pos);
             let mut rest = Vec::new();
             r.read_to_end(&mut rest).await.unwrap();

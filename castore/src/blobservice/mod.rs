@@ -19,7 +19,9 @@ pub use cache::CacheBlobService;
 pub use chunked_reader::{validate_chunk_list, ChunkFetcher, ChunkedReader, MAX_CHUNK_SIZE};
 pub use grpc::GrpcBlobService;
 pub use memory::MemoryBlobService;
-pub use object_store::{ChunkingParams, LocalCompression, LocalFilesOptions, ObjectStoreBlobService};
+pub use object_store::{
+    ChunkingParams, LocalCompression, LocalFilesOptions, ObjectStoreBlobService,
+};
 
 /// Largest blob [BlobService::read_many] returns (larger ones are read with
 /// [BlobService::open_read]).
@@ -90,7 +92,10 @@ pub trait BlobService: Send + Sync {
 }
 
 /// [BlobService::read_many] by one [BlobService::open_read] per blob, a few at a time.
-pub fn read_each<S: BlobService + ?Sized>(svc: &S, digests: Vec<B3Digest>) -> BoxStream<'_, Result<BatchItem, Error>> {
+pub fn read_each<S: BlobService + ?Sized>(
+    svc: &S,
+    digests: Vec<B3Digest>,
+) -> BoxStream<'_, Result<BatchItem, Error>> {
     futures::stream::iter(digests)
         .map(move |d| async move { Ok((d, read_small(svc, &d).await?)) })
         .buffered(READ_MANY_IN_FLIGHT)
@@ -98,10 +103,18 @@ pub fn read_each<S: BlobService + ?Sized>(svc: &S, digests: Vec<B3Digest>) -> Bo
 }
 
 /// Reads a whole blob of at most [MAX_BATCH_BLOB_SIZE] bytes.
-pub async fn read_small<S: BlobService + ?Sized>(svc: &S, digest: &B3Digest) -> Result<Option<Bytes>, Error> {
-    let Some(reader) = svc.open_read(digest).await? else { return Ok(None) };
+pub async fn read_small<S: BlobService + ?Sized>(
+    svc: &S,
+    digest: &B3Digest,
+) -> Result<Option<Bytes>, Error> {
+    let Some(reader) = svc.open_read(digest).await? else {
+        return Ok(None);
+    };
     let mut buf = Vec::new();
-    reader.take(MAX_BATCH_BLOB_SIZE + 1).read_to_end(&mut buf).await?;
+    reader
+        .take(MAX_BATCH_BLOB_SIZE + 1)
+        .read_to_end(&mut buf)
+        .await?;
     if buf.len() as u64 > MAX_BATCH_BLOB_SIZE {
         return Err(Error::InvalidRequest(format!(
             "blob {digest} is larger than {MAX_BATCH_BLOB_SIZE} bytes: read it on its own, not in a batch"

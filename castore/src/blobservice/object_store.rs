@@ -26,8 +26,8 @@ use tokio::task::JoinHandle;
 use tracing::instrument;
 
 mod compaction;
-pub use compaction::{LocalCompression, LocalFilesOptions};
 use compaction::Compactor;
+pub use compaction::{LocalCompression, LocalFilesOptions};
 
 const TAG_RAW: u8 = 0;
 const TAG_ZSTD: u8 = 1;
@@ -50,7 +50,11 @@ pub struct ChunkingParams {
 
 impl Default for ChunkingParams {
     fn default() -> Self {
-        Self { min: 64 * 1024, avg: 256 * 1024, max: 1024 * 1024 }
+        Self {
+            min: 64 * 1024,
+            avg: 256 * 1024,
+            max: 1024 * 1024,
+        }
     }
 }
 
@@ -91,7 +95,13 @@ fn read_local_chunk(dir: &std::path::Path, d: &B3Digest) -> Result<Option<Bytes>
         Err(e) => return Err(Error::Storage(format!("reading {}: {e}", file.display()))),
     };
     let data = decode_chunk(d, stored)?;
-    verify_chunk(&ChunkMeta { digest: *d, size: data.len() as u64 }, &data)?;
+    verify_chunk(
+        &ChunkMeta {
+            digest: *d,
+            size: data.len() as u64,
+        },
+        &data,
+    )?;
     Ok(Some(data))
 }
 
@@ -99,14 +109,25 @@ fn read_local_chunk(dir: &std::path::Path, d: &B3Digest) -> Result<Option<Bytes>
 /// directory (created on demand), renamed over the target. With `sync`, the
 /// staging file's data reaches the disk before the rename, so a crash never
 /// leaves `target` replaced by an incomplete file.
-fn write_file_atomically(target: &std::path::Path, parts: &[Bytes], sync: bool) -> std::io::Result<()> {
+fn write_file_atomically(
+    target: &std::path::Path,
+    parts: &[Bytes],
+    sync: bool,
+) -> std::io::Result<()> {
     use std::io::Write;
-    let parent = target.parent().ok_or_else(|| std::io::Error::other("chunk file without a directory"))?;
+    let parent = target
+        .parent()
+        .ok_or_else(|| std::io::Error::other("chunk file without a directory"))?;
     let n = STAGING_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut staging = target.as_os_str().to_owned();
     staging.push(format!("#arca-{}-{n}", std::process::id()));
     let staging = std::path::PathBuf::from(staging);
-    let open = || std::fs::OpenOptions::new().write(true).create_new(true).open(&staging);
+    let open = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&staging)
+    };
     let mut file = match open() {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             std::fs::create_dir_all(parent)?;
@@ -153,27 +174,35 @@ impl Inner {
 
     /// The chunk list of a multi-chunk blob.
     async fn chunk_list(&self, d: &B3Digest) -> Result<Option<Vec<ChunkMeta>>, Error> {
-        let Some(raw) = self.get_opt(&self.blob_path(d)).await? else { return Ok(None) };
+        let Some(raw) = self.get_opt(&self.blob_path(d)).await? else {
+            return Ok(None);
+        };
         let resp = proto::StatBlobResponse::decode(raw)
             .map_err(|e| Error::Storage(format!("blob {d}: corrupt chunk list: {e}")))?;
         resp.chunks
             .into_iter()
             .map(|c| {
                 Ok(ChunkMeta {
-                    digest: B3Digest::try_from(&c.digest)
-                        .map_err(|e| Error::Storage(format!("blob {d}: corrupt chunk list: {e}")))?,
+                    digest: B3Digest::try_from(&c.digest).map_err(|e| {
+                        Error::Storage(format!("blob {d}: corrupt chunk list: {e}"))
+                    })?,
                     size: c.size,
                 })
             })
             .collect::<Result<Vec<_>, Error>>()
             .and_then(|list| {
-                super::validate_chunk_list(&list).map_err(|e| Error::Storage(format!("blob {d}: {e}")))?;
+                super::validate_chunk_list(&list)
+                    .map_err(|e| Error::Storage(format!("blob {d}: {e}")))?;
                 Ok(Some(list))
             })
     }
 
     /// A chunk's raw bytes, decoded and verified; `None` if absent.
-    async fn read_chunk(&self, d: &B3Digest, expected_size: Option<u64>) -> Result<Option<Bytes>, Error> {
+    async fn read_chunk(
+        &self,
+        d: &B3Digest,
+        expected_size: Option<u64>,
+    ) -> Result<Option<Bytes>, Error> {
         if let Some(dir) = &self.local_dir {
             // One trip: read, decode, verify.
             let dir = dir.clone();
@@ -183,7 +212,10 @@ impl Inner {
                 let data = read_local_chunk(&dir, &d)?;
                 if let (Some(data), Some(size)) = (&data, expected_size) {
                     if data.len() as u64 != size {
-                        return Err(Error::Storage(format!("chunk {d} has {} bytes, expected {size}", data.len())));
+                        return Err(Error::Storage(format!(
+                            "chunk {d} has {} bytes, expected {size}",
+                            data.len()
+                        )));
                     }
                 }
                 Ok(data)
@@ -191,11 +223,16 @@ impl Inner {
             .await
             .map_err(Error::storage)?;
         }
-        let Some(stored) = self.get_opt(&self.chunk_path(d)).await? else { return Ok(None) };
+        let Some(stored) = self.get_opt(&self.chunk_path(d)).await? else {
+            return Ok(None);
+        };
         let d = *d;
         let data = crate::cpu_bound(move || -> Result<Bytes, Error> {
             let data = decode_chunk(&d, stored)?;
-            let meta = ChunkMeta { digest: d, size: expected_size.unwrap_or(data.len() as u64) };
+            let meta = ChunkMeta {
+                digest: d,
+                size: expected_size.unwrap_or(data.len() as u64),
+            };
             verify_chunk(&meta, &data)?;
             Ok(data)
         })
@@ -220,15 +257,21 @@ impl Inner {
             // Hash, existence check and (inline) compression on a CPU slot;
             // the write (file creation and rename: journal I/O that can
             // block) outside it, so slow I/O never holds a core's slot.
-            let (digest, pending) = crate::cpu_bound(move || -> Result<(B3Digest, Option<(std::path::PathBuf, PutPayload)>), Error> {
-                let digest = B3Digest::of(&data);
-                let file = local_chunk_file(&dir, &digest.to_hex());
-                if file.exists() {
-                    return Ok((digest, None));
-                }
-                let payload = if inline { encode_chunk(data, level)? } else { raw_payload(data) };
-                Ok((digest, Some((file, payload))))
-            })
+            let (digest, pending) = crate::cpu_bound(
+                move || -> Result<(B3Digest, Option<(std::path::PathBuf, PutPayload)>), Error> {
+                    let digest = B3Digest::of(&data);
+                    let file = local_chunk_file(&dir, &digest.to_hex());
+                    if file.exists() {
+                        return Ok((digest, None));
+                    }
+                    let payload = if inline {
+                        encode_chunk(data, level)?
+                    } else {
+                        raw_payload(data)
+                    };
+                    Ok((digest, Some((file, payload))))
+                },
+            )
             .await??;
             if let Some((file, payload)) = pending {
                 let inner = self.clone();
@@ -276,12 +319,16 @@ fn compress_chunk(data: &[u8], level: i32) -> Result<Option<Vec<u8>>, Error> {
     let out = COMPRESSOR.with(|cell| -> Result<Vec<u8>, Error> {
         let mut slot = cell.borrow_mut();
         if slot.as_ref().is_none_or(|(l, _)| *l != level) {
-            *slot = Some((level, zstd::bulk::Compressor::new(level).map_err(Error::storage)?));
+            *slot = Some((
+                level,
+                zstd::bulk::Compressor::new(level).map_err(Error::storage)?,
+            ));
         }
         let (_, c) = slot.as_mut().expect("set above");
         let mut dst = std::io::Cursor::new(out);
         dst.set_position(1);
-        c.compress_to_buffer(data, &mut dst).map_err(Error::storage)?;
+        c.compress_to_buffer(data, &mut dst)
+            .map_err(Error::storage)?;
         Ok(dst.into_inner())
     })?;
     Ok((out.len() - 1 < data.len() - data.len() / 16).then_some(out))
@@ -329,7 +376,8 @@ fn decode_chunk(d: &B3Digest, stored: Bytes) -> Result<Bytes, Error> {
                     *slot = Some(zstd::bulk::Decompressor::new().map_err(Error::storage)?);
                 }
                 let dec = slot.as_mut().expect("set above");
-                dec.decompress_to_buffer(frame, &mut out).map_err(|e| corrupt(e.to_string()))
+                dec.decompress_to_buffer(frame, &mut out)
+                    .map_err(|e| corrupt(e.to_string()))
             })?;
             if written != size {
                 return Err(corrupt(format!("{written} bytes, the frame says {size}")));
@@ -354,7 +402,12 @@ impl ObjectStoreBlobService {
     }
 
     /// Like [Self::new] with explicit chunking parameters and zstd level.
-    pub fn with_params(store: Arc<dyn ObjectStore>, base: Path, params: ChunkingParams, zstd_level: i32) -> Self {
+    pub fn with_params(
+        store: Arc<dyn ObjectStore>,
+        base: Path,
+        params: ChunkingParams,
+        zstd_level: i32,
+    ) -> Self {
         let upload_permits = Arc::new(tokio::sync::Semaphore::new(SERVICE_UPLOADS_IN_FLIGHT));
         Self {
             inner: Arc::new(Inner {
@@ -383,12 +436,18 @@ impl ObjectStoreBlobService {
     /// `pending-compression` journal (chunks a previous process wrote raw)
     /// and starts the compactor thread, which stops when the last clone of
     /// the service is dropped.
-    pub fn with_local_files(self, dir: std::path::PathBuf, options: LocalFilesOptions) -> Result<Self, Error> {
+    pub fn with_local_files(
+        self,
+        dir: std::path::PathBuf,
+        options: LocalFilesOptions,
+    ) -> Result<Self, Error> {
         let compaction = match options.compression {
             LocalCompression::Inline => None,
-            LocalCompression::Background => {
-                Some(Compactor::start(dir.clone(), self.inner.zstd_level, &options)?)
-            }
+            LocalCompression::Background => Some(Compactor::start(
+                dir.clone(),
+                self.inner.zstd_level,
+                &options,
+            )?),
         };
         let inner = Inner {
             store: self.inner.store.clone(),
@@ -399,7 +458,9 @@ impl ObjectStoreBlobService {
             local_dir: Some(dir),
             compaction,
         };
-        Ok(Self { inner: Arc::new(inner) })
+        Ok(Self {
+            inner: Arc::new(inner),
+        })
     }
 
     /// Chunks written raw that the background compactor has not dealt with
@@ -436,7 +497,9 @@ impl BlobService for ObjectStoreBlobService {
                     match std::fs::symlink_metadata(&p) {
                         Ok(_) => return Ok(true),
                         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                        Err(e) => return Err(Error::Storage(format!("checking {}: {e}", p.display()))),
+                        Err(e) => {
+                            return Err(Error::Storage(format!("checking {}: {e}", p.display())))
+                        }
                     }
                 }
                 Ok(false)
@@ -455,9 +518,11 @@ impl BlobService for ObjectStoreBlobService {
         }
         match self.inner.chunk_list(digest).await? {
             None => Ok(None),
-            Some(chunks) => {
-                Ok(Some(Box::new(ChunkedReader::new(chunks, Arc::new(Fetcher(self.inner.clone())), *digest)?)))
-            }
+            Some(chunks) => Ok(Some(Box::new(ChunkedReader::new(
+                chunks,
+                Arc::new(Fetcher(self.inner.clone())),
+                *digest,
+            )?))),
         }
     }
 
@@ -480,14 +545,19 @@ impl BlobService for ObjectStoreBlobService {
     /// pool (read, decode, verify), two trips at a time; blobs of several
     /// chunks (not small) are read with [BlobService::open_read].
     fn read_many<'a>(&'a self, digests: Vec<B3Digest>) -> BoxStream<'a, Result<BatchItem, Error>> {
-        let Some(dir) = self.inner.local_dir.clone() else { return super::read_each(self, digests) };
+        let Some(dir) = self.inner.local_dir.clone() else {
+            return super::read_each(self, digests);
+        };
         let groups: Vec<Vec<B3Digest>> = digests.chunks(LOCAL_BATCH).map(<[_]>::to_vec).collect();
         futures::stream::iter(groups)
             .map(move |group| {
                 let dir = dir.clone();
                 async move {
                     let read = tokio::task::spawn_blocking(move || {
-                        group.into_iter().map(|d| (d, read_local_chunk(&dir, &d))).collect::<Vec<_>>()
+                        group
+                            .into_iter()
+                            .map(|d| (d, read_local_chunk(&dir, &d)))
+                            .collect::<Vec<_>>()
                     })
                     .await
                     .map_err(Error::storage)?;
@@ -512,7 +582,11 @@ impl BlobService for ObjectStoreBlobService {
         if let Some(list) = self.inner.chunk_list(digest).await? {
             return Ok(Some(list));
         }
-        Ok(self.inner.exists(&self.inner.chunk_path(digest)).await?.then(Vec::new))
+        Ok(self
+            .inner
+            .exists(&self.inner.chunk_path(digest))
+            .await?
+            .then(Vec::new))
     }
 }
 
@@ -548,7 +622,13 @@ impl ObjectStoreBlobWriter {
                 self.blob_hasher.update(&chunk);
             }
         }
-        let permit = self.inner.upload_permits.clone().acquire_owned().await.map_err(Error::storage)?;
+        let permit = self
+            .inner
+            .upload_permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(Error::storage)?;
         let upload = self.inner.clone().upload_chunk(chunk);
         self.uploads.push_back(tokio::spawn(async move {
             let result = upload.await;
@@ -580,7 +660,9 @@ impl ObjectStoreBlobWriter {
 
     fn check_usable(&self) -> Result<(), Error> {
         if self.failed {
-            return Err(Error::Storage("blob writer failed earlier; start a new one".into()));
+            return Err(Error::Storage(
+                "blob writer failed earlier; start a new one".into(),
+            ));
         }
         Ok(())
     }
@@ -633,7 +715,10 @@ impl ObjectStoreBlobWriter {
         }
         let stored: u64 = self.chunks.iter().map(|c| c.size).sum();
         if stored != self.hashed || self.chunks.len() != self.emitted {
-            return Err(Error::Storage(format!("stored {stored} of {} bytes", self.hashed)));
+            return Err(Error::Storage(format!(
+                "stored {stored} of {} bytes",
+                self.hashed
+            )));
         }
         let digest = if self.chunks.len() == 1 {
             self.chunks[0].digest
@@ -643,13 +728,19 @@ impl ObjectStoreBlobWriter {
                 chunks: self
                     .chunks
                     .iter()
-                    .map(|c| proto::stat_blob_response::ChunkMeta { digest: c.digest.to_bytes(), size: c.size })
+                    .map(|c| proto::stat_blob_response::ChunkMeta {
+                        digest: c.digest.to_bytes(),
+                        size: c.size,
+                    })
                     .collect(),
                 bao: Bytes::new(),
             };
             let path = self.inner.blob_path(&digest);
             if !self.inner.exists(&path).await? {
-                self.inner.store.put(&path, PutPayload::from(list.encode_to_vec())).await?;
+                self.inner
+                    .store
+                    .put(&path, PutPayload::from(list.encode_to_vec()))
+                    .await?;
             }
             digest
         };

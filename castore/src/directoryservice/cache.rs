@@ -1,6 +1,8 @@
 //! Two-level directory cache: read `near`, else `far` (filling `near` with
 //! the whole closure, so `near` always holds complete closures).
-use super::{get_closure, order_leaves_first, ClosureValidator, DirectoryService, ValidatedClosure};
+use super::{
+    get_closure, order_leaves_first, ClosureValidator, DirectoryService, ValidatedClosure,
+};
 use crate::{B3Digest, Directory, Error};
 use async_trait::async_trait;
 use futures::stream::{BoxStream, StreamExt};

@@ -1,6 +1,9 @@
 //! gRPC client for a remote directory service. Every directory received is
 //! validated and its digest checked against what was asked for or referred to.
-use super::{order_leaves_first, ClosureValidator, DirectoryService, RecursiveReceiveValidator, ValidatedClosure};
+use super::{
+    order_leaves_first, ClosureValidator, DirectoryService, RecursiveReceiveValidator,
+    ValidatedClosure,
+};
 use crate::{B3Digest, Directory, Error};
 use arca_proto::castore as proto;
 use arca_proto::castore::directory_service_client::DirectoryServiceClient;
@@ -28,13 +31,16 @@ impl GrpcDirectoryService {
 
 fn req(digest: &B3Digest, recursive: bool) -> proto::GetDirectoryRequest {
     proto::GetDirectoryRequest {
-        by_what: Some(proto::get_directory_request::ByWhat::Digest(digest.to_bytes())),
+        by_what: Some(proto::get_directory_request::ByWhat::Digest(
+            digest.to_bytes(),
+        )),
         recursive,
     }
 }
 
 fn received(p: proto::Directory) -> Result<Directory, Error> {
-    Directory::try_from(p).map_err(|e| Error::Storage(format!("server sent an invalid directory: {e}")))
+    Directory::try_from(p)
+        .map_err(|e| Error::Storage(format!("server sent an invalid directory: {e}")))
 }
 
 #[async_trait]
@@ -48,15 +54,24 @@ impl DirectoryService for GrpcDirectoryService {
         };
         let first = match stream.message().await {
             Ok(Some(d)) => received(d)?,
-            Ok(None) => return Err(Error::Storage(format!("server sent nothing for directory {digest}"))),
+            Ok(None) => {
+                return Err(Error::Storage(format!(
+                    "server sent nothing for directory {digest}"
+                )))
+            }
             Err(s) if s.code() == Code::NotFound => return Ok(None),
             Err(s) => return Err(s.into()),
         };
         if first.digest() != *digest {
-            return Err(Error::Storage(format!("asked for directory {digest}, got {}", first.digest())));
+            return Err(Error::Storage(format!(
+                "asked for directory {digest}, got {}",
+                first.digest()
+            )));
         }
         if stream.message().await?.is_some() {
-            return Err(Error::Storage(format!("server sent more than directory {digest}")));
+            return Err(Error::Storage(format!(
+                "server sent more than directory {digest}"
+            )));
         }
         Ok(Some(first))
     }
@@ -64,12 +79,23 @@ impl DirectoryService for GrpcDirectoryService {
     #[tracing::instrument(skip_all, fields(root = %closure.root()), level = "debug")]
     async fn put_closure(&self, closure: ValidatedClosure) -> Result<B3Digest, Error> {
         let root = closure.root();
-        let msgs: Vec<proto::Directory> = closure.into_directories().into_iter().map(|(_, d)| d.to_proto()).collect();
-        let resp = self.client.clone().put(futures::stream::iter(msgs)).await?.into_inner();
+        let msgs: Vec<proto::Directory> = closure
+            .into_directories()
+            .into_iter()
+            .map(|(_, d)| d.to_proto())
+            .collect();
+        let resp = self
+            .client
+            .clone()
+            .put(futures::stream::iter(msgs))
+            .await?
+            .into_inner();
         let returned = B3Digest::try_from(&resp.root_digest)
             .map_err(|e| Error::Storage(format!("server returned an invalid root digest: {e}")))?;
         if returned != root {
-            return Err(Error::Storage(format!("server returned root {returned}, expected {root}")));
+            return Err(Error::Storage(format!(
+                "server returned root {returned}, expected {root}"
+            )));
         }
         Ok(root)
     }
@@ -80,14 +106,18 @@ impl DirectoryService for GrpcDirectoryService {
         let root = directory.digest();
         let mut all = vec![directory.clone()];
         for (name, child, size) in directory.child_directories() {
-            let closure = super::get_closure(self, &child).await.map_err(|e| match e {
-                Error::NotFound(_) => Error::InvalidRequest(format!(
-                    "entry {name:?} refers to directory {child}, which is not stored"
-                )),
-                e => e,
-            })?;
+            let closure = super::get_closure(self, &child)
+                .await
+                .map_err(|e| match e {
+                    Error::NotFound(_) => Error::InvalidRequest(format!(
+                        "entry {name:?} refers to directory {child}, which is not stored"
+                    )),
+                    e => e,
+                })?;
             if closure.first().map(|c| c.size()) != Some(size) {
-                return Err(Error::InvalidRequest(format!("entry {name:?} has the wrong size {size}")));
+                return Err(Error::InvalidRequest(format!(
+                    "entry {name:?} has the wrong size {size}"
+                )));
             }
             all.extend(closure);
         }

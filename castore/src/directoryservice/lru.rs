@@ -18,7 +18,10 @@ pub struct LruDirectoryService {
 impl LruDirectoryService {
     /// A layer holding up to `capacity` directories.
     pub fn new(capacity: NonZeroUsize, inner: Option<Arc<dyn DirectoryService>>) -> Self {
-        Self { cache: Mutex::new(lru::LruCache::new(capacity)), inner }
+        Self {
+            cache: Mutex::new(lru::LruCache::new(capacity)),
+            inner,
+        }
     }
 }
 
@@ -29,7 +32,9 @@ impl DirectoryService for LruDirectoryService {
         if let Some(d) = self.cache.lock().get(digest) {
             return Ok(Some(d.clone()));
         }
-        let Some(inner) = &self.inner else { return Ok(None) };
+        let Some(inner) = &self.inner else {
+            return Ok(None);
+        };
         let found = inner.get(digest).await?;
         if let Some(d) = &found {
             self.cache.lock().put(*digest, d.clone());

@@ -56,7 +56,8 @@ pub trait DirectoryService: Send + Sync {
                 Some(_) => {}
             }
         }
-        self.put_closure(ValidatedClosure::with_stored_children(directory)).await
+        self.put_closure(ValidatedClosure::with_stored_children(directory))
+            .await
     }
 
     /// The closure of `root`: root first, then breadth-first, each directory
@@ -68,7 +69,10 @@ pub trait DirectoryService: Send + Sync {
 
 /// Breadth-first walk over `get`, a level at a time with concurrent fetches,
 /// checking each child's size against its parent's claim.
-pub fn traverse<S: DirectoryService + ?Sized>(svc: &S, root: B3Digest) -> BoxStream<'_, Result<Directory, Error>> {
+pub fn traverse<S: DirectoryService + ?Sized>(
+    svc: &S,
+    root: B3Digest,
+) -> BoxStream<'_, Result<Directory, Error>> {
     async_stream::try_stream! {
         // digest -> size first claimed for it (None: the root, whose size nobody claims)
         let mut seen: HashMap<B3Digest, Option<u64>> = HashMap::from([(root, None)]);
@@ -116,7 +120,8 @@ pub fn traverse<S: DirectoryService + ?Sized>(svc: &S, root: B3Digest) -> BoxStr
 /// Orders a closure (given in any order, root digest known) leaves first by
 /// a depth-first post-order walk. Fails if a referred directory is missing.
 pub fn order_leaves_first(root: B3Digest, dirs: Vec<Directory>) -> Result<Vec<Directory>, Error> {
-    let mut by_digest: HashMap<B3Digest, Directory> = dirs.into_iter().map(|d| (d.digest(), d)).collect();
+    let mut by_digest: HashMap<B3Digest, Directory> =
+        dirs.into_iter().map(|d| (d.digest(), d)).collect();
     let mut out = Vec::with_capacity(by_digest.len());
     let mut done = HashSet::new();
     // Explicit stack: (digest, children pushed?)
@@ -127,10 +132,16 @@ pub fn order_leaves_first(root: B3Digest, dirs: Vec<Directory>) -> Result<Vec<Di
         }
         if expanded {
             done.insert(d);
-            out.push(by_digest.remove(&d).ok_or_else(|| Error::Storage(format!("directory {d} missing from closure")))?);
+            out.push(
+                by_digest
+                    .remove(&d)
+                    .ok_or_else(|| Error::Storage(format!("directory {d} missing from closure")))?,
+            );
             continue;
         }
-        let dir = by_digest.get(&d).ok_or_else(|| Error::Storage(format!("directory {d} missing from closure")))?;
+        let dir = by_digest
+            .get(&d)
+            .ok_or_else(|| Error::Storage(format!("directory {d} missing from closure")))?;
         stack.push((d, true));
         for (_, child, _) in dir.child_directories() {
             if !done.contains(&child) {
@@ -142,7 +153,10 @@ pub fn order_leaves_first(root: B3Digest, dirs: Vec<Directory>) -> Result<Vec<Di
 }
 
 /// Collects a whole closure with [DirectoryService::get_recursive].
-pub async fn get_closure(svc: &dyn DirectoryService, root: &B3Digest) -> Result<Vec<Directory>, Error> {
+pub async fn get_closure(
+    svc: &dyn DirectoryService,
+    root: &B3Digest,
+) -> Result<Vec<Directory>, Error> {
     let mut s = svc.get_recursive(root);
     let mut out = Vec::new();
     while let Some(d) = s.next().await {

@@ -37,9 +37,12 @@ impl DirectoryService for ObjectStoreDirectoryService {
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
             Err(e) => return Err(e.into()),
         };
-        let dir = Directory::decode(&raw).map_err(|e| Error::Storage(format!("stored directory {digest} is corrupt: {e}")))?;
+        let dir = Directory::decode(&raw)
+            .map_err(|e| Error::Storage(format!("stored directory {digest} is corrupt: {e}")))?;
         if dir.digest() != *digest {
-            return Err(Error::Storage(format!("stored directory {digest} failed verification")));
+            return Err(Error::Storage(format!(
+                "stored directory {digest} failed verification"
+            )));
         }
         Ok(Some(dir))
     }

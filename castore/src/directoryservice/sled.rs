@@ -47,7 +47,10 @@ struct FlushState {
 impl SledFlusher {
     /// A flusher for `tree`'s database.
     pub fn new(tree: &sled::Tree) -> Self {
-        Self { tree: tree.clone(), state: Default::default() }
+        Self {
+            tree: tree.clone(),
+            state: Default::default(),
+        }
     }
 
     /// Returns once everything written before the call is durable.
@@ -74,7 +77,10 @@ pub fn open_sled(path: Option<&Path>) -> Result<sled::Db, Error> {
             .path(path)
             .open()
             .map_err(|e| Error::Storage(format!("opening sled database {}: {e}", path.display()))),
-        None => sled::Config::new().temporary(true).open().map_err(Error::storage),
+        None => sled::Config::new()
+            .temporary(true)
+            .open()
+            .map_err(Error::storage),
     }
 }
 
@@ -99,10 +105,15 @@ impl SledDirectoryService {
 impl DirectoryService for SledDirectoryService {
     #[tracing::instrument(skip(self), level = "debug")]
     async fn get(&self, digest: &B3Digest) -> Result<Option<Directory>, Error> {
-        let Some(raw) = self.db.get(digest.as_bytes()).map_err(Error::storage)? else { return Ok(None) };
-        let dir = Directory::decode(&raw).map_err(|e| Error::Storage(format!("stored directory {digest} is corrupt: {e}")))?;
+        let Some(raw) = self.db.get(digest.as_bytes()).map_err(Error::storage)? else {
+            return Ok(None);
+        };
+        let dir = Directory::decode(&raw)
+            .map_err(|e| Error::Storage(format!("stored directory {digest} is corrupt: {e}")))?;
         if dir.digest() != *digest {
-            return Err(Error::Storage(format!("stored directory {digest} failed verification")));
+            return Err(Error::Storage(format!(
+                "stored directory {digest} failed verification"
+            )));
         }
         Ok(Some(dir))
     }
@@ -111,7 +122,11 @@ impl DirectoryService for SledDirectoryService {
     async fn put_closure(&self, closure: ValidatedClosure) -> Result<B3Digest, Error> {
         let root = closure.root();
         // Closures are only ever written whole, so a stored root means a stored closure.
-        if self.db.contains_key(root.as_bytes()).map_err(Error::storage)? {
+        if self
+            .db
+            .contains_key(root.as_bytes())
+            .map_err(Error::storage)?
+        {
             return Ok(root);
         }
         let mut batch = sled::Batch::default();

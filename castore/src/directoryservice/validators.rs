@@ -3,7 +3,6 @@
 use crate::{B3Digest, Directory, Error};
 use std::collections::{HashMap, HashSet};
 
-
 /// A closure that passed [ClosureValidator]: leaves first, root last,
 /// connected, sizes consistent.
 #[derive(Debug, Clone)]
@@ -14,12 +13,17 @@ pub struct ValidatedClosure {
 impl ValidatedClosure {
     /// A single directory whose children the caller checked are stored.
     pub(crate) fn with_stored_children(dir: Directory) -> Self {
-        Self { dirs: vec![(dir.digest(), dir)] }
+        Self {
+            dirs: vec![(dir.digest(), dir)],
+        }
     }
 
     /// The root digest.
     pub fn root(&self) -> B3Digest {
-        self.dirs.last().expect("a validated closure is never empty").0
+        self.dirs
+            .last()
+            .expect("a validated closure is never empty")
+            .0
     }
 
     /// Directories with their digests, leaves first.
@@ -135,7 +139,10 @@ pub struct RecursiveReceiveValidator {
 impl RecursiveReceiveValidator {
     /// Expects the closure of `root`.
     pub fn new(root: B3Digest) -> Self {
-        Self { expected: HashMap::from([(root, None)]), received: HashMap::new() }
+        Self {
+            expected: HashMap::from([(root, None)]),
+            received: HashMap::new(),
+        }
     }
 
     /// Checks one received directory.
@@ -145,7 +152,11 @@ impl RecursiveReceiveValidator {
             return Err(Error::Storage(format!("directory {digest} was sent twice")));
         }
         match self.expected.remove(&digest) {
-            None => return Err(Error::Storage(format!("directory {digest} was neither asked for nor referred to"))),
+            None => {
+                return Err(Error::Storage(format!(
+                    "directory {digest} was neither asked for nor referred to"
+                )))
+            }
             Some(Some(size)) if size != dir.size() => {
                 return Err(Error::Storage(format!(
                     "directory {digest} has size {}, its parent claims {size}",
@@ -166,7 +177,9 @@ impl RecursiveReceiveValidator {
             }
             match self.expected.get(&child) {
                 Some(Some(s)) if *s != size => {
-                    return Err(Error::Storage(format!("directory {child} is claimed with sizes {s} and {size}")))
+                    return Err(Error::Storage(format!(
+                        "directory {child} is claimed with sizes {s} and {size}"
+                    )))
                 }
                 _ => {
                     self.expected.insert(child, Some(size));
@@ -185,7 +198,9 @@ impl RecursiveReceiveValidator {
     pub fn finish(&self) -> Result<(), Error> {
         match self.expected.keys().next() {
             None => Ok(()),
-            Some(d) => Err(Error::Storage(format!("closure incomplete: directory {d} was never sent"))),
+            Some(d) => Err(Error::Storage(format!(
+                "closure incomplete: directory {d} was never sent"
+            ))),
         }
     }
 }
@@ -197,13 +212,27 @@ mod tests {
 
     fn leaf() -> Directory {
         let mut d = Directory::new();
-        d.add("f".try_into().unwrap(), Node::File { digest: B3Digest::of(b""), size: 0, executable: false })
-            .unwrap();
+        d.add(
+            "f".try_into().unwrap(),
+            Node::File {
+                digest: B3Digest::of(b""),
+                size: 0,
+                executable: false,
+            },
+        )
+        .unwrap();
         d
     }
     fn parent_of(child: &Directory, size: u64) -> Directory {
         let mut d = Directory::new();
-        d.add("c".try_into().unwrap(), Node::Directory { digest: child.digest(), size }).unwrap();
+        d.add(
+            "c".try_into().unwrap(),
+            Node::Directory {
+                digest: child.digest(),
+                size,
+            },
+        )
+        .unwrap();
         d
     }
 
@@ -244,7 +273,10 @@ mod tests {
 
     #[test]
     fn refuses_empty_stream() {
-        assert!(matches!(ClosureValidator::new().finalize(), Err(Error::InvalidRequest(_))));
+        assert!(matches!(
+            ClosureValidator::new().finalize(),
+            Err(Error::InvalidRequest(_))
+        ));
     }
 
     #[test]

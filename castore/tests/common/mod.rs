@@ -6,7 +6,9 @@ pub mod seaweed;
 use arca_castore::blobservice::BlobService;
 use arca_castore::composition::{Builder, Composition};
 use arca_castore::directoryservice::DirectoryService;
-use arca_castore::grpc::{GrpcBlobBatchServiceWrapper, GrpcBlobServiceWrapper, GrpcDirectoryServiceWrapper};
+use arca_castore::grpc::{
+    GrpcBlobBatchServiceWrapper, GrpcBlobServiceWrapper, GrpcDirectoryServiceWrapper,
+};
 use arca_castore::{blobservice::GrpcBlobService, directoryservice::GrpcDirectoryService};
 use std::sync::Arc;
 use tokio::sync::oneshot;
@@ -41,12 +43,21 @@ pub async fn serve(blob: Arc<dyn BlobService>, dir: Arc<dyn DirectoryService>) -
 
 /// Serves the given services like a Tvix daemon: only the tvix.castore.v1
 /// services (no `arca.castore.v1.BlobBatchService`).
-pub async fn serve_tvix_like(blob: Arc<dyn BlobService>, dir: Arc<dyn DirectoryService>) -> ServerGuard {
+pub async fn serve_tvix_like(
+    blob: Arc<dyn BlobService>,
+    dir: Arc<dyn DirectoryService>,
+) -> ServerGuard {
     serve_with(blob, dir, false).await
 }
 
-async fn serve_with(blob: Arc<dyn BlobService>, dir: Arc<dyn DirectoryService>, batch: bool) -> ServerGuard {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
+async fn serve_with(
+    blob: Arc<dyn BlobService>,
+    dir: Arc<dyn DirectoryService>,
+    batch: bool,
+) -> ServerGuard {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind loopback");
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = oneshot::channel();
     let batch = batch.then(|| GrpcBlobBatchServiceWrapper::new(blob.clone()).into_server());
@@ -56,9 +67,10 @@ async fn serve_with(blob: Arc<dyn BlobService>, dir: Arc<dyn DirectoryService>, 
             .add_service(GrpcBlobServiceWrapper::new(blob).into_server())
             .add_service(GrpcDirectoryServiceWrapper::new(dir).into_server())
             .serve_with_incoming_shutdown(
-                tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listener), |s| {
-                    s.and_then(|s| s.set_nodelay(true).map(|_| s))
-                }),
+                tokio_stream::StreamExt::map(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    |s| s.and_then(|s| s.set_nodelay(true).map(|_| s)),
+                ),
                 async {
                     let _ = rx.await;
                 },
@@ -66,15 +78,34 @@ async fn serve_with(blob: Arc<dyn BlobService>, dir: Arc<dyn DirectoryService>, 
             .await
             .expect("server runs");
     });
-    ServerGuard { stop: Some(tx), addr }
+    ServerGuard {
+        stop: Some(tx),
+        addr,
+    }
 }
 
 /// Builds blob and directory services from URLs; `{tmp}` is replaced by a fresh temp dir.
-pub fn from_urls(blob_url: &str, dir_url: &str) -> (Arc<dyn BlobService>, Arc<dyn DirectoryService>, Guard) {
+pub fn from_urls(
+    blob_url: &str,
+    dir_url: &str,
+) -> (Arc<dyn BlobService>, Arc<dyn DirectoryService>, Guard) {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path().display().to_string();
-    let b = Builder::new(Composition::from_urls(&blob_url.replace("{tmp}", &t), &dir_url.replace("{tmp}", &t)).unwrap());
-    (b.blob_service("default").unwrap(), b.directory_service("default").unwrap(), Guard { tmp: Some(tmp), ..Default::default() })
+    let b = Builder::new(
+        Composition::from_urls(
+            &blob_url.replace("{tmp}", &t),
+            &dir_url.replace("{tmp}", &t),
+        )
+        .unwrap(),
+    );
+    (
+        b.blob_service("default").unwrap(),
+        b.directory_service("default").unwrap(),
+        Guard {
+            tmp: Some(tmp),
+            ..Default::default()
+        },
+    )
 }
 
 /// Wraps services behind a real gRPC server and returns the gRPC clients.

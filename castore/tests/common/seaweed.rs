@@ -20,7 +20,9 @@ fn weed_binary() -> Option<std::path::PathBuf> {
         return Some(repo);
     }
     std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths).map(|p| p.join("weed")).find(|p| p.exists())
+        std::env::split_paths(&paths)
+            .map(|p| p.join("weed"))
+            .find(|p| p.exists())
     })
 }
 
@@ -29,7 +31,11 @@ fn free_ports(n: usize) -> Vec<u16> {
     let mut out = Vec::new();
     let mut candidate = 20000 + (std::process::id() % 20000) as u16;
     while out.len() < n {
-        candidate = if candidate >= 45000 { 20000 } else { candidate + 7 };
+        candidate = if candidate >= 45000 {
+            20000
+        } else {
+            candidate + 7
+        };
         if TcpListener::bind(("127.0.0.1", candidate)).is_ok()
             && TcpListener::bind(("127.0.0.1", candidate + 10000)).is_ok()
         {
@@ -67,14 +73,25 @@ impl Seaweed {
             .arg(format!("-filer.port={}", p[2]))
             .arg(format!("-s3.port={}", p[3]))
             .arg(format!("-admin.port={}", p[4]))
-            .args(["-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-admin.ui=false", "-master.telemetry=false"])
+            .args([
+                "-s3.port.iceberg=0",
+                "-s3.port.lance=0",
+                "-webdav=false",
+                "-admin.ui=false",
+                "-master.telemetry=false",
+            ])
             .arg(format!("-bucket={bucket}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         use std::os::unix::process::CommandExt;
         cmd.process_group(0);
         let child = cmd.spawn().expect("start weed");
-        let sw = Seaweed { child, s3_port: p[3], bucket, _dir: dir };
+        let sw = Seaweed {
+            child,
+            s3_port: p[3],
+            bucket,
+            _dir: dir,
+        };
         sw.wait_ready();
         Some(sw)
     }
@@ -83,9 +100,25 @@ impl Seaweed {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let ok = Command::new("curl")
-                .args(["-sf", "--aws-sigv4", "aws:amz:us-east-1:s3", "--user", "k:s"])
-                .args(["-H", "x-amz-content-sha256:UNSIGNED-PAYLOAD", "-X", "PUT", "--data-binary", "x"])
-                .arg(format!("http://127.0.0.1:{}/{}/.ready", self.s3_port, self.bucket))
+                .args([
+                    "-sf",
+                    "--aws-sigv4",
+                    "aws:amz:us-east-1:s3",
+                    "--user",
+                    "k:s",
+                ])
+                .args([
+                    "-H",
+                    "x-amz-content-sha256:UNSIGNED-PAYLOAD",
+                    "-X",
+                    "PUT",
+                    "--data-binary",
+                    "x",
+                ])
+                .arg(format!(
+                    "http://127.0.0.1:{}/{}/.ready",
+                    self.s3_port, self.bucket
+                ))
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .status()
@@ -94,7 +127,10 @@ impl Seaweed {
             if ok {
                 return;
             }
-            assert!(Instant::now() < deadline, "SeaweedFS did not become ready within 60 s");
+            assert!(
+                Instant::now() < deadline,
+                "SeaweedFS did not become ready within 60 s"
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
     }

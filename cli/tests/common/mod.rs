@@ -49,7 +49,9 @@ impl Daemon {
         let deadline = Instant::now() + Duration::from_secs(30);
         let url = loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let line = rx.recv_timeout(left).expect("daemon did not report its address within 30 s");
+            let line = rx
+                .recv_timeout(left)
+                .expect("daemon did not report its address within 30 s");
             if let Some(addr) = line.strip_prefix("arca daemon listening on ") {
                 break if addr.starts_with("unix://") {
                     format!("grpc+{addr}")
@@ -58,7 +60,12 @@ impl Daemon {
                 };
             }
         };
-        Daemon { child: Some(child), url, data, stderr_lines: rx }
+        Daemon {
+            child: Some(child),
+            url,
+            data,
+            stderr_lines: rx,
+        }
     }
 
     /// Runs `arca` against this daemon.
@@ -87,7 +94,10 @@ impl Daemon {
 
     /// Runs [Self::client_command] with `args` to completion.
     pub fn arca_client(&self, client_data: &Path, args: &[&str]) -> Output {
-        self.client_command(client_data).args(args).output().expect("run arca")
+        self.client_command(client_data)
+            .args(args)
+            .output()
+            .expect("run arca")
     }
 
     /// Sends SIGTERM and waits (at most 30 s) for the exit status.
@@ -122,14 +132,21 @@ impl Drop for Daemon {
 }
 
 pub fn dir_bytes(p: &Path) -> u64 {
-    walkdir(p).iter().filter_map(|e| std::fs::symlink_metadata(e).ok()).filter(|m| m.is_file()).map(|m| m.len()).sum()
+    walkdir(p)
+        .iter()
+        .filter_map(|e| std::fs::symlink_metadata(e).ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum()
 }
 
 fn walkdir(p: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![p.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for e in rd.flatten() {
             let path = e.path();
             if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
@@ -169,12 +186,24 @@ pub fn varied_tree(root: &Path, seed: u64) {
         let data = bytes_for(seed * 1000 + i, (i as usize * 7919) % 50_000);
         std::fs::write(root.join(format!("share/doc/f{i}.txt")), &data).unwrap();
     }
-    std::fs::write(root.join("share/doc/deep/er/big.bin"), bytes_for(seed, 3 * 1024 * 1024 + 11)).unwrap();
+    std::fs::write(
+        root.join("share/doc/deep/er/big.bin"),
+        bytes_for(seed, 3 * 1024 * 1024 + 11),
+    )
+    .unwrap();
     std::fs::write(root.join("share/empty-file"), b"").unwrap();
     std::fs::write(root.join("bin/tool"), format!("#!/bin/sh\necho {seed}\n")).unwrap();
-    std::fs::set_permissions(root.join("bin/tool"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(
+        root.join("bin/tool"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
     // same content as tool, but not executable
-    std::fs::write(root.join("share/tool-copy"), format!("#!/bin/sh\necho {seed}\n")).unwrap();
+    std::fs::write(
+        root.join("share/tool-copy"),
+        format!("#!/bin/sh\necho {seed}\n"),
+    )
+    .unwrap();
     std::os::unix::fs::symlink("../share/doc", root.join("bin/docs")).unwrap();
     std::os::unix::fs::symlink("/etc", root.join("etc-link")).unwrap();
 }

@@ -44,11 +44,11 @@ use arca_castore::{BlobService, DirectoryService, Node};
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::HeaderMap;
-use futures::StreamExt;
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 pub use axum::Router;
 use bytes::Bytes;
+use futures::StreamExt;
 use lru::LruCache;
 use parking_lot::Mutex;
 use std::future::Future;
@@ -127,7 +127,10 @@ impl std::fmt::Debug for HttpCacheOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HttpCacheOptions")
             .field("priority", &self.priority)
-            .field("signing_key", &self.signing_key.as_ref().map(SecretKey::name))
+            .field(
+                "signing_key",
+                &self.signing_key.as_ref().map(SecretKey::name),
+            )
             .field("nar_compression", &self.nar_compression)
             .field("zstd_level", &self.zstd_level)
             .field("uploads", &self.uploads)
@@ -165,7 +168,10 @@ pub(crate) struct HttpError {
 
 impl HttpError {
     pub(crate) fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        Self { status, message: message.into() }
+        Self {
+            status,
+            message: message.into(),
+        }
     }
 
     pub(crate) fn bad_request(message: impl Into<String>) -> Self {
@@ -183,8 +189,14 @@ impl From<arca_castore::Error> for HttpError {
         match e {
             E::InvalidRequest(m) => Self::new(StatusCode::BAD_REQUEST, m),
             E::NotFound(m) => Self::new(StatusCode::NOT_FOUND, m),
-            E::Unavailable(m) => Self::new(StatusCode::SERVICE_UNAVAILABLE, format!("backend unavailable: {m}")),
-            E::Storage(m) => Self::new(StatusCode::INTERNAL_SERVER_ERROR, format!("storage error: {m}")),
+            E::Unavailable(m) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("backend unavailable: {m}"),
+            ),
+            E::Storage(m) => Self::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("storage error: {m}"),
+            ),
         }
     }
 }
@@ -199,8 +211,12 @@ impl IntoResponse for HttpError {
         let mut text = self.message;
         text.push('\n');
         let mut r = (self.status, text).into_response();
-        r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
-        r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static(NO_CACHE));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        r.headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static(NO_CACHE));
         r
     }
 }
@@ -208,11 +224,20 @@ impl IntoResponse for HttpError {
 pub(crate) type Answer = Result<Response, HttpError>;
 
 /// A response with a body, a content type and a cache policy.
-pub(crate) fn answer(status: StatusCode, content_type: &'static str, cache_control: &'static str, body: Body) -> Response {
+pub(crate) fn answer(
+    status: StatusCode,
+    content_type: &'static str,
+    cache_control: &'static str,
+    body: Body,
+) -> Response {
     let mut r = Response::new(body);
     *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static(cache_control));
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static(cache_control),
+    );
     r
 }
 
@@ -224,15 +249,23 @@ pub(crate) fn no_content() -> Response {
 }
 
 fn method_not_allowed(method: &Method, path: &str, allow: &'static str) -> Response {
-    let mut r = HttpError::new(StatusCode::METHOD_NOT_ALLOWED, format!("{method} is not allowed on {path} (allowed: {allow})"))
-        .into_response();
-    r.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
+    let mut r = HttpError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{method} is not allowed on {path} (allowed: {allow})"),
+    )
+    .into_response();
+    r.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allow));
     r
 }
 
 /// The router of the binary cache over `services` (see the [module docs](self)).
 pub fn router(services: CacheServices, options: HttpCacheOptions) -> Router {
-    let cache_info = Bytes::from(format!("StoreDir: {}\nWantMassQuery: 1\nPriority: {}\n", crate::STORE_DIR, options.priority));
+    let cache_info = Bytes::from(format!(
+        "StoreDir: {}\nWantMassQuery: 1\nPriority: {}\n",
+        crate::STORE_DIR,
+        options.priority
+    ));
     let inner = Inner {
         checked: CheckedPathInfoService::new(
             services.path_info.clone(),
@@ -243,10 +276,13 @@ pub fn router(services: CacheServices, options: HttpCacheOptions) -> Router {
         directories: services.directories,
         path_info: services.path_info,
         index: services.nar_index,
-        narinfos: NonZeroUsize::new(options.narinfo_cache_capacity).map(|n| Mutex::new(LruCache::new(n))),
+        narinfos: NonZeroUsize::new(options.narinfo_cache_capacity)
+            .map(|n| Mutex::new(LruCache::new(n))),
         options,
         cache_info,
-        nars: Mutex::new(LruCache::new(NonZeroUsize::new(NAR_MEMORY).unwrap_or(NonZeroUsize::MIN))),
+        nars: Mutex::new(LruCache::new(
+            NonZeroUsize::new(NAR_MEMORY).unwrap_or(NonZeroUsize::MIN),
+        )),
     };
     Router::new().fallback(dispatch).with_state(Arc::new(inner))
 }
@@ -254,7 +290,11 @@ pub fn router(services: CacheServices, options: HttpCacheOptions) -> Router {
 /// Serves `router` on `listener` (TCP_NODELAY on every connection) until
 /// `shutdown` completes; then stops accepting and lets running requests
 /// finish.
-pub async fn serve<F>(listener: tokio::net::TcpListener, router: Router, shutdown: F) -> std::io::Result<()>
+pub async fn serve<F>(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: F,
+) -> std::io::Result<()>
 where
     F: Future<Output = ()> + Send + 'static,
 {
@@ -264,7 +304,9 @@ where
             tracing::debug!("setting TCP_NODELAY: {e}");
         }
     });
-    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
 }
 
 /// A request's headers, and its body until a handler takes it.
@@ -281,7 +323,10 @@ impl Req {
 
     /// The declared `Content-Length`.
     pub(crate) fn content_length(&self) -> Option<u64> {
-        self.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok())
+        self.headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
     }
 }
 
@@ -305,7 +350,10 @@ async fn dispatch(State(inner): State<Arc<Inner>>, req: Request) -> Response {
     let method = parts.method;
     let path = parts.uri.path().to_string();
     let started = std::time::Instant::now();
-    let mut req = Req { headers: parts.headers, body: Some(body) };
+    let mut req = Req {
+        headers: parts.headers,
+        body: Some(body),
+    };
     let response = match route(&inner, &method, &path, &mut req).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
@@ -314,8 +362,10 @@ async fn dispatch(State(inner): State<Arc<Inner>>, req: Request) -> Response {
     // still sending, reads the answer instead of a reset. Not when the client
     // waits for `100 Continue`: it sends no body then.
     if let Some(body) = req.body.take() {
-        let expects_continue =
-            req.headers.get(header::EXPECT).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        let expects_continue = req
+            .headers
+            .get(header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
         if !expects_continue && req.content_length().is_none_or(|n| n <= DRAIN_LIMIT) {
             drain(body, DRAIN_LIMIT).await;
         }
@@ -352,7 +402,9 @@ async fn route(inner: &Arc<Inner>, method: &Method, path: &str, req: &mut Req) -
         };
     }
     let Some(name) = path.strip_prefix('/').filter(|n| !n.contains('/')) else {
-        return Err(HttpError::not_found(format!("{path}: no such file in this binary cache")));
+        return Err(HttpError::not_found(format!(
+            "{path}: no such file in this binary cache"
+        )));
     };
     if let Some(hash) = name.strip_suffix(".narinfo") {
         return match *method {
@@ -364,11 +416,15 @@ async fn route(inner: &Arc<Inner>, method: &Method, path: &str, req: &mut Req) -
     if let Some(hash) = name.strip_suffix(".ls") {
         return match *method {
             Method::PUT => upload::put_listing(inner, hash, req).await,
-            _ if is_read => Err(HttpError::not_found(format!("{path}: NAR listings are not served"))),
+            _ if is_read => Err(HttpError::not_found(format!(
+                "{path}: NAR listings are not served"
+            ))),
             _ => Ok(method_not_allowed(method, path, "PUT")),
         };
     }
-    Err(HttpError::not_found(format!("{path}: no such file in this binary cache")))
+    Err(HttpError::not_found(format!(
+        "{path}: no such file in this binary cache"
+    )))
 }
 
 /// The 20-byte digest of a `<hash>` of a URL (32 nixbase32 characters).
@@ -396,18 +452,27 @@ pub(crate) struct NarFile {
 
 /// Parses the part after `/nar/`.
 pub(crate) fn parse_nar_file(file: &str) -> Result<NarFile, HttpError> {
-    let bad = |why: &str| HttpError::bad_request(format!("malformed NAR file name {file:?}: {why}"));
+    let bad =
+        |why: &str| HttpError::bad_request(format!("malformed NAR file name {file:?}: {why}"));
     let Some((hash, rest)) = file.split_once('.') else {
-        return Err(bad("expected <nixbase32 sha256>.nar[.xz|.zst|.bz2|.gz|.br]"));
+        return Err(bad(
+            "expected <nixbase32 sha256>.nar[.xz|.zst|.bz2|.gz|.br]",
+        ));
     };
     let Some(ext) = rest.strip_prefix("nar") else {
-        return Err(bad("expected <nixbase32 sha256>.nar[.xz|.zst|.bz2|.gz|.br]"));
+        return Err(bad(
+            "expected <nixbase32 sha256>.nar[.xz|.zst|.bz2|.gz|.br]",
+        ));
     };
     if !ext.is_empty() && !ext.starts_with('.') {
-        return Err(bad("expected <nixbase32 sha256>.nar[.xz|.zst|.bz2|.gz|.br]"));
+        return Err(bad(
+            "expected <nixbase32 sha256>.nar[.xz|.zst|.bz2|.gz|.br]",
+        ));
     }
     if hash.len() != 52 {
-        return Err(bad("the hash must be a SHA-256 in nixbase32 (52 characters)"));
+        return Err(bad(
+            "the hash must be a SHA-256 in nixbase32 (52 characters)",
+        ));
     }
     let hash = crate::nixbase32::decode_fixed::<32>(hash).map_err(|e| bad(&e.to_string()))?;
     let compression = crate::compression::from_nar_extension(ext).ok_or_else(|| {
@@ -415,7 +480,11 @@ pub(crate) fn parse_nar_file(file: &str) -> Result<NarFile, HttpError> {
             "unknown compression {ext:?} in NAR file name {file:?} (supported: none (.nar), .xz, .zst, .bz2, .gz, .br)"
         ))
     })?;
-    Ok(NarFile { hash, compression, url_path: format!("nar/{file}") })
+    Ok(NarFile {
+        hash,
+        compression,
+        url_path: format!("nar/{file}"),
+    })
 }
 
 impl Inner {
@@ -425,7 +494,10 @@ impl Inner {
     async fn remember_nar(&self, nar_sha256: [u8; 32], node: &Node, nar_size: u64) {
         {
             let mut nars = self.nars.lock();
-            if nars.get(&nar_sha256).is_some_and(|(n, s)| n == node && *s == nar_size) {
+            if nars
+                .get(&nar_sha256)
+                .is_some_and(|(n, s)| n == node && *s == nar_size)
+            {
                 return;
             }
             nars.put(nar_sha256, (node.clone(), nar_size));
@@ -456,8 +528,14 @@ mod tests {
         let f = parse_nar_file(&format!("{h}.nar.xz")).unwrap();
         assert_eq!(f.compression, Compression::Xz);
         assert_eq!(f.url_path, format!("nar/{h}.nar.xz"));
-        assert_eq!(parse_nar_file(&format!("{h}.nar")).unwrap().compression, Compression::None);
-        assert_eq!(parse_nar_file(&format!("{h}.nar.zst")).unwrap().compression, Compression::Zstd);
+        assert_eq!(
+            parse_nar_file(&format!("{h}.nar")).unwrap().compression,
+            Compression::None
+        );
+        assert_eq!(
+            parse_nar_file(&format!("{h}.nar.zst")).unwrap().compression,
+            Compression::Zstd
+        );
         for bad in [
             h.clone(),
             format!("{h}.tar"),
@@ -471,14 +549,20 @@ mod tests {
             let e = parse_nar_file(&bad).unwrap_err();
             assert_eq!(e.status, StatusCode::BAD_REQUEST, "{bad}");
         }
-        assert!(parse_nar_file(&format!("{h}.nar.lz4")).unwrap_err().message.contains("unknown compression"));
+        assert!(parse_nar_file(&format!("{h}.nar.lz4"))
+            .unwrap_err()
+            .message
+            .contains("unknown compression"));
     }
 
     #[test]
     fn hash_parts() {
         assert!(parse_hash_part(&"0".repeat(32), "x").is_ok());
         for bad in ["", "abc", &"e".repeat(32), &"0".repeat(33)] {
-            assert_eq!(parse_hash_part(bad, "x").unwrap_err().status, StatusCode::BAD_REQUEST);
+            assert_eq!(
+                parse_hash_part(bad, "x").unwrap_err().status,
+                StatusCode::BAD_REQUEST
+            );
         }
     }
 }

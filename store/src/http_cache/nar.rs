@@ -48,30 +48,43 @@ fn digits(s: &str) -> Option<u64> {
 /// invalid syntax) is ignored and the whole body is served, as RFC 9110
 /// allows.
 pub(crate) fn parse_range(value: &str, len: u64) -> Ranged {
-    let Some(spec) = value.trim().strip_prefix("bytes=") else { return Ranged::Full };
+    let Some(spec) = value.trim().strip_prefix("bytes=") else {
+        return Ranged::Full;
+    };
     if spec.contains(',') {
         return Ranged::Full;
     }
-    let Some((a, b)) = spec.trim().split_once('-') else { return Ranged::Full };
+    let Some((a, b)) = spec.trim().split_once('-') else {
+        return Ranged::Full;
+    };
     match (a.trim(), b.trim()) {
         ("", "") => Ranged::Full,
         ("", n) => match digits(n) {
             None => Ranged::Full,
             Some(0) => Ranged::Unsatisfiable,
             Some(_) if len == 0 => Ranged::Unsatisfiable,
-            Some(n) => Ranged::Part { start: len.saturating_sub(n), end: len - 1 },
+            Some(n) => Ranged::Part {
+                start: len.saturating_sub(n),
+                end: len - 1,
+            },
         },
         (a, "") => match digits(a) {
             None => Ranged::Full,
             Some(a) if a >= len => Ranged::Unsatisfiable,
-            Some(a) => Ranged::Part { start: a, end: len - 1 },
+            Some(a) => Ranged::Part {
+                start: a,
+                end: len - 1,
+            },
         },
         (a, b) => match (digits(a), digits(b)) {
             (Some(a), Some(b)) if b >= a => {
                 if a >= len {
                     Ranged::Unsatisfiable
                 } else {
-                    Ranged::Part { start: a, end: b.min(len - 1) }
+                    Ranged::Part {
+                        start: a,
+                        end: b.min(len - 1),
+                    }
                 }
             }
             _ => Ranged::Full,
@@ -130,7 +143,9 @@ impl Inner {
         tokio::spawn(async move {
             let writer = Encoder::new(inline, level, ChannelWriter::new(render_into));
             let result = async {
-                let mut w = render_nar(&node, blobs, directories.as_ref(), writer).await.map_err(std::io::Error::other)?;
+                let mut w = render_nar(&node, blobs, directories.as_ref(), writer)
+                    .await
+                    .map_err(std::io::Error::other)?;
                 w.shutdown().await
             }
             .await;
@@ -144,7 +159,9 @@ impl Inner {
             Some(Err(e)) => Err(render_failed(e)),
             Some(Ok(first)) => {
                 let rest = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
-                Ok(Body::from_stream(futures::stream::once(async move { Ok(first) }).chain(rest)))
+                Ok(Body::from_stream(
+                    futures::stream::once(async move { Ok(first) }).chain(rest),
+                ))
             }
         }
     }
@@ -158,10 +175,18 @@ fn compress_zstd(
     level: i32,
 ) {
     let result = (|| -> std::io::Result<()> {
-        let mut enc = zstd::stream::write::Encoder::new(BlockingChannelWriter { tx: &out, buf: BytesMut::new() }, level)?;
+        let mut enc = zstd::stream::write::Encoder::new(
+            BlockingChannelWriter {
+                tx: &out,
+                buf: BytesMut::new(),
+            },
+            level,
+        )?;
         // zstd's own worker threads: compression (~200-270 MB/s per core at
         // level 1) is otherwise the bottleneck of a single stream.
-        let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let workers = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
         if workers > 1 {
             enc.multithread(u32::try_from(workers).unwrap_or(2))?;
         }
@@ -185,9 +210,9 @@ struct BlockingChannelWriter<'a> {
 impl BlockingChannelWriter<'_> {
     fn send(&mut self) -> std::io::Result<()> {
         let piece = self.buf.split().freeze();
-        self.tx
-            .blocking_send(Ok(piece))
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the client went away"))
+        self.tx.blocking_send(Ok(piece)).map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the client went away")
+        })
     }
 }
 
@@ -216,26 +241,45 @@ fn render_failed(e: std::io::Error) -> HttpError {
     let missing = e
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<RenderError>())
-        .is_some_and(|r| matches!(r, RenderError::MissingBlob(_) | RenderError::MissingDirectory(_)));
+        .is_some_and(|r| {
+            matches!(
+                r,
+                RenderError::MissingBlob(_) | RenderError::MissingDirectory(_)
+            )
+        });
     if missing {
         HttpError::not_found(format!("the NAR's content is no longer in the store: {e}"))
     } else {
-        HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("rendering the NAR failed: {e}"))
+        HttpError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("rendering the NAR failed: {e}"),
+        )
     }
 }
 
 /// `GET`/`HEAD /nar/<file>`.
-pub(crate) async fn get(inner: &Arc<Inner>, method: &Method, file: &str, headers: &HeaderMap) -> Answer {
+pub(crate) async fn get(
+    inner: &Arc<Inner>,
+    method: &Method,
+    file: &str,
+    headers: &HeaderMap,
+) -> Answer {
     let file = parse_nar_file(file)?;
     let Some((node, nar_size)) = inner.resolve_nar(&file).await? else {
-        return Err(HttpError::not_found(format!("no NAR {} in this binary cache", file.url_path)));
+        return Err(HttpError::not_found(format!(
+            "no NAR {} in this binary cache",
+            file.url_path
+        )));
     };
     let head = *method == Method::HEAD;
     let tag = etag(&file.hash);
     let mut r = Response::new(Body::empty());
     let h = r.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(NAR_TYPE));
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static(NAR_CACHE_CONTROL));
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static(NAR_CACHE_CONTROL),
+    );
     h.insert(header::ETAG, hv(&tag));
 
     if file.compression != Compression::None {
@@ -258,32 +302,48 @@ pub(crate) async fn get(inner: &Arc<Inner>, method: &Method, file: &str, headers
         }
         Ranged::Unsatisfiable => {
             h.insert(header::CONTENT_RANGE, hv(&format!("bytes */{nar_size}")));
-            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
-            h.insert(header::CACHE_CONTROL, HeaderValue::from_static(super::NO_CACHE));
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
+            h.insert(
+                header::CACHE_CONTROL,
+                HeaderValue::from_static(super::NO_CACHE),
+            );
             *r.status_mut() = StatusCode::RANGE_NOT_SATISFIABLE;
-            *r.body_mut() = Body::from(format!("the range is beyond the end of the NAR ({nar_size} bytes)\n"));
+            *r.body_mut() = Body::from(format!(
+                "the range is beyond the end of the NAR ({nar_size} bytes)\n"
+            ));
         }
         Ranged::Part { start, end } => {
             let len = end - start + 1;
             *r.status_mut() = StatusCode::PARTIAL_CONTENT;
             let h = r.headers_mut();
-            h.insert(header::CONTENT_RANGE, hv(&format!("bytes {start}-{end}/{nar_size}")));
+            h.insert(
+                header::CONTENT_RANGE,
+                hv(&format!("bytes {start}-{end}/{nar_size}")),
+            );
             h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
             if !head {
-                let mut nar = SeekableNar::new(node, inner.blobs.clone(), inner.directories.as_ref())
-                    .await
-                    .map_err(|e| render_failed(std::io::Error::other(e)))?;
+                let mut nar =
+                    SeekableNar::new(node, inner.blobs.clone(), inner.directories.as_ref())
+                        .await
+                        .map_err(|e| render_failed(std::io::Error::other(e)))?;
                 if nar.len() != nar_size {
                     return Err(HttpError::new(
                         StatusCode::INTERNAL_SERVER_ERROR,
                         format!("the NAR laid out from the store has {} bytes, its NarSize is {nar_size}", nar.len()),
                     ));
                 }
-                nar.seek(SeekFrom::Start(start))
-                    .await
-                    .map_err(|e| HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("seeking in the NAR: {e}")))?;
+                nar.seek(SeekFrom::Start(start)).await.map_err(|e| {
+                    HttpError::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        format!("seeking in the NAR: {e}"),
+                    )
+                })?;
                 let reader = nar.take(len);
-                *r.body_mut() = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(reader, PIECE));
+                *r.body_mut() =
+                    Body::from_stream(tokio_util::io::ReaderStream::with_capacity(reader, PIECE));
             }
         }
     }
@@ -292,7 +352,9 @@ pub(crate) async fn get(inner: &Arc<Inner>, method: &Method, file: &str, headers
 
 /// The range asked for, honouring `If-Range` (a different ETag: the whole body).
 fn range_of(headers: &HeaderMap, tag: &str, len: u64) -> Ranged {
-    let Some(range) = headers.get(header::RANGE).and_then(|v| v.to_str().ok()) else { return Ranged::Full };
+    let Some(range) = headers.get(header::RANGE).and_then(|v| v.to_str().ok()) else {
+        return Ranged::Full;
+    };
     if let Some(if_range) = headers.get(header::IF_RANGE) {
         if if_range.to_str().ok() != Some(tag) {
             return Ranged::Full;
@@ -310,7 +372,10 @@ struct ChannelWriter {
 
 impl ChannelWriter {
     fn new(tx: mpsc::Sender<std::io::Result<Bytes>>) -> Self {
-        Self { tx: PollSender::new(tx), buf: BytesMut::with_capacity(PIECE) }
+        Self {
+            tx: PollSender::new(tx),
+            buf: BytesMut::with_capacity(PIECE),
+        }
     }
 
     fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -324,7 +389,11 @@ impl ChannelWriter {
 }
 
 impl AsyncWrite for ChannelWriter {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
         if this.buf.len() >= PIECE {
             ready!(this.poll_send(cx))?;
@@ -365,7 +434,17 @@ mod tests {
         assert_eq!(r("bytes=100-"), Unsatisfiable);
         assert_eq!(r("bytes=100-200"), Unsatisfiable);
         assert_eq!(r("bytes=-0"), Unsatisfiable);
-        for ignored in ["", "bytes=", "bytes=-", "items=0-1", "bytes=5-4", "bytes=0-1,5-6", "bytes=a-b", "bytes=+1-2", "bytes=1"] {
+        for ignored in [
+            "",
+            "bytes=",
+            "bytes=-",
+            "items=0-1",
+            "bytes=5-4",
+            "bytes=0-1,5-6",
+            "bytes=a-b",
+            "bytes=+1-2",
+            "bytes=1",
+        ] {
             assert_eq!(r(ignored), Full, "{ignored}");
         }
         assert_eq!(parse_range("bytes=-5", 0), Unsatisfiable);
@@ -401,6 +480,9 @@ mod tests {
         }
         task.await.unwrap();
         assert_eq!(all.len(), 1_000_000);
-        assert!(all.chunks(1000).enumerate().all(|(i, c)| c.iter().all(|&b| b == (i % 256) as u8)));
+        assert!(all
+            .chunks(1000)
+            .enumerate()
+            .all(|(i, c)| c.iter().all(|&b| b == (i % 256) as u8)));
     }
 }

@@ -25,7 +25,10 @@ const MAX_TRAILING: u64 = 1024 * 1024;
 const MAX_CACHE_INFO: usize = 64 * 1024;
 
 fn too_large(what: &str, limit: usize) -> HttpError {
-    HttpError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("{what} is larger than {limit} bytes"))
+    HttpError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("{what} is larger than {limit} bytes"),
+    )
 }
 
 /// The whole body of `req`, at most `limit` bytes (else 413; a body
@@ -37,7 +40,8 @@ pub(crate) async fn read_body(req: &mut Req, limit: usize, what: &str) -> Result
     let mut stream = req.take_body().into_data_stream();
     let mut body = BytesMut::new();
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| HttpError::bad_request(format!("reading {what} failed: {e}")))?;
+        let chunk =
+            chunk.map_err(|e| HttpError::bad_request(format!("reading {what} failed: {e}")))?;
         if body.len() + chunk.len() > limit {
             // Let the client finish sending (up to a point) so it reads the answer.
             super::drain(Body::from_stream(stream), super::DRAIN_LIMIT).await;
@@ -52,7 +56,10 @@ fn check_uploads(inner: &Inner) -> Result<(), HttpError> {
     if inner.options.uploads {
         Ok(())
     } else {
-        Err(HttpError::new(StatusCode::FORBIDDEN, "this binary cache does not accept uploads"))
+        Err(HttpError::new(
+            StatusCode::FORBIDDEN,
+            "this binary cache does not accept uploads",
+        ))
     }
 }
 
@@ -84,15 +91,17 @@ pub(crate) async fn put_listing(inner: &Arc<Inner>, hash: &str, req: &mut Req) -
 pub(crate) async fn put_nar(inner: &Arc<Inner>, file: &str, req: &mut Req) -> Answer {
     check_uploads(inner)?;
     let file = parse_nar_file(file)?;
-    let stream = req.take_body().into_data_stream().map_err(std::io::Error::other);
+    let stream = req
+        .take_body()
+        .into_data_stream()
+        .map_err(std::io::Error::other);
     let tap = RawTap::new(tokio_util::io::StreamReader::new(stream), None);
     let mut raw = BufReader::with_capacity(READ_BUFFER, tap);
     let compression = match file.compression {
         Compression::None => {
-            let head = raw
-                .fill_buf()
-                .await
-                .map_err(|e| HttpError::bad_request(format!("reading the NAR upload failed: {e}")))?;
+            let head = raw.fill_buf().await.map_err(|e| {
+                HttpError::bad_request(format!("reading the NAR upload failed: {e}"))
+            })?;
             if sniff_gzip(head) {
                 Compression::Gzip
             } else {
@@ -102,25 +111,37 @@ pub(crate) async fn put_nar(inner: &Arc<Inner>, file: &str, req: &mut Req) -> An
         other => other,
     };
     let mut decoder = Decoder::new(compression, raw);
-    let result = ingest_nar(&mut decoder, inner.blobs.clone(), inner.directories.as_ref()).await;
+    let result = ingest_nar(
+        &mut decoder,
+        inner.blobs.clone(),
+        inner.directories.as_ref(),
+    )
+    .await;
     let name = &file.url_path;
     let (node, nar_size, nar_sha256) = match result {
         Ok(done) => done,
         Err(e) => {
             return Err(match (&decoder.get_ref().get_ref().failure, e) {
-                (Some(RawFailure::Read(why)), _) => HttpError::bad_request(format!("reading the upload of {name} failed: {why}")),
-                (_, IngestError::Nar(NarError::Truncated)) => {
-                    HttpError::bad_request(format!("truncated NAR: the upload of {name} ended before the NAR did"))
+                (Some(RawFailure::Read(why)), _) => {
+                    HttpError::bad_request(format!("reading the upload of {name} failed: {why}"))
                 }
+                (_, IngestError::Nar(NarError::Truncated)) => HttpError::bad_request(format!(
+                    "truncated NAR: the upload of {name} ended before the NAR did"
+                )),
                 (_, IngestError::Nar(NarError::Io(io))) if compression != Compression::None => {
-                    HttpError::bad_request(format!("decompressing ({compression}) the upload of {name} failed: {io}"))
+                    HttpError::bad_request(format!(
+                        "decompressing ({compression}) the upload of {name} failed: {io}"
+                    ))
                 }
-                (_, IngestError::Nar(other)) => HttpError::bad_request(format!("invalid NAR uploaded to {name}: {other}")),
+                (_, IngestError::Nar(other)) => {
+                    HttpError::bad_request(format!("invalid NAR uploaded to {name}: {other}"))
+                }
                 (_, IngestError::Blob(e)) => HttpError::from(e),
                 (_, IngestError::Directory(e)) => HttpError::from(e),
-                (_, other) => {
-                    HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("ingesting the NAR uploaded to {name}: {other}"))
-                }
+                (_, other) => HttpError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("ingesting the NAR uploaded to {name}: {other}"),
+                ),
             });
         }
     };
@@ -132,7 +153,9 @@ pub(crate) async fn put_nar(inner: &Arc<Inner>, file: &str, req: &mut Req) -> An
         .await
         .map_err(|e| HttpError::bad_request(format!("reading the upload of {name} failed: {e}")))?;
     if trailing as u64 > MAX_TRAILING {
-        return Err(HttpError::bad_request(format!("the upload of {name} has more than {MAX_TRAILING} bytes after the NAR")));
+        return Err(HttpError::bad_request(format!(
+            "the upload of {name} has more than {MAX_TRAILING} bytes after the NAR"
+        )));
     }
     let (file_size, file_sha256) = raw.into_inner().finalize();
     if file.hash != file_sha256 && file.hash != nar_sha256 {
@@ -144,7 +167,14 @@ pub(crate) async fn put_nar(inner: &Arc<Inner>, file: &str, req: &mut Req) -> An
         )));
     }
     inner.index.put_nar(&nar_sha256, &node, nar_size).await?;
-    let upload = NarUpload { node: node.clone(), nar_sha256, nar_size, file_sha256, file_size, compression };
+    let upload = NarUpload {
+        node: node.clone(),
+        nar_sha256,
+        nar_size,
+        file_sha256,
+        file_size,
+        compression,
+    };
     inner.index.put_upload(&file.url_path, &upload).await?;
     inner.nars.lock().put(nar_sha256, (node, nar_size));
     tracing::info!(file = %file.url_path, %compression, file_size, nar_size, "NAR uploaded");
@@ -160,7 +190,8 @@ pub(crate) async fn put_narinfo(inner: &Arc<Inner>, hash: &str, req: &mut Req) -
     check_uploads(inner)?;
     let digest = parse_hash_part(hash, "narinfo name")?;
     let body = read_body(req, MAX_NARINFO_SIZE, "the narinfo").await?;
-    let narinfo = NarInfo::parse(&body).map_err(|e| HttpError::bad_request(format!("invalid narinfo {hash}.narinfo: {e}")))?;
+    let narinfo = NarInfo::parse(&body)
+        .map_err(|e| HttpError::bad_request(format!("invalid narinfo {hash}.narinfo: {e}")))?;
     let path = narinfo.store_path().clone();
     if *path.digest() != digest {
         return Err(HttpError::bad_request(format!(
@@ -177,23 +208,43 @@ pub(crate) async fn put_narinfo(inner: &Arc<Inner>, hash: &str, req: &mut Req) -
         HttpError::bad_request(format!("{what} mismatch for {path}: the narinfo says {says}, the NAR uploaded to {url} has {has}"))
     };
     if upload.nar_sha256 != narinfo.nar_sha256() {
-        return Err(mismatch("NarHash", narinfo.nar_hash().to_string(), NixHash::sha256(upload.nar_sha256).to_string()));
+        return Err(mismatch(
+            "NarHash",
+            narinfo.nar_hash().to_string(),
+            NixHash::sha256(upload.nar_sha256).to_string(),
+        ));
     }
     if upload.nar_size != narinfo.nar_size() {
-        return Err(mismatch("NarSize", narinfo.nar_size().to_string(), upload.nar_size.to_string()));
+        return Err(mismatch(
+            "NarSize",
+            narinfo.nar_size().to_string(),
+            upload.nar_size.to_string(),
+        ));
     }
     if let Some(fh) = narinfo.file_hash() {
         if fh.as_sha256() != Some(upload.file_sha256) {
-            return Err(mismatch("FileHash", fh.to_string(), NixHash::sha256(upload.file_sha256).to_string()));
+            return Err(mismatch(
+                "FileHash",
+                fh.to_string(),
+                NixHash::sha256(upload.file_sha256).to_string(),
+            ));
         }
     }
     if let Some(fs) = narinfo.file_size() {
         if fs != upload.file_size {
-            return Err(mismatch("FileSize", fs.to_string(), upload.file_size.to_string()));
+            return Err(mismatch(
+                "FileSize",
+                fs.to_string(),
+                upload.file_size.to_string(),
+            ));
         }
     }
     if narinfo.compression() != upload.compression {
-        return Err(mismatch("Compression", narinfo.compression().to_string(), upload.compression.to_string()));
+        return Err(mismatch(
+            "Compression",
+            narinfo.compression().to_string(),
+            upload.compression.to_string(),
+        ));
     }
     let info = PathInfo::from_narinfo(&narinfo, upload.node);
     inner.checked.put(info).await?;

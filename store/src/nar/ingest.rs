@@ -13,7 +13,9 @@ use super::reader::{Event, NarError, NarReader};
 use super::CHUNK_SIZE;
 use crate::NixHash;
 use arca_castore::directoryservice::ClosureValidator;
-use arca_castore::{B3Digest, BlobService, Directory, DirectoryService, Node, PathComponent, SymlinkTarget};
+use arca_castore::{
+    B3Digest, BlobService, Directory, DirectoryService, Node, PathComponent, SymlinkTarget,
+};
 use bytes::{Bytes, BytesMut};
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -89,7 +91,11 @@ pub async fn ingest_nar<R: AsyncRead + Unpin + Send>(
 }
 
 enum Kind {
-    File { index: usize, size: u64, executable: bool },
+    File {
+        index: usize,
+        size: u64,
+        executable: bool,
+    },
     Symlink(SymlinkTarget),
     Directory,
 }
@@ -128,7 +134,10 @@ async fn upload(
             }
             Piece::End => {
                 if written != size {
-                    return Err(IngestError::BlobSize { expected: size, actual: written });
+                    return Err(IngestError::BlobSize {
+                        expected: size,
+                        actual: written,
+                    });
                 }
                 let digest = w.close().await.map_err(IngestError::Blob)?;
                 return Ok((index, digest));
@@ -156,7 +165,11 @@ pub async fn ingest_nar_expecting<R: AsyncRead + Unpin + Send>(
     let check_size = |nar: &NarReader<HashingReader<R>>| -> Result<(), IngestError> {
         match expected.nar_size {
             Some(expected) if nar.get_ref().count() > expected => {
-                Err(IngestError::NarSizeMismatch { expected, actual: nar.get_ref().count(), at_least: true })
+                Err(IngestError::NarSizeMismatch {
+                    expected,
+                    actual: nar.get_ref().count(),
+                    at_least: true,
+                })
             }
             _ => Ok(()),
         }
@@ -181,12 +194,20 @@ pub async fn ingest_nar_expecting<R: AsyncRead + Unpin + Send>(
     while let Some(event) = nar.next().await? {
         check_size(&nar)?;
         match event {
-            Event::File { name, executable, size } => {
+            Event::File {
+                name,
+                executable,
+                size,
+            } => {
                 // A file larger than the whole announced NAR is refused
                 // before its contents are streamed.
                 if let Some(limit) = expected.nar_size {
                     if size > limit {
-                        return Err(IngestError::NarSizeMismatch { expected: limit, actual: size, at_least: true });
+                        return Err(IngestError::NarSizeMismatch {
+                            expected: limit,
+                            actual: size,
+                            at_least: true,
+                        });
                     }
                 }
                 let index = file_count;
@@ -195,19 +216,28 @@ pub async fn ingest_nar_expecting<R: AsyncRead + Unpin + Send>(
                 while let Some(r) = uploads.try_join_next() {
                     record(&mut digests, r)?;
                 }
-                let permit = slots.clone().acquire_owned().await.map_err(|e| IngestError::Task(e.to_string()))?;
+                let permit = slots
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|e| IngestError::Task(e.to_string()))?;
                 let (tx, rx) = mpsc::channel(UPLOAD_QUEUE);
                 uploads.spawn(upload(blobs.clone(), rx, index, size, permit));
                 let mut contents = nar.contents();
                 let mut upload_gone = false;
                 loop {
-                    let want = usize::try_from(contents.remaining()).unwrap_or(CHUNK_SIZE).min(CHUNK_SIZE);
+                    let want = usize::try_from(contents.remaining())
+                        .unwrap_or(CHUNK_SIZE)
+                        .min(CHUNK_SIZE);
                     if want == 0 {
                         break;
                     }
                     let mut buf = BytesMut::with_capacity(want);
                     while buf.len() < want {
-                        let n = contents.read_buf(&mut buf).await.map_err(|e| IngestError::Nar(nar_io(e)))?;
+                        let n = contents
+                            .read_buf(&mut buf)
+                            .await
+                            .map_err(|e| IngestError::Nar(nar_io(e)))?;
                         if n == 0 {
                             break;
                         }
@@ -225,15 +255,33 @@ pub async fn ingest_nar_expecting<R: AsyncRead + Unpin + Send>(
                     return Err(IngestError::Task("an upload ended early".into()));
                 }
                 check_size(&nar)?;
-                entries.push(Entry { depth: open_dirs.len(), name, kind: Kind::File { index, size, executable } });
+                entries.push(Entry {
+                    depth: open_dirs.len(),
+                    name,
+                    kind: Kind::File {
+                        index,
+                        size,
+                        executable,
+                    },
+                });
             }
             Event::Symlink { name, target } => {
-                entries.push(Entry { depth: open_dirs.len(), name, kind: Kind::Symlink(target) });
+                entries.push(Entry {
+                    depth: open_dirs.len(),
+                    name,
+                    kind: Kind::Symlink(target),
+                });
             }
             Event::DirectoryStart { name } => open_dirs.push(name),
             Event::DirectoryEnd => {
-                let name = open_dirs.pop().ok_or(IngestError::Task("directory end without start".into()))?;
-                entries.push(Entry { depth: open_dirs.len(), name, kind: Kind::Directory });
+                let name = open_dirs
+                    .pop()
+                    .ok_or(IngestError::Task("directory end without start".into()))?;
+                entries.push(Entry {
+                    depth: open_dirs.len(),
+                    name,
+                    kind: Kind::Directory,
+                });
             }
         }
     }
@@ -245,12 +293,19 @@ pub async fn ingest_nar_expecting<R: AsyncRead + Unpin + Send>(
     let (nar_size, nar_sha256) = nar.into_inner().finalize();
     if let Some(expected) = expected.nar_size {
         if expected != nar_size {
-            return Err(IngestError::NarSizeMismatch { expected, actual: nar_size, at_least: false });
+            return Err(IngestError::NarSizeMismatch {
+                expected,
+                actual: nar_size,
+                at_least: false,
+            });
         }
     }
     if let Some(expected) = expected.nar_sha256 {
         if expected != nar_sha256 {
-            return Err(IngestError::NarHashMismatch { expected, actual: nar_sha256 });
+            return Err(IngestError::NarHashMismatch {
+                expected,
+                actual: nar_sha256,
+            });
         }
     }
 
@@ -271,18 +326,33 @@ async fn build_directories(
     let mut root = None;
     for e in entries {
         let node = match e.kind {
-            Kind::File { index, size, executable } => {
+            Kind::File {
+                index,
+                size,
+                executable,
+            } => {
                 let digest = digests.get(index).copied().flatten().ok_or_else(missing)?;
-                Node::File { digest, size, executable }
+                Node::File {
+                    digest,
+                    size,
+                    executable,
+                }
             }
             Kind::Symlink(target) => Node::Symlink { target },
             Kind::Directory => {
-                let children = pending.get_mut(e.depth + 1).map(std::mem::take).unwrap_or_default();
+                let children = pending
+                    .get_mut(e.depth + 1)
+                    .map(std::mem::take)
+                    .unwrap_or_default();
                 let mut dir = Directory::new();
                 for (name, node) in children {
-                    dir.add(name, node).map_err(|err| IngestError::Directory(err.into()))?;
+                    dir.add(name, node)
+                        .map_err(|err| IngestError::Directory(err.into()))?;
                 }
-                let node = Node::Directory { digest: dir.digest(), size: dir.size() };
+                let node = Node::Directory {
+                    digest: dir.digest(),
+                    size: dir.size(),
+                };
                 validator.add(dir).map_err(IngestError::Directory)?;
                 node
             }
@@ -302,7 +372,10 @@ async fn build_directories(
     let root = root.ok_or(IngestError::Task("the NAR has no root node".into()))?;
     if let Node::Directory { .. } = root {
         let closure = validator.finalize().map_err(IngestError::Directory)?;
-        directories.put_closure(closure).await.map_err(IngestError::Directory)?;
+        directories
+            .put_closure(closure)
+            .await
+            .map_err(IngestError::Directory)?;
     }
     Ok(root)
 }

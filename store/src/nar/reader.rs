@@ -145,9 +145,15 @@ const BUFFER_SIZE: usize = 64 * 1024;
 impl<R: AsyncRead + Unpin> NarReader<R> {
     /// Starts parsing: reads and checks the magic.
     pub async fn new(reader: R) -> Result<Self, NarError> {
-        let mut r = Self { inner: BufReader::with_capacity(BUFFER_SIZE, reader), state: State::Start, dirs: Vec::new() };
+        let mut r = Self {
+            inner: BufReader::with_capacity(BUFFER_SIZE, reader),
+            state: State::Start,
+            dirs: Vec::new(),
+        };
         let magic = r.read_string(MAX_TOKEN_LEN).await.map_err(|e| match e {
-            NarError::Truncated | NarError::TokenTooLong(_) | NarError::NonZeroPadding => NarError::BadMagic,
+            NarError::Truncated | NarError::TokenTooLong(_) | NarError::NonZeroPadding => {
+                NarError::BadMagic
+            }
             e => e,
         })?;
         if magic != NAR_MAGIC {
@@ -227,7 +233,11 @@ impl<R: AsyncRead + Unpin> NarReader<R> {
                 }
                 State::Done => {
                     let mut byte = [0u8; 1];
-                    let n = self.inner.read(&mut byte).await.map_err(NarError::from_io)?;
+                    let n = self
+                        .inner
+                        .read(&mut byte)
+                        .await
+                        .map_err(NarError::from_io)?;
                     if n != 0 {
                         return Err(NarError::TrailingData);
                     }
@@ -269,11 +279,25 @@ impl<R: AsyncRead + Unpin> NarReader<R> {
                     tok = self.read_token().await?;
                 }
                 if tok != b"contents" {
-                    return Err(unexpected(if executable { "\"contents\"" } else { "\"executable\" or \"contents\"" }, &tok));
+                    return Err(unexpected(
+                        if executable {
+                            "\"contents\""
+                        } else {
+                            "\"executable\" or \"contents\""
+                        },
+                        &tok,
+                    ));
                 }
                 let size = self.read_u64().await?;
-                self.state = State::Contents { remaining: size, padding: padding_len(size) };
-                Ok(Event::File { name, executable, size })
+                self.state = State::Contents {
+                    remaining: size,
+                    padding: padding_len(size),
+                };
+                Ok(Event::File {
+                    name,
+                    executable,
+                    size,
+                })
             }
             b"symlink" => {
                 self.expect(b"target", "\"target\"").await?;
@@ -282,7 +306,8 @@ impl<R: AsyncRead + Unpin> NarReader<R> {
                     return Err(NarError::TargetTooLong(len));
                 }
                 let target = self.read_body(len).await?;
-                let target = SymlinkTarget::try_from(target.as_slice()).map_err(NarError::InvalidTarget)?;
+                let target =
+                    SymlinkTarget::try_from(target.as_slice()).map_err(NarError::InvalidTarget)?;
                 self.state = State::NodeBody;
                 Ok(Event::Symlink { name, target })
             }
@@ -291,7 +316,10 @@ impl<R: AsyncRead + Unpin> NarReader<R> {
                 self.state = State::InDirectory;
                 Ok(Event::DirectoryStart { name })
             }
-            _ => Err(unexpected("\"regular\", \"symlink\" or \"directory\"", &tok)),
+            _ => Err(unexpected(
+                "\"regular\", \"symlink\" or \"directory\"",
+                &tok,
+            )),
         }
     }
 
@@ -312,7 +340,10 @@ impl<R: AsyncRead + Unpin> NarReader<R> {
                 std::cmp::Ordering::Greater => {}
                 std::cmp::Ordering::Equal => return Err(NarError::DuplicateName(name)),
                 std::cmp::Ordering::Less => {
-                    return Err(NarError::NamesOutOfOrder { previous: previous.clone(), name });
+                    return Err(NarError::NamesOutOfOrder {
+                        previous: previous.clone(),
+                        name,
+                    });
                 }
             }
         }
@@ -344,7 +375,10 @@ impl<R: AsyncRead + Unpin> NarReader<R> {
     async fn read_body(&mut self, len: u64) -> Result<Vec<u8>, NarError> {
         let len_usize = usize::try_from(len).map_err(|_| NarError::TokenTooLong(len))?;
         let mut buf = vec![0u8; len_usize];
-        self.inner.read_exact(&mut buf).await.map_err(NarError::from_io)?;
+        self.inner
+            .read_exact(&mut buf)
+            .await
+            .map_err(NarError::from_io)?;
         self.read_padding(padding_len(len)).await?;
         Ok(buf)
     }
@@ -352,7 +386,10 @@ impl<R: AsyncRead + Unpin> NarReader<R> {
     async fn read_padding(&mut self, n: usize) -> Result<(), NarError> {
         let mut pad = [0u8; 8];
         let pad = pad.get_mut(..n).ok_or(NarError::NonZeroPadding)?;
-        self.inner.read_exact(pad).await.map_err(NarError::from_io)?;
+        self.inner
+            .read_exact(pad)
+            .await
+            .map_err(NarError::from_io)?;
         if pad.iter().any(|b| *b != 0) {
             return Err(NarError::NonZeroPadding);
         }
@@ -361,7 +398,10 @@ impl<R: AsyncRead + Unpin> NarReader<R> {
 
     async fn read_u64(&mut self) -> Result<u64, NarError> {
         let mut b = [0u8; 8];
-        self.inner.read_exact(&mut b).await.map_err(NarError::from_io)?;
+        self.inner
+            .read_exact(&mut b)
+            .await
+            .map_err(NarError::from_io)?;
         Ok(u64::from_le_bytes(b))
     }
 
@@ -370,7 +410,11 @@ impl<R: AsyncRead + Unpin> NarReader<R> {
         let mut buf = vec![0u8; CHUNK_SIZE.min(usize::try_from(n).unwrap_or(CHUNK_SIZE))];
         while n > 0 {
             let want = buf.len().min(usize::try_from(n).unwrap_or(usize::MAX));
-            let got = self.inner.read(&mut buf[..want]).await.map_err(NarError::from_io)?;
+            let got = self
+                .inner
+                .read(&mut buf[..want])
+                .await
+                .map_err(NarError::from_io)?;
             if got == 0 {
                 return Err(NarError::Truncated);
             }
@@ -384,7 +428,10 @@ impl<R: AsyncRead + Unpin> NarReader<R> {
 }
 
 fn unexpected(expected: &'static str, found: &[u8]) -> NarError {
-    NarError::UnexpectedToken { expected, found: String::from_utf8_lossy(found).into_owned() }
+    NarError::UnexpectedToken {
+        expected,
+        found: String::from_utf8_lossy(found).into_owned(),
+    }
 }
 
 /// The contents of one file in a NAR: exactly the file's bytes, then EOF.
@@ -403,7 +450,11 @@ impl<R> ContentsReader<'_, R> {
 }
 
 impl<R: AsyncRead + Unpin> AsyncRead for ContentsReader<'_, R> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         let reader = &mut *self.reader;
         let remaining = match reader.state {
             State::Contents { remaining, .. } => remaining,
@@ -414,7 +465,9 @@ impl<R: AsyncRead + Unpin> AsyncRead for ContentsReader<'_, R> {
         }
         let before = buf.filled().len();
         let result = if (buf.remaining() as u64) <= remaining {
-            Pin::new(&mut reader.inner).poll_read(cx, buf).map_ok(|()| buf.filled().len() - before)
+            Pin::new(&mut reader.inner)
+                .poll_read(cx, buf)
+                .map_ok(|()| buf.filled().len() - before)
         } else {
             // Read into a slice no longer than what is left of the file.
             let max = usize::try_from(remaining).unwrap_or(usize::MAX);

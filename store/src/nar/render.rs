@@ -92,7 +92,9 @@ pub(crate) fn walk<'a>(
         };
         f(Step::Node(name, node))?;
         if let Node::Directory { digest, .. } = node {
-            let dir = dirs.get(digest).ok_or(RenderError::MissingDirectory(*digest))?;
+            let dir = dirs
+                .get(digest)
+                .ok_or(RenderError::MissingDirectory(*digest))?;
             stack.push(Box::new(dir.entries()));
         }
     }
@@ -113,10 +115,12 @@ pub(crate) async fn fetch_directories(
         match dirs.get(digest) {
             None => return Err(RenderError::MissingDirectory(*digest)),
             Some(d) if d.size() != *size => {
-                return Err(RenderError::Directory(arca_castore::Error::Storage(format!(
-                    "directory {digest} has size {}, the node claims {size}",
-                    d.size()
-                ))))
+                return Err(RenderError::Directory(arca_castore::Error::Storage(
+                    format!(
+                        "directory {digest} has size {}, the node claims {size}",
+                        d.size()
+                    ),
+                )))
             }
             Some(_) => {}
         }
@@ -154,7 +158,12 @@ fn fetch_blob(
                     Ok(0) => break,
                     Ok(_) => {}
                     Err(e) => {
-                        let _ = tx.send(Err(RenderError::Blob { digest, source: e.into() })).await;
+                        let _ = tx
+                            .send(Err(RenderError::Blob {
+                                digest,
+                                source: e.into(),
+                            }))
+                            .await;
                         return;
                     }
                 }
@@ -164,7 +173,13 @@ fn fetch_blob(
             }
             total += buf.len() as u64;
             if total > size {
-                let _ = tx.send(Err(RenderError::BlobSize { digest, expected: size, actual: total })).await;
+                let _ = tx
+                    .send(Err(RenderError::BlobSize {
+                        digest,
+                        expected: size,
+                        actual: total,
+                    }))
+                    .await;
                 return;
             }
             if tx.send(Ok(buf.freeze())).await.is_err() {
@@ -244,13 +259,19 @@ fn fetch_batch(
                     if data.len() as u64 == size {
                         Ok(data)
                     } else {
-                        Err(RenderError::BlobSize { digest, expected: size, actual: data.len() as u64 })
+                        Err(RenderError::BlobSize {
+                            digest,
+                            expected: size,
+                            actual: data.len() as u64,
+                        })
                     }
                 }
                 Some(Ok((got, None))) if got == digest => Err(RenderError::MissingBlob(digest)),
                 Some(Ok((got, _))) => Err(RenderError::Blob {
                     digest,
-                    source: arca_castore::Error::Storage(format!("a batch read answered blob {got}")),
+                    source: arca_castore::Error::Storage(format!(
+                        "a batch read answered blob {got}"
+                    )),
                 }),
                 Some(Err(source)) => Err(RenderError::Blob { digest, source }),
                 None => Err(RenderError::Blob {
@@ -294,9 +315,10 @@ pub async fn render_nar<W: AsyncWrite + Unpin>(
             let blobs = blobs.clone();
             async move {
                 match unit {
-                    Unit::Empty(digest) => {
-                        futures::stream::once(async move { Fetched::Whole(digest, Ok(bytes::Bytes::new())) }).boxed()
-                    }
+                    Unit::Empty(digest) => futures::stream::once(async move {
+                        Fetched::Whole(digest, Ok(bytes::Bytes::new()))
+                    })
+                    .boxed(),
                     Unit::Large(digest, size) => {
                         let rx = fetch_blob(blobs, digest, size);
                         futures::stream::once(async move { Fetched::Pieces(digest, rx) }).boxed()
@@ -321,7 +343,14 @@ pub async fn render_nar<W: AsyncWrite + Unpin>(
             Step::EndDirectory => nar.end_directory().await?,
             Step::Node(name, Node::Directory { .. }) => nar.start_directory(name).await?,
             Step::Node(name, Node::Symlink { target }) => nar.symlink(name, target).await?,
-            Step::Node(name, Node::File { digest, size, executable }) => {
+            Step::Node(
+                name,
+                Node::File {
+                    digest,
+                    size,
+                    executable,
+                },
+            ) => {
                 nar.start_file(name, *executable, *size).await?;
                 let mut written = 0u64;
                 let next = fetched.next().await;
@@ -330,7 +359,9 @@ pub async fn render_nar<W: AsyncWrite + Unpin>(
                     if d != digest {
                         return Err(RenderError::Blob {
                             digest: *digest,
-                            source: arca_castore::Error::Storage(format!("internal: fetched blob {d} in its place")),
+                            source: arca_castore::Error::Storage(format!(
+                                "internal: fetched blob {d} in its place"
+                            )),
                         });
                     }
                 }
@@ -350,7 +381,11 @@ pub async fn render_nar<W: AsyncWrite + Unpin>(
                     None => {}
                 }
                 if written != *size {
-                    return Err(RenderError::BlobSize { digest: *digest, expected: *size, actual: written });
+                    return Err(RenderError::BlobSize {
+                        digest: *digest,
+                        expected: *size,
+                        actual: written,
+                    });
                 }
                 nar.end_file().await?;
             }
@@ -398,19 +433,38 @@ mod tests {
             (empty, 0),
         ];
         let units = plan(files);
-        assert_eq!(kinds(&units), ["B[10]", "E", "B[20]", &format!("L{}", BATCH_FILE + 1), "B[30, 40]", "E"]);
+        assert_eq!(
+            kinds(&units),
+            [
+                "B[10]",
+                "E",
+                "B[20]",
+                &format!("L{}", BATCH_FILE + 1),
+                "B[30, 40]",
+                "E"
+            ]
+        );
     }
 
     #[test]
     fn plan_splits_batches_by_count_and_bytes() {
-        let files: Vec<_> = (0..BATCH_FILES as u32 + 1).map(|i| (B3Digest::of(&i.to_le_bytes()), 1)).collect();
+        let files: Vec<_> = (0..BATCH_FILES as u32 + 1)
+            .map(|i| (B3Digest::of(&i.to_le_bytes()), 1))
+            .collect();
         let units = plan(files);
         assert_eq!(units.len(), 2);
         assert!(matches!(&units[0], Unit::Batch(f) if f.len() == BATCH_FILES));
         let big = BATCH_FILE;
         let n = (BATCH_BYTES / big) as u32 + 1;
-        let files: Vec<_> = (0..n).map(|i| (B3Digest::of(&i.to_le_bytes()), big)).collect();
+        let files: Vec<_> = (0..n)
+            .map(|i| (B3Digest::of(&i.to_le_bytes()), big))
+            .collect();
         let units = plan(files);
-        assert_eq!(units.len(), 2, "{} files of {big} bytes exceed {BATCH_BYTES}", n);
+        assert_eq!(
+            units.len(),
+            2,
+            "{} files of {big} bytes exceed {BATCH_BYTES}",
+            n
+        );
     }
 }

@@ -60,9 +60,17 @@ enum BlobState {
         fut: BoxFuture<'static, Result<Option<Box<dyn BlobReader>>, arca_castore::Error>>,
     },
     /// A seek inside the blob under way, to `target`.
-    Seeking { segment: usize, reader: Box<dyn BlobReader>, target: u64 },
+    Seeking {
+        segment: usize,
+        reader: Box<dyn BlobReader>,
+        target: u64,
+    },
     /// The reader stands at `pos` inside the blob.
-    Ready { segment: usize, reader: Box<dyn BlobReader>, pos: u64 },
+    Ready {
+        segment: usize,
+        reader: Box<dyn BlobReader>,
+        pos: u64,
+    },
 }
 
 /// A NAR of a castore node that can be read from any offset; see the module
@@ -91,16 +99,24 @@ struct Layout {
 
 impl Layout {
     fn push_str(&mut self, s: &[u8]) {
-        self.framing.extend_from_slice(&(s.len() as u64).to_le_bytes());
+        self.framing
+            .extend_from_slice(&(s.len() as u64).to_le_bytes());
         self.framing.extend_from_slice(s);
-        self.framing.extend_from_slice(&[0u8; 8][..padding_len(s.len() as u64)]);
+        self.framing
+            .extend_from_slice(&[0u8; 8][..padding_len(s.len() as u64)]);
     }
 
     /// Closes the pending framing bytes into a segment (if there are any).
     fn close_framing(&mut self) {
         let len = (self.framing.len() - self.pending_at) as u64;
         if len > 0 {
-            self.segments.push(Segment { start: self.offset, len, kind: Kind::Framing { at: self.pending_at } });
+            self.segments.push(Segment {
+                start: self.offset,
+                len,
+                kind: Kind::Framing {
+                    at: self.pending_at,
+                },
+            });
             self.offset += len;
             self.pending_at = self.framing.len();
         }
@@ -110,7 +126,11 @@ impl Layout {
         self.close_framing();
         let len = size + padding_len(size) as u64;
         if len > 0 {
-            self.segments.push(Segment { start: self.offset, len, kind: Kind::File { digest, size } });
+            self.segments.push(Segment {
+                start: self.offset,
+                len,
+                kind: Kind::File { digest, size },
+            });
             self.offset += len;
         }
     }
@@ -133,7 +153,12 @@ impl SeekableNar {
     ) -> Result<SeekableNar, RenderError> {
         let dirs = fetch_directories(&node, directories).await?;
         let empty = B3Digest::of(b"");
-        let mut l = Layout { framing: Vec::new(), segments: Vec::new(), pending_at: 0, offset: 0 };
+        let mut l = Layout {
+            framing: Vec::new(),
+            segments: Vec::new(),
+            pending_at: 0,
+            offset: 0,
+        };
         l.push_str(NAR_MAGIC);
         // Open directories around the current node.
         let mut depth = 0usize;
@@ -168,11 +193,22 @@ impl SeekableNar {
                     l.push_str(target.as_bytes());
                     l.end_node(depth);
                 }
-                Step::Node(_, Node::File { digest, size, executable }) => {
+                Step::Node(
+                    _,
+                    Node::File {
+                        digest,
+                        size,
+                        executable,
+                    },
+                ) => {
                     // Known without reading: an empty file's blob is the empty
                     // blob, and any other blob has at least one byte.
                     if *size == 0 && *digest != empty {
-                        return Err(RenderError::BlobSize { digest: *digest, expected: 0, actual: 1 });
+                        return Err(RenderError::BlobSize {
+                            digest: *digest,
+                            expected: 0,
+                            actual: 1,
+                        });
                     }
                     l.push_str(b"regular");
                     if *executable {
@@ -189,7 +225,14 @@ impl SeekableNar {
         })?;
         l.close_framing();
         l.framing.shrink_to_fit();
-        Ok(SeekableNar { blobs, framing: l.framing, segments: l.segments, len: l.offset, pos: 0, blob: BlobState::None })
+        Ok(SeekableNar {
+            blobs,
+            framing: l.framing,
+            segments: l.segments,
+            len: l.offset,
+            pos: 0,
+            blob: BlobState::None,
+        })
     }
 
     /// Total length of the NAR in bytes (what [super::render_nar] writes).
@@ -222,7 +265,9 @@ impl SeekableNar {
     fn fail(&mut self, e: RenderError) -> Poll<io::Result<()>> {
         self.blob = BlobState::None;
         let kind = match &e {
-            RenderError::MissingBlob(_) | RenderError::MissingDirectory(_) => io::ErrorKind::NotFound,
+            RenderError::MissingBlob(_) | RenderError::MissingDirectory(_) => {
+                io::ErrorKind::NotFound
+            }
             RenderError::BlobSize { .. } => io::ErrorKind::InvalidData,
             _ => io::ErrorKind::Other,
         };
@@ -241,47 +286,93 @@ impl SeekableNar {
     ) -> Poll<io::Result<()>> {
         loop {
             match std::mem::replace(&mut self.blob, BlobState::None) {
-                BlobState::Ready { segment, mut reader, pos } if segment == idx && pos == off => {
-                    let want = usize::try_from(size - off).unwrap_or(usize::MAX).min(buf.remaining());
+                BlobState::Ready {
+                    segment,
+                    mut reader,
+                    pos,
+                } if segment == idx && pos == off => {
+                    let want = usize::try_from(size - off)
+                        .unwrap_or(usize::MAX)
+                        .min(buf.remaining());
                     let dst = buf.initialize_unfilled_to(want);
                     let mut sub = ReadBuf::new(dst);
                     match Pin::new(&mut reader).poll_read(cx, &mut sub) {
                         Poll::Pending => {
-                            self.blob = BlobState::Ready { segment, reader, pos };
+                            self.blob = BlobState::Ready {
+                                segment,
+                                reader,
+                                pos,
+                            };
                             return Poll::Pending;
                         }
-                        Poll::Ready(Err(e)) => return self.fail(RenderError::Blob { digest, source: e.into() }),
+                        Poll::Ready(Err(e)) => {
+                            return self.fail(RenderError::Blob {
+                                digest,
+                                source: e.into(),
+                            })
+                        }
                         Poll::Ready(Ok(())) => {}
                     }
                     let n = sub.filled().len();
                     if n == 0 {
-                        return self.fail(RenderError::BlobSize { digest, expected: size, actual: off });
+                        return self.fail(RenderError::BlobSize {
+                            digest,
+                            expected: size,
+                            actual: off,
+                        });
                     }
                     buf.advance(n);
                     self.pos += n as u64;
-                    self.blob = BlobState::Ready { segment, reader, pos: pos + n as u64 };
+                    self.blob = BlobState::Ready {
+                        segment,
+                        reader,
+                        pos: pos + n as u64,
+                    };
                     return Poll::Ready(Ok(()));
                 }
-                BlobState::Ready { segment, mut reader, .. } | BlobState::Seeking { segment, mut reader, .. }
-                    if segment == idx =>
-                {
+                BlobState::Ready {
+                    segment,
+                    mut reader,
+                    ..
+                }
+                | BlobState::Seeking {
+                    segment,
+                    mut reader,
+                    ..
+                } if segment == idx => {
                     // Same blob, elsewhere (or a seek to redo): seek inside it.
                     if let Err(e) = Pin::new(&mut reader).start_seek(SeekFrom::Start(off)) {
-                        return self.fail(RenderError::Blob { digest, source: e.into() });
+                        return self.fail(RenderError::Blob {
+                            digest,
+                            source: e.into(),
+                        });
                     }
-                    self.blob = BlobState::Seeking { segment, reader, target: off };
+                    self.blob = BlobState::Seeking {
+                        segment,
+                        reader,
+                        target: off,
+                    };
                     return self.poll_seeking(cx, buf, idx, digest, size, off);
                 }
-                BlobState::Opening { segment, mut fut } if segment == idx => match fut.as_mut().poll(cx) {
+                BlobState::Opening { segment, mut fut } if segment == idx => match fut
+                    .as_mut()
+                    .poll(cx)
+                {
                     Poll::Pending => {
                         self.blob = BlobState::Opening { segment, fut };
                         return Poll::Pending;
                     }
-                    Poll::Ready(Err(source)) => return self.fail(RenderError::Blob { digest, source }),
+                    Poll::Ready(Err(source)) => {
+                        return self.fail(RenderError::Blob { digest, source })
+                    }
                     Poll::Ready(Ok(None)) => return self.fail(RenderError::MissingBlob(digest)),
                     Poll::Ready(Ok(Some(reader))) => {
                         // A fresh reader stands at 0; anything else needs a seek.
-                        self.blob = BlobState::Ready { segment, reader, pos: 0 };
+                        self.blob = BlobState::Ready {
+                            segment,
+                            reader,
+                            pos: 0,
+                        };
                     }
                 },
                 _ => {
@@ -303,22 +394,39 @@ impl SeekableNar {
         size: u64,
         off: u64,
     ) -> Poll<io::Result<()>> {
-        let BlobState::Seeking { segment, mut reader, target } = std::mem::replace(&mut self.blob, BlobState::None)
+        let BlobState::Seeking {
+            segment,
+            mut reader,
+            target,
+        } = std::mem::replace(&mut self.blob, BlobState::None)
         else {
             unreachable!("poll_seeking without a seek")
         };
         match Pin::new(&mut reader).poll_complete(cx) {
             Poll::Pending => {
-                self.blob = BlobState::Seeking { segment, reader, target };
+                self.blob = BlobState::Seeking {
+                    segment,
+                    reader,
+                    target,
+                };
                 Poll::Pending
             }
-            Poll::Ready(Err(e)) => self.fail(RenderError::Blob { digest, source: e.into() }),
+            Poll::Ready(Err(e)) => self.fail(RenderError::Blob {
+                digest,
+                source: e.into(),
+            }),
             Poll::Ready(Ok(p)) if p != target => self.fail(RenderError::Blob {
                 digest,
-                source: arca_castore::Error::Storage(format!("seeking to {target} in the blob landed at {p}")),
+                source: arca_castore::Error::Storage(format!(
+                    "seeking to {target} in the blob landed at {p}"
+                )),
             }),
             Poll::Ready(Ok(_)) => {
-                self.blob = BlobState::Ready { segment, reader, pos: target };
+                self.blob = BlobState::Ready {
+                    segment,
+                    reader,
+                    pos: target,
+                };
                 self.poll_contents(cx, buf, idx, digest, size, off)
             }
         }
@@ -333,18 +441,27 @@ impl SeekableNar {
             _ => return Poll::Ready(Ok(())),
         };
         let seg = self.segments[segment];
-        let Kind::File { digest, size } = seg.kind else { return Poll::Ready(Ok(())) };
+        let Kind::File { digest, size } = seg.kind else {
+            return Poll::Ready(Ok(()));
+        };
         if pos != size || self.pos < seg.start + size || self.pos > seg.start + seg.len {
             return Poll::Ready(Ok(()));
         }
-        let BlobState::Ready { reader, .. } = &mut self.blob else { unreachable!() };
+        let BlobState::Ready { reader, .. } = &mut self.blob else {
+            unreachable!()
+        };
         let mut one = [0u8; 1];
         let mut probe = ReadBuf::new(&mut one);
         match ready!(Pin::new(reader).poll_read(cx, &mut probe)) {
-            Err(e) => self.fail(RenderError::Blob { digest, source: e.into() }),
-            Ok(()) if !probe.filled().is_empty() => {
-                self.fail(RenderError::BlobSize { digest, expected: size, actual: size + 1 })
-            }
+            Err(e) => self.fail(RenderError::Blob {
+                digest,
+                source: e.into(),
+            }),
+            Ok(()) if !probe.filled().is_empty() => self.fail(RenderError::BlobSize {
+                digest,
+                expected: size,
+                actual: size + 1,
+            }),
             Ok(()) => {
                 // Checked; the reader is done with.
                 self.blob = BlobState::None;
@@ -355,7 +472,11 @@ impl SeekableNar {
 }
 
 impl AsyncRead for SeekableNar {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if this.pos >= this.len || buf.remaining() == 0 {
             return Poll::Ready(Ok(()));
@@ -366,12 +487,21 @@ impl AsyncRead for SeekableNar {
         let off = this.pos - seg.start;
         let (n, fill) = match seg.kind {
             Kind::Framing { at } => {
-                let n = usize::try_from(seg.len - off).unwrap_or(usize::MAX).min(buf.remaining());
+                let n = usize::try_from(seg.len - off)
+                    .unwrap_or(usize::MAX)
+                    .min(buf.remaining());
                 let from = at + off as usize;
                 (n, Some(from))
             }
-            Kind::File { digest, size } if off < size => return this.poll_contents(cx, buf, idx, digest, size, off),
-            Kind::File { .. } => (usize::try_from(seg.len - off).unwrap_or(usize::MAX).min(buf.remaining()), None),
+            Kind::File { digest, size } if off < size => {
+                return this.poll_contents(cx, buf, idx, digest, size, off)
+            }
+            Kind::File { .. } => (
+                usize::try_from(seg.len - off)
+                    .unwrap_or(usize::MAX)
+                    .min(buf.remaining()),
+                None,
+            ),
         };
         match fill {
             Some(from) => buf.put_slice(&this.framing[from..from + n]),

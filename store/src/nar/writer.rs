@@ -101,9 +101,14 @@ impl<W: AsyncWrite + Unpin> NarWriter<W> {
                 if let Some(previous) = last {
                     match name.as_bytes().cmp(previous.as_bytes()) {
                         std::cmp::Ordering::Greater => {}
-                        std::cmp::Ordering::Equal => return Err(WriteError::DuplicateName(name.clone())),
+                        std::cmp::Ordering::Equal => {
+                            return Err(WriteError::DuplicateName(name.clone()))
+                        }
                         std::cmp::Ordering::Less => {
-                            return Err(WriteError::NamesOutOfOrder { previous: previous.clone(), name: name.clone() })
+                            return Err(WriteError::NamesOutOfOrder {
+                                previous: previous.clone(),
+                                name: name.clone(),
+                            })
                         }
                     }
                 }
@@ -130,7 +135,12 @@ impl<W: AsyncWrite + Unpin> NarWriter<W> {
 
     /// Starts a regular file of `size` bytes; give the contents with
     /// [NarWriter::write_contents], then call [NarWriter::end_file].
-    pub async fn start_file(&mut self, name: Option<&PathComponent>, executable: bool, size: u64) -> Result<(), WriteError> {
+    pub async fn start_file(
+        &mut self,
+        name: Option<&PathComponent>,
+        executable: bool,
+        size: u64,
+    ) -> Result<(), WriteError> {
         self.begin_node(name)?;
         push_str(&mut self.scratch, b"regular");
         if executable {
@@ -146,9 +156,14 @@ impl<W: AsyncWrite + Unpin> NarWriter<W> {
 
     /// Appends file contents; refuses more than announced.
     pub async fn write_contents(&mut self, data: &[u8]) -> Result<(), WriteError> {
-        let (size, remaining) = self.file.ok_or(WriteError::Misuse("no file is being written"))?;
+        let (size, remaining) = self
+            .file
+            .ok_or(WriteError::Misuse("no file is being written"))?;
         if data.len() as u64 > remaining {
-            return Err(WriteError::ContentsLength { expected: size, actual: size - remaining + data.len() as u64 });
+            return Err(WriteError::ContentsLength {
+                expected: size,
+                actual: size - remaining + data.len() as u64,
+            });
         }
         self.out.write_all(data).await?;
         self.file = Some((size, remaining - data.len() as u64));
@@ -157,12 +172,18 @@ impl<W: AsyncWrite + Unpin> NarWriter<W> {
 
     /// Ends the current file; refuses fewer bytes than announced.
     pub async fn end_file(&mut self) -> Result<(), WriteError> {
-        let (size, remaining) = self.file.ok_or(WriteError::Misuse("no file is being written"))?;
+        let (size, remaining) = self
+            .file
+            .ok_or(WriteError::Misuse("no file is being written"))?;
         if remaining != 0 {
-            return Err(WriteError::ContentsLength { expected: size, actual: size - remaining });
+            return Err(WriteError::ContentsLength {
+                expected: size,
+                actual: size - remaining,
+            });
         }
         self.file = None;
-        self.scratch.extend_from_slice(&[0u8; 8][..padding_len(size)]);
+        self.scratch
+            .extend_from_slice(&[0u8; 8][..padding_len(size)]);
         self.end_node();
         self.flush_scratch().await
     }
@@ -177,7 +198,12 @@ impl<W: AsyncWrite + Unpin> NarWriter<W> {
         contents: &mut R,
     ) -> Result<(), WriteError> {
         self.start_file(name, executable, size).await?;
-        let mut buf = vec![0u8; CHUNK_SIZE.min(usize::try_from(size).unwrap_or(CHUNK_SIZE)).max(1)];
+        let mut buf = vec![
+            0u8;
+            CHUNK_SIZE
+                .min(usize::try_from(size).unwrap_or(CHUNK_SIZE))
+                .max(1)
+        ];
         let mut written = 0u64;
         loop {
             let n = contents.read(&mut buf).await?;
@@ -186,7 +212,10 @@ impl<W: AsyncWrite + Unpin> NarWriter<W> {
             }
             written += n as u64;
             if written > size {
-                return Err(WriteError::ContentsLength { expected: size, actual: written });
+                return Err(WriteError::ContentsLength {
+                    expected: size,
+                    actual: written,
+                });
             }
             self.write_contents(&buf[..n]).await?;
         }
@@ -194,7 +223,11 @@ impl<W: AsyncWrite + Unpin> NarWriter<W> {
     }
 
     /// Writes a symlink.
-    pub async fn symlink(&mut self, name: Option<&PathComponent>, target: &SymlinkTarget) -> Result<(), WriteError> {
+    pub async fn symlink(
+        &mut self,
+        name: Option<&PathComponent>,
+        target: &SymlinkTarget,
+    ) -> Result<(), WriteError> {
         self.begin_node(name)?;
         push_str(&mut self.scratch, b"symlink");
         push_str(&mut self.scratch, b"target");
@@ -204,7 +237,10 @@ impl<W: AsyncWrite + Unpin> NarWriter<W> {
     }
 
     /// Starts a directory; its entries follow, then [NarWriter::end_directory].
-    pub async fn start_directory(&mut self, name: Option<&PathComponent>) -> Result<(), WriteError> {
+    pub async fn start_directory(
+        &mut self,
+        name: Option<&PathComponent>,
+    ) -> Result<(), WriteError> {
         self.begin_node(name)?;
         push_str(&mut self.scratch, b"directory");
         self.dirs.push(None);
@@ -294,7 +330,10 @@ pub async fn dump_path<W: AsyncWrite + Unpin>(path: &Path, writer: W) -> Result<
                 },
             },
         };
-        let io_err = |source| DumpError::Io { path: p.clone(), source };
+        let io_err = |source| DumpError::Io {
+            path: p.clone(),
+            source,
+        };
         let meta = tokio::fs::symlink_metadata(&p).await.map_err(io_err)?;
         let ft = meta.file_type();
         if ft.is_dir() {
@@ -302,22 +341,37 @@ pub async fn dump_path<W: AsyncWrite + Unpin>(path: &Path, writer: W) -> Result<
             let mut entries = Vec::new();
             while let Some(e) = rd.next_entry().await.map_err(io_err)? {
                 let child = e.path();
-                let n = PathComponent::try_from(e.file_name().as_bytes())
-                    .map_err(|source| DumpError::Invalid { path: child.clone(), source })?;
+                let n = PathComponent::try_from(e.file_name().as_bytes()).map_err(|source| {
+                    DumpError::Invalid {
+                        path: child.clone(),
+                        source,
+                    }
+                })?;
                 entries.push((n, child));
             }
             entries.sort_by(|a, b| b.0.as_bytes().cmp(a.0.as_bytes()));
-            nar.start_directory(name.as_ref()).await.map_err(write_err(&p))?;
+            nar.start_directory(name.as_ref())
+                .await
+                .map_err(write_err(&p))?;
             stack.push(entries);
         } else if ft.is_symlink() {
             let target = tokio::fs::read_link(&p).await.map_err(io_err)?;
-            let target = SymlinkTarget::try_from(target.as_os_str().as_bytes())
-                .map_err(|source| DumpError::Invalid { path: p.clone(), source })?;
-            nar.symlink(name.as_ref(), &target).await.map_err(write_err(&p))?;
+            let target =
+                SymlinkTarget::try_from(target.as_os_str().as_bytes()).map_err(|source| {
+                    DumpError::Invalid {
+                        path: p.clone(),
+                        source,
+                    }
+                })?;
+            nar.symlink(name.as_ref(), &target)
+                .await
+                .map_err(write_err(&p))?;
         } else if ft.is_file() {
             let mut f = tokio::fs::File::open(&p).await.map_err(io_err)?;
             let executable = meta.permissions().mode() & 0o100 != 0;
-            nar.file(name.as_ref(), executable, meta.len(), &mut f).await.map_err(write_err(&p))?;
+            nar.file(name.as_ref(), executable, meta.len(), &mut f)
+                .await
+                .map_err(write_err(&p))?;
         } else {
             return Err(DumpError::UnsupportedType { path: p });
         }

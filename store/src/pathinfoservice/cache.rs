@@ -30,7 +30,9 @@ impl PathInfoService for CachePathInfoService {
         if let Some(i) = self.near.get(digest).await? {
             return Ok(Some(i));
         }
-        let Some(info) = self.far.get(digest).await? else { return Ok(None) };
+        let Some(info) = self.far.get(digest).await? else {
+            return Ok(None);
+        };
         self.near.put(info.clone()).await?;
         tracing::debug!(path = %info.store_path, "filled near cache");
         Ok(Some(info))

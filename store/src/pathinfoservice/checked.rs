@@ -38,7 +38,12 @@ impl CheckedPathInfoService {
         blobs: Arc<dyn BlobService>,
         directories: Arc<dyn DirectoryService>,
     ) -> Self {
-        Self { inner, blobs, directories, require_references: true }
+        Self {
+            inner,
+            blobs,
+            directories,
+            require_references: true,
+        }
     }
 
     /// Whether references must already be stored (default `true`; turn off
@@ -63,9 +68,9 @@ impl CheckedPathInfoService {
                 let mut first = true;
                 while let Some(dir) = stream.next().await {
                     let dir = dir.map_err(|e| match e {
-                        Error::NotFound(_) => {
-                            Error::InvalidRequest(format!("root directory {digest} is not in the directory service"))
-                        }
+                        Error::NotFound(_) => Error::InvalidRequest(format!(
+                            "root directory {digest} is not in the directory service"
+                        )),
                         e => e,
                     })?;
                     if first && dir.size() != *size {
@@ -87,7 +92,9 @@ impl CheckedPathInfoService {
             .map(|d| async move {
                 match self.blobs.has(&d).await? {
                     true => Ok(()),
-                    false => Err(Error::InvalidRequest(format!("blob {d} is not in the blob service"))),
+                    false => Err(Error::InvalidRequest(format!(
+                        "blob {d} is not in the blob service"
+                    ))),
                 }
             })
             .buffer_unordered(HAS_CONCURRENCY)
@@ -98,7 +105,11 @@ impl CheckedPathInfoService {
 
     /// Checks that every reference other than `info` itself is stored.
     pub async fn check_references(&self, info: &PathInfo) -> Result<(), Error> {
-        let others: Vec<_> = info.references.iter().filter(|r| r.digest() != info.digest()).collect();
+        let others: Vec<_> = info
+            .references
+            .iter()
+            .filter(|r| r.digest() != info.digest())
+            .collect();
         let digests: Vec<[u8; DIGEST_LEN]> = others.iter().map(|r| *r.digest()).collect();
         let found = self.inner.get_many(&digests).await?;
         if let Some((r, _)) = others.iter().zip(&found).find(|(_, f)| f.is_none()) {

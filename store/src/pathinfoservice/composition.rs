@@ -7,12 +7,14 @@
 //! resulting [ServiceConfig] is built into path-info services here, over the
 //! store's castore services and NAR index ([StoreServices]).
 use super::{
-    CachePathInfoService, GrpcPathInfoService, LruPathInfoService, MemoryPathInfoService, NixHttpPathInfoService,
-    ObjectStorePathInfoService, PathInfoService, SledPathInfoService,
+    CachePathInfoService, GrpcPathInfoService, LruPathInfoService, MemoryPathInfoService,
+    NixHttpPathInfoService, ObjectStorePathInfoService, PathInfoService, SledPathInfoService,
 };
 use crate::nar_index::LazyNarIndex;
 use crate::signature::PublicKey;
-use arca_castore::composition::{object_store_from, CompositionError, ServiceConfig, ServiceKind, ServiceRef};
+use arca_castore::composition::{
+    object_store_from, CompositionError, ServiceConfig, ServiceKind, ServiceRef,
+};
 use arca_castore::{BlobService, DirectoryService};
 use std::sync::Arc;
 
@@ -31,8 +33,16 @@ pub struct StoreServices {
 
 impl StoreServices {
     /// Bundles the services.
-    pub fn new(blobs: Arc<dyn BlobService>, directories: Arc<dyn DirectoryService>, nar_index: LazyNarIndex) -> Self {
-        Self { blobs, directories, nar_index }
+    pub fn new(
+        blobs: Arc<dyn BlobService>,
+        directories: Arc<dyn DirectoryService>,
+        nar_index: LazyNarIndex,
+    ) -> Self {
+        Self {
+            blobs,
+            directories,
+            nar_index,
+        }
     }
 }
 
@@ -45,7 +55,10 @@ impl StoreServices {
 /// The stack is unchecked: wrap it in
 /// [CheckedPathInfoService](super::CheckedPathInfoService) where path infos
 /// enter the store.
-pub fn pathinfo_service_from_url(url: &str, services: &StoreServices) -> Result<Arc<dyn PathInfoService>, CompositionError> {
+pub fn pathinfo_service_from_url(
+    url: &str,
+    services: &StoreServices,
+) -> Result<Arc<dyn PathInfoService>, CompositionError> {
     let config = ServiceConfig::from_url(ServiceKind::PathInfo, url)?;
     pathinfo_service_from_config(&config, services)
 }
@@ -61,9 +74,10 @@ pub fn binary_cache_from_url(
         return Ok(None);
     }
     match ServiceConfig::from_url(ServiceKind::PathInfo, url)? {
-        ServiceConfig::NixBinaryCache { url, trusted_public_keys } => {
-            binary_cache(&url, &trusted_public_keys, services).map(Some)
-        }
+        ServiceConfig::NixBinaryCache {
+            url,
+            trusted_public_keys,
+        } => binary_cache(&url, &trusted_public_keys, services).map(Some),
         _ => Ok(None),
     }
 }
@@ -76,11 +90,23 @@ fn binary_cache(
     let build_err = |e: String| CompositionError::Build(format!("path-info service: {e}"));
     let keys = trusted_public_keys
         .iter()
-        .map(|k| k.parse::<PublicKey>().map_err(|e| build_err(format!("{url}: invalid trusted public key {k:?}: {e}"))))
+        .map(|k| {
+            k.parse::<PublicKey>()
+                .map_err(|e| build_err(format!("{url}: invalid trusted public key {k:?}: {e}")))
+        })
         .collect::<Result<Vec<_>, _>>()?;
-    let index = services.nar_index.get().map_err(|e| build_err(format!("{url}: NAR index: {e}")))?;
-    NixHttpPathInfoService::new(url.as_str(), keys, services.blobs.clone(), services.directories.clone(), index)
-        .map_err(|e| build_err(e.to_string()))
+    let index = services
+        .nar_index
+        .get()
+        .map_err(|e| build_err(format!("{url}: NAR index: {e}")))?;
+    NixHttpPathInfoService::new(
+        url.as_str(),
+        keys,
+        services.blobs.clone(),
+        services.directories.clone(),
+        index,
+    )
+    .map_err(|e| build_err(e.to_string()))
 }
 
 /// Builds a path-info service from a parsed configuration (inline
@@ -89,7 +115,12 @@ pub fn pathinfo_service_from_config(
     config: &ServiceConfig,
     services: &StoreServices,
 ) -> Result<Arc<dyn PathInfoService>, CompositionError> {
-    build(config, None, &mut std::collections::HashMap::new(), services)
+    build(
+        config,
+        None,
+        &mut std::collections::HashMap::new(),
+        services,
+    )
 }
 
 /// Builds the `[pathinfoservices]` entry `name` of a (checked) composition
@@ -99,7 +130,12 @@ pub fn pathinfo_service_from_composition(
     name: &str,
     services: &StoreServices,
 ) -> Result<Arc<dyn PathInfoService>, CompositionError> {
-    named(composition, name, &mut std::collections::HashMap::new(), services)
+    named(
+        composition,
+        name,
+        &mut std::collections::HashMap::new(),
+        services,
+    )
 }
 
 type Built = std::collections::HashMap<String, Arc<dyn PathInfoService>>;
@@ -113,11 +149,13 @@ fn named(
     if let Some(s) = built.get(name) {
         return Ok(s.clone());
     }
-    let config = composition.get(ServiceKind::PathInfo, name).ok_or_else(|| CompositionError::UnknownName {
-        section: ServiceKind::PathInfo.section().into(),
-        from: "(entry point)".into(),
-        name: name.into(),
-    })?;
+    let config = composition
+        .get(ServiceKind::PathInfo, name)
+        .ok_or_else(|| CompositionError::UnknownName {
+            section: ServiceKind::PathInfo.section().into(),
+            from: "(entry point)".into(),
+            name: name.into(),
+        })?;
     let svc = build(config, Some(composition), built, services)?;
     built.insert(name.to_string(), svc.clone());
     Ok(svc)
@@ -133,7 +171,9 @@ fn build(
     let mut resolve = |r: &ServiceRef| match (r, composition) {
         (ServiceRef::Inline(c), _) => build(c, composition, built, services),
         (ServiceRef::Named(n), Some(comp)) => named(comp, n, built, services),
-        (ServiceRef::Named(n), None) => Err(build_err(format!("named reference {n:?} outside a composition file"))),
+        (ServiceRef::Named(n), None) => Err(build_err(format!(
+            "named reference {n:?} outside a composition file"
+        ))),
     };
     Ok(match config {
         ServiceConfig::Memory => Arc::new(MemoryPathInfoService::default()),
@@ -154,12 +194,14 @@ fn build(
             let near = resolve(near)?;
             Arc::new(CachePathInfoService::new(near, resolve(far)?))
         }
-        ServiceConfig::Lru { capacity, inner } => {
-            Arc::new(LruPathInfoService::new(*capacity, inner.as_ref().map(resolve).transpose()?))
-        }
-        ServiceConfig::NixBinaryCache { url, trusted_public_keys } => {
-            Arc::new(binary_cache(url, trusted_public_keys, services)?)
-        }
+        ServiceConfig::Lru { capacity, inner } => Arc::new(LruPathInfoService::new(
+            *capacity,
+            inner.as_ref().map(resolve).transpose()?,
+        )),
+        ServiceConfig::NixBinaryCache {
+            url,
+            trusted_public_keys,
+        } => Arc::new(binary_cache(url, trusted_public_keys, services)?),
     })
 }
 
@@ -212,8 +254,20 @@ mod tests {
         // As the user guide says: `?` as %3F, spaces as %2520 inside `far=`.
         let url = format!("cache://?near=memory://&far=nix+http://127.0.0.1:1/c%3Ftrusted-public-keys={k1}%2520{k2}");
         let config = ServiceConfig::from_url(ServiceKind::PathInfo, &url).unwrap();
-        let ServiceConfig::Cache { far: ServiceRef::Inline(far), .. } = &config else { panic!("{config:?}") };
-        let ServiceConfig::NixBinaryCache { url: cache, trusted_public_keys } = &**far else { panic!("{far:?}") };
+        let ServiceConfig::Cache {
+            far: ServiceRef::Inline(far),
+            ..
+        } = &config
+        else {
+            panic!("{config:?}")
+        };
+        let ServiceConfig::NixBinaryCache {
+            url: cache,
+            trusted_public_keys,
+        } = &**far
+        else {
+            panic!("{far:?}")
+        };
         assert_eq!(cache.as_str(), "http://127.0.0.1:1/c");
         assert_eq!(trusted_public_keys, &vec![k1.to_string(), k2.to_string()]);
         pathinfo_service_from_config(&config, &services()).unwrap();
@@ -229,12 +283,21 @@ mod tests {
             ("nix+http://", "missing host"),
             ("nix+file://relative/cache", "three slashes"),
             ("nix+file:relative", "three slashes"),
-            ("nix+http://h?trusted-public-keys=k-1:notbase64!", "k-1:notbase64!"),
-            ("nix+http://h?trusted-public-keys=k-1:AAAA", "invalid trusted public key"),
+            (
+                "nix+http://h?trusted-public-keys=k-1:notbase64!",
+                "k-1:notbase64!",
+            ),
+            (
+                "nix+http://h?trusted-public-keys=k-1:AAAA",
+                "invalid trusted public key",
+            ),
             ("nix+http://h?trusted-public-keys=nocolon", "name:base64key"),
             ("nix+http://h?priority=1", "unknown parameter"),
         ] {
-            let e = build(url).err().unwrap_or_else(|| panic!("{url} accepted")).to_string();
+            let e = build(url)
+                .err()
+                .unwrap_or_else(|| panic!("{url} accepted"))
+                .to_string();
             assert!(e.contains(needle), "{url}: {e}");
         }
     }

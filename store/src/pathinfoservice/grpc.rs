@@ -31,16 +31,25 @@ impl GrpcPathInfoService {
     /// Asks the server for the NAR size and SHA-256 of `node` (`CalculateNAR`).
     #[tracing::instrument(skip_all, level = "debug")]
     pub async fn calculate_nar(&self, node: &Node) -> Result<(u64, [u8; 32]), Error> {
-        let resp = self.client.clone().calculate_nar(node.clone().into_proto(Bytes::new())).await?.into_inner();
+        let resp = self
+            .client
+            .clone()
+            .calculate_nar(node.clone().into_proto(Bytes::new()))
+            .await?
+            .into_inner();
         let sha: [u8; 32] = resp.nar_sha256.as_ref().try_into().map_err(|_| {
-            Error::Storage(format!("server sent a nar_sha256 of {} bytes", resp.nar_sha256.len()))
+            Error::Storage(format!(
+                "server sent a nar_sha256 of {} bytes",
+                resp.nar_sha256.len()
+            ))
         })?;
         Ok((resp.nar_size, sha))
     }
 }
 
 fn received(p: proto::PathInfo) -> Result<PathInfo, Error> {
-    PathInfo::try_from(p).map_err(|e| Error::Storage(format!("server sent an invalid PathInfo: {e}")))
+    PathInfo::try_from(p)
+        .map_err(|e| Error::Storage(format!("server sent an invalid PathInfo: {e}")))
 }
 
 #[async_trait]
@@ -48,7 +57,9 @@ impl PathInfoService for GrpcPathInfoService {
     #[tracing::instrument(skip(self), fields(digest = %crate::nixbase32::encode(&digest)), level = "debug")]
     async fn get(&self, digest: [u8; DIGEST_LEN]) -> Result<Option<PathInfo>, Error> {
         let req = proto::GetPathInfoRequest {
-            by_what: Some(proto::get_path_info_request::ByWhat::ByOutputHash(Bytes::copy_from_slice(&digest))),
+            by_what: Some(proto::get_path_info_request::ByWhat::ByOutputHash(
+                Bytes::copy_from_slice(&digest),
+            )),
         };
         let p = match self.client.clone().get(req).await {
             Ok(r) => r.into_inner(),
@@ -68,12 +79,26 @@ impl PathInfoService for GrpcPathInfoService {
 
     #[tracing::instrument(skip_all, fields(path = %info.store_path), level = "debug")]
     async fn put(&self, info: PathInfo) -> Result<PathInfo, Error> {
-        let stored = received(self.client.clone().put(info.to_proto()?).await?.into_inner())?;
+        let stored = received(
+            self.client
+                .clone()
+                .put(info.to_proto()?)
+                .await?
+                .into_inner(),
+        )?;
         // The server may add signatures; everything else must be what we sent.
         let mut cmp = stored.clone();
         cmp.signatures = info.signatures.clone();
-        if cmp != info || !info.signatures.iter().all(|s| stored.signatures.contains(s)) {
-            return Err(Error::Storage(format!("server stored something else than {}", info.store_path)));
+        if cmp != info
+            || !info
+                .signatures
+                .iter()
+                .all(|s| stored.signatures.contains(s))
+        {
+            return Err(Error::Storage(format!(
+                "server stored something else than {}",
+                info.store_path
+            )));
         }
         Ok(stored)
     }

@@ -21,7 +21,10 @@ pub struct LruPathInfoService {
 impl LruPathInfoService {
     /// A layer holding up to `capacity` path infos.
     pub fn new(capacity: NonZeroUsize, inner: Option<Arc<dyn PathInfoService>>) -> Self {
-        Self { cache: Mutex::new(lru::LruCache::new(capacity)), inner }
+        Self {
+            cache: Mutex::new(lru::LruCache::new(capacity)),
+            inner,
+        }
     }
 }
 
@@ -32,7 +35,9 @@ impl PathInfoService for LruPathInfoService {
         if let Some(i) = self.cache.lock().get(&digest) {
             return Ok(Some(i.clone()));
         }
-        let Some(inner) = &self.inner else { return Ok(None) };
+        let Some(inner) = &self.inner else {
+            return Ok(None);
+        };
         let found = inner.get(digest).await?;
         if let Some(i) = &found {
             self.cache.lock().put(digest, i.clone());

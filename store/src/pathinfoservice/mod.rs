@@ -27,8 +27,8 @@ mod sled;
 pub use self::cache::CachePathInfoService;
 pub use self::checked::CheckedPathInfoService;
 pub use self::composition::{
-    binary_cache_from_url, pathinfo_service_from_composition, pathinfo_service_from_config, pathinfo_service_from_url,
-    StoreServices,
+    binary_cache_from_url, pathinfo_service_from_composition, pathinfo_service_from_config,
+    pathinfo_service_from_url, StoreServices,
 };
 pub use self::grpc::GrpcPathInfoService;
 pub use self::lru::LruPathInfoService;
@@ -69,10 +69,16 @@ pub trait PathInfoService: Send + Sync {
 /// Decodes and validates a stored or received encoding of a path info, and
 /// checks it is stored under the right digest. Failures are
 /// [Error::Storage]: the backend holds (or sent) something invalid.
-pub(crate) fn decode_stored(raw: &[u8], expected: Option<&[u8; DIGEST_LEN]>, what: &str) -> Result<PathInfo, Error> {
+pub(crate) fn decode_stored(
+    raw: &[u8],
+    expected: Option<&[u8; DIGEST_LEN]>,
+    what: &str,
+) -> Result<PathInfo, Error> {
     use prost::Message;
-    let p = arca_proto::store::PathInfo::decode(raw).map_err(|e| Error::Storage(format!("{what} is corrupt: {e}")))?;
-    let info = PathInfo::try_from(p).map_err(|e| Error::Storage(format!("{what} is invalid: {e}")))?;
+    let p = arca_proto::store::PathInfo::decode(raw)
+        .map_err(|e| Error::Storage(format!("{what} is corrupt: {e}")))?;
+    let info =
+        PathInfo::try_from(p).map_err(|e| Error::Storage(format!("{what} is invalid: {e}")))?;
     if let Some(d) = expected {
         if info.digest() != d {
             return Err(Error::Storage(format!(

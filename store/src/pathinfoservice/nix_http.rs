@@ -144,7 +144,10 @@ fn chain(e: &dyn std::error::Error) -> String {
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// The same kind of castore error with `context` in front.
@@ -163,9 +166,13 @@ fn check_relative(rel: &str) -> Result<(), String> {
         || rel.starts_with('/')
         || rel.contains("://")
         || rel.contains(['?', '#', '\\', '%'])
-        || rel.split('/').any(|seg| seg.is_empty() || seg == "." || seg == "..")
+        || rel
+            .split('/')
+            .any(|seg| seg.is_empty() || seg == "." || seg == "..")
     {
-        return Err(format!("NAR URL {rel:?} is not a relative path inside the cache"));
+        return Err(format!(
+            "NAR URL {rel:?} is not a relative path inside the cache"
+        ));
     }
     Ok(())
 }
@@ -174,16 +181,23 @@ impl Source {
     /// The URL (or file path) of `rel`, for messages.
     fn locate(&self, rel: &str) -> String {
         match self {
-            Source::Http { base, .. } => base.join(rel).map(|u| u.to_string()).unwrap_or_else(|_| format!("{base}{rel}")),
+            Source::Http { base, .. } => base
+                .join(rel)
+                .map(|u| u.to_string())
+                .unwrap_or_else(|_| format!("{base}{rel}")),
             Source::File { dir } => dir.join(rel).display().to_string(),
         }
     }
 
     fn http_url(base: &Url, rel: &str) -> Result<Url, Error> {
-        let url = base.join(rel).map_err(|e| Error::Storage(format!("NAR URL {rel:?}: {e}")))?;
+        let url = base
+            .join(rel)
+            .map_err(|e| Error::Storage(format!("NAR URL {rel:?}: {e}")))?;
         // `check_relative` already keeps it inside; never leave the cache anyway.
         if !url.as_str().starts_with(base.as_str()) {
-            return Err(Error::Storage(format!("NAR URL {rel:?} leaves the cache {base}")));
+            return Err(Error::Storage(format!(
+                "NAR URL {rel:?} leaves the cache {base}"
+            )));
         }
         Ok(url)
     }
@@ -192,29 +206,37 @@ impl Source {
     async fn narinfo(&self, hash: &str) -> Result<Option<Vec<u8>>, Error> {
         let rel = format!("{hash}.narinfo");
         let too_large = |what: &str| {
-            Error::Storage(format!("narinfo {what} is larger than {MAX_NARINFO_DOWNLOAD} bytes"))
+            Error::Storage(format!(
+                "narinfo {what} is larger than {MAX_NARINFO_DOWNLOAD} bytes"
+            ))
         };
         match self {
             Source::Http { client, base } => {
                 let url = Self::http_url(base, &rel)?;
-                let mut resp = client
-                    .get(url.clone())
-                    .send()
-                    .await
-                    .map_err(|e| Error::Unavailable(format!("fetching {url}: {}", chain(&e))))?;
+                let mut resp =
+                    client.get(url.clone()).send().await.map_err(|e| {
+                        Error::Unavailable(format!("fetching {url}: {}", chain(&e)))
+                    })?;
                 let status = resp.status();
-                if status == reqwest::StatusCode::NOT_FOUND || status == reqwest::StatusCode::FORBIDDEN {
+                if status == reqwest::StatusCode::NOT_FOUND
+                    || status == reqwest::StatusCode::FORBIDDEN
+                {
                     return Ok(None);
                 }
                 if !status.is_success() {
                     return Err(Error::Unavailable(format!("fetching {url}: HTTP {status}")));
                 }
-                if resp.content_length().is_some_and(|l| l > MAX_NARINFO_DOWNLOAD) {
+                if resp
+                    .content_length()
+                    .is_some_and(|l| l > MAX_NARINFO_DOWNLOAD)
+                {
                     return Err(too_large(url.as_str()));
                 }
                 let mut body = Vec::new();
-                while let Some(chunk) =
-                    resp.chunk().await.map_err(|e| Error::Unavailable(format!("fetching {url}: {}", chain(&e))))?
+                while let Some(chunk) = resp
+                    .chunk()
+                    .await
+                    .map_err(|e| Error::Unavailable(format!("fetching {url}: {}", chain(&e))))?
                 {
                     if (body.len() + chunk.len()) as u64 > MAX_NARINFO_DOWNLOAD {
                         return Err(too_large(url.as_str()));
@@ -228,7 +250,12 @@ impl Source {
                 let file = match tokio::fs::File::open(&path).await {
                     Ok(f) => f,
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-                    Err(e) => return Err(Error::Unavailable(format!("reading {}: {e}", path.display()))),
+                    Err(e) => {
+                        return Err(Error::Unavailable(format!(
+                            "reading {}: {e}",
+                            path.display()
+                        )))
+                    }
                 };
                 let mut body = Vec::new();
                 file.take(MAX_NARINFO_DOWNLOAD + 1)
@@ -244,16 +271,18 @@ impl Source {
     }
 
     /// Opens the (compressed) NAR file `rel`.
-    async fn open_nar(&self, rel: &str, path: &str) -> Result<Box<dyn AsyncRead + Send + Unpin>, Error> {
+    async fn open_nar(
+        &self,
+        rel: &str,
+        path: &str,
+    ) -> Result<Box<dyn AsyncRead + Send + Unpin>, Error> {
         check_relative(rel).map_err(|e| Error::Storage(format!("{e} (narinfo of {path})")))?;
         match self {
             Source::Http { client, base } => {
                 let url = Self::http_url(base, rel)?;
-                let resp = client
-                    .get(url.clone())
-                    .send()
-                    .await
-                    .map_err(|e| Error::Unavailable(format!("fetching {url} (NAR of {path}): {}", chain(&e))))?;
+                let resp = client.get(url.clone()).send().await.map_err(|e| {
+                    Error::Unavailable(format!("fetching {url} (NAR of {path}): {}", chain(&e)))
+                })?;
                 let status = resp.status();
                 if matches!(status.as_u16(), 403 | 404 | 410) {
                     return Err(Error::Storage(format!(
@@ -261,23 +290,36 @@ impl Source {
                     )));
                 }
                 if !status.is_success() {
-                    return Err(Error::Unavailable(format!("fetching {url} (NAR of {path}): HTTP {status}")));
+                    return Err(Error::Unavailable(format!(
+                        "fetching {url} (NAR of {path}): HTTP {status}"
+                    )));
                 }
-                let stream = resp.bytes_stream().map_err(|e| std::io::Error::other(chain(&e)));
+                let stream = resp
+                    .bytes_stream()
+                    .map_err(|e| std::io::Error::other(chain(&e)));
                 Ok(Box::new(tokio_util::io::StreamReader::new(stream)))
             }
             Source::File { dir } => {
                 let file_path = dir.join(rel);
-                if file_path.strip_prefix(dir).map_or(true, |p| p.components().any(|c| !matches!(c, Component::Normal(_)))) {
-                    return Err(Error::Storage(format!("NAR URL {rel:?} leaves the cache (narinfo of {path})")));
+                if file_path.strip_prefix(dir).map_or(true, |p| {
+                    p.components().any(|c| !matches!(c, Component::Normal(_)))
+                }) {
+                    return Err(Error::Storage(format!(
+                        "NAR URL {rel:?} leaves the cache (narinfo of {path})"
+                    )));
                 }
                 match tokio::fs::File::open(&file_path).await {
                     Ok(f) => Ok(Box::new(f)),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::Storage(format!(
-                        "the binary cache has a narinfo for {path} but not its NAR {}",
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        Err(Error::Storage(format!(
+                            "the binary cache has a narinfo for {path} but not its NAR {}",
+                            file_path.display()
+                        )))
+                    }
+                    Err(e) => Err(Error::Unavailable(format!(
+                        "reading {}: {e}",
                         file_path.display()
                     ))),
-                    Err(e) => Err(Error::Unavailable(format!("reading {}: {e}", file_path.display()))),
                 }
             }
         }
@@ -300,7 +342,10 @@ impl NixHttpPathInfoService {
     ) -> Result<Self, Error> {
         let bad = |why: String| Error::InvalidRequest(format!("binary cache URL {url:?}: {why}"));
         let plain = url.strip_prefix("nix+").unwrap_or(url);
-        let plain = plain.split_once(['?', '#']).map(|(a, _)| a).unwrap_or(plain);
+        let plain = plain
+            .split_once(['?', '#'])
+            .map(|(a, _)| a)
+            .unwrap_or(plain);
         let parsed = Url::parse(plain).map_err(|e| bad(e.to_string()))?;
         let (source, cache) = match parsed.scheme() {
             "http" | "https" => {
@@ -322,14 +367,22 @@ impl NixHttpPathInfoService {
                 if parsed.host_str().is_some_and(|h| !h.is_empty()) {
                     return Err(bad("expected file:///absolute/path".into()));
                 }
-                let dir = parsed.to_file_path().map_err(|_| bad("expected file:///absolute/path".into()))?;
+                let dir = parsed
+                    .to_file_path()
+                    .map_err(|_| bad("expected file:///absolute/path".into()))?;
                 if !dir.is_absolute() || dir.parent().is_none() {
                     return Err(bad("expected file:///absolute/path".into()));
                 }
-                let cache = format!("file://{}", dir.display()).trim_end_matches('/').to_string();
+                let cache = format!("file://{}", dir.display())
+                    .trim_end_matches('/')
+                    .to_string();
                 (Source::File { dir }, cache)
             }
-            other => return Err(bad(format!("unsupported scheme {other:?} (expected http, https or file)"))),
+            other => {
+                return Err(bad(format!(
+                    "unsupported scheme {other:?} (expected http, https or file)"
+                )))
+            }
         };
         Ok(Self {
             inner: Arc::new(Inner {
@@ -354,7 +407,11 @@ impl NixHttpPathInfoService {
     /// closure before the content arrives. Answers from the narinfo cache
     /// when fresh and records absence like `get`.
     pub async fn lookup(&self, digest: [u8; DIGEST_LEN]) -> Result<Option<NarInfo>, Error> {
-        Ok(self.inner.lookup(digest, unix_now()).await?.map(|(narinfo, _, _)| narinfo))
+        Ok(self
+            .inner
+            .lookup(digest, unix_now())
+            .await?
+            .map(|(narinfo, _, _)| narinfo))
     }
 
     /// The path info for a narinfo returned by [Self::lookup]: its NAR is
@@ -386,10 +443,15 @@ impl Drop for InflightGuard {
 impl Inner {
     /// Parses and checks a narinfo for `digest`: StorePath, then signatures
     /// or content address.
-    fn check_narinfo(&self, digest: &[u8; DIGEST_LEN], raw: &[u8]) -> Result<(NarInfo, Trust), Error> {
+    fn check_narinfo(
+        &self,
+        digest: &[u8; DIGEST_LEN],
+        raw: &[u8],
+    ) -> Result<(NarInfo, Trust), Error> {
         let hash = nixbase32::encode(digest);
         let at = self.source.locate(&format!("{hash}.narinfo"));
-        let narinfo = NarInfo::parse(raw).map_err(|e| Error::Storage(format!("invalid narinfo {at}: {e}")))?;
+        let narinfo = NarInfo::parse(raw)
+            .map_err(|e| Error::Storage(format!("invalid narinfo {at}: {e}")))?;
         if narinfo.store_path().digest() != digest {
             return Err(Error::Storage(format!(
                 "StorePath mismatch: {at} describes {}, not a path with hash {hash}",
@@ -408,15 +470,31 @@ impl Inner {
             return Ok(Trust::Signed);
         }
         let path = narinfo.store_path();
-        let trusted = self.keys.iter().map(|k| k.name()).collect::<Vec<_>>().join(", ");
+        let trusted = self
+            .keys
+            .iter()
+            .map(|k| k.name())
+            .collect::<Vec<_>>()
+            .join(", ");
         let Some(ca) = narinfo.ca() else {
-            let signers = narinfo.signatures().iter().map(|s| s.name()).collect::<Vec<_>>();
-            let hint = if signers.iter().any(|s| self.keys.iter().any(|k| k.name() == *s)) {
+            let signers = narinfo
+                .signatures()
+                .iter()
+                .map(|s| s.name())
+                .collect::<Vec<_>>();
+            let hint = if signers
+                .iter()
+                .any(|s| self.keys.iter().any(|k| k.name() == *s))
+            {
                 " (a signature under a trusted key's name does not verify: the narinfo was altered, or signed by another key of that name)"
             } else {
                 ""
             };
-            let signers = if signers.is_empty() { "none".to_string() } else { signers.join(", ") };
+            let signers = if signers.is_empty() {
+                "none".to_string()
+            } else {
+                signers.join(", ")
+            };
             return Err(Error::Storage(format!(
                 "signature check failed for {path}: no valid signature by a trusted key ({trusted}); signed by: {signers}{hint}"
             )));
@@ -455,15 +533,30 @@ impl Inner {
     /// (recursive SHA-256 was checked against NarHash already).
     async fn verify_ca(&self, narinfo: &NarInfo, node: &Node) -> Result<(), Error> {
         let path = narinfo.store_path();
-        let Some(ca) = narinfo.ca() else { return Ok(()) };
+        let Some(ca) = narinfo.ca() else {
+            return Ok(());
+        };
         let (hash, text) = match ca {
             ContentAddress::Text(h) => (h, true),
-            ContentAddress::Fixed { recursive: false, hash } => (hash, false),
-            ContentAddress::Fixed { recursive: true, .. } => return Ok(()),
+            ContentAddress::Fixed {
+                recursive: false,
+                hash,
+            } => (hash, false),
+            ContentAddress::Fixed {
+                recursive: true, ..
+            } => return Ok(()),
         };
-        let mismatch = |why: String| Error::Storage(format!("content address mismatch for {path}: {why}"));
-        let Node::File { digest, size, executable } = node else {
-            return Err(mismatch(format!("CA {ca} needs a single regular file, the NAR holds something else")));
+        let mismatch =
+            |why: String| Error::Storage(format!("content address mismatch for {path}: {why}"));
+        let Node::File {
+            digest,
+            size,
+            executable,
+        } = node
+        else {
+            return Err(mismatch(format!(
+                "CA {ca} needs a single regular file, the NAR holds something else"
+            )));
         };
         if text && *executable {
             return Err(mismatch(format!("CA {ca} needs a non-executable file")));
@@ -473,7 +566,11 @@ impl Inner {
             .open_read(digest)
             .await
             .map_err(|e| with_context(e, &format!("reading {path} to check its content address")))?
-            .ok_or_else(|| Error::Storage(format!("blob {digest} of {path} vanished while checking its content address")))?;
+            .ok_or_else(|| {
+                Error::Storage(format!(
+                    "blob {digest} of {path} vanished while checking its content address"
+                ))
+            })?;
         enum H {
             S256(Sha256),
             S512(Sha512),
@@ -486,10 +583,12 @@ impl Inner {
         let mut buf = vec![0u8; 64 * 1024];
         let mut total = 0u64;
         loop {
-            let n = reader
-                .read(&mut buf)
-                .await
-                .map_err(|e| with_context(e.into(), &format!("reading {path} to check its content address")))?;
+            let n = reader.read(&mut buf).await.map_err(|e| {
+                with_context(
+                    e.into(),
+                    &format!("reading {path} to check its content address"),
+                )
+            })?;
             if n == 0 {
                 break;
             }
@@ -501,7 +600,9 @@ impl Inner {
             }
         }
         if total != *size {
-            return Err(Error::Storage(format!("blob {digest} of {path} has {total} bytes, expected {size}")));
+            return Err(Error::Storage(format!(
+                "blob {digest} of {path} has {total} bytes, expected {size}"
+            )));
         }
         let actual = match h {
             H::S256(s) => NixHash::new(HashAlgo::Sha256, &s.finalize()),
@@ -535,11 +636,18 @@ impl Inner {
         let tap = RawTap::new(raw, narinfo.file_size());
         // Sized to the download: most NARs are small, and the buffer is
         // zeroed when allocated.
-        let buffer = narinfo.file_size().unwrap_or(narinfo.nar_size()).clamp(8 * 1024, READ_BUFFER as u64) as usize;
+        let buffer = narinfo
+            .file_size()
+            .unwrap_or(narinfo.nar_size())
+            .clamp(8 * 1024, READ_BUFFER as u64) as usize;
         let decoder = Decoder::new(narinfo.compression(), BufReader::with_capacity(buffer, tap));
         let mut nar = Limited::new(decoder, narinfo.nar_size());
-        let expected = ExpectedNar { nar_size: Some(narinfo.nar_size()), nar_sha256: Some(narinfo.nar_sha256()) };
-        let result = ingest_nar_expecting(&mut nar, self.blobs.clone(), &*self.directories, expected).await;
+        let expected = ExpectedNar {
+            nar_size: Some(narinfo.nar_size()),
+            nar_sha256: Some(narinfo.nar_sha256()),
+        };
+        let result =
+            ingest_nar_expecting(&mut nar, self.blobs.clone(), &*self.directories, expected).await;
 
         let file_size_note = |count: u64| match narinfo.file_size() {
             Some(n) => format!("{count} bytes of FileSize {n} read"),
@@ -645,13 +753,21 @@ impl Inner {
     /// The whole get, run once per digest at a time.
     async fn fetch(&self, digest: [u8; DIGEST_LEN]) -> Result<Option<PathInfo>, Error> {
         let now = unix_now();
-        let Some((narinfo, trust, from_cache)) = self.lookup(digest, now).await? else { return Ok(None) };
-        self.complete(narinfo, trust, from_cache, now).await.map(Some)
+        let Some((narinfo, trust, from_cache)) = self.lookup(digest, now).await? else {
+            return Ok(None);
+        };
+        self.complete(narinfo, trust, from_cache, now)
+            .await
+            .map(Some)
     }
 
     /// The checked narinfo of `digest` (from the narinfo cache when fresh),
     /// whether it came from the cache; `None` if the cache lacks the path.
-    async fn lookup(&self, digest: [u8; DIGEST_LEN], now: u64) -> Result<Option<(NarInfo, Trust, bool)>, Error> {
+    async fn lookup(
+        &self,
+        digest: [u8; DIGEST_LEN],
+        now: u64,
+    ) -> Result<Option<(NarInfo, Trust, bool)>, Error> {
         let hash = nixbase32::encode(&digest);
         let mut cached = None;
         match self.index.get_narinfo(&self.cache, &digest, now).await? {
@@ -662,7 +778,9 @@ impl Inner {
             CachedNarInfo::Present(text) => match self.check_narinfo(&digest, text.as_bytes()) {
                 Ok(checked) => cached = Some(checked),
                 // E.g. stored by a service trusting other keys: ask again.
-                Err(e) => tracing::debug!(error = %e, "cached narinfo not accepted, fetching it again"),
+                Err(e) => {
+                    tracing::debug!(error = %e, "cached narinfo not accepted, fetching it again")
+                }
             },
             CachedNarInfo::Missing => {}
         }
@@ -671,7 +789,9 @@ impl Inner {
         }
         let Some(raw) = self.source.narinfo(&hash).await? else {
             tracing::debug!("absent");
-            self.index.put_narinfo(&self.cache, &digest, now, None).await?;
+            self.index
+                .put_narinfo(&self.cache, &digest, now, None)
+                .await?;
             return Ok(None);
         };
         let (narinfo, trust) = self.check_narinfo(&digest, &raw)?;
@@ -681,7 +801,13 @@ impl Inner {
     /// Turns a checked narinfo into a path info: the NAR comes from the NAR
     /// index when castore still holds it, else it is downloaded and
     /// ingested; then the NAR and the narinfo are recorded.
-    async fn complete(&self, narinfo: NarInfo, trust: Trust, from_cache: bool, now: u64) -> Result<PathInfo, Error> {
+    async fn complete(
+        &self,
+        narinfo: NarInfo,
+        trust: Trust,
+        from_cache: bool,
+        now: u64,
+    ) -> Result<PathInfo, Error> {
         let digest = *narinfo.store_path().digest();
         let path = narinfo.store_path();
         let nar_sha256 = narinfo.nar_sha256();
@@ -709,10 +835,14 @@ impl Inner {
             self.verify_ca(&narinfo, &node).await?;
         }
         if downloaded {
-            self.index.put_nar(&nar_sha256, &node, narinfo.nar_size()).await?;
+            self.index
+                .put_nar(&nar_sha256, &node, narinfo.nar_size())
+                .await?;
         }
         if !from_cache {
-            self.index.put_narinfo(&self.cache, &digest, now, Some(&narinfo.to_string())).await?;
+            self.index
+                .put_narinfo(&self.cache, &digest, now, Some(&narinfo.to_string()))
+                .await?;
         }
         Ok(PathInfo::from_narinfo(&narinfo, node))
     }
@@ -727,7 +857,10 @@ impl PathInfoService for NixHttpPathInfoService {
             match inflight.get(&digest) {
                 Some(f) => f.clone(),
                 None => {
-                    let guard = InflightGuard { inner: self.inner.clone(), digest };
+                    let guard = InflightGuard {
+                        inner: self.inner.clone(),
+                        digest,
+                    };
                     let task = tokio::spawn(
                         async move {
                             let result = guard.inner.fetch(guard.digest).await;
@@ -737,7 +870,9 @@ impl PathInfoService for NixHttpPathInfoService {
                         .instrument(tracing::Span::current()),
                     );
                     let f: SharedGet = async move {
-                        task.await.map_err(|e| Error::Storage(format!("binary cache fetch task failed: {e}")))?
+                        task.await.map_err(|e| {
+                            Error::Storage(format!("binary cache fetch task failed: {e}"))
+                        })?
                     }
                     .boxed()
                     .shared();
@@ -757,7 +892,10 @@ impl PathInfoService for NixHttpPathInfoService {
     }
 
     fn list(&self) -> BoxStream<'_, Result<PathInfo, Error>> {
-        let msg = format!("{} is a Nix binary cache: binary caches cannot be listed", self.inner.cache);
+        let msg = format!(
+            "{} is a Nix binary cache: binary caches cannot be listed",
+            self.inner.cache
+        );
         futures::stream::once(async move { Err(Error::InvalidRequest(msg)) }).boxed()
     }
 }
@@ -783,7 +921,19 @@ mod tests {
         for ok in ["nar/abc.nar.xz", "abc.nar", "a/b/c.nar.zst"] {
             check_relative(ok).unwrap();
         }
-        for bad in ["", "/nar/x", "http://evil/x", "../x", "nar/../../x", "nar//x", "./x", "nar/x?y", "nar/x#y", "a\\b", "nar/%2e%2e/x"] {
+        for bad in [
+            "",
+            "/nar/x",
+            "http://evil/x",
+            "../x",
+            "nar/../../x",
+            "nar//x",
+            "./x",
+            "nar/x?y",
+            "nar/x#y",
+            "a\\b",
+            "nar/%2e%2e/x",
+        ] {
             assert!(check_relative(bad).is_err(), "{bad}");
         }
     }
@@ -808,8 +958,12 @@ mod tests {
         let e = s.list().next().await.unwrap().unwrap_err();
         assert!(e.to_string().contains("cannot be listed"), "{e}");
         let info = PathInfo {
-            store_path: crate::StorePath::from_basename("00000000000000000000000000000000-x").unwrap(),
-            node: Node::Symlink { target: arca_castore::SymlinkTarget::try_from(bytes::Bytes::from_static(b"/x")).unwrap() },
+            store_path: crate::StorePath::from_basename("00000000000000000000000000000000-x")
+                .unwrap(),
+            node: Node::Symlink {
+                target: arca_castore::SymlinkTarget::try_from(bytes::Bytes::from_static(b"/x"))
+                    .unwrap(),
+            },
             references: vec![],
             nar_size: 1,
             nar_sha256: [0; 32],
@@ -818,7 +972,10 @@ mod tests {
             ca: None,
         };
         let e = s.put(info).await.unwrap_err();
-        assert!(matches!(&e, Error::InvalidRequest(m) if m.contains("read-only binary cache")), "{e}");
+        assert!(
+            matches!(&e, Error::InvalidRequest(m) if m.contains("read-only binary cache")),
+            "{e}"
+        );
     }
 
     #[tokio::test]
@@ -826,10 +983,16 @@ mod tests {
         // Port 1 on loopback: connection refused.
         let s = service("nix+http://127.0.0.1:1/c", vec![]).unwrap();
         let e = s.get([1; DIGEST_LEN]).await.unwrap_err();
-        assert!(matches!(&e, Error::Unavailable(m) if m.contains("http://127.0.0.1:1/c/")), "{e}");
+        assert!(
+            matches!(&e, Error::Unavailable(m) if m.contains("http://127.0.0.1:1/c/")),
+            "{e}"
+        );
         // Nothing was cached negatively.
         assert_eq!(
-            s.nar_index().get_narinfo(s.cache_url(), &[1; DIGEST_LEN], unix_now()).await.unwrap(),
+            s.nar_index()
+                .get_narinfo(s.cache_url(), &[1; DIGEST_LEN], unix_now())
+                .await
+                .unwrap(),
             CachedNarInfo::Missing
         );
     }

@@ -32,13 +32,21 @@ impl ObjectStorePathInfoService {
         self.dir().join(crate::nixbase32::encode(d))
     }
 
-    async fn read(&self, path: &Path, expected: Option<&[u8; DIGEST_LEN]>) -> Result<Option<PathInfo>, Error> {
+    async fn read(
+        &self,
+        path: &Path,
+        expected: Option<&[u8; DIGEST_LEN]>,
+    ) -> Result<Option<PathInfo>, Error> {
         let raw = match self.store.get(path).await {
             Ok(r) => r.bytes().await?,
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
             Err(e) => return Err(e.into()),
         };
-        Ok(Some(decode_stored(&raw, expected, &format!("stored path info {path}"))?))
+        Ok(Some(decode_stored(
+            &raw,
+            expected,
+            &format!("stored path info {path}"),
+        )?))
     }
 }
 
@@ -51,7 +59,9 @@ impl PathInfoService for ObjectStorePathInfoService {
 
     #[tracing::instrument(skip_all, fields(path = %info.store_path), level = "debug")]
     async fn put(&self, info: PathInfo) -> Result<PathInfo, Error> {
-        self.store.put(&self.path(info.digest()), PutPayload::from(encode(&info)?)).await?;
+        self.store
+            .put(&self.path(info.digest()), PutPayload::from(encode(&info)?))
+            .await?;
         Ok(info)
     }
 

@@ -18,12 +18,16 @@ pub struct SledPathInfoService {
 impl SledPathInfoService {
     /// Opens (creating) the database at `path`.
     pub fn open(path: &Path) -> Result<Self, Error> {
-        Ok(Self::from_db(arca_castore::directoryservice::open_sled(Some(path))?))
+        Ok(Self::from_db(arca_castore::directoryservice::open_sled(
+            Some(path),
+        )?))
     }
 
     /// A temporary database, deleted when dropped.
     pub fn temporary() -> Result<Self, Error> {
-        Ok(Self::from_db(arca_castore::directoryservice::open_sled(None)?))
+        Ok(Self::from_db(arca_castore::directoryservice::open_sled(
+            None,
+        )?))
     }
 
     fn from_db(db: sled::Db) -> Self {
@@ -36,14 +40,18 @@ impl SledPathInfoService {
 impl PathInfoService for SledPathInfoService {
     #[tracing::instrument(skip(self), fields(digest = %crate::nixbase32::encode(&digest)), level = "debug")]
     async fn get(&self, digest: [u8; DIGEST_LEN]) -> Result<Option<PathInfo>, Error> {
-        let Some(raw) = self.db.get(digest).map_err(Error::storage)? else { return Ok(None) };
+        let Some(raw) = self.db.get(digest).map_err(Error::storage)? else {
+            return Ok(None);
+        };
         let what = format!("stored path info {}", crate::nixbase32::encode(&digest));
         Ok(Some(decode_stored(&raw, Some(&digest), &what)?))
     }
 
     #[tracing::instrument(skip_all, fields(path = %info.store_path), level = "debug")]
     async fn put(&self, info: PathInfo) -> Result<PathInfo, Error> {
-        self.db.insert(info.digest(), encode(&info)?).map_err(Error::storage)?;
+        self.db
+            .insert(info.digest(), encode(&info)?)
+            .map_err(Error::storage)?;
         self.flusher.flush().await?;
         Ok(info)
     }
@@ -51,9 +59,15 @@ impl PathInfoService for SledPathInfoService {
     fn list(&self) -> BoxStream<'_, Result<PathInfo, Error>> {
         futures::stream::iter(self.db.iter().map(|kv| {
             let (k, v) = kv.map_err(Error::storage)?;
-            let key: [u8; DIGEST_LEN] =
-                k.as_ref().try_into().map_err(|_| Error::Storage(format!("sled key of {} bytes", k.len())))?;
-            decode_stored(&v, Some(&key), &format!("stored path info {}", crate::nixbase32::encode(&key)))
+            let key: [u8; DIGEST_LEN] = k
+                .as_ref()
+                .try_into()
+                .map_err(|_| Error::Storage(format!("sled key of {} bytes", k.len())))?;
+            decode_stored(
+                &v,
+                Some(&key),
+                &format!("stored path info {}", crate::nixbase32::encode(&key)),
+            )
         }))
         .boxed()
     }

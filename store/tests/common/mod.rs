@@ -23,9 +23,16 @@ use tokio::sync::oneshot;
 /// Whether `nix-store` is installed. Under `CI=true` its absence fails the
 /// test (scripts/test.sh installs it); elsewhere the test is skipped loudly.
 pub fn have_nix() -> bool {
-    let ok = Command::new("nix-store").arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
+    let ok = Command::new("nix-store")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
     if !ok {
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "nix-store not found (scripts/test.sh installs nix-bin)");
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "nix-store not found (scripts/test.sh installs nix-bin)"
+        );
         eprintln!("SKIPPED: nix-store not found (run scripts/test.sh to install nix-bin)");
     }
     ok
@@ -53,7 +60,8 @@ pub fn fixture() -> Option<PathBuf> {
 
 fn build_fixture() -> PathBuf {
     let script = fixture_script();
-    let script_text = std::fs::read(&script).unwrap_or_else(|e| panic!("{}: {e}", script.display()));
+    let script_text =
+        std::fs::read(&script).unwrap_or_else(|e| panic!("{}: {e}", script.display()));
     let stamp = format!("{:x}", sha2::Sha256::digest(&script_text));
     let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
     std::fs::create_dir_all(&base).unwrap();
@@ -134,7 +142,10 @@ pub fn closure(fixture: &Path) -> Vec<String> {
 
 /// The fixture's public key (`name:base64`).
 pub fn public_key(fixture: &Path) -> String {
-    std::fs::read_to_string(fixture.join("keys/public.key")).unwrap().trim().to_string()
+    std::fs::read_to_string(fixture.join("keys/public.key"))
+        .unwrap()
+        .trim()
+        .to_string()
 }
 
 /// The 32-character hash part of a store path.
@@ -159,7 +170,8 @@ pub fn copy_dir(from: &Path, to: &Path) {
 /// A narinfo field's value.
 pub fn narinfo_field(narinfo: &Path, key: &str) -> Option<String> {
     let text = std::fs::read_to_string(narinfo).unwrap();
-    text.lines().find_map(|l| l.strip_prefix(&format!("{key}: ")).map(String::from))
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}: ")).map(String::from))
 }
 
 /// Rewrites a narinfo: `key`'s line gets `value`, or is removed for `None`.
@@ -200,8 +212,13 @@ pub struct CacheServer {
 impl CacheServer {
     /// Serves the files under `root` on 127.0.0.1 (a free port).
     pub async fn start(root: &Path) -> CacheServer {
-        let state = Arc::new(ServerState { root: Mutex::new(root.to_path_buf()), ..Default::default() });
-        let app = axum::Router::new().fallback(serve_file).with_state(state.clone());
+        let state = Arc::new(ServerState {
+            root: Mutex::new(root.to_path_buf()),
+            ..Default::default()
+        });
+        let app = axum::Router::new()
+            .fallback(serve_file)
+            .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -213,12 +230,18 @@ impl CacheServer {
                 .await
                 .unwrap();
         });
-        CacheServer { state, addr, stop: Some(stop) }
+        CacheServer {
+            state,
+            addr,
+            stop: Some(stop),
+        }
     }
 
     /// `http://127.0.0.1:PORT/<sub>` (no trailing slash).
     pub fn url(&self, sub: &str) -> String {
-        format!("http://{}/{}", self.addr, sub.trim_matches('/')).trim_end_matches('/').to_string()
+        format!("http://{}/{}", self.addr, sub.trim_matches('/'))
+            .trim_end_matches('/')
+            .to_string()
     }
 
     /// Serves another directory from now on.
@@ -228,7 +251,9 @@ impl CacheServer {
 
     /// Waits this long before every response.
     pub fn set_delay(&self, delay: Duration) {
-        self.state.delay_ms.store(delay.as_millis() as u64, Ordering::Relaxed);
+        self.state
+            .delay_ms
+            .store(delay.as_millis() as u64, Ordering::Relaxed);
     }
 
     /// Answers `status` (empty body) for the URL path `path` (e.g. `/cache-xz/x.narinfo`).
@@ -253,12 +278,22 @@ impl CacheServer {
 
     /// Requests so far whose path ends with `suffix`.
     pub fn count_ending(&self, suffix: &str) -> usize {
-        self.state.log.lock().iter().filter(|r| r.ends_with(suffix)).count()
+        self.state
+            .log
+            .lock()
+            .iter()
+            .filter(|r| r.ends_with(suffix))
+            .count()
     }
 
     /// Requests so far of NAR files (`/nar/…`).
     pub fn nar_requests(&self) -> usize {
-        self.state.log.lock().iter().filter(|r| r.contains("/nar/")).count()
+        self.state
+            .log
+            .lock()
+            .iter()
+            .filter(|r| r.contains("/nar/"))
+            .count()
     }
 }
 

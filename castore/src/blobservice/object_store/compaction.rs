@@ -52,7 +52,9 @@ impl std::str::FromStr for LocalCompression {
         match s {
             "inline" => Ok(Self::Inline),
             "background" => Ok(Self::Background),
-            other => Err(format!("unknown compression {other:?} (expected inline or background)")),
+            other => Err(format!(
+                "unknown compression {other:?} (expected inline or background)"
+            )),
         }
     }
 }
@@ -73,7 +75,11 @@ pub struct LocalFilesOptions {
 
 impl Default for LocalFilesOptions {
     fn default() -> Self {
-        Self { compression: LocalCompression::default(), idle_delay: Duration::from_secs(1), low_priority: true }
+        Self {
+            compression: LocalCompression::default(),
+            idle_delay: Duration::from_secs(1),
+            low_priority: true,
+        }
     }
 }
 
@@ -123,7 +129,10 @@ struct Round {
 
 /// What became of one pending chunk.
 enum Outcome {
-    Compressed { before: u64, after: u64 },
+    Compressed {
+        before: u64,
+        after: u64,
+    },
     /// Raw, and zstd would not save 1/16.
     KeptRaw,
     /// Already compressed, gone, corrupt or unreadable: nothing written.
@@ -132,10 +141,17 @@ enum Outcome {
 
 impl Compactor {
     /// Reads the journal under `dir` (creating it) and starts the thread.
-    pub(super) fn start(dir: PathBuf, level: i32, options: &LocalFilesOptions) -> Result<Self, Error> {
-        std::fs::create_dir_all(&dir).map_err(|e| Error::Storage(format!("creating {}: {e}", dir.display())))?;
+    pub(super) fn start(
+        dir: PathBuf,
+        level: i32,
+        options: &LocalFilesOptions,
+    ) -> Result<Self, Error> {
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::Storage(format!("creating {}: {e}", dir.display())))?;
         let path = dir.join(JOURNAL_NAME);
-        let io_err = |what: &str, e: std::io::Error| Error::Storage(format!("{what} {}: {e}", path.display()));
+        let io_err = |what: &str, e: std::io::Error| {
+            Error::Storage(format!("{what} {}: {e}", path.display()))
+        };
         let mut journal = std::fs::OpenOptions::new()
             .read(true)
             .append(true)
@@ -143,13 +159,17 @@ impl Compactor {
             .open(&path)
             .map_err(|e| io_err("opening", e))?;
         let mut records = Vec::new();
-        journal.read_to_end(&mut records).map_err(|e| io_err("reading", e))?;
+        journal
+            .read_to_end(&mut records)
+            .map_err(|e| io_err("reading", e))?;
         let whole = records.len() - records.len() % B3_LEN;
         if whole != records.len() {
             // A torn last record (crash during an append): drop it, so that
             // new records start on a record boundary.
             warn!(journal = %path.display(), "dropping a torn last record");
-            journal.set_len(whole as u64).map_err(|e| io_err("truncating", e))?;
+            journal
+                .set_len(whole as u64)
+                .map_err(|e| io_err("truncating", e))?;
         }
         let mut seen = HashSet::new();
         let queue: VecDeque<B3Digest> = records[..whole]
@@ -168,7 +188,10 @@ impl Compactor {
             epoch: Instant::now(),
             last_write_ms: AtomicU64::new(0),
             stop: AtomicBool::new(false),
-            state: Mutex::new(State { queue, ..Default::default() }),
+            state: Mutex::new(State {
+                queue,
+                ..Default::default()
+            }),
             wake: Condvar::new(),
             journal: Mutex::new(journal),
         });
@@ -182,14 +205,18 @@ impl Compactor {
 
     /// A writer is about to store a chunk: the compactor waits for quiet.
     pub(super) fn note_write(&self) {
-        self.shared.last_write_ms.store(self.shared.now_ms(), Ordering::Relaxed);
+        self.shared
+            .last_write_ms
+            .store(self.shared.now_ms(), Ordering::Relaxed);
     }
 
     /// Records a chunk just written raw: queued, and appended to the journal
     /// (with whatever other writers queued meanwhile). Blocking I/O.
     pub(super) fn record(&self, digest: B3Digest) {
         let shared = &self.shared;
-        shared.last_write_ms.store(shared.now_ms(), Ordering::Relaxed);
+        shared
+            .last_write_ms
+            .store(shared.now_ms(), Ordering::Relaxed);
         {
             let mut st = shared.state.lock();
             let was_idle = st.queue.is_empty() && !st.working;
@@ -236,7 +263,11 @@ impl Shared {
 
     /// The compactor thread's loop.
     fn run(self: Arc<Self>) {
-        let priority = if self.low_priority { lower_own_priority() } else { "normal (as asked)" };
+        let priority = if self.low_priority {
+            lower_own_priority()
+        } else {
+            "normal (as asked)"
+        };
         debug!(dir = %self.dir.display(), priority, "compactor started");
         loop {
             let mut st = self.state.lock();
@@ -247,13 +278,17 @@ impl Shared {
                 break;
             }
             // Only once writes have paused.
-            let quiet_ms = self.now_ms().saturating_sub(self.last_write_ms.load(Ordering::Relaxed));
+            let quiet_ms = self
+                .now_ms()
+                .saturating_sub(self.last_write_ms.load(Ordering::Relaxed));
             let quiet = Duration::from_millis(quiet_ms);
             if quiet < self.idle_delay {
                 self.wake.wait_for(&mut st, self.idle_delay - quiet);
                 continue;
             }
-            let Some(digest) = st.queue.pop_front() else { continue };
+            let Some(digest) = st.queue.pop_front() else {
+                continue;
+            };
             st.working = true;
             st.round.started.get_or_insert_with(Instant::now);
             drop(st);
@@ -342,7 +377,10 @@ fn compact_one(dir: &Path, level: i32, digest: &B3Digest) -> Outcome {
         Ok(Some(compressed)) => {
             let after = compressed.len() as u64;
             match write_file_atomically(&file, &[Bytes::from(compressed)], true) {
-                Ok(()) => Outcome::Compressed { before: stored.len() as u64, after },
+                Ok(()) => Outcome::Compressed {
+                    before: stored.len() as u64,
+                    after,
+                },
                 Err(e) => {
                     warn!(chunk = %digest, file = %file.display(), error = %e, "writing a compressed chunk");
                     Outcome::Skipped
@@ -382,10 +420,19 @@ mod tests {
 
     #[test]
     fn compression_modes_parse() {
-        assert_eq!("inline".parse::<LocalCompression>(), Ok(LocalCompression::Inline));
-        assert_eq!("background".parse::<LocalCompression>(), Ok(LocalCompression::Background));
+        assert_eq!(
+            "inline".parse::<LocalCompression>(),
+            Ok(LocalCompression::Inline)
+        );
+        assert_eq!(
+            "background".parse::<LocalCompression>(),
+            Ok(LocalCompression::Background)
+        );
         let err = "lazy".parse::<LocalCompression>().unwrap_err();
-        assert!(err.contains("\"lazy\"") && err.contains("inline or background"), "{err}");
+        assert!(
+            err.contains("\"lazy\"") && err.contains("inline or background"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -402,7 +449,11 @@ mod tests {
             "SCHED_IDLE" => assert_eq!(policy, libc::SCHED_IDLE),
             "nice 19" => {
                 // SAFETY: plain syscall.
-                assert_eq!(unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) }, 0, "only that thread was reniced");
+                assert_eq!(
+                    unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) },
+                    0,
+                    "only that thread was reniced"
+                );
             }
             other => panic!("could not lower the priority: {other}"),
         }
@@ -423,10 +474,18 @@ mod tests {
         bytes.extend_from_slice(&[7; 10]); // torn
         std::fs::write(tmp.path().join(JOURNAL_NAME), &bytes).expect("write journal");
         // A long delay: nothing is compacted while we look.
-        let options = LocalFilesOptions { idle_delay: Duration::from_secs(3600), ..Default::default() };
+        let options = LocalFilesOptions {
+            idle_delay: Duration::from_secs(3600),
+            ..Default::default()
+        };
         let c = Compactor::start(tmp.path().to_path_buf(), 1, &options).expect("start");
         assert_eq!(c.pending(), 2);
-        assert_eq!(std::fs::metadata(tmp.path().join(JOURNAL_NAME)).expect("journal").len(), 3 * 32);
+        assert_eq!(
+            std::fs::metadata(tmp.path().join(JOURNAL_NAME))
+                .expect("journal")
+                .len(),
+            3 * 32
+        );
         // New records land on a record boundary.
         let d = B3Digest::of(b"d");
         c.record(d);
