@@ -235,24 +235,19 @@ fn read_file_chunks(path: PathBuf) -> tokio::sync::mpsc::Receiver<std::io::Resul
             }
         };
         loop {
-            let mut buf = bytes::BytesMut::zeroed(READ_PIECE);
-            let mut filled = 0;
-            while filled < READ_PIECE {
-                match f.read(&mut buf[filled..]) {
-                    Ok(0) => break,
-                    Ok(n) => filled += n,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    Err(e) => {
-                        let _ = tx.blocking_send(Err(e));
-                        return;
-                    }
+            // Read into fresh capacity: nothing is zero-filled first.
+            let mut buf = Vec::with_capacity(READ_PIECE);
+            let filled = match (&mut f).take(READ_PIECE as u64).read_to_end(&mut buf) {
+                Ok(n) => n,
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(e));
+                    return;
                 }
-            }
+            };
             if filled == 0 {
                 return;
             }
-            buf.truncate(filled);
-            if tx.blocking_send(Ok(buf.freeze())).is_err() || filled < READ_PIECE {
+            if tx.blocking_send(Ok(bytes::Bytes::from(buf))).is_err() || filled < READ_PIECE {
                 return;
             }
         }
