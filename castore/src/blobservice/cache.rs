@@ -57,7 +57,7 @@ impl BlobService for CacheBlobService {
     /// In groups: `near` answers what it has, `far` the rest in one batch
     /// (filling `near`), answers merged back into the order asked.
     fn read_many<'a>(&'a self, digests: Vec<B3Digest>) -> BoxStream<'a, Result<BatchItem, Error>> {
-        let groups: Vec<Vec<B3Digest>> = digests.chunks(FILL_GROUP).map(<[_]>::to_vec).collect();
+        let groups = super::in_groups(&digests, FILL_GROUP);
         futures::stream::iter(groups)
             .then(move |group| async move {
                 let mut answers: Vec<BatchItem> = self.near.read_many(group).try_collect().await?;

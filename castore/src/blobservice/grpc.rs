@@ -206,10 +206,7 @@ impl BlobService for GrpcBlobService {
         if self.no_batch.load(Ordering::Relaxed) {
             return super::read_each(self, digests);
         }
-        let groups: Vec<Vec<B3Digest>> = digests
-            .chunks(MAX_BATCH_DIGESTS)
-            .map(<[_]>::to_vec)
-            .collect();
+        let groups = super::in_groups(&digests, MAX_BATCH_DIGESTS);
         futures::stream::iter(groups)
             .map(move |group| async move {
                 let this = self.pick();

@@ -107,7 +107,15 @@ pub async fn read_small<S: BlobService + ?Sized>(
     svc: &S,
     digest: &B3Digest,
 ) -> Result<Option<Bytes>, Error> {
-    let Some(reader) = svc.open_read(digest).await? else {
+    read_small_from(svc.open_read(digest).await?, digest).await
+}
+
+/// [read_small] from a reader already opened (`None`: the blob is absent).
+pub async fn read_small_from(
+    reader: Option<Box<dyn BlobReader>>,
+    digest: &B3Digest,
+) -> Result<Option<Bytes>, Error> {
+    let Some(reader) = reader else {
         return Ok(None);
     };
     let mut buf = Vec::new();
@@ -121,6 +129,12 @@ pub async fn read_small<S: BlobService + ?Sized>(
         )));
     }
     Ok(Some(Bytes::from(buf)))
+}
+
+/// `digests` cut into groups of at most `size`, in order: how the
+/// [BlobService::read_many] implementations split their work.
+pub(crate) fn in_groups(digests: &[B3Digest], size: usize) -> Vec<Vec<B3Digest>> {
+    digests.chunks(size).map(<[_]>::to_vec).collect()
 }
 
 /// Where a seek lands in a stream of `len` bytes read up to `pos`: past

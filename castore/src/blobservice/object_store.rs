@@ -396,6 +396,19 @@ pub struct ObjectStoreBlobService {
 }
 
 impl ObjectStoreBlobService {
+    /// A reader of a blob stored as a chunk list (not as one chunk); `None`
+    /// if there is no such list.
+    async fn open_chunked(&self, digest: &B3Digest) -> Result<Option<Box<dyn BlobReader>>, Error> {
+        match self.inner.chunk_list(digest).await? {
+            None => Ok(None),
+            Some(chunks) => Ok(Some(Box::new(ChunkedReader::new(
+                chunks,
+                Arc::new(Fetcher(self.inner.clone())),
+                *digest,
+            )?))),
+        }
+    }
+
     /// A service storing under `base` in `store`.
     pub fn new(store: Arc<dyn ObjectStore>, base: Path) -> Self {
         Self::with_params(store, base, ChunkingParams::default(), 1)
@@ -516,14 +529,7 @@ impl BlobService for ObjectStoreBlobService {
         if let Some(data) = self.inner.read_chunk(digest, None).await? {
             return Ok(Some(Box::new(std::io::Cursor::new(data))));
         }
-        match self.inner.chunk_list(digest).await? {
-            None => Ok(None),
-            Some(chunks) => Ok(Some(Box::new(ChunkedReader::new(
-                chunks,
-                Arc::new(Fetcher(self.inner.clone())),
-                *digest,
-            )?))),
-        }
+        self.open_chunked(digest).await
     }
 
     async fn open_write(&self) -> Box<dyn BlobWriter> {
@@ -548,7 +554,7 @@ impl BlobService for ObjectStoreBlobService {
         let Some(dir) = self.inner.local_dir.clone() else {
             return super::read_each(self, digests);
         };
-        let groups: Vec<Vec<B3Digest>> = digests.chunks(LOCAL_BATCH).map(<[_]>::to_vec).collect();
+        let groups = super::in_groups(&digests, LOCAL_BATCH);
         futures::stream::iter(groups)
             .map(move |group| {
                 let dir = dir.clone();
@@ -566,7 +572,10 @@ impl BlobService for ObjectStoreBlobService {
                         match r? {
                             Some(data) => out.push(Ok((d, Some(data)))),
                             // Not a chunk: a blob of several chunks, or absent.
-                            None => out.push(Ok((d, super::read_small(self, &d).await?))),
+                            None => out.push(Ok((
+                                d,
+                                super::read_small_from(self.open_chunked(&d).await?, &d).await?,
+                            ))),
                         }
                     }
                     Ok::<_, Error>(futures::stream::iter(out))
