@@ -41,7 +41,7 @@ export BLOB_SERVICE_ADDR=grpc+http://127.0.0.1:$PORT DIRECTORY_SERVICE_ADDR=grpc
 JSON=$WORK/hf.json
 hyperfine --runs "$RUNS" --warmup 1 --export-json "$JSON" \
   -n b3sum "find $TREE -type f -print0 | xargs -0 b3sum >/dev/null" \
-  -n "cp -a + sync" --prepare "rm -rf $WORK/copy; sync" "cp -a $TREE $WORK/copy && sync" \
+  -n "cp -a + sync" --prepare "mkdir -p $WORK/retired; [ ! -e $WORK/copy ] || mv $WORK/copy $WORK/retired/copy.\$(date +%s%N); sync" "cp -a $TREE $WORK/copy && sync" \
   >/dev/null
 hf_median() { python3 -c "import json,sys; r={x['command']:x for x in json.load(open('$JSON'))['results']}; print('%.3f' % r[sys.argv[1]]['median'])" "$1"; }
 T_B3=$(hf_median b3sum)

@@ -32,7 +32,7 @@ SIZE=$(du -sb "$TREE" | cut -f1)
 
 NIX_ADD=(); ARCA_ADD=(); INLINE_ADD=(); COMPACT=(); NIX_DUMP=(); ARCA_DUMP=()
 for _ in $(seq "$RUNS"); do
-  chmod -R u+w "$WORK/nixroot" 2>/dev/null || true; rm -rf "$WORK/nixroot"
+  retire "$WORK/nixroot"
   s=$(now); NP=$(nix-store --store "local?root=$WORK/nixroot" --add "$TREE" 2>/dev/null); sync; e=$(now)
   NIX_ADD+=("$(echo "$e - $s" | bc)")
   start_daemon --blob-service-addr "$(inline_blobs)"
