@@ -5,6 +5,7 @@ use crate::directoryservice::ClosureValidator;
 use crate::{
     B3Digest, BlobService, Directory, DirectoryService, Error, Node, PathComponent, SymlinkTarget,
 };
+use futures::future::BoxFuture;
 use futures::stream::{StreamExt, TryStreamExt};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -49,6 +50,13 @@ pub enum ImportError {
         /// Bytes read.
         actual: u64,
     },
+    /// A file's bytes no longer match the digest taken when it was first
+    /// read (same size, other content).
+    #[error("{path}: changed while importing (its content no longer matches the digest taken when it was first read)")]
+    ContentChanged {
+        /// The file.
+        path: PathBuf,
+    },
     /// The store refused or failed.
     #[error("{path}: {source}")]
     Store {
@@ -70,6 +78,100 @@ pub trait ImportProgress: Send + Sync {
 /// Progress that goes nowhere.
 pub struct NoProgress;
 impl ImportProgress for NoProgress {}
+
+/// Where an import gets each regular file's BLAKE3 digest, before it
+/// decides whether the store needs the file at all. The upload that may
+/// follow reads the file again and is checked against this digest, so a file
+/// that changed in between fails the import ([ImportError::Changed]).
+pub trait FileDigests: Send + Sync {
+    /// The digest of the regular file at `path` (as the walk found it).
+    fn digest<'a>(&'a self, path: &'a Path) -> BoxFuture<'a, std::io::Result<B3Digest>>;
+}
+
+/// Hashes each file itself: memory-mapped, on all cores.
+pub struct HashLocally;
+
+impl FileDigests for HashLocally {
+    fn digest<'a>(&'a self, path: &'a Path) -> BoxFuture<'a, std::io::Result<B3Digest>> {
+        let path = path.to_path_buf();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                let mut h = blake3::Hasher::new();
+                h.update_mmap_rayon(&path)?;
+                Ok(B3Digest::from(h.finalize()))
+            })
+            .await
+            .map_err(std::io::Error::other)?
+        })
+    }
+}
+
+/// Digests published by another pass over the same files (for example the
+/// one computing a NAR hash, so that every file is read once for both, and
+/// the NAR hash describes exactly the bytes that get stored). An import
+/// asking for a path waits until it is published, or fails once the board
+/// is closed without it.
+#[derive(Default)]
+pub struct DigestBoard {
+    state: parking_lot::Mutex<BoardState>,
+    changed: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct BoardState {
+    digests: std::collections::HashMap<PathBuf, B3Digest>,
+    /// Set when nothing more will be published: `Err` says why.
+    closed: Option<Result<(), String>>,
+}
+
+impl DigestBoard {
+    /// An empty board.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Publishes the digest of the file at `path`.
+    pub fn publish(&self, path: &Path, digest: B3Digest) {
+        self.state.lock().digests.insert(path.to_path_buf(), digest);
+        self.changed.notify_waiters();
+    }
+
+    /// Nothing more will be published; `result` is how the publishing pass
+    /// ended (its error is what waiting imports fail with).
+    pub fn close(&self, result: Result<(), String>) {
+        self.state.lock().closed.get_or_insert(result);
+        self.changed.notify_waiters();
+    }
+}
+
+impl FileDigests for DigestBoard {
+    fn digest<'a>(&'a self, path: &'a Path) -> BoxFuture<'a, std::io::Result<B3Digest>> {
+        Box::pin(async move {
+            loop {
+                // Registered before looking, so a publish in between is not missed.
+                let changed = self.changed.notified();
+                tokio::pin!(changed);
+                changed.as_mut().enable();
+                {
+                    let state = self.state.lock();
+                    if let Some(d) = state.digests.get(path) {
+                        return Ok(*d);
+                    }
+                    match &state.closed {
+                        Some(Ok(())) => {
+                            return Err(std::io::Error::other(
+                                "no digest was published for this file",
+                            ))
+                        }
+                        Some(Err(e)) => return Err(std::io::Error::other(e.clone())),
+                        None => {}
+                    }
+                }
+                changed.await;
+            }
+        })
+    }
+}
 
 /// Counts of what an import saw.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -121,6 +223,8 @@ fn walk(root: &Path) -> Result<Walk, ImportError> {
         .follow_links(false)
         .follow_root_links(false)
         .contents_first(true)
+        // By raw name bytes: files come in NAR order (see [DigestBoard]).
+        .sort_by(|a, b| a.file_name().as_bytes().cmp(b.file_name().as_bytes()))
     {
         let e = e.map_err(|err| {
             let path = err.path().unwrap_or(root).to_path_buf();
@@ -215,10 +319,13 @@ fn walk(root: &Path) -> Result<Walk, ImportError> {
 /// Size of the pieces a file is read in.
 const READ_PIECE: usize = 1024 * 1024;
 
-/// Reads a file on the blocking pool in 1 MiB pieces (one copy from the
-/// kernel), two pieces ahead of the consumer. O_NOFOLLOW: a file swapped for
-/// a symlink after the walk is refused, not followed.
-fn read_file_chunks(path: PathBuf) -> tokio::sync::mpsc::Receiver<std::io::Result<bytes::Bytes>> {
+/// Reads a file on the blocking pool in pieces of up to 1 MiB (one copy
+/// from the kernel, nothing zero-filled), two pieces ahead of the consumer.
+/// O_NOFOLLOW: a file swapped for a symlink after a walk is refused, not
+/// followed.
+pub fn read_file_pieces(
+    path: PathBuf,
+) -> tokio::sync::mpsc::Receiver<std::io::Result<bytes::Bytes>> {
     let (tx, rx) = tokio::sync::mpsc::channel(2);
     tokio::task::spawn_blocking(move || {
         use std::io::Read;
@@ -263,6 +370,27 @@ pub async fn import_path(
     concurrency: usize,
     progress: Arc<dyn ImportProgress>,
 ) -> Result<(Node, ImportStats), ImportError> {
+    import_path_with(
+        root,
+        blobs,
+        directories,
+        concurrency,
+        progress,
+        Arc::new(HashLocally),
+    )
+    .await
+}
+
+/// [import_path], taking each file's digest from `digests` instead of
+/// hashing it first.
+pub async fn import_path_with(
+    root: &Path,
+    blobs: Arc<dyn BlobService>,
+    directories: Arc<dyn DirectoryService>,
+    concurrency: usize,
+    progress: Arc<dyn ImportProgress>,
+    digests: Arc<dyn FileDigests>,
+) -> Result<(Node, ImportStats), ImportError> {
     let owned = root.to_path_buf();
     let Walk {
         entries,
@@ -289,23 +417,16 @@ pub async fn import_path(
         .map(|(index, (path, expected))| {
             let blobs = blobs.clone();
             let progress = progress.clone();
+            let digests = digests.clone();
             async move {
-                // Hash locally first: content the store already has is not sent again.
-                let hash_path = path.clone();
-                let local = tokio::task::spawn_blocking(move || -> std::io::Result<B3Digest> {
-                    let mut h = blake3::Hasher::new();
-                    h.update_mmap_rayon(&hash_path)?;
-                    Ok(B3Digest::from(h.finalize()))
-                })
-                .await
-                .map_err(|e| ImportError::Io {
-                    path: path.clone(),
-                    source: std::io::Error::other(e),
-                })?
-                .map_err(|source| ImportError::Io {
-                    path: path.clone(),
-                    source,
-                })?;
+                // The digest first: content the store already has is not sent again.
+                let local = digests
+                    .digest(&path)
+                    .await
+                    .map_err(|source| ImportError::Io {
+                        path: path.clone(),
+                        source,
+                    })?;
                 if blobs
                     .has(&local)
                     .await
@@ -319,7 +440,7 @@ pub async fn import_path(
                 }
                 let mut w = blobs.open_write().await;
                 w.expect_digest(local);
-                let mut chunks = read_file_chunks(path.clone());
+                let mut chunks = read_file_pieces(path.clone());
                 let mut actual = 0u64;
                 while let Some(chunk) = chunks.recv().await {
                     let chunk = chunk.map_err(|source| ImportError::Io {
@@ -336,12 +457,15 @@ pub async fn import_path(
                     path: path.clone(),
                     source,
                 })?;
-                if actual != expected || digest != local {
+                if actual != expected {
                     return Err(ImportError::Changed {
                         path,
                         expected,
                         actual,
                     });
+                }
+                if digest != local {
+                    return Err(ImportError::ContentChanged { path });
                 }
                 progress.file_done(actual);
                 Ok::<_, ImportError>((index, digest))

@@ -3,7 +3,7 @@ mod common;
 
 use arca_castore::blobservice::{read_all, MemoryBlobService};
 use arca_castore::directoryservice::{get_closure, MemoryDirectoryService};
-use arca_castore::import::{import_path, ImportError, NoProgress};
+use arca_castore::import::{import_path, import_path_with, DigestBoard, ImportError, NoProgress};
 use arca_castore::{BlobService, DirectoryService, Node};
 use std::path::Path;
 use std::sync::Arc;
@@ -107,4 +107,109 @@ async fn special_files_and_missing_paths_are_refused() {
         import(&t.path().join("missing")).await,
         Err(ImportError::Io { .. })
     ));
+}
+
+/// A tree of a few files in two directories; returns its root.
+fn small_tree(t: &Path) -> std::path::PathBuf {
+    let root = t.join("tree");
+    std::fs::create_dir_all(root.join("sub")).unwrap();
+    std::fs::write(root.join("a"), b"first file").unwrap();
+    std::fs::write(root.join("sub/b"), b"second file").unwrap();
+    std::fs::write(root.join("sub/c"), b"").unwrap();
+    root
+}
+
+async fn import_with_board(
+    root: &Path,
+    board: Arc<DigestBoard>,
+) -> Result<(Node, Arc<dyn BlobService>, Arc<dyn DirectoryService>), ImportError> {
+    let b: Arc<dyn BlobService> = Arc::new(MemoryBlobService::default());
+    let d: Arc<dyn DirectoryService> = Arc::new(MemoryDirectoryService::default());
+    let (node, _) =
+        import_path_with(root, b.clone(), d.clone(), 8, Arc::new(NoProgress), board).await?;
+    Ok((node, b, d))
+}
+
+#[tokio::test]
+async fn digests_published_by_another_pass_are_used_as_they_arrive() {
+    let t = tempfile::tempdir().unwrap();
+    let root = small_tree(t.path());
+    let (expected, _, _) = import(&root).await.unwrap();
+    let board = Arc::new(DigestBoard::new());
+    // Published after the import started waiting, one at a time.
+    let publisher = {
+        let (board, root) = (board.clone(), root.clone());
+        tokio::spawn(async move {
+            for rel in ["a", "sub/b", "sub/c"] {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                let p = root.join(rel);
+                board.publish(&p, arca_castore::B3Digest::of(&std::fs::read(&p).unwrap()));
+            }
+            board.close(Ok(()));
+        })
+    };
+    let (node, b, _) = import_with_board(&root, board).await.unwrap();
+    publisher.await.unwrap();
+    assert_eq!(node, expected);
+    let digest = arca_castore::B3Digest::of(b"second file");
+    assert_eq!(
+        read_all(&*b, &digest).await.unwrap().unwrap(),
+        b"second file"
+    );
+}
+
+#[tokio::test]
+async fn a_published_digest_the_file_does_not_match_fails_the_import_and_stores_no_tree() {
+    let t = tempfile::tempdir().unwrap();
+    let root = small_tree(t.path());
+    let board = Arc::new(DigestBoard::new());
+    board.publish(&root.join("a"), arca_castore::B3Digest::of(b"first file"));
+    // As if sub/b changed between the pass that hashed it and the upload.
+    board.publish(
+        &root.join("sub/b"),
+        arca_castore::B3Digest::of(b"another version"),
+    );
+    board.publish(&root.join("sub/c"), arca_castore::B3Digest::of(b""));
+    board.close(Ok(()));
+    let b: Arc<dyn BlobService> = Arc::new(MemoryBlobService::default());
+    let d: Arc<dyn DirectoryService> = Arc::new(MemoryDirectoryService::default());
+    let Err(err) =
+        import_path_with(&root, b.clone(), d.clone(), 8, Arc::new(NoProgress), board).await
+    else {
+        panic!("imported")
+    };
+    assert!(
+        matches!(&err, ImportError::ContentChanged { path } if path.ends_with("sub/b")),
+        "{err}"
+    );
+    // Neither the wrong blob nor any directory is there.
+    assert!(!b
+        .has(&arca_castore::B3Digest::of(b"another version"))
+        .await
+        .unwrap());
+    let (good, _, _) = import(&root).await.unwrap();
+    let Node::Directory { digest, .. } = good else {
+        panic!("{good:?}")
+    };
+    assert!(d.get(&digest).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn a_board_closed_without_a_file_fails_the_import_with_the_passes_error() {
+    let t = tempfile::tempdir().unwrap();
+    let root = small_tree(t.path());
+    let board = Arc::new(DigestBoard::new());
+    board.publish(&root.join("a"), arca_castore::B3Digest::of(b"first file"));
+    board.close(Err("the NAR pass failed: disk on fire".into()));
+    let Err(err) = import_with_board(&root, board).await else {
+        panic!("imported")
+    };
+    assert!(err.to_string().contains("disk on fire"), "{err}");
+
+    let board = Arc::new(DigestBoard::new());
+    board.close(Ok(()));
+    let Err(err) = import_with_board(&root, board).await else {
+        panic!("imported")
+    };
+    assert!(err.to_string().contains("no digest was published"), "{err}");
 }

@@ -2,7 +2,8 @@
 use crate::services::{build, Defaults, Services};
 use crate::ServiceArgs;
 use anyhow::{anyhow, bail, Context, Result};
-use arca_store::nar::{dump_path, ingest_nar, render_nar, HashingWriter};
+use arca_castore::import::DigestBoard;
+use arca_store::nar::{dump_path_observed, ingest_nar, render_nar, HashingWriter};
 use arca_store::pathinfo::PathInfo;
 use arca_store::{ContentAddress, NixHash, StorePath};
 use clap::{Args, Subcommand};
@@ -10,6 +11,7 @@ use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
+use tokio_util::task::AbortOnDropHandle;
 
 #[derive(Args)]
 pub struct ImportArgs {
@@ -126,20 +128,37 @@ pub async fn import(args: ImportArgs, service_args: ServiceArgs) -> Result<()> {
         arca_store::store_path::validate_name(&name)
             .with_context(|| format!("{}: invalid store path name", path.display()))?;
 
-        // The NAR hash is computed from the files on disk while castore imports them.
+        // One pass in NAR order reads every file once: it computes the NAR
+        // hash and each file's BLAKE3 digest, which the castore import (in
+        // parallel, a little behind) uses to skip what the store has; what it
+        // uploads is checked against those digests, so the NAR hash always
+        // describes exactly the bytes stored.
+        let board = Arc::new(DigestBoard::new());
         let nar_path = path.clone();
-        let nar_hash = tokio::spawn(async move {
-            dump_path(&nar_path, HashingWriter::new())
+        let publisher = board.clone();
+        // Aborted if the import fails first.
+        let nar_hash = AbortOnDropHandle::new(tokio::spawn(async move {
+            let mut observe =
+                |p: &std::path::Path, d: arca_castore::B3Digest| publisher.publish(p, d);
+            let result = dump_path_observed(&nar_path, HashingWriter::new(), Some(&mut observe))
                 .await
-                .map(|w| w.finalize())
-        });
+                .map(|w| w.finalize());
+            publisher.close(
+                result
+                    .as_ref()
+                    .map(|_| ())
+                    .map_err(|e| format!("computing the NAR: {e}")),
+            );
+            result
+        }));
         let bar = Arc::new(crate::progress::ImportBar::new());
-        let imported = arca_castore::import::import_path(
+        let imported = arca_castore::import::import_path_with(
             path,
             services.blob.clone(),
             services.directory.clone(),
             args.jobs,
             bar.clone(),
+            board,
         )
         .await;
         bar.finish();

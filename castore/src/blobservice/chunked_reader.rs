@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncSeek, ReadBuf};
 use tokio_util::io::StreamReader;
+use tokio_util::task::AbortOnDropHandle;
 
 /// How many chunks are fetched ahead of the one being read.
 const READ_AHEAD: usize = 4;
@@ -62,29 +63,6 @@ pub(crate) fn verify_chunk(chunk: &ChunkMeta, data: &Bytes) -> Result<(), Error>
 }
 
 type ByteStream = BoxStream<'static, std::io::Result<Bytes>>;
-
-/// A spawned fetch that is cancelled when the reader no longer wants it
-/// (after a seek or a drop).
-struct AbortOnDrop(tokio::task::JoinHandle<Result<Bytes, Error>>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-impl std::future::Future for AbortOnDrop {
-    type Output = Result<Bytes, Error>;
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match Pin::new(&mut self.0).poll(cx) {
-            Poll::Ready(Ok(r)) => Poll::Ready(r),
-            Poll::Ready(Err(e)) => {
-                Poll::Ready(Err(Error::Storage(format!("chunk fetch failed: {e}"))))
-            }
-            Poll::Pending => Poll::Pending,
-        }
-    }
-}
 
 /// Reads a chunked blob. Every chunk is verified against its digest; a read
 /// from the start also checks the whole blob's digest before the last chunk
@@ -147,9 +125,14 @@ impl ChunkedReader {
             .map(move |i| {
                 let chunk = chunks[i].1.clone();
                 let fetcher = fetcher.clone();
-                AbortOnDrop(tokio::spawn(
-                    async move { fetcher.fetch_chunk(&chunk).await },
-                ))
+                // Cancelled when the reader no longer wants it (a seek, a drop).
+                let fetch = AbortOnDropHandle::new(tokio::spawn(async move {
+                    fetcher.fetch_chunk(&chunk).await
+                }));
+                futures::FutureExt::map(fetch, |joined| {
+                    joined
+                        .unwrap_or_else(|e| Err(Error::Storage(format!("chunk fetch failed: {e}"))))
+                })
             })
             .buffered(READ_AHEAD);
         if pos == 0 {

@@ -5,7 +5,8 @@
 //! through without holding them. [dump_path] serialises a file system tree
 //! with it, as `nix-store --dump` does.
 use super::{padding_len, CHUNK_SIZE, NAR_MAGIC};
-use arca_castore::{NameError, PathComponent, SymlinkTarget};
+use arca_castore::import::read_file_pieces;
+use arca_castore::{B3Digest, NameError, PathComponent, SymlinkTarget};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -307,6 +308,20 @@ pub enum DumpError {
 /// Serialises the tree at `path` (not following symlinks) as a NAR into
 /// `writer`, exactly as `nix-store --dump` does; returns the writer.
 pub async fn dump_path<W: AsyncWrite + Unpin>(path: &Path, writer: W) -> Result<W, DumpError> {
+    dump_path_observed(path, writer, None).await
+}
+
+/// Sees each regular file [dump_path_observed] wrote: its path and the
+/// BLAKE3 digest of the very bytes that went into the NAR.
+pub type FileObserver<'a> = &'a mut (dyn FnMut(&Path, B3Digest) + Send);
+
+/// [dump_path], also hashing every regular file with BLAKE3 as it streams
+/// through and handing `observer` its digest (files are read once for both).
+pub async fn dump_path_observed<W: AsyncWrite + Unpin>(
+    path: &Path,
+    writer: W,
+    mut observer: Option<FileObserver<'_>>,
+) -> Result<W, DumpError> {
     let write_err = |path: &Path| {
         let path = path.to_path_buf();
         move |source| DumpError::Write { path, source }
@@ -367,11 +382,23 @@ pub async fn dump_path<W: AsyncWrite + Unpin>(path: &Path, writer: W) -> Result<
                 .await
                 .map_err(write_err(&p))?;
         } else if ft.is_file() {
-            let mut f = tokio::fs::File::open(&p).await.map_err(io_err)?;
             let executable = meta.permissions().mode() & 0o100 != 0;
-            nar.file(name.as_ref(), executable, meta.len(), &mut f)
+            nar.start_file(name.as_ref(), executable, meta.len())
                 .await
                 .map_err(write_err(&p))?;
+            let mut hasher = observer.as_ref().map(|_| blake3::Hasher::new());
+            let mut pieces = read_file_pieces(p.clone());
+            while let Some(piece) = pieces.recv().await {
+                let piece = piece.map_err(io_err)?;
+                if let Some(h) = hasher.as_mut() {
+                    h.update(&piece);
+                }
+                nar.write_contents(&piece).await.map_err(write_err(&p))?;
+            }
+            nar.end_file().await.map_err(write_err(&p))?;
+            if let (Some(observe), Some(h)) = (observer.as_mut(), hasher) {
+                observe(&p, B3Digest::from(h.finalize()));
+            }
         } else {
             return Err(DumpError::UnsupportedType { path: p });
         }
