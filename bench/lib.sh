@@ -7,10 +7,13 @@
 # is skipped by the allocator after a check of its inode table block
 # (`recently_deleted`), so creating files right after an `rm -rf` of a store
 # cost the next run up to a third of its CPU, more the more files it creates.
+# The retired tree's dirty pages are written back at once (`sync`), so that
+# no timed run pays for an earlier run's writeback (nor its `sync` for it).
 retire() {
   [ -e "$1" ] || return 0
   mkdir -p "$WORK/retired"
   mv "$1" "$WORK/retired/$(basename "$1").$(date +%s%N)"
+  sync
 }
 
 # Starts `arca daemon` on 127.0.0.1:$PORT with a fresh data dir under $WORK

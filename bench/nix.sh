@@ -45,8 +45,11 @@ for _ in $(seq "$RUNS"); do
   ARCA_ADD+=("$(echo "$e - $s" | bc)")
   [ "$NP" = "$AP" ] || { echo "store paths differ: nix $NP, arca $AP" >&2; exit 1; }
   COMPACT+=("$(wait_compacted)")
+  # Each dump starts with nothing left to write back (the compaction's or the other dump's output).
+  sync
   s=$(now); nix-store --dump "$TREE" >"$WORK/nix.nar"; e=$(now)
   NIX_DUMP+=("$(echo "$e - $s" | bc)")
+  sync
   s=$(now); "${CLIENT_ENV[@]}" "$ARCA" nar dump "$AP" >"$WORK/arca.nar"; e=$(now)
   ARCA_DUMP+=("$(echo "$e - $s" | bc)")
   cmp -s "$WORK/nix.nar" "$WORK/arca.nar" || { echo "NARs differ" >&2; exit 1; }
