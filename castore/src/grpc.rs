@@ -8,9 +8,9 @@ use arca_proto::castore::blob_service_server::BlobServiceServer;
 use arca_proto::castore::directory_service_server::DirectoryServiceServer;
 use arca_proto::castore_batch as batch_proto;
 use arca_proto::castore_batch::blob_batch_service_server::BlobBatchServiceServer;
+use bytes::Bytes;
 use futures::stream::{BoxStream, StreamExt};
 use std::sync::Arc;
-use tokio_util::io::ReaderStream;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::instrument;
@@ -75,14 +75,19 @@ impl proto::blob_service_server::BlobService for GrpcBlobServiceWrapper {
         request: Request<proto::ReadBlobRequest>,
     ) -> Result<Response<Self::ReadStream>, Status> {
         let digest = digest_arg(&request.into_inner().digest)?;
-        let reader = self
+        let pieces = self
             .svc
-            .open_read(&digest)
+            .read_stream(&digest)
             .await?
             .ok_or_else(|| Status::not_found(format!("blob {digest}")))?;
-        let stream = ReaderStream::with_capacity(reader, crate::BLOB_MESSAGE_CHUNK).map(|r| {
-            r.map(|data| proto::BlobChunk { data })
-                .map_err(|e| Status::from(Error::from(e)))
+        // The backend's pieces as they are, cut to at most one message each.
+        let stream = pieces.flat_map(|r| {
+            futures::stream::iter(match r {
+                Ok(data) => message_pieces(data)
+                    .map(|data| Ok(proto::BlobChunk { data }))
+                    .collect(),
+                Err(e) => vec![Err(Status::from(Error::from(e)))],
+            })
         });
         Ok(Response::new(stream.boxed()))
     }
@@ -327,4 +332,12 @@ pub fn channel_from_url(url: &url::Url) -> Result<Channel, Error> {
                 .connect_lazy())
         }
     }
+}
+
+/// `data` cut into slices of at most [crate::BLOB_MESSAGE_CHUNK] bytes
+/// (none if empty), without copying.
+fn message_pieces(data: Bytes) -> impl Iterator<Item = Bytes> {
+    (0..data.len())
+        .step_by(crate::BLOB_MESSAGE_CHUNK)
+        .map(move |start| data.slice(start..(start + crate::BLOB_MESSAGE_CHUNK).min(data.len())))
 }

@@ -115,6 +115,35 @@ pub mod cases {
         );
     }
 
+    pub async fn blob_read_stream(b: Arc<dyn BlobService>, _d: Arc<dyn DirectoryService>) {
+        async fn streamed(b: &dyn BlobService, d: &B3Digest) -> Option<Vec<u8>> {
+            let pieces: Vec<bytes::Bytes> = b
+                .read_stream(d)
+                .await
+                .unwrap()?
+                .try_collect()
+                .await
+                .unwrap();
+            Some(pieces.concat())
+        }
+        assert!(b
+            .read_stream(&B3Digest::of(b"never stored"))
+            .await
+            .unwrap()
+            .is_none());
+        let empty = b.open_write().await.close().await.unwrap();
+        assert_eq!(streamed(&*b, &empty).await.unwrap(), b"");
+        let small = put_bytes(&*b, "Hello World!".into()).await.unwrap();
+        assert_eq!(streamed(&*b, &small).await.unwrap(), b"Hello World!");
+        // several chunks on chunking backends, several messages over gRPC
+        let data = test_data(5 * 1024 * 1024 + 3, 11);
+        let d = put_in_pieces(&*b, &data, 700_000).await;
+        assert!(
+            streamed(&*b, &d).await.unwrap() == data,
+            "multi-chunk blob streamed whole"
+        );
+    }
+
     pub async fn blob_seek(b: Arc<dyn BlobService>, _d: Arc<dyn DirectoryService>) {
         let data = test_data(5 * 1024 * 1024 + 3, 2);
         let d = put_in_pieces(&*b, &data, 300_000).await;
@@ -423,7 +452,7 @@ macro_rules! suite {
                 $make
             }
             suite!(@cases
-                blob_put_has_read, blob_missing, blob_empty, blob_large_50mib, blob_read_many, blob_seek,
+                blob_put_has_read, blob_missing, blob_empty, blob_large_50mib, blob_read_many, blob_read_stream, blob_seek,
                 blob_chunks, blob_duplicate, blob_concurrent_writes, blob_unclosed_writer_leaves_nothing,
                 dir_put_get, dir_missing, dir_recursive_unknown_root, dir_closure_right_order,
                 dir_closure_wrong_order, dir_dangling_reference, dir_wrong_size, dir_duplicate,
@@ -450,6 +479,7 @@ pub async fn run_all(b: Arc<dyn BlobService>, d: Arc<dyn DirectoryService>) {
         blob_empty,
         blob_large_50mib,
         blob_read_many,
+        blob_read_stream,
         blob_seek,
         blob_chunks,
         blob_duplicate,

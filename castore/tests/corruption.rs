@@ -5,6 +5,7 @@ use arca_castore::blobservice::{put_bytes, read_all};
 use arca_castore::directoryservice::put_all;
 use arca_castore::{B3Digest, Directory, Error, Node};
 use common::*;
+use futures::TryStreamExt;
 use std::path::{Path, PathBuf};
 
 fn files_under(p: &Path) -> Vec<PathBuf> {
@@ -55,6 +56,15 @@ async fn tampered_chunks_fail_verification_on(url: &str) {
     flip_last_byte(&chunks[chunks.len() / 2]);
     let r = read_all(&*b, &digest).await;
     assert!(matches!(r, Err(Error::Storage(_))), "{r:?}");
+    // Streamed, too: the pieces before the bad chunk, then an error.
+    let streamed: Result<Vec<bytes::Bytes>, std::io::Error> = b
+        .read_stream(&digest)
+        .await
+        .unwrap()
+        .unwrap()
+        .try_collect()
+        .await;
+    assert!(streamed.is_err(), "a tampered chunk was streamed");
 
     // single-chunk blob
     let small = put_bytes(&*b, bytes::Bytes::from_static(b"small blob"))
@@ -64,6 +74,11 @@ async fn tampered_chunks_fail_verification_on(url: &str) {
     let path = root.join("chunks").join(&h[..2]).join(&h);
     flip_last_byte(&path);
     let r = read_all(&*b, &small).await;
+    assert!(
+        matches!(r, Err(Error::Storage(ref m)) if m.contains("verification")),
+        "{r:?}"
+    );
+    let r = b.read_stream(&small).await.map(|s| s.is_some());
     assert!(
         matches!(r, Err(Error::Storage(ref m)) if m.contains("verification")),
         "{r:?}"

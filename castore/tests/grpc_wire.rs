@@ -383,6 +383,13 @@ async fn clients_verify_what_servers_send() {
         matches!(r, Err(Error::Storage(ref m)) if m.contains("verification")),
         "{r:?}"
     );
+    // streamed: the one (lying) message is held back, then the error
+    let mut pieces = b.read_stream(&digest).await.unwrap().unwrap();
+    let first = futures::StreamExt::next(&mut pieces).await.unwrap();
+    assert!(
+        matches!(&first, Err(e) if e.to_string().contains("verification")),
+        "{first:?}"
+    );
     // write: the server's digest does not match the data
     let r = put_bytes(&*b, Bytes::from_static(b"upload")).await;
     assert!(

@@ -62,7 +62,7 @@ pub(crate) fn verify_chunk(chunk: &ChunkMeta, data: &Bytes) -> Result<(), Error>
     Ok(())
 }
 
-type ByteStream = BoxStream<'static, std::io::Result<Bytes>>;
+type ByteStream = super::BlobStream;
 
 /// Reads a chunked blob. Every chunk is verified against its digest; a read
 /// from the start also checks the whole blob's digest before the last chunk
@@ -109,6 +109,12 @@ impl ChunkedReader {
     /// Total length of the blob.
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// The blob from its start as a stream of its chunks (fetched ahead,
+    /// verified as the reader verifies them), without copying them.
+    pub fn into_stream(self) -> ByteStream {
+        self.stream_from(0)
     }
 
     fn stream_from(&self, pos: u64) -> ByteStream {

@@ -187,6 +187,24 @@ impl BlobService for GrpcBlobService {
         }
     }
 
+    /// The server's messages as they arrive, hashed on the way; the last one
+    /// is held back until the digest matched.
+    async fn read_stream(&self, digest: &B3Digest) -> Result<Option<super::BlobStream>, Error> {
+        let this = self.pick();
+        let req = proto::ReadBlobRequest {
+            digest: digest.to_bytes(),
+        };
+        match this.client.clone().read(req).await {
+            Ok(resp) => Ok(Some(verified_stream(
+                this.client.clone(),
+                *digest,
+                Some(resp.into_inner()),
+            ))),
+            Err(s) if s.code() == Code::NotFound => Ok(None),
+            Err(s) => Err(s.into()),
+        }
+    }
+
     async fn open_write(&self) -> Box<dyn BlobWriter> {
         Box::new(GrpcBlobWriter {
             client: self.pick().client,

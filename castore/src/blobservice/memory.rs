@@ -97,6 +97,14 @@ impl BlobService for MemoryBlobService {
             .map(|p| Box::new(PiecesReader::new(p.clone())) as Box<dyn BlobReader>))
     }
 
+    async fn read_stream(&self, digest: &B3Digest) -> Result<Option<super::BlobStream>, Error> {
+        let pieces = self.blobs.read().get(digest).cloned();
+        Ok(pieces.map(|p| {
+            let pieces: Vec<Bytes> = p.iter().filter(|b| !b.is_empty()).cloned().collect();
+            futures::StreamExt::boxed(futures::stream::iter(pieces.into_iter().map(Ok)))
+        }))
+    }
+
     async fn open_write(&self) -> Box<dyn BlobWriter> {
         Box::new(MemoryBlobWriter {
             blobs: self.blobs.clone(),

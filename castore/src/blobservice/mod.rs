@@ -89,7 +89,21 @@ pub trait BlobService: Send + Sync {
     fn read_many<'a>(&'a self, digests: Vec<B3Digest>) -> BoxStream<'a, Result<BatchItem, Error>> {
         read_each(self, digests)
     }
+
+    /// The whole blob as a stream of byte pieces in order, `None` if absent;
+    /// verified as [Self::open_read] is (a corrupt blob ends in an error,
+    /// never in wrong bytes). Backends that hold a blob in pieces (chunks,
+    /// received messages) hand those out without copying them; the default
+    /// reads [Self::open_read] in pieces of [crate::BLOB_MESSAGE_CHUNK].
+    async fn read_stream(&self, digest: &B3Digest) -> Result<Option<BlobStream>, Error> {
+        Ok(self.open_read(digest).await?.map(|r| {
+            tokio_util::io::ReaderStream::with_capacity(r, crate::BLOB_MESSAGE_CHUNK).boxed()
+        }))
+    }
 }
+
+/// A blob's bytes, in order, as [BlobService::read_stream] gives them.
+pub type BlobStream = BoxStream<'static, std::io::Result<Bytes>>;
 
 /// [BlobService::read_many] by one [BlobService::open_read] per blob, a few at a time.
 pub fn read_each<S: BlobService + ?Sized>(

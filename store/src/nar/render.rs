@@ -9,11 +9,10 @@ use super::hashing::HashingWriter;
 use super::writer::{NarWriter, WriteError};
 use super::CHUNK_SIZE;
 use arca_castore::{B3Digest, BlobService, Directory, DirectoryService, Node, PathComponent};
-use bytes::BytesMut;
 use futures::stream::StreamExt;
 use std::collections::HashMap;
 use std::sync::Arc;
-use tokio::io::{AsyncReadExt, AsyncWrite};
+use tokio::io::AsyncWrite;
 use tokio::sync::mpsc;
 
 /// Fetches (a large blob, or a batch of small ones) running ahead of the file being written.
@@ -128,7 +127,9 @@ pub(crate) async fn fetch_directories(
     Ok(dirs)
 }
 
-/// Reads one blob into a bounded queue of pieces.
+/// Reads one blob into a bounded queue of pieces: the backend's own pieces
+/// ([BlobService::read_stream]: chunks, messages), cut to at most
+/// [CHUNK_SIZE] each, never copied.
 fn fetch_blob(
     blobs: Arc<dyn BlobService>,
     digest: B3Digest,
@@ -136,8 +137,8 @@ fn fetch_blob(
 ) -> mpsc::Receiver<Result<bytes::Bytes, RenderError>> {
     let (tx, rx) = mpsc::channel(PIECES_AHEAD);
     tokio::spawn(async move {
-        let mut reader = match blobs.open_read(&digest).await {
-            Ok(Some(r)) => r,
+        let mut pieces = match blobs.read_stream(&digest).await {
+            Ok(Some(s)) => s,
             Ok(None) => {
                 let _ = tx.send(Err(RenderError::MissingBlob(digest))).await;
                 return;
@@ -148,30 +149,20 @@ fn fetch_blob(
             }
         };
         let mut total = 0u64;
-        loop {
-            // Read one byte past the claimed size, to notice longer blobs.
-            let left = size.saturating_sub(total).saturating_add(1);
-            let want = usize::try_from(left).unwrap_or(CHUNK_SIZE).min(CHUNK_SIZE);
-            let mut buf = BytesMut::with_capacity(want);
-            while buf.len() < want {
-                match reader.read_buf(&mut buf).await {
-                    Ok(0) => break,
-                    Ok(_) => {}
-                    Err(e) => {
-                        let _ = tx
-                            .send(Err(RenderError::Blob {
-                                digest,
-                                source: e.into(),
-                            }))
-                            .await;
-                        return;
-                    }
+        while let Some(piece) = pieces.next().await {
+            let piece = match piece {
+                Ok(p) => p,
+                Err(e) => {
+                    let _ = tx
+                        .send(Err(RenderError::Blob {
+                            digest,
+                            source: e.into(),
+                        }))
+                        .await;
+                    return;
                 }
-            }
-            if buf.is_empty() {
-                return;
-            }
-            total += buf.len() as u64;
+            };
+            total += piece.len() as u64;
             if total > size {
                 let _ = tx
                     .send(Err(RenderError::BlobSize {
@@ -182,8 +173,11 @@ fn fetch_blob(
                     .await;
                 return;
             }
-            if tx.send(Ok(buf.freeze())).await.is_err() {
-                return;
+            for start in (0..piece.len()).step_by(CHUNK_SIZE) {
+                let slice = piece.slice(start..(start + CHUNK_SIZE).min(piece.len()));
+                if tx.send(Ok(slice)).await.is_err() {
+                    return;
+                }
             }
         }
     });
