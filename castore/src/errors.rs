@@ -18,6 +18,16 @@ pub enum Error {
     /// The backend failed otherwise, or returned data that fails verification.
     #[error("storage error: {0}")]
     Storage(String),
+    /// A blob written with an expected digest ([crate::BlobWriter::expect_digest])
+    /// turned out to have another: the data changed since it was hashed, or
+    /// the store computed a wrong digest.
+    #[error("the data written has digest {actual}, not the expected {expected}")]
+    DigestMismatch {
+        /// The digest announced before writing.
+        expected: crate::B3Digest,
+        /// The digest the store computed.
+        actual: crate::B3Digest,
+    },
 }
 
 impl Error {
@@ -63,6 +73,7 @@ impl From<Error> for std::io::Error {
             Error::NotFound(_) => std::io::ErrorKind::NotFound,
             Error::Unavailable(_) => std::io::ErrorKind::ConnectionAborted,
             Error::Storage(_) => std::io::ErrorKind::Other,
+            Error::DigestMismatch { .. } => std::io::ErrorKind::InvalidData,
         };
         std::io::Error::new(kind, e)
     }
@@ -75,6 +86,7 @@ impl From<Error> for Status {
             Error::NotFound(m) => Status::not_found(m),
             Error::Unavailable(m) => Status::unavailable(m),
             Error::Storage(m) => Status::internal(m),
+            e @ Error::DigestMismatch { .. } => Status::data_loss(e.to_string()),
         }
     }
 }

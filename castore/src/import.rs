@@ -52,7 +52,7 @@ pub enum ImportError {
     },
     /// A file's bytes no longer match the digest taken when it was first
     /// read (same size, other content).
-    #[error("{path}: changed while importing (its content no longer matches the digest taken when it was first read)")]
+    #[error("{path}: changed while importing (the bytes uploaded do not have the digest taken when it was first read)")]
     ContentChanged {
         /// The file.
         path: PathBuf,
@@ -84,21 +84,21 @@ impl ImportProgress for NoProgress {}
 /// follow reads the file again and is checked against this digest, so a file
 /// that changed in between fails the import ([ImportError::Changed]).
 pub trait FileDigests: Send + Sync {
-    /// The digest of the regular file at `path` (as the walk found it).
-    fn digest<'a>(&'a self, path: &'a Path) -> BoxFuture<'a, std::io::Result<B3Digest>>;
+    /// The digest and size of the regular file at `path` (as the walk found it).
+    fn digest<'a>(&'a self, path: &'a Path) -> BoxFuture<'a, std::io::Result<(B3Digest, u64)>>;
 }
 
 /// Hashes each file itself: memory-mapped, on all cores.
 pub struct HashLocally;
 
 impl FileDigests for HashLocally {
-    fn digest<'a>(&'a self, path: &'a Path) -> BoxFuture<'a, std::io::Result<B3Digest>> {
+    fn digest<'a>(&'a self, path: &'a Path) -> BoxFuture<'a, std::io::Result<(B3Digest, u64)>> {
         let path = path.to_path_buf();
         Box::pin(async move {
             tokio::task::spawn_blocking(move || {
                 let mut h = blake3::Hasher::new();
                 h.update_mmap_rayon(&path)?;
-                Ok(B3Digest::from(h.finalize()))
+                Ok((B3Digest::from(h.finalize()), h.count()))
             })
             .await
             .map_err(std::io::Error::other)?
@@ -119,7 +119,8 @@ pub struct DigestBoard {
 
 #[derive(Default)]
 struct BoardState {
-    digests: std::collections::HashMap<PathBuf, B3Digest>,
+    /// Published and not yet asked for (each path is asked for once).
+    digests: std::collections::HashMap<PathBuf, (B3Digest, u64)>,
     /// Set when nothing more will be published: `Err` says why.
     closed: Option<Result<(), String>>,
 }
@@ -130,9 +131,12 @@ impl DigestBoard {
         Self::default()
     }
 
-    /// Publishes the digest of the file at `path`.
-    pub fn publish(&self, path: &Path, digest: B3Digest) {
-        self.state.lock().digests.insert(path.to_path_buf(), digest);
+    /// Publishes the digest and size of the file at `path`.
+    pub fn publish(&self, path: &Path, digest: B3Digest, size: u64) {
+        self.state
+            .lock()
+            .digests
+            .insert(path.to_path_buf(), (digest, size));
         self.changed.notify_waiters();
     }
 
@@ -144,8 +148,20 @@ impl DigestBoard {
     }
 }
 
+/// Closes its board when dropped, with an error unless it was closed
+/// already: hold one in the publishing pass, so that a pass that panics or
+/// is cancelled never leaves an import waiting.
+pub struct CloseOnDrop(pub Arc<DigestBoard>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0
+            .close(Err("the pass computing the digests stopped".into()));
+    }
+}
+
 impl FileDigests for DigestBoard {
-    fn digest<'a>(&'a self, path: &'a Path) -> BoxFuture<'a, std::io::Result<B3Digest>> {
+    fn digest<'a>(&'a self, path: &'a Path) -> BoxFuture<'a, std::io::Result<(B3Digest, u64)>> {
         Box::pin(async move {
             loop {
                 // Registered before looking, so a publish in between is not missed.
@@ -153,9 +169,9 @@ impl FileDigests for DigestBoard {
                 tokio::pin!(changed);
                 changed.as_mut().enable();
                 {
-                    let state = self.state.lock();
-                    if let Some(d) = state.digests.get(path) {
-                        return Ok(*d);
+                    let mut state = self.state.lock();
+                    if let Some(d) = state.digests.remove(path) {
+                        return Ok(d);
                     }
                     match &state.closed {
                         Some(Ok(())) => {
@@ -420,13 +436,21 @@ pub async fn import_path_with(
             let digests = digests.clone();
             async move {
                 // The digest first: content the store already has is not sent again.
-                let local = digests
-                    .digest(&path)
-                    .await
-                    .map_err(|source| ImportError::Io {
-                        path: path.clone(),
-                        source,
-                    })?;
+                let (local, hashed_size) =
+                    digests
+                        .digest(&path)
+                        .await
+                        .map_err(|source| ImportError::Io {
+                            path: path.clone(),
+                            source,
+                        })?;
+                if hashed_size != expected {
+                    return Err(ImportError::Changed {
+                        path,
+                        expected,
+                        actual: hashed_size,
+                    });
+                }
                 if blobs
                     .has(&local)
                     .await
@@ -453,9 +477,15 @@ pub async fn import_path_with(
                         source,
                     })?;
                 }
-                let digest = w.close().await.map_err(|source| ImportError::Store {
-                    path: path.clone(),
-                    source,
+                let digest = w.close().await.map_err(|source| match source {
+                    // The bytes uploaded are not the ones first hashed.
+                    Error::DigestMismatch { .. } => {
+                        ImportError::ContentChanged { path: path.clone() }
+                    }
+                    source => ImportError::Store {
+                        path: path.clone(),
+                        source,
+                    },
                 })?;
                 if actual != expected {
                     return Err(ImportError::Changed {

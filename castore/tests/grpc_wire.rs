@@ -413,7 +413,8 @@ async fn expected_digest_is_checked_against_the_server() {
         .unwrap();
     let r = w.close().await;
     assert!(
-        matches!(r, Err(Error::Storage(ref m)) if m.contains("server returned digest")),
+        matches!(r, Err(Error::DigestMismatch { expected, actual })
+            if expected == B3Digest::of(b"what the caller hashed") && actual == B3Digest::of(b"what was actually sent")),
         "{r:?}"
     );
     let mut w = b.open_write().await;

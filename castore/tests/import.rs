@@ -143,7 +143,8 @@ async fn digests_published_by_another_pass_are_used_as_they_arrive() {
             for rel in ["a", "sub/b", "sub/c"] {
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
                 let p = root.join(rel);
-                board.publish(&p, arca_castore::B3Digest::of(&std::fs::read(&p).unwrap()));
+                let data = std::fs::read(&p).unwrap();
+                board.publish(&p, arca_castore::B3Digest::of(&data), data.len() as u64);
             }
             board.close(Ok(()));
         })
@@ -163,13 +164,22 @@ async fn a_published_digest_the_file_does_not_match_fails_the_import_and_stores_
     let t = tempfile::tempdir().unwrap();
     let root = small_tree(t.path());
     let board = Arc::new(DigestBoard::new());
-    board.publish(&root.join("a"), arca_castore::B3Digest::of(b"first file"));
-    // As if sub/b changed between the pass that hashed it and the upload.
+    board.publish(
+        &root.join("a"),
+        arca_castore::B3Digest::of(b"first file"),
+        b"first file".len() as u64,
+    );
+    // As if sub/b changed between the pass that hashed it and the upload (same size).
     board.publish(
         &root.join("sub/b"),
-        arca_castore::B3Digest::of(b"another version"),
+        arca_castore::B3Digest::of(b"second filE"),
+        b"second filE".len() as u64,
     );
-    board.publish(&root.join("sub/c"), arca_castore::B3Digest::of(b""));
+    board.publish(
+        &root.join("sub/c"),
+        arca_castore::B3Digest::of(b""),
+        b"".len() as u64,
+    );
     board.close(Ok(()));
     let b: Arc<dyn BlobService> = Arc::new(MemoryBlobService::default());
     let d: Arc<dyn DirectoryService> = Arc::new(MemoryDirectoryService::default());
@@ -184,7 +194,7 @@ async fn a_published_digest_the_file_does_not_match_fails_the_import_and_stores_
     );
     // Neither the wrong blob nor any directory is there.
     assert!(!b
-        .has(&arca_castore::B3Digest::of(b"another version"))
+        .has(&arca_castore::B3Digest::of(b"second filE"))
         .await
         .unwrap());
     let (good, _, _) = import(&root).await.unwrap();
@@ -194,12 +204,69 @@ async fn a_published_digest_the_file_does_not_match_fails_the_import_and_stores_
     assert!(d.get(&digest).await.unwrap().is_none());
 }
 
+/// Through a daemon (the gRPC writer checks the server's digest against the
+/// one announced), a file changed after it was hashed is reported as such.
+#[tokio::test]
+async fn a_file_changed_after_hashing_is_reported_through_grpc_too() {
+    let t = tempfile::tempdir().unwrap();
+    let root = small_tree(t.path());
+    let board = Arc::new(DigestBoard::new());
+    board.publish(
+        &root.join("a"),
+        arca_castore::B3Digest::of(b"first file"),
+        b"first file".len() as u64,
+    );
+    board.publish(
+        &root.join("sub/b"),
+        arca_castore::B3Digest::of(b"second filE"),
+        b"second filE".len() as u64,
+    );
+    board.publish(
+        &root.join("sub/c"),
+        arca_castore::B3Digest::of(b""),
+        b"".len() as u64,
+    );
+    board.close(Ok(()));
+    let (b, d, _g) = common::behind_grpc(common::from_urls("memory://", "memory://")).await;
+    let Err(err) = import_path_with(&root, b, d, 8, Arc::new(NoProgress), board).await else {
+        panic!("imported")
+    };
+    assert!(
+        matches!(&err, ImportError::ContentChanged { path } if path.ends_with("sub/b")),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_published_size_other_than_the_walks_fails_the_import() {
+    let t = tempfile::tempdir().unwrap();
+    let root = small_tree(t.path());
+    let board = Arc::new(DigestBoard::new());
+    board.publish(
+        &root.join("a"),
+        arca_castore::B3Digest::of(b"first file, longer"),
+        18,
+    );
+    board.close(Ok(()));
+    let Err(err) = import_with_board(&root, board).await else {
+        panic!("imported")
+    };
+    assert!(
+        matches!(&err, ImportError::Changed { path, expected: 10, actual: 18 } if path.ends_with("a")),
+        "{err}"
+    );
+}
+
 #[tokio::test]
 async fn a_board_closed_without_a_file_fails_the_import_with_the_passes_error() {
     let t = tempfile::tempdir().unwrap();
     let root = small_tree(t.path());
     let board = Arc::new(DigestBoard::new());
-    board.publish(&root.join("a"), arca_castore::B3Digest::of(b"first file"));
+    board.publish(
+        &root.join("a"),
+        arca_castore::B3Digest::of(b"first file"),
+        b"first file".len() as u64,
+    );
     board.close(Err("the NAR pass failed: disk on fire".into()));
     let Err(err) = import_with_board(&root, board).await else {
         panic!("imported")

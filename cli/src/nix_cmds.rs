@@ -2,7 +2,7 @@
 use crate::services::{build, Defaults, Services};
 use crate::ServiceArgs;
 use anyhow::{anyhow, bail, Context, Result};
-use arca_castore::import::DigestBoard;
+use arca_castore::import::{CloseOnDrop, DigestBoard};
 use arca_store::nar::{dump_path_observed, ingest_nar, render_nar, HashingWriter};
 use arca_store::pathinfo::PathInfo;
 use arca_store::{ContentAddress, NixHash, StorePath};
@@ -138,8 +138,10 @@ pub async fn import(args: ImportArgs, service_args: ServiceArgs) -> Result<()> {
         let publisher = board.clone();
         // Aborted if the import fails first.
         let nar_hash = AbortOnDropHandle::new(tokio::spawn(async move {
-            let mut observe =
-                |p: &std::path::Path, d: arca_castore::B3Digest| publisher.publish(p, d);
+            let _closes = CloseOnDrop(publisher.clone());
+            let mut observe = |p: &std::path::Path, d: arca_castore::B3Digest, size: u64| {
+                publisher.publish(p, d, size)
+            };
             let result = dump_path_observed(&nar_path, HashingWriter::new(), Some(&mut observe))
                 .await
                 .map(|w| w.finalize());
@@ -162,7 +164,19 @@ pub async fn import(args: ImportArgs, service_args: ServiceArgs) -> Result<()> {
         )
         .await;
         bar.finish();
-        let (node, _) = imported?;
+        let (node, _) = match imported {
+            Ok(x) => x,
+            // A failed NAR pass fails the import too (the files waiting for
+            // their digests); its own error names the file it failed on.
+            Err(e) if nar_hash.is_finished() => match nar_hash.await {
+                Ok(Err(nar_error)) => {
+                    return Err(anyhow::Error::new(nar_error)
+                        .context(format!("{}: computing the NAR", path.display())))
+                }
+                _ => return Err(e.into()),
+            },
+            Err(e) => return Err(e.into()),
+        };
         let (nar_size, nar_sha256) = nar_hash
             .await
             .context("hashing the NAR")?

@@ -97,12 +97,13 @@ pub fn mount(
     config.clone_fd = options.threads > 1;
     let mountpoint = mountpoint.canonicalize()?;
     // Before mounting: the guard must not inherit a /dev/fuse fd.
-    let mut guard = guard
-        .map(|mut command| {
-            command.arg(&mountpoint);
-            guard::UnmountGuard::spawn(command)
-        })
-        .transpose()?;
+    // Only a second line of defence: a mount without it still works.
+    let mut guard = guard.and_then(|mut command| {
+        command.arg(&mountpoint);
+        guard::UnmountGuard::spawn(command)
+            .map_err(|e| tracing::warn!("starting the unmount guard: {e}; mounting without it"))
+            .ok()
+    });
     let notifier_slot = fs.notifier_slot();
     let mut session = fuser::Session::new(fs, &mountpoint, &config)?;
     let _ = notifier_slot.set(fs::PageCacheFiller::start(session.notifier())?);
@@ -178,11 +179,18 @@ impl MountHandle {
 
     /// Resolves when the session ends: after [Self::unmount], or when the
     /// filesystem was unmounted from outside (`fusermount3 -u`, `umount`).
+    ///
+    /// Cancel-safe: dropped before it resolved (in a `select!`), a later
+    /// call still waits for the session's end.
     pub async fn ended(&mut self) -> io::Result<()> {
-        let ended = match self.ended.take() {
-            Some(rx) => rx
-                .await
-                .unwrap_or_else(|_| Err(io::Error::other("FUSE session thread died"))),
+        let ended = match self.ended.as_mut() {
+            Some(rx) => {
+                let r = rx
+                    .await
+                    .unwrap_or_else(|_| Err(io::Error::other("FUSE session thread died")));
+                self.ended = None;
+                r
+            }
             None => Ok(()),
         };
         if let Some(guard) = self.guard.take() {

@@ -628,18 +628,25 @@ impl BlobWriter for GrpcBlobWriter {
         let returned = self.finish().await?;
         let returned = B3Digest::try_from(&returned)
             .map_err(|e| Error::Storage(format!("server returned an invalid digest: {e}")))?;
-        let local = match self.expected {
-            Some(d) => d,
-            None => B3Digest::from(self.hasher.finalize()),
-        };
-        if returned != local {
-            self.failed = true;
-            return Err(Error::Storage(format!(
-                "server returned digest {returned} for data with digest {local}"
-            )));
+        if let Some(expected) = self.expected {
+            if returned != expected {
+                self.failed = true;
+                return Err(Error::DigestMismatch {
+                    expected,
+                    actual: returned,
+                });
+            }
+        } else {
+            let local = B3Digest::from(self.hasher.finalize());
+            if returned != local {
+                self.failed = true;
+                return Err(Error::Storage(format!(
+                    "server returned digest {returned} for data with digest {local}"
+                )));
+            }
         }
-        self.done = Some(local);
-        Ok(local)
+        self.done = Some(returned);
+        Ok(returned)
     }
 
     fn expect_digest(&mut self, digest: B3Digest) {

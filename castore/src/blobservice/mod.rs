@@ -60,8 +60,10 @@ pub trait BlobWriter: Send {
 
     /// Tells the writer the digest the caller already computed for the data
     /// it will write. A writer may then skip its own hashing where the
-    /// backend verifies anyway (the gRPC client compares the server's digest
-    /// with this one); `close` fails if the data does not have this digest.
+    /// backend verifies anyway: the gRPC client compares the server's digest
+    /// with this one and `close` fails with [Error::DigestMismatch]. Writers
+    /// that hash anyway ignore it and return the digest of what was written,
+    /// so a caller compares that too.
     fn expect_digest(&mut self, _digest: B3Digest) {}
 }
 

@@ -197,6 +197,9 @@ impl From<arca_castore::Error> for HttpError {
                 StatusCode::INTERNAL_SERVER_ERROR,
                 format!("storage error: {m}"),
             ),
+            e @ E::DigestMismatch { .. } => {
+                Self::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+            }
         }
     }
 }

@@ -311,9 +311,9 @@ pub async fn dump_path<W: AsyncWrite + Unpin>(path: &Path, writer: W) -> Result<
     dump_path_observed(path, writer, None).await
 }
 
-/// Sees each regular file [dump_path_observed] wrote: its path and the
-/// BLAKE3 digest of the very bytes that went into the NAR.
-pub type FileObserver<'a> = &'a mut (dyn FnMut(&Path, B3Digest) + Send);
+/// Sees each regular file [dump_path_observed] wrote: its path, the BLAKE3
+/// digest of the very bytes that went into the NAR, and their count.
+pub type FileObserver<'a> = &'a mut (dyn FnMut(&Path, B3Digest, u64) + Send);
 
 /// [dump_path], also hashing every regular file with BLAKE3 as it streams
 /// through and handing `observer` its digest (files are read once for both).
@@ -397,7 +397,7 @@ pub async fn dump_path_observed<W: AsyncWrite + Unpin>(
             }
             nar.end_file().await.map_err(write_err(&p))?;
             if let (Some(observe), Some(h)) = (observer.as_mut(), hasher) {
-                observe(&p, B3Digest::from(h.finalize()));
+                observe(&p, B3Digest::from(h.finalize()), meta.len());
             }
         } else {
             return Err(DumpError::UnsupportedType { path: p });

@@ -157,6 +157,7 @@ fn with_context(e: Error, context: &str) -> Error {
         Error::NotFound(m) => Error::NotFound(format!("{context}: {m}")),
         Error::Unavailable(m) => Error::Unavailable(format!("{context}: {m}")),
         Error::Storage(m) => Error::Storage(format!("{context}: {m}")),
+        e @ Error::DigestMismatch { .. } => Error::Storage(format!("{context}: {e}")),
     }
 }
 
