@@ -103,6 +103,9 @@ enum Command {
     /// Internal: the unmount guard `arca mount` starts (see arca_fuse::guard).
     #[command(name = "__mount-guard", hide = true)]
     MountGuard {
+        /// How long to wait for a dead mount's connection to be aborted.
+        #[arg(long, default_value_t = arca_fuse::guard::SETTLE_LIMIT.as_millis() as u64)]
+        settle_ms: u64,
         /// The mount point to watch.
         mountpoint: PathBuf,
     },
@@ -140,11 +143,18 @@ fn main() -> ExitCode {
     tune_allocator();
     let cli = Cli::parse();
     init_tracing(cli.verbose);
-    if let Command::MountGuard { mountpoint } = &cli.command {
+    if let Command::MountGuard {
+        mountpoint,
+        settle_ms,
+    } = &cli.command
+    {
         // No runtime, no threads: it only waits, then maybe unmounts.
-        return match arca_fuse::guard::run_guard(mountpoint, std::io::stdin().lock()) {
+        let settle = std::time::Duration::from_millis(*settle_ms);
+        return match arca_fuse::guard::run_guard(mountpoint, std::io::stdin().lock(), settle) {
             Ok(outcome) => {
                 tracing::debug!("unmount guard of {}: {outcome:?}", mountpoint.display());
+                // What it did, for whoever runs it by hand (tests).
+                println!("{outcome:?}");
                 ExitCode::SUCCESS
             }
             Err(e) => {

@@ -781,6 +781,52 @@ fn sigkill_leaves_no_dead_mount_with_the_guard_alone() {
     sigkill_case(&[("ARCA_MOUNT_NO_AUTO_UNMOUNT", "1")]);
 }
 
+/// The guard never touches a mount that still answers: with its stdin
+/// closed while `arca mount` lives on, it gives up after its settle time.
+#[test]
+fn the_unmount_guard_leaves_a_live_mount_alone() {
+    if !have_fuse() {
+        return;
+    }
+    let d = Daemon::start();
+    let client = tempfile::tempdir().unwrap();
+    let src = tempfile::tempdir().unwrap();
+    std::fs::write(src.path().join("hello"), b"hello\n").unwrap();
+    let base = import_base(&d, client.path(), &src.path().join("hello"));
+    let m = Mount::start(&d, client.path(), &[]);
+    let dev = std::fs::metadata(&m.path).unwrap().dev();
+    let guard = |line: String| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_arca"))
+            .args(["__mount-guard", "--settle-ms", "300"])
+            .arg(&m.path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(child.stdin.as_mut().unwrap(), line.as_bytes()).unwrap();
+        drop(child.stdin.take());
+        let o = child.wait_with_output().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        stdout(&o).trim().to_string()
+    };
+    assert_eq!(
+        guard(format!("{}:{}\n", libc::major(dev), libc::minor(dev))),
+        "LeftAlive"
+    );
+    // Another device number: not this mount, nothing to do.
+    assert_eq!(
+        guard(format!(
+            "{}:{}\n",
+            libc::major(dev),
+            libc::minor(dev) + 1000
+        )),
+        "AlreadyGone"
+    );
+    assert_eq!(guard(String::new()), "NeverArmed");
+    assert!(is_mounted(&m.path));
+    assert_eq!(std::fs::read(m.p(&base)).unwrap(), b"hello\n");
+}
+
 fn sigkill_case(env: &[(&str, &str)]) {
     if !have_fuse() {
         return;

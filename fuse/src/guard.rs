@@ -23,8 +23,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// How long a guard waits for the dead mount's connection to be aborted.
-const SETTLE_LIMIT: Duration = Duration::from_secs(30);
+/// How long a guard waits, by default, for the dead mount's connection to be aborted.
+pub const SETTLE_LIMIT: Duration = Duration::from_secs(30);
 /// How often it looks.
 const POLL: Duration = Duration::from_millis(10);
 
@@ -85,10 +85,15 @@ pub enum GuardOutcome {
 }
 
 /// The guard's side: reads the device line, waits for end of file on
-/// `input`, then unmounts `mountpoint` if its FUSE connection is dead.
+/// `input`, then unmounts `mountpoint` if its FUSE connection is dead
+/// (waiting up to `settle_limit` for that).
 /// Ignores SIGINT, SIGTERM and SIGHUP: the guard must outlive the process it
 /// guards, and exits on its own right after.
-pub fn run_guard(mountpoint: &Path, input: impl Read) -> io::Result<GuardOutcome> {
+pub fn run_guard(
+    mountpoint: &Path,
+    input: impl Read,
+    settle_limit: Duration,
+) -> io::Result<GuardOutcome> {
     for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
         // SAFETY: setting a signal's disposition to ignore; no handler runs.
         unsafe { libc::signal(sig, libc::SIG_IGN) };
@@ -102,7 +107,7 @@ pub fn run_guard(mountpoint: &Path, input: impl Read) -> io::Result<GuardOutcome
     // Block until the mounting process is gone (or let go of us).
     io::copy(&mut input, &mut io::sink())?;
     let mountpoint = mountpoint.to_path_buf();
-    let deadline = Instant::now() + SETTLE_LIMIT;
+    let deadline = Instant::now() + settle_limit;
     loop {
         if !is_mounted(&mountpoint, dev)? {
             return Ok(GuardOutcome::AlreadyGone);
@@ -210,7 +215,7 @@ mod tests {
 
     #[test]
     fn a_guard_never_armed_does_nothing() {
-        let outcome = run_guard(Path::new("/nonexistent"), &b""[..]).unwrap();
+        let outcome = run_guard(Path::new("/nonexistent"), &b""[..], SETTLE_LIMIT).unwrap();
         assert_eq!(outcome, GuardOutcome::NeverArmed);
     }
 
@@ -220,7 +225,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let dev = std::fs::metadata(dir.path()).unwrap().dev();
         let line = format!("{}:{}\n", libc::major(dev), libc::minor(dev));
-        let outcome = run_guard(dir.path(), line.as_bytes()).unwrap();
+        let outcome = run_guard(dir.path(), line.as_bytes(), SETTLE_LIMIT).unwrap();
         assert_eq!(outcome, GuardOutcome::AlreadyGone);
     }
 }
