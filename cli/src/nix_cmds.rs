@@ -3,11 +3,14 @@ use crate::services::{build, Defaults, Services};
 use crate::ServiceArgs;
 use anyhow::{anyhow, bail, Context, Result};
 use arca_castore::import::{CloseOnDrop, DigestBoard};
-use arca_store::nar::{dump_path_observed, ingest_nar, render_nar, HashingWriter};
+use arca_store::nar::{
+    dump_path_observed, ingest_nar, render_nar, tree_entries, DumpedEntry, HashingWriter,
+};
 use arca_store::pathinfo::PathInfo;
 use arca_store::{ContentAddress, NixHash, StorePath};
 use clap::{Args, Subcommand};
 use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
@@ -139,8 +142,14 @@ pub async fn import(args: ImportArgs, service_args: ServiceArgs) -> Result<()> {
         // Aborted if the import fails first.
         let nar_hash = AbortOnDropHandle::new(tokio::spawn(async move {
             let _closes = CloseOnDrop(publisher.clone());
-            let mut observe = |p: &std::path::Path, d: arca_castore::B3Digest, size: u64| {
-                publisher.publish(p, d, size)
+            // Every entry the NAR describes, by path relative to the root.
+            let mut seen: Vec<(Vec<u8>, DumpedEntry)> = Vec::new();
+            let mut observe = |p: &std::path::Path, entry: DumpedEntry| {
+                if let DumpedEntry::File { digest, size, .. } = &entry {
+                    publisher.publish(p, *digest, *size);
+                }
+                let rel = p.strip_prefix(&nar_path).unwrap_or(p);
+                seen.push((rel.as_os_str().as_bytes().to_vec(), entry));
             };
             let result = dump_path_observed(&nar_path, HashingWriter::new(), Some(&mut observe))
                 .await
@@ -151,7 +160,7 @@ pub async fn import(args: ImportArgs, service_args: ServiceArgs) -> Result<()> {
                     .map(|_| ())
                     .map_err(|e| format!("computing the NAR: {e}")),
             );
-            result
+            result.map(|hash| (hash, seen))
         }));
         let bar = Arc::new(crate::progress::ImportBar::new());
         let imported = arca_castore::import::import_path_with(
@@ -177,10 +186,22 @@ pub async fn import(args: ImportArgs, service_args: ServiceArgs) -> Result<()> {
             },
             Err(e) => return Err(e.into()),
         };
-        let (nar_size, nar_sha256) = nar_hash
+        let ((nar_size, nar_sha256), seen) = nar_hash
             .await
             .context("hashing the NAR")?
             .with_context(|| format!("{}: computing the NAR", path.display()))?;
+        // The tree stored is the one the NAR hash describes: same entries,
+        // names, kinds, exec bits, symlink targets, file digests and sizes
+        // (each pass looked at the tree on disk itself).
+        let stored = tree_entries(&node, services.directory.as_ref())
+            .await
+            .with_context(|| format!("{}: reading back the imported tree", path.display()))?;
+        if let Some(what) = first_difference(&seen, &stored) {
+            bail!(
+                "{}: changed while importing ({what}); nothing was registered",
+                path.display()
+            );
+        }
         let store_path = register_source_path(&services, &name, node, nar_size, nar_sha256).await?;
         println!("{store_path}");
     }
@@ -322,4 +343,78 @@ fn to_json(info: &PathInfo) -> serde_json::Value {
         v["ca"] = ca.to_string().into();
     }
     v
+}
+
+/// Where two listings of a tree in NAR order first differ, said for a user.
+fn first_difference(
+    nar: &[(Vec<u8>, DumpedEntry)],
+    stored: &[(Vec<u8>, DumpedEntry)],
+) -> Option<String> {
+    let show = |p: &[u8]| {
+        if p.is_empty() {
+            "the root".to_string()
+        } else {
+            String::from_utf8_lossy(p).into_owned()
+        }
+    };
+    for (i, pair) in nar.iter().zip(stored.iter()).enumerate() {
+        let ((np, ne), (sp, se)) = pair;
+        if np != sp {
+            return Some(format!(
+                "entry {i} is {} in the NAR, {} in the stored tree",
+                show(np),
+                show(sp)
+            ));
+        }
+        if ne != se {
+            return Some(format!(
+                "{} is {ne:?} in the NAR, {se:?} in the stored tree",
+                show(np)
+            ));
+        }
+    }
+    match nar.len().cmp(&stored.len()) {
+        std::cmp::Ordering::Equal => None,
+        _ => Some(format!(
+            "{} entries in the NAR, {} in the stored tree",
+            nar.len(),
+            stored.len()
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn differences_between_listings_are_named() {
+        let file = |s: &[u8], x| DumpedEntry::File {
+            digest: arca_castore::B3Digest::of(s),
+            size: s.len() as u64,
+            executable: x,
+        };
+        let a = vec![
+            (b"".to_vec(), DumpedEntry::Directory),
+            (b"f".to_vec(), file(b"1", false)),
+        ];
+        assert_eq!(first_difference(&a, &a), None);
+        let exec = vec![
+            (b"".to_vec(), DumpedEntry::Directory),
+            (b"f".to_vec(), file(b"1", true)),
+        ];
+        assert!(first_difference(&a, &exec)
+            .unwrap()
+            .starts_with("f is File"));
+        let renamed = vec![
+            (b"".to_vec(), DumpedEntry::Directory),
+            (b"g".to_vec(), file(b"1", false)),
+        ];
+        assert!(first_difference(&a, &renamed)
+            .unwrap()
+            .contains("f in the NAR, g in the stored tree"));
+        assert!(first_difference(&a, &a[..1])
+            .unwrap()
+            .contains("2 entries in the NAR, 1"));
+    }
 }

@@ -34,9 +34,11 @@ mod hashing;
 pub use hashing::{HashingReader, HashingWriter};
 pub use ingest::{ingest_nar, ingest_nar_expecting, ExpectedNar, IngestError};
 pub use reader::{Event, NarError, NarReader};
-pub use render::{calculate_nar, render_nar, RenderError};
+pub use render::{calculate_nar, render_nar, tree_entries, RenderError};
 pub use seekable::SeekableNar;
-pub use writer::{dump_path, dump_path_observed, DumpError, FileObserver, NarWriter, WriteError};
+pub use writer::{
+    dump_path, dump_path_observed, DumpError, DumpedEntry, EntryObserver, NarWriter, WriteError,
+};
 
 /// The first token of every NAR.
 pub const NAR_MAGIC: &[u8] = b"nix-archive-1";

@@ -99,6 +99,41 @@ pub(crate) fn walk<'a>(
     }
 }
 
+/// Every entry of the castore tree `root`, in NAR order, with its path
+/// relative to the root (`""` for the root, names joined by `/`): what
+/// [super::dump_path_observed] reports for the same tree on disk.
+pub async fn tree_entries(
+    root: &Node,
+    directories: &dyn DirectoryService,
+) -> Result<Vec<(Vec<u8>, super::DumpedEntry)>, RenderError> {
+    let dirs = fetch_directories(root, directories).await?;
+    let mut out = Vec::new();
+    // The path of each open directory.
+    let mut open: Vec<Vec<u8>> = Vec::new();
+    walk(root, &dirs, |step| {
+        match step {
+            Step::Node(name, node) => {
+                let mut path = open.last().cloned().unwrap_or_default();
+                if let Some(name) = name {
+                    if !path.is_empty() {
+                        path.push(b'/');
+                    }
+                    path.extend_from_slice(name.as_bytes());
+                }
+                if matches!(node, Node::Directory { .. }) {
+                    open.push(path.clone());
+                }
+                out.push((path, super::DumpedEntry::from(node)));
+            }
+            Step::EndDirectory => {
+                open.pop();
+            }
+        }
+        Ok(())
+    })?;
+    Ok(out)
+}
+
 /// Fetches the directory closure of `root` (nothing for a file or symlink).
 pub(crate) async fn fetch_directories(
     root: &Node,

@@ -311,16 +311,53 @@ pub async fn dump_path<W: AsyncWrite + Unpin>(path: &Path, writer: W) -> Result<
     dump_path_observed(path, writer, None).await
 }
 
-/// Sees each regular file [dump_path_observed] wrote: its path, the BLAKE3
-/// digest of the very bytes that went into the NAR, and their count.
-pub type FileObserver<'a> = &'a mut (dyn FnMut(&Path, B3Digest, u64) + Send);
+/// An entry [dump_path_observed] wrote, as castore describes it (a
+/// directory by its kind only; a file by the BLAKE3 digest of the very
+/// bytes that went into the NAR).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DumpedEntry {
+    /// A directory (its entries follow).
+    Directory,
+    /// A regular file.
+    File {
+        /// BLAKE3 digest of its contents.
+        digest: B3Digest,
+        /// Length of its contents.
+        size: u64,
+        /// Whether it is executable.
+        executable: bool,
+    },
+    /// A symlink.
+    Symlink(SymlinkTarget),
+}
+
+impl From<&arca_castore::Node> for DumpedEntry {
+    fn from(node: &arca_castore::Node) -> Self {
+        match node {
+            arca_castore::Node::Directory { .. } => Self::Directory,
+            arca_castore::Node::File {
+                digest,
+                size,
+                executable,
+            } => Self::File {
+                digest: *digest,
+                size: *size,
+                executable: *executable,
+            },
+            arca_castore::Node::Symlink { target } => Self::Symlink(target.clone()),
+        }
+    }
+}
+
+/// Sees every entry [dump_path_observed] wrote, in NAR order, with its path.
+pub type EntryObserver<'a> = &'a mut (dyn FnMut(&Path, DumpedEntry) + Send);
 
 /// [dump_path], also hashing every regular file with BLAKE3 as it streams
-/// through and handing `observer` its digest (files are read once for both).
+/// through, and handing `observer` every entry (files are read once for both).
 pub async fn dump_path_observed<W: AsyncWrite + Unpin>(
     path: &Path,
     writer: W,
-    mut observer: Option<FileObserver<'_>>,
+    mut observer: Option<EntryObserver<'_>>,
 ) -> Result<W, DumpError> {
     let write_err = |path: &Path| {
         let path = path.to_path_buf();
@@ -368,6 +405,9 @@ pub async fn dump_path_observed<W: AsyncWrite + Unpin>(
             nar.start_directory(name.as_ref())
                 .await
                 .map_err(write_err(&p))?;
+            if let Some(observe) = observer.as_mut() {
+                observe(&p, DumpedEntry::Directory);
+            }
             stack.push(entries);
         } else if ft.is_symlink() {
             let target = tokio::fs::read_link(&p).await.map_err(io_err)?;
@@ -381,6 +421,9 @@ pub async fn dump_path_observed<W: AsyncWrite + Unpin>(
             nar.symlink(name.as_ref(), &target)
                 .await
                 .map_err(write_err(&p))?;
+            if let Some(observe) = observer.as_mut() {
+                observe(&p, DumpedEntry::Symlink(target));
+            }
         } else if ft.is_file() {
             let executable = meta.permissions().mode() & 0o100 != 0;
             nar.start_file(name.as_ref(), executable, meta.len())
@@ -397,7 +440,15 @@ pub async fn dump_path_observed<W: AsyncWrite + Unpin>(
             }
             nar.end_file().await.map_err(write_err(&p))?;
             if let (Some(observe), Some(h)) = (observer.as_mut(), hasher) {
-                observe(&p, B3Digest::from(h.finalize()), meta.len());
+                let digest = B3Digest::from(h.finalize());
+                observe(
+                    &p,
+                    DumpedEntry::File {
+                        digest,
+                        size: meta.len(),
+                        executable,
+                    },
+                );
             }
         } else {
             return Err(DumpError::UnsupportedType { path: p });
