@@ -8,7 +8,6 @@ use arca_proto::castore::blob_service_server::BlobServiceServer;
 use arca_proto::castore::directory_service_server::DirectoryServiceServer;
 use arca_proto::castore_batch as batch_proto;
 use arca_proto::castore_batch::blob_batch_service_server::BlobBatchServiceServer;
-use bytes::Bytes;
 use futures::stream::{BoxStream, StreamExt};
 use std::sync::Arc;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
@@ -83,7 +82,7 @@ impl proto::blob_service_server::BlobService for GrpcBlobServiceWrapper {
         // The backend's pieces as they are, cut to at most one message each.
         let stream = pieces.flat_map(|r| {
             futures::stream::iter(match r {
-                Ok(data) => message_pieces(data)
+                Ok(data) => crate::blobservice::pieces_of(data, crate::BLOB_MESSAGE_CHUNK)
                     .map(|data| Ok(proto::BlobChunk { data }))
                     .collect(),
                 Err(e) => vec![Err(Status::from(Error::from(e)))],
@@ -332,12 +331,4 @@ pub fn channel_from_url(url: &url::Url) -> Result<Channel, Error> {
                 .connect_lazy())
         }
     }
-}
-
-/// `data` cut into slices of at most [crate::BLOB_MESSAGE_CHUNK] bytes
-/// (none if empty), without copying.
-fn message_pieces(data: Bytes) -> impl Iterator<Item = Bytes> {
-    (0..data.len())
-        .step_by(crate::BLOB_MESSAGE_CHUNK)
-        .map(move |start| data.slice(start..(start + crate::BLOB_MESSAGE_CHUNK).min(data.len())))
 }

@@ -119,6 +119,20 @@ fn small_tree(t: &Path) -> std::path::PathBuf {
     root
 }
 
+/// A closed board claiming `contents` (digest and size) for files under `root`.
+fn claimed(root: &Path, contents: &[(&str, &[u8])]) -> Arc<DigestBoard> {
+    let board = Arc::new(DigestBoard::new());
+    for (rel, data) in contents {
+        board.publish(
+            &root.join(rel),
+            arca_castore::B3Digest::of(data),
+            data.len() as u64,
+        );
+    }
+    board.close(Ok(()));
+    board
+}
+
 async fn import_with_board(
     root: &Path,
     board: Arc<DigestBoard>,
@@ -163,24 +177,15 @@ async fn digests_published_by_another_pass_are_used_as_they_arrive() {
 async fn a_published_digest_the_file_does_not_match_fails_the_import_and_stores_no_tree() {
     let t = tempfile::tempdir().unwrap();
     let root = small_tree(t.path());
-    let board = Arc::new(DigestBoard::new());
-    board.publish(
-        &root.join("a"),
-        arca_castore::B3Digest::of(b"first file"),
-        b"first file".len() as u64,
-    );
     // As if sub/b changed between the pass that hashed it and the upload (same size).
-    board.publish(
-        &root.join("sub/b"),
-        arca_castore::B3Digest::of(b"second filE"),
-        b"second filE".len() as u64,
+    let board = claimed(
+        &root,
+        &[
+            ("a", b"first file"),
+            ("sub/b", b"second filE"),
+            ("sub/c", b""),
+        ],
     );
-    board.publish(
-        &root.join("sub/c"),
-        arca_castore::B3Digest::of(b""),
-        b"".len() as u64,
-    );
-    board.close(Ok(()));
     let b: Arc<dyn BlobService> = Arc::new(MemoryBlobService::default());
     let d: Arc<dyn DirectoryService> = Arc::new(MemoryDirectoryService::default());
     let Err(err) =
@@ -210,23 +215,15 @@ async fn a_published_digest_the_file_does_not_match_fails_the_import_and_stores_
 async fn a_file_changed_after_hashing_is_reported_through_grpc_too() {
     let t = tempfile::tempdir().unwrap();
     let root = small_tree(t.path());
-    let board = Arc::new(DigestBoard::new());
-    board.publish(
-        &root.join("a"),
-        arca_castore::B3Digest::of(b"first file"),
-        b"first file".len() as u64,
+    // As if sub/b changed between the pass that hashed it and the upload (same size).
+    let board = claimed(
+        &root,
+        &[
+            ("a", b"first file"),
+            ("sub/b", b"second filE"),
+            ("sub/c", b""),
+        ],
     );
-    board.publish(
-        &root.join("sub/b"),
-        arca_castore::B3Digest::of(b"second filE"),
-        b"second filE".len() as u64,
-    );
-    board.publish(
-        &root.join("sub/c"),
-        arca_castore::B3Digest::of(b""),
-        b"".len() as u64,
-    );
-    board.close(Ok(()));
     let (b, d, _g) = common::behind_grpc(common::from_urls("memory://", "memory://")).await;
     let Err(err) = import_path_with(&root, b, d, 8, Arc::new(NoProgress), board).await else {
         panic!("imported")
@@ -241,13 +238,7 @@ async fn a_file_changed_after_hashing_is_reported_through_grpc_too() {
 async fn a_published_size_other_than_the_walks_fails_the_import() {
     let t = tempfile::tempdir().unwrap();
     let root = small_tree(t.path());
-    let board = Arc::new(DigestBoard::new());
-    board.publish(
-        &root.join("a"),
-        arca_castore::B3Digest::of(b"first file, longer"),
-        18,
-    );
-    board.close(Ok(()));
+    let board = claimed(&root, &[("a", b"first file, longer")]);
     let Err(err) = import_with_board(&root, board).await else {
         panic!("imported")
     };

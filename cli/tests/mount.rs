@@ -781,6 +781,17 @@ fn sigkill_leaves_no_dead_mount_with_the_guard_alone() {
     sigkill_case(&[("ARCA_MOUNT_NO_AUTO_UNMOUNT", "1")]);
 }
 
+/// A daemon holding one file `hello` ("hello\n") as a store path; the client
+/// data dir; the store path's base name.
+fn hello_store() -> (Daemon, tempfile::TempDir, String) {
+    let d = Daemon::start();
+    let client = tempfile::tempdir().unwrap();
+    let src = tempfile::tempdir().unwrap();
+    std::fs::write(src.path().join("hello"), b"hello\n").unwrap();
+    let base = import_base(&d, client.path(), &src.path().join("hello"));
+    (d, client, base)
+}
+
 /// The guard never touches a mount that still answers: with its stdin
 /// closed while `arca mount` lives on, it gives up after its settle time.
 #[test]
@@ -788,11 +799,7 @@ fn the_unmount_guard_leaves_a_live_mount_alone() {
     if !have_fuse() {
         return;
     }
-    let d = Daemon::start();
-    let client = tempfile::tempdir().unwrap();
-    let src = tempfile::tempdir().unwrap();
-    std::fs::write(src.path().join("hello"), b"hello\n").unwrap();
-    let base = import_base(&d, client.path(), &src.path().join("hello"));
+    let (d, client, base) = hello_store();
     let m = Mount::start(&d, client.path(), &[]);
     let dev = std::fs::metadata(&m.path).unwrap().dev();
     let guard = |line: String| {
@@ -831,11 +838,7 @@ fn sigkill_case(env: &[(&str, &str)]) {
     if !have_fuse() {
         return;
     }
-    let d = Daemon::start();
-    let client = tempfile::tempdir().unwrap();
-    let src = tempfile::tempdir().unwrap();
-    std::fs::write(src.path().join("hello"), b"hello\n").unwrap();
-    let base = import_base(&d, client.path(), &src.path().join("hello"));
+    let (d, client, base) = hello_store();
     let t0 = Instant::now();
     let mut m = Mount::start_with_env(&d, client.path(), &[], env);
     let mounted = t0.elapsed();

@@ -52,6 +52,24 @@ pub struct GrpcBlobService {
 }
 
 impl GrpcBlobService {
+    /// Starts a `Read` call for the blob on the next connection: the
+    /// connection and the response stream, `None` if the server answered
+    /// NOT_FOUND.
+    async fn start_read(
+        &self,
+        digest: &B3Digest,
+    ) -> Result<Option<(GrpcBlobService, tonic::Streaming<proto::BlobChunk>)>, Error> {
+        let this = self.pick();
+        let req = proto::ReadBlobRequest {
+            digest: digest.to_bytes(),
+        };
+        match this.client.clone().read(req).await {
+            Ok(resp) => Ok(Some((this, resp.into_inner()))),
+            Err(s) if s.code() == Code::NotFound => Ok(None),
+            Err(s) => Err(s.into()),
+        }
+    }
+
     /// A client over an established (or lazy) channel.
     pub fn from_channel(channel: Channel) -> Self {
         Self::from_channels(vec![channel]).expect("one channel given")
@@ -172,37 +190,18 @@ impl BlobService for GrpcBlobService {
     /// verified) when the blob is chunked.
     #[instrument(skip(self), level = "debug")]
     async fn open_read(&self, digest: &B3Digest) -> Result<Option<Box<dyn BlobReader>>, Error> {
-        let this = self.pick();
-        let req = proto::ReadBlobRequest {
-            digest: digest.to_bytes(),
-        };
-        match this.client.clone().read(req).await {
-            Ok(resp) => Ok(Some(Box::new(GrpcBlobReader::new(
-                this,
-                *digest,
-                resp.into_inner(),
-            )))),
-            Err(s) if s.code() == Code::NotFound => Ok(None),
-            Err(s) => Err(s.into()),
-        }
+        Ok(self.start_read(digest).await?.map(|(this, resp)| {
+            Box::new(GrpcBlobReader::new(this, *digest, resp)) as Box<dyn BlobReader>
+        }))
     }
 
     /// The server's messages as they arrive, hashed on the way; the last one
     /// is held back until the digest matched.
     async fn read_stream(&self, digest: &B3Digest) -> Result<Option<super::BlobStream>, Error> {
-        let this = self.pick();
-        let req = proto::ReadBlobRequest {
-            digest: digest.to_bytes(),
-        };
-        match this.client.clone().read(req).await {
-            Ok(resp) => Ok(Some(verified_stream(
-                this.client.clone(),
-                *digest,
-                Some(resp.into_inner()),
-            ))),
-            Err(s) if s.code() == Code::NotFound => Ok(None),
-            Err(s) => Err(s.into()),
-        }
+        Ok(self
+            .start_read(digest)
+            .await?
+            .map(|(this, resp)| verified_stream(this.client, *digest, Some(resp))))
     }
 
     async fn open_write(&self) -> Box<dyn BlobWriter> {

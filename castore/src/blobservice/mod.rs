@@ -104,6 +104,15 @@ pub trait BlobService: Send + Sync {
     }
 }
 
+/// `data` cut into slices of at most `max` bytes (none if empty), without
+/// copying: how a [BlobService::read_stream] piece becomes messages or
+/// writes of a bounded size.
+pub fn pieces_of(data: Bytes, max: usize) -> impl Iterator<Item = Bytes> {
+    (0..data.len())
+        .step_by(max.max(1))
+        .map(move |start| data.slice(start..(start + max.max(1)).min(data.len())))
+}
+
 /// A blob's bytes, in order, as [BlobService::read_stream] gives them.
 pub type BlobStream = BoxStream<'static, std::io::Result<Bytes>>;
 

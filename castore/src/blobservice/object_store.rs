@@ -399,13 +399,22 @@ impl ObjectStoreBlobService {
     /// A reader of a blob stored as a chunk list (not as one chunk); `None`
     /// if there is no such list.
     async fn open_chunked(&self, digest: &B3Digest) -> Result<Option<Box<dyn BlobReader>>, Error> {
+        Ok(self
+            .chunked(digest)
+            .await?
+            .map(|r| Box::new(r) as Box<dyn BlobReader>))
+    }
+
+    /// The [ChunkedReader] of a blob stored as a chunk list; `None` if there
+    /// is no such list.
+    async fn chunked(&self, digest: &B3Digest) -> Result<Option<ChunkedReader>, Error> {
         match self.inner.chunk_list(digest).await? {
             None => Ok(None),
-            Some(chunks) => Ok(Some(Box::new(ChunkedReader::new(
+            Some(chunks) => Ok(Some(ChunkedReader::new(
                 chunks,
                 Arc::new(Fetcher(self.inner.clone())),
                 *digest,
-            )?))),
+            )?)),
         }
     }
 
@@ -541,13 +550,7 @@ impl BlobService for ObjectStoreBlobService {
                 futures::stream::iter((!data.is_empty()).then_some(Ok(data))).boxed(),
             ));
         }
-        match self.inner.chunk_list(digest).await? {
-            None => Ok(None),
-            Some(chunks) => Ok(Some(
-                ChunkedReader::new(chunks, Arc::new(Fetcher(self.inner.clone())), *digest)?
-                    .into_stream(),
-            )),
-        }
+        Ok(self.chunked(digest).await?.map(ChunkedReader::into_stream))
     }
 
     async fn open_write(&self) -> Box<dyn BlobWriter> {

@@ -208,8 +208,7 @@ fn fetch_blob(
                     .await;
                 return;
             }
-            for start in (0..piece.len()).step_by(CHUNK_SIZE) {
-                let slice = piece.slice(start..(start + CHUNK_SIZE).min(piece.len()));
+            for slice in arca_castore::blobservice::pieces_of(piece, CHUNK_SIZE) {
                 if tx.send(Ok(slice)).await.is_err() {
                     return;
                 }
