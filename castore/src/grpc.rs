@@ -14,6 +14,60 @@ use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::instrument;
 
+/// A generated gRPC server whose request streams fail when the client
+/// cancels them.
+///
+/// tonic hands a request stream that the client reset with `CANCEL` (what
+/// a client sends when it drops an unfinished call) to the handler as a
+/// clean end of stream. `Put` would then store the truncated blob, or the
+/// directories sent so far, as if the upload were complete. This wrapper
+/// turns that cancellation into an `ABORTED` error before tonic sees it.
+#[derive(Debug, Clone)]
+pub struct CancelledStreamsFail<S>(S);
+
+impl<S> CancelledStreamsFail<S> {
+    /// Wraps `server`.
+    pub fn new(server: S) -> Self {
+        Self(server)
+    }
+}
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for CancelledStreamsFail<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S> tower::Service<tonic::codegen::http::Request<tonic::body::Body>> for CancelledStreamsFail<S>
+where
+    S: tower::Service<tonic::codegen::http::Request<tonic::body::Body>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: tonic::codegen::http::Request<tonic::body::Body>) -> Self::Future {
+        use http_body_util::BodyExt;
+        self.0.call(req.map(|body| {
+            tonic::body::Body::new(body.map_err(|status| {
+                if status.code() == tonic::Code::Cancelled {
+                    Status::aborted(format!(
+                        "the client cancelled the request stream: {}",
+                        status.message()
+                    ))
+                } else {
+                    status
+                }
+            }))
+        }))
+    }
+}
+
 fn digest_arg(raw: &bytes::Bytes) -> Result<B3Digest, Status> {
     B3Digest::try_from(raw).map_err(|e| Status::invalid_argument(format!("invalid digest: {e}")))
 }
@@ -30,10 +84,13 @@ impl GrpcBlobServiceWrapper {
     }
 
     /// The tonic server, with Arca's message limits.
-    pub fn into_server(self) -> BlobServiceServer<Self> {
-        BlobServiceServer::new(self)
-            .max_decoding_message_size(crate::MAX_BLOB_MESSAGE_SIZE)
-            .max_encoding_message_size(crate::MAX_BLOB_MESSAGE_SIZE)
+    /// A cancelled upload fails instead of storing what was sent so far.
+    pub fn into_server(self) -> CancelledStreamsFail<BlobServiceServer<Self>> {
+        CancelledStreamsFail::new(
+            BlobServiceServer::new(self)
+                .max_decoding_message_size(crate::MAX_BLOB_MESSAGE_SIZE)
+                .max_encoding_message_size(crate::MAX_BLOB_MESSAGE_SIZE),
+        )
     }
 }
 
@@ -183,10 +240,13 @@ impl GrpcDirectoryServiceWrapper {
     }
 
     /// The tonic server, accepting directories larger than tonic's default limit.
-    pub fn into_server(self) -> DirectoryServiceServer<Self> {
-        DirectoryServiceServer::new(self)
-            .max_decoding_message_size(crate::MAX_DIRECTORY_MESSAGE_SIZE)
-            .max_encoding_message_size(crate::MAX_DIRECTORY_MESSAGE_SIZE)
+    /// A cancelled `Put` fails instead of storing the directories sent so far.
+    pub fn into_server(self) -> CancelledStreamsFail<DirectoryServiceServer<Self>> {
+        CancelledStreamsFail::new(
+            DirectoryServiceServer::new(self)
+                .max_decoding_message_size(crate::MAX_DIRECTORY_MESSAGE_SIZE)
+                .max_encoding_message_size(crate::MAX_DIRECTORY_MESSAGE_SIZE),
+        )
     }
 }
 

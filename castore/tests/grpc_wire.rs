@@ -403,6 +403,73 @@ async fn clients_verify_what_servers_send() {
     assert!(matches!(r, Err(Error::Storage(_))), "{r:?}");
 }
 
+/// A writer dropped without `close` must reset its call: ending the
+/// request stream instead would make the server store the truncated data.
+/// The drop happens right after the last write, many times, so a race
+/// between the abort and the end of the stream shows up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_writers_never_store_their_data() {
+    let (b, _d, _g) = behind_grpc(from_urls("memory://", "memory://")).await;
+    let mut digests = Vec::new();
+    for i in 0..200u64 {
+        let data = test_data(1000 + i as usize, i);
+        let mut w = b.open_write().await;
+        w.write(data.clone().into()).await.unwrap();
+        drop(w);
+        digests.push(B3Digest::of(&data));
+    }
+    // A closed writer on the same channel: its data is stored, so the
+    // calls before it have all been answered or reset.
+    assert_eq!(
+        put_bytes(&*b, Bytes::from_static(b"closed")).await.unwrap(),
+        B3Digest::of(b"closed")
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let mut stored = vec![];
+    for (i, d) in digests.iter().enumerate() {
+        if b.has(d).await.unwrap() {
+            stored.push(i);
+        }
+    }
+    assert!(stored.is_empty(), "dropped uploads were stored: {stored:?}");
+}
+
+/// A raw `Put` call the client cancels (RST_STREAM CANCEL) after sending
+/// a whole directory: the server must not store it. tonic alone would hand
+/// the handler a clean end of stream.
+#[tokio::test]
+async fn cancelled_directory_puts_store_nothing() {
+    let (_blobs, mut dirs, _server) = raw_clients().await;
+    let mut leaf = Directory::new();
+    leaf.add(
+        "a".try_into().unwrap(),
+        Node::File {
+            digest: B3Digest::of(b"a"),
+            size: 1,
+            executable: false,
+        },
+    )
+    .unwrap();
+    let digest = leaf.digest();
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(proto::Directory::from(&leaf)).await.unwrap();
+    let mut putter = dirs.clone();
+    let call = tokio::spawn(async move {
+        // The stream never ends: `tx` stays alive until the call is dropped.
+        putter
+            .put(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
+    // Let the directory reach the server, then drop the call.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    call.abort();
+    assert!(call.await.unwrap_err().is_cancelled());
+    drop(tx);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let r = dirs.get(get_req(digest.to_bytes(), false)).await;
+    assert_eq!(r.unwrap_err().code(), Code::NotFound);
+}
+
 #[tokio::test]
 async fn expected_digest_is_checked_against_the_server() {
     let (b, _d, _g) = behind_grpc(from_urls("memory://", "memory://")).await;

@@ -536,13 +536,32 @@ impl AsyncSeek for GrpcBlobReader {
 struct GrpcBlobWriter {
     client: BlobServiceClient<Channel>,
     hasher: blake3::Hasher,
-    tx: Option<mpsc::Sender<proto::BlobChunk>>,
+    /// Chunks to send; `None` is the end marker `close` sends, so only a
+    /// closed writer ends the request stream cleanly.
+    tx: Option<mpsc::Sender<Option<proto::BlobChunk>>>,
     task: Option<JoinHandle<Result<Bytes, tonic::Status>>>,
     done: Option<B3Digest>,
     failed: bool,
     /// Set by `expect_digest`: the server's digest is compared with it and
     /// the data is not hashed again here.
     expected: Option<B3Digest>,
+}
+
+/// The request stream of a `Put` call. It ends only at the end marker:
+/// when the writer is dropped without `close`, the channel closes without
+/// one and the stream stays pending until the aborted call resets it. A
+/// plain end of stream there would make the server store the truncated
+/// data (hyper sends END_STREAM before the abort is noticed).
+fn upload_stream(
+    rx: mpsc::Receiver<Option<proto::BlobChunk>>,
+) -> impl futures::Stream<Item = proto::BlobChunk> + Send + 'static {
+    futures::stream::unfold(rx, |mut rx| async move {
+        match rx.recv().await {
+            Some(Some(chunk)) => Some((chunk, rx)),
+            Some(None) => None,
+            None => std::future::pending().await,
+        }
+    })
 }
 
 impl Drop for GrpcBlobWriter {
@@ -568,17 +587,20 @@ impl GrpcBlobWriter {
         let (tx, rx) = mpsc::channel(4);
         let mut client = self.client.clone();
         self.task = Some(tokio::spawn(async move {
-            let resp = client
-                .put(tokio_stream::wrappers::ReceiverStream::new(rx))
-                .await?;
+            let resp = client.put(upload_stream(rx)).await?;
             Ok(resp.into_inner().digest)
         }));
         self.tx = Some(tx);
         Ok(())
     }
 
+    /// Ends the upload: sends the end marker (when the stream is still
+    /// open) and waits for the server's answer.
     async fn finish(&mut self) -> Result<Bytes, Error> {
-        self.tx = None;
+        if let Some(tx) = self.tx.take() {
+            // A failed send means the call already ended; the task says why.
+            let _ = tx.send(None).await;
+        }
         let r = match self.task.take() {
             Some(t) => t
                 .await
@@ -606,7 +628,10 @@ impl BlobWriter for GrpcBlobWriter {
         while !data.is_empty() {
             let piece = data.split_to(data.len().min(BLOB_MESSAGE_CHUNK));
             let sent = match &self.tx {
-                Some(tx) => tx.send(proto::BlobChunk { data: piece }).await.is_ok(),
+                Some(tx) => tx
+                    .send(Some(proto::BlobChunk { data: piece }))
+                    .await
+                    .is_ok(),
                 None => false,
             };
             if !sent {
