@@ -17,6 +17,11 @@
 //!   needs to be downloaded again, whatever narinfo (or cache) points to it,
 //!   and the HTTP front can serve it by its NarHash. Entries are written only
 //!   for verified NARs; [NarIndex::put_nar] is durable when it returns.
+//!   Beside it, **served NARs**: NarHash → root node and NarSize as a path
+//!   info served over HTTP claims them ([NarIndex::record_nar]), so that any
+//!   replica can serve the NAR a narinfo names. A path info's NarHash is not
+//!   checked against its node, so these entries are only used to find a NAR
+//!   to serve ([NarIndex::get_nar_to_serve]), never as proof of ingestion.
 //! - **uploads**: the URL path a NAR file was uploaded to (`nar/<hash>.nar.xz`)
 //!   → what it held ([NarUpload]: root node, NarHash, NarSize, FileHash,
 //!   FileSize, compression), so a later narinfo upload naming that URL can be
@@ -29,6 +34,7 @@
 //!
 //! Values carry a format version byte, so later formats can be told apart.
 //! On object_store the keys are `nars/<nixbase32 NarHash>`,
+//! `served-nars/<nixbase32 NarHash>`,
 //! `uploads/<URL path>` and `narinfos/<hex cache id>/<nixbase32 digest>`.
 use crate::narinfo::Compression;
 use crate::store_path::DIGEST_LEN;
@@ -109,12 +115,32 @@ pub struct NarUpload {
     pub compression: Compression,
 }
 
+/// The two tables of NARs: verified ones, and what served path infos claim.
+#[derive(Clone, Copy, Debug)]
+enum NarTable {
+    /// NARs ingested and checked against their NarHash and NarSize.
+    Verified,
+    /// NarHash → root node as a served path info claims it (unchecked).
+    Served,
+}
+
+impl NarTable {
+    /// The key prefix on the object_store backend.
+    fn prefix(self) -> &'static str {
+        match self {
+            NarTable::Verified => "nars",
+            NarTable::Served => "served-nars",
+        }
+    }
+}
+
 /// Where the index keeps its tables.
 enum Backend {
     Sled {
         // Kept so the database lives as long as its trees.
         _db: sled::Db,
         nars: sled::Tree,
+        served_nars: sled::Tree,
         narinfos: sled::Tree,
         uploads: sled::Tree,
     },
@@ -315,11 +341,13 @@ impl NarIndex {
                 .map_err(|e| Error::Storage(format!("opening the NAR index ({name}): {e}")))
         };
         let nars = open("nars")?;
+        let served_nars = open("served-nars")?;
         let narinfos = open("narinfos")?;
         let uploads = open("uploads")?;
         Ok(Self::with_backend(Backend::Sled {
             _db: db,
             nars,
+            served_nars,
             narinfos,
             uploads,
         }))
@@ -386,6 +414,28 @@ impl NarIndex {
     /// caller's to check.) A stored entry that does not decode is an
     /// [Error::Storage].
     pub async fn get_nar(&self, nar_sha256: &[u8; 32]) -> Result<Option<(Node, u64)>, Error> {
+        self.read_nar(NarTable::Verified, nar_sha256).await
+    }
+
+    /// Where to find the NAR with this SHA-256 to serve it: a verified entry
+    /// ([Self::get_nar]), else what a served path info claims
+    /// ([Self::record_nar]). Never proof that the NAR was checked: a client
+    /// of the NAR checks it against its narinfo.
+    pub async fn get_nar_to_serve(
+        &self,
+        nar_sha256: &[u8; 32],
+    ) -> Result<Option<(Node, u64)>, Error> {
+        match self.read_nar(NarTable::Verified, nar_sha256).await? {
+            Some(found) => Ok(Some(found)),
+            None => self.read_nar(NarTable::Served, nar_sha256).await,
+        }
+    }
+
+    async fn read_nar(
+        &self,
+        table: NarTable,
+        nar_sha256: &[u8; 32],
+    ) -> Result<Option<(Node, u64)>, Error> {
         let what = || {
             format!(
                 "NAR index entry sha256:{}",
@@ -393,18 +443,32 @@ impl NarIndex {
             )
         };
         let raw = match &self.backend {
-            Backend::Sled { nars, .. } => nars
+            Backend::Sled { .. } => self
+                .sled_nars(table)
                 .get(nar_sha256)
                 .map_err(Error::storage)?
                 .map(|v| v.to_vec()),
             Backend::ObjectStore { store, base } => {
-                let key = Self::os_key(base, "nars", &[&crate::nixbase32::encode(nar_sha256)]);
+                let key = Self::os_key(
+                    base,
+                    table.prefix(),
+                    &[&crate::nixbase32::encode(nar_sha256)],
+                );
                 Self::os_get(store.as_ref(), &key)
                     .await?
                     .map(|b| b.to_vec())
             }
         };
         raw.map(|raw| decode_nar_entry(&raw, &what())).transpose()
+    }
+
+    /// The sled tree of a NAR table (sled backend only).
+    fn sled_nars(&self, table: NarTable) -> &sled::Tree {
+        match (&self.backend, table) {
+            (Backend::Sled { nars, .. }, NarTable::Verified) => nars,
+            (Backend::Sled { served_nars, .. }, NarTable::Served) => served_nars,
+            (Backend::ObjectStore { .. }, _) => unreachable!("sled_nars on an object store"),
+        }
     }
 
     /// Records that the NAR with this SHA-256 and size was ingested as
@@ -416,23 +480,29 @@ impl NarIndex {
         node: &Node,
         nar_size: u64,
     ) -> Result<(), Error> {
-        self.write_nar(nar_sha256, node, nar_size, true).await
+        self.write_nar(NarTable::Verified, nar_sha256, node, nar_size, true)
+            .await
     }
 
-    /// Like [Self::put_nar], but not flushed on the sled backend: for
-    /// mappings that can be derived again (a path info names its NarHash and
-    /// root node), recorded so that another replica can resolve the NAR.
+    /// Records what a served path info claims: its NarHash, root node and
+    /// NarSize, so that another replica can resolve the NAR a narinfo names
+    /// ([Self::get_nar_to_serve]). Kept apart from verified entries: a path
+    /// info's NarHash was not checked against its node, so this is never
+    /// taken as proof that the NAR was ingested ([Self::get_nar] does not
+    /// see it). Not flushed on the sled backend (it can be derived again).
     pub async fn record_nar(
         &self,
         nar_sha256: &[u8; 32],
         node: &Node,
         nar_size: u64,
     ) -> Result<(), Error> {
-        self.write_nar(nar_sha256, node, nar_size, false).await
+        self.write_nar(NarTable::Served, nar_sha256, node, nar_size, false)
+            .await
     }
 
     async fn write_nar(
         &self,
+        table: NarTable,
         nar_sha256: &[u8; 32],
         node: &Node,
         nar_size: u64,
@@ -440,14 +510,19 @@ impl NarIndex {
     ) -> Result<(), Error> {
         let value = encode_nar_entry(node, nar_size);
         match &self.backend {
-            Backend::Sled { nars, .. } => {
-                nars.insert(nar_sha256, value).map_err(Error::storage)?;
+            Backend::Sled { .. } => {
+                let tree = self.sled_nars(table);
+                tree.insert(nar_sha256, value).map_err(Error::storage)?;
                 if flush {
-                    arca_castore::directoryservice::flush_sled(nars).await?;
+                    arca_castore::directoryservice::flush_sled(tree).await?;
                 }
             }
             Backend::ObjectStore { store, base } => {
-                let key = Self::os_key(base, "nars", &[&crate::nixbase32::encode(nar_sha256)]);
+                let key = Self::os_key(
+                    base,
+                    table.prefix(),
+                    &[&crate::nixbase32::encode(nar_sha256)],
+                );
                 store
                     .put(&key, PutPayload::from(value))
                     .await
@@ -457,17 +532,26 @@ impl NarIndex {
         Ok(())
     }
 
-    /// Forgets a NAR (e.g. when its node turned out to be gone from castore).
+    /// Forgets a NAR, verified or claimed (e.g. when its node turned out to
+    /// be gone from castore).
     pub async fn remove_nar(&self, nar_sha256: &[u8; 32]) -> Result<(), Error> {
-        match &self.backend {
-            Backend::Sled { nars, .. } => {
-                nars.remove(nar_sha256).map_err(Error::storage)?;
-            }
-            Backend::ObjectStore { store, base } => {
-                let key = Self::os_key(base, "nars", &[&crate::nixbase32::encode(nar_sha256)]);
-                match store.delete(&key).await {
-                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                    Err(e) => return Err(os_err(e)),
+        for table in [NarTable::Verified, NarTable::Served] {
+            match &self.backend {
+                Backend::Sled { .. } => {
+                    self.sled_nars(table)
+                        .remove(nar_sha256)
+                        .map_err(Error::storage)?;
+                }
+                Backend::ObjectStore { store, base } => {
+                    let key = Self::os_key(
+                        base,
+                        table.prefix(),
+                        &[&crate::nixbase32::encode(nar_sha256)],
+                    );
+                    match store.delete(&key).await {
+                        Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                        Err(e) => return Err(os_err(e)),
+                    }
                 }
             }
         }
@@ -836,20 +920,37 @@ mod tests {
                 assert_eq!(idx.get_nar(&h).await.unwrap(), None, "{idx:?}");
                 if i % 2 == 0 {
                     idx.put_nar(&h, &n, 100 + i as u64).await.unwrap();
+                    assert_eq!(
+                        idx.get_nar(&h).await.unwrap(),
+                        Some((n.clone(), 100 + i as u64)),
+                        "{idx:?}"
+                    );
                 } else {
+                    // What a served path info claims is only for serving:
+                    // never proof that the NAR was ingested and checked.
                     idx.record_nar(&h, &n, 100 + i as u64).await.unwrap();
+                    assert_eq!(idx.get_nar(&h).await.unwrap(), None, "{idx:?}");
                 }
                 assert_eq!(
-                    idx.get_nar(&h).await.unwrap(),
+                    idx.get_nar_to_serve(&h).await.unwrap(),
                     Some((n, 100 + i as u64)),
                     "{idx:?}"
                 );
             }
-            assert_eq!(idx.nar_count().await.unwrap(), 4, "{idx:?}");
+            assert_eq!(idx.nar_count().await.unwrap(), 2, "{idx:?}");
+            // A claim never shadows a verified entry.
+            idx.record_nar(&[0; 32], &nodes()[1], 1).await.unwrap();
+            assert_eq!(
+                idx.get_nar_to_serve(&[0; 32]).await.unwrap(),
+                Some((nodes()[0].clone(), 100))
+            );
             idx.remove_nar(&[0; 32]).await.unwrap();
             idx.remove_nar(&[0; 32]).await.unwrap();
             assert_eq!(idx.get_nar(&[0; 32]).await.unwrap(), None);
-            assert_eq!(idx.nar_count().await.unwrap(), 3);
+            assert_eq!(idx.get_nar_to_serve(&[0; 32]).await.unwrap(), None);
+            idx.remove_nar(&[1; 32]).await.unwrap();
+            assert_eq!(idx.get_nar_to_serve(&[1; 32]).await.unwrap(), None);
+            assert_eq!(idx.nar_count().await.unwrap(), 1);
 
             for (i, node) in nodes().into_iter().enumerate() {
                 let url = format!("nar/{i}abc.nar.xz");
@@ -896,7 +997,7 @@ mod tests {
                 CachedNarInfo::Missing
             );
             // NARs and uploads survive clearing the narinfo cache.
-            assert_eq!(idx.nar_count().await.unwrap(), 3);
+            assert_eq!(idx.nar_count().await.unwrap(), 1);
             assert!(idx.get_upload("nar/1abc.nar.xz").await.unwrap().is_some());
         }
     }

@@ -780,3 +780,42 @@ impl<S: futures::Stream<Item = Result<PathInfo, Error>> + Unpin> NextErr for S {
         }
     }
 }
+
+/// The HTTP front records what each path info it serves claims (NarHash →
+/// root node) so any replica can serve the NAR a narinfo names. A path
+/// info's NarHash is not checked against its node, so such a claim must
+/// never count as proof that the NAR was ingested: a path info claiming
+/// another path's NarHash for other content would otherwise make a later
+/// fetch of that path from a trusted cache skip the download and register
+/// the other content.
+#[tokio::test]
+async fn a_claimed_nar_hash_never_replaces_a_download() {
+    let Some(fx) = fixture() else { return };
+    let leaf = path_named(&fx, LEAF);
+    let env = Env::new();
+    let evil =
+        arca_castore::blobservice::put_bytes(&*env.blobs, bytes::Bytes::from_static(b"evil"))
+            .await
+            .unwrap();
+    let evil_node = arca_castore::Node::File {
+        digest: evil,
+        size: 4,
+        executable: false,
+    };
+    let size = nar_bytes(&fx, &leaf).len() as u64;
+    env.index
+        .record_nar(&nar_sha256(&fx, &leaf), &evil_node, size)
+        .await
+        .unwrap();
+    let server = CacheServer::start(&fx).await;
+    let svc = env.service(&format!("nix+{}", server.url("cache-xz")), &[]);
+    let info = svc.get(digest_of(&leaf)).await.unwrap().unwrap();
+    assert_ne!(info.node, evil_node);
+    assert_eq!(server.nar_requests(), 1, "{:?}", server.requests());
+    assert_eq!(env.render(&info).await, nar_bytes(&fx, &leaf));
+    // The download replaced the claim with the verified entry.
+    assert_eq!(
+        env.index.get_nar(&nar_sha256(&fx, &leaf)).await.unwrap(),
+        Some((info.node.clone(), size))
+    );
+}

@@ -505,7 +505,7 @@ impl Inner {
             }
             nars.put(nar_sha256, (node.clone(), nar_size));
         }
-        let known = match self.index.get_nar(&nar_sha256).await {
+        let known = match self.index.get_nar_to_serve(&nar_sha256).await {
             Ok(Some((n, s))) => n == *node && s == nar_size,
             Ok(None) => false,
             Err(e) => {

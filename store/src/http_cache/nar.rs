@@ -106,7 +106,7 @@ impl Inner {
         if let Some(found) = self.nars.lock().get(&file.hash).cloned() {
             return Ok(Some(found));
         }
-        if let Some(found) = self.index.get_nar(&file.hash).await? {
+        if let Some(found) = self.index.get_nar_to_serve(&file.hash).await? {
             self.nars.lock().put(file.hash, found.clone());
             return Ok(Some(found));
         }
