@@ -1,6 +1,6 @@
 //! gRPC plumbing: server wrappers exposing any [BlobService] /
 //! [DirectoryService] as `tvix.castore.v1`, and client channels from URLs.
-use crate::blobservice::MAX_BATCH_DIGESTS;
+use crate::blobservice::{StoredBlob, MAX_BATCH_DIGESTS};
 use crate::directoryservice::ClosureValidator;
 use crate::{B3Digest, BlobService, DirectoryService, Error};
 use arca_proto::castore as proto;
@@ -8,6 +8,7 @@ use arca_proto::castore::blob_service_server::BlobServiceServer;
 use arca_proto::castore::directory_service_server::DirectoryServiceServer;
 use arca_proto::castore_batch as batch_proto;
 use arca_proto::castore_batch::blob_batch_service_server::BlobBatchServiceServer;
+use bytes::Bytes;
 use futures::stream::{BoxStream, StreamExt};
 use std::sync::Arc;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
@@ -208,15 +209,32 @@ impl batch_proto::blob_batch_service_server::BlobBatchService for GrpcBlobBatchS
             .map(digest_arg)
             .collect::<Result<Vec<_>, _>>()?;
         let svc = self.svc.clone();
+        let accept_zstd = req.accept_zstd;
         let stream = async_stream::stream! {
-            let mut items = svc.read_many(digests);
+            // Blobs as stored (compressed, unverified) only for clients that
+            // said they decompress and verify them.
+            let mut items = if accept_zstd {
+                svc.read_many_as_stored(digests)
+            } else {
+                svc.read_many(digests)
+                    .map(|r| r.map(|(d, blob)| (d, blob.map(StoredBlob::Plain))))
+                    .boxed()
+            };
             while let Some(item) = items.next().await {
                 match item {
-                    Ok((digest, data)) => yield Ok(batch_proto::ReadBlobsResponse {
-                        digest: digest.to_bytes(),
-                        found: data.is_some(),
-                        data: data.unwrap_or_default(),
-                    }),
+                    Ok((digest, blob)) => {
+                        let (found, zstd, data) = match blob {
+                            None => (false, false, Bytes::new()),
+                            Some(StoredBlob::Plain(data)) => (true, false, data),
+                            Some(StoredBlob::Zstd(frame)) => (true, true, frame),
+                        };
+                        yield Ok(batch_proto::ReadBlobsResponse {
+                            digest: digest.to_bytes(),
+                            found,
+                            data,
+                            zstd,
+                        })
+                    }
                     Err(e) => {
                         yield Err(Status::from(e));
                         break;

@@ -156,3 +156,52 @@ async fn a_reordered_chunk_list_fails_whole_blob_verification_on(url: &str) {
         Err(Error::Storage(_))
     ));
 }
+
+/// Batch reads through gRPC: the server hands out chunk files as stored
+/// (a compressed one as its zstd frame) without decoding or verifying them,
+/// so the client's checks are what stands between a tampered file and the
+/// caller. Both kinds of chunk file, tampered, must fail there.
+#[tokio::test]
+async fn tampered_chunks_fail_verification_in_batch_reads_through_grpc() {
+    let local = from_urls(
+        "objectstore+file://{tmp}/blobs?compression=inline",
+        "memory://",
+    );
+    let root = local.2.tmp.as_ref().unwrap().path().join("blobs");
+    let (b, _d, _g) = behind_grpc(local).await;
+    let text = b"a line of text that compresses well\n".repeat(2000);
+    let mut incompressible = vec![0u8; 3000];
+    blake3::Hasher::new()
+        .update(b"seed")
+        .finalize_xof()
+        .fill(&mut incompressible);
+    let compressed = put_bytes(&*b, text.clone().into()).await.unwrap();
+    let raw = put_bytes(&*b, incompressible.clone().into()).await.unwrap();
+    let chunk_file = |d: &B3Digest| {
+        let h = d.to_hex();
+        root.join("chunks").join(&h[..2]).join(&h)
+    };
+    // The two ways chunks are stored: a zstd frame and raw bytes.
+    assert_eq!(std::fs::read(chunk_file(&compressed)).unwrap()[0], 1);
+    assert_eq!(std::fs::read(chunk_file(&raw)).unwrap()[0], 0);
+    let got: Vec<_> = b
+        .read_many(vec![compressed, raw])
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(
+        got,
+        vec![
+            (compressed, Some(bytes::Bytes::from(text))),
+            (raw, Some(bytes::Bytes::from(incompressible)))
+        ]
+    );
+    for d in [compressed, raw] {
+        flip_last_byte(&chunk_file(&d));
+        let r: Result<Vec<_>, Error> = b.read_many(vec![d]).try_collect().await;
+        assert!(
+            matches!(r, Err(Error::Storage(ref m)) if m.contains("verification") || m.contains("zstd")),
+            "{r:?}"
+        );
+    }
+}

@@ -506,12 +506,14 @@ async fn batch_reads_refuse_bad_requests() {
     let unknown = B3Digest::of(b"unknown").to_bytes();
     let too_many = ReadBlobsRequest {
         digests: vec![unknown.clone(); arca_castore::blobservice::MAX_BATCH_DIGESTS + 1],
+        ..Default::default()
     };
     let err = client.read_blobs(too_many).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert!(err.message().contains("at most"), "{err:?}");
     let short = ReadBlobsRequest {
         digests: vec![unknown.clone(), Bytes::from_static(&[1; 5])],
+        ..Default::default()
     };
     assert_eq!(
         client.read_blobs(short).await.unwrap_err().code(),
@@ -521,6 +523,7 @@ async fn batch_reads_refuse_bad_requests() {
     let mut answers = client
         .read_blobs(ReadBlobsRequest {
             digests: vec![unknown.clone()],
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -542,6 +545,12 @@ enum BatchLie {
     Short,
     /// Other bytes than the blob's.
     WrongBytes,
+    /// A zstd frame of other bytes than the blob's.
+    ZstdWrongBytes,
+    /// A small zstd frame that claims 5 MiB (more than a batch allows).
+    ZstdBomb,
+    /// Bytes that are no zstd frame, flagged as one.
+    ZstdGarbage,
 }
 
 /// A blob service whose batch reads lie (single reads are honest).
@@ -573,12 +582,38 @@ impl BlobService for BatchLiar {
                 BatchLie::Reordered => answers.reverse(),
                 BatchLie::Short => { answers.pop(); }
                 BatchLie::WrongBytes => answers[0].1 = Some(Bytes::from_static(b"not what you asked for")),
+                // Honest plain answers; the lie is in read_many_as_stored.
+                BatchLie::ZstdWrongBytes | BatchLie::ZstdBomb | BatchLie::ZstdGarbage => {}
             }
             for a in answers {
                 yield Ok(a);
             }
         }
         .boxed()
+    }
+    fn read_many_as_stored<'a>(
+        &'a self,
+        digests: Vec<B3Digest>,
+    ) -> futures::stream::BoxStream<'a, Result<arca_castore::blobservice::StoredBatchItem, Error>>
+    {
+        use arca_castore::blobservice::StoredBlob;
+        use futures::StreamExt;
+        let frame = match self.1 {
+            BatchLie::ZstdWrongBytes => zstd::bulk::compress(b"not what you asked for", 3).unwrap(),
+            BatchLie::ZstdBomb => zstd::bulk::compress(&vec![0u8; 5 << 20], 3).unwrap(),
+            BatchLie::ZstdGarbage => b"no zstd frame at all".to_vec(),
+            _ => {
+                return self
+                    .read_many(digests)
+                    .map(|r| r.map(|(d, b)| (d, b.map(StoredBlob::Plain))))
+                    .boxed()
+            }
+        };
+        let answers: Vec<_> = digests
+            .into_iter()
+            .map(|d| Ok((d, Some(StoredBlob::Zstd(Bytes::from(frame.clone()))))))
+            .collect();
+        futures::stream::iter(answers).boxed()
     }
 }
 
@@ -589,6 +624,9 @@ async fn clients_verify_batch_answers() {
         (BatchLie::Reordered, "another blob"),
         (BatchLie::Short, "1 of the 2"),
         (BatchLie::WrongBytes, "verification"),
+        (BatchLie::ZstdWrongBytes, "verification"),
+        (BatchLie::ZstdBomb, "more than 4194304"),
+        (BatchLie::ZstdGarbage, "bad zstd frame"),
     ] {
         let mem = MemoryBlobService::default();
         let a = put_bytes(&mem, Bytes::from_static(b"first blob"))
@@ -613,5 +651,45 @@ async fn clients_verify_batch_answers() {
             read_all(&*client, &a).await.unwrap().unwrap(),
             b"first blob"
         );
+    }
+}
+
+/// `accept_zstd` on the wire: a client that sets it may get a chunk as its
+/// zstd frame (`zstd` set; the frame decodes to the blob); a client that
+/// does not (older Arca clients, anyone else) always gets the blob itself.
+#[tokio::test]
+async fn batch_reads_send_zstd_frames_only_to_clients_that_accept_them() {
+    use arca_proto::castore_batch::blob_batch_service_client::BlobBatchServiceClient;
+    use arca_proto::castore_batch::ReadBlobsRequest;
+    let local = from_urls(
+        "objectstore+file://{tmp}/blobs?compression=inline",
+        "memory://",
+    );
+    let text = Bytes::from(b"compressible line of text\n".repeat(1000));
+    let digest = put_bytes(&*local.0, text.clone()).await.unwrap();
+    let server = serve(local.0.clone(), local.1.clone()).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect_lazy();
+    let mut client = BlobBatchServiceClient::new(channel);
+    for accept_zstd in [false, true] {
+        let mut answers = client
+            .read_blobs(ReadBlobsRequest {
+                digests: vec![digest.to_bytes()],
+                accept_zstd,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let msg = answers.message().await.unwrap().unwrap();
+        assert!(msg.found);
+        assert_eq!(msg.zstd, accept_zstd);
+        if accept_zstd {
+            assert!(msg.data.len() < text.len() / 4, "{} bytes", msg.data.len());
+            assert_eq!(zstd::bulk::decompress(&msg.data, text.len()).unwrap(), text);
+        } else {
+            assert_eq!(msg.data, text);
+        }
+        assert!(answers.message().await.unwrap().is_none());
     }
 }

@@ -120,6 +120,9 @@ impl GrpcBlobService {
     ) -> Result<Option<tonic::Streaming<arca_proto::castore_batch::ReadBlobsResponse>>, Error> {
         let req = ReadBlobsRequest {
             digests: digests.iter().map(B3Digest::to_bytes).collect(),
+            // Compressed chunks as the server stores them: decompressed and
+            // verified here (checked_batch), which saves the server both.
+            accept_zstd: true,
         };
         match self.batch_client.clone().read_blobs(req).await {
             Ok(r) => Ok(Some(r.into_inner())),
@@ -130,8 +133,9 @@ impl GrpcBlobService {
 }
 
 /// The answers of one `ReadBlobs` call, each checked as it arrives: in
-/// order, the digest asked for, no more than [MAX_BATCH_BLOB_SIZE], the
-/// bytes hashing to it; then that every digest was answered.
+/// order, the digest asked for, no more than [MAX_BATCH_BLOB_SIZE] (sent,
+/// and decompressed where the server sent a zstd frame), the bytes hashing
+/// to it; then that every digest was answered.
 fn checked_batch(
     mut stream: tonic::Streaming<arca_proto::castore_batch::ReadBlobsResponse>,
     digests: Vec<B3Digest>,
@@ -154,11 +158,18 @@ fn checked_batch(
             if msg.data.len() as u64 > MAX_BATCH_BLOB_SIZE {
                 Err(Error::Storage(format!("server sent {} bytes for blob {asked}", msg.data.len())))?;
             }
-            let actual = B3Digest::of(&msg.data);
+            let data = if msg.zstd {
+                super::zstd_frame::decompress_frame(&msg.data, MAX_BATCH_BLOB_SIZE).map_err(|e| {
+                    Error::Storage(format!("server sent a bad zstd frame for blob {asked}: {e}"))
+                })?
+            } else {
+                msg.data
+            };
+            let actual = B3Digest::of(&data);
             if actual != asked {
                 Err(Error::Storage(format!("blob {asked} failed verification (got {actual})")))?;
             }
-            yield (asked, Some(msg.data));
+            yield (asked, Some(data));
         }
         if answered != digests.len() {
             Err(Error::Storage(format!("server sent {answered} of the {} blobs asked for", digests.len())))?;

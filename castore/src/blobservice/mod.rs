@@ -14,6 +14,7 @@ mod chunked_reader;
 mod grpc;
 mod memory;
 mod object_store;
+mod zstd_frame;
 
 pub use cache::CacheBlobService;
 pub use chunked_reader::{validate_chunk_list, ChunkFetcher, ChunkedReader, MAX_CHUNK_SIZE};
@@ -34,6 +35,19 @@ const READ_MANY_IN_FLIGHT: usize = 8;
 /// One answer of [BlobService::read_many]: the digest asked for and the
 /// whole blob, `None` if the service does not have it.
 pub type BatchItem = (B3Digest, Option<Bytes>);
+
+/// A blob as a backend holds it, for [BlobService::read_many_as_stored].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoredBlob {
+    /// The blob's bytes.
+    Plain(Bytes),
+    /// One zstd frame of the blob's bytes, declaring its content size.
+    Zstd(Bytes),
+}
+
+/// One answer of [BlobService::read_many_as_stored]: the digest asked for
+/// and the blob as stored, `None` if the service does not have it.
+pub type StoredBatchItem = (B3Digest, Option<StoredBlob>);
 
 /// One chunk of a blob: its digest and length.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -92,6 +106,22 @@ pub trait BlobService: Send + Sync {
         read_each(self, digests)
     }
 
+    /// [Self::read_many] for passing blobs on to a reader that checks them:
+    /// a backend may answer a blob as it stores it (one zstd frame) and
+    /// without verifying it, saving the decompression and hashing that the
+    /// receiver does anyway. Only for callers that decompress and verify
+    /// every item themselves (the gRPC server hands these to clients that
+    /// asked for them, and those clients verify every answer). The default
+    /// answers [Self::read_many]'s verified, plain blobs.
+    fn read_many_as_stored<'a>(
+        &'a self,
+        digests: Vec<B3Digest>,
+    ) -> BoxStream<'a, Result<StoredBatchItem, Error>> {
+        self.read_many(digests)
+            .map(|r| r.map(|(d, blob)| (d, blob.map(StoredBlob::Plain))))
+            .boxed()
+    }
+
     /// The whole blob as a stream of byte pieces in order, `None` if absent;
     /// verified as [Self::open_read] is (a corrupt blob ends in an error,
     /// never in wrong bytes). Backends that hold a blob in pieces (chunks,
@@ -135,6 +165,13 @@ pub async fn read_small<S: BlobService + ?Sized>(
     read_small_from(svc.open_read(digest).await?, digest).await
 }
 
+/// The error for a blob too large for a batch read.
+pub(crate) fn too_large_for_batch(digest: &B3Digest) -> Error {
+    Error::InvalidRequest(format!(
+        "blob {digest} is larger than {MAX_BATCH_BLOB_SIZE} bytes: read it on its own, not in a batch"
+    ))
+}
+
 /// [read_small] from a reader already opened (`None`: the blob is absent).
 pub async fn read_small_from(
     reader: Option<Box<dyn BlobReader>>,
@@ -149,9 +186,7 @@ pub async fn read_small_from(
         .read_to_end(&mut buf)
         .await?;
     if buf.len() as u64 > MAX_BATCH_BLOB_SIZE {
-        return Err(Error::InvalidRequest(format!(
-            "blob {digest} is larger than {MAX_BATCH_BLOB_SIZE} bytes: read it on its own, not in a batch"
-        )));
+        return Err(too_large_for_batch(digest));
     }
     Ok(Some(Bytes::from(buf)))
 }

@@ -13,7 +13,10 @@
 //! by a background thread once writes pause (see `compaction.rs`); the tag byte
 //! says which form a chunk file holds, so readers never care.
 use super::chunked_reader::{verify_chunk, ChunkFetcher, ChunkedReader};
-use super::{BatchItem, BlobReader, BlobService, BlobWriter, ChunkMeta};
+use super::{
+    BatchItem, BlobReader, BlobService, BlobWriter, ChunkMeta, StoredBatchItem, StoredBlob,
+    MAX_BATCH_BLOB_SIZE,
+};
 use crate::{B3Digest, Error};
 use arca_proto::castore as proto;
 use async_trait::async_trait;
@@ -103,6 +106,37 @@ fn read_local_chunk(dir: &std::path::Path, d: &B3Digest) -> Result<Option<Bytes>
         &data,
     )?;
     Ok(Some(data))
+}
+
+/// A chunk file as stored, for a reader that decodes and verifies it
+/// ([BlobService::read_many_as_stored]): raw bytes, or the zstd frame. The
+/// frame's declared size must fit a batch; `None` if there is no such file.
+fn read_local_chunk_as_stored(
+    dir: &std::path::Path,
+    d: &B3Digest,
+) -> Result<Option<StoredBlob>, Error> {
+    let file = local_chunk_file(dir, &d.to_hex());
+    let stored = match std::fs::read(&file) {
+        Ok(b) => Bytes::from(b),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::Storage(format!("reading {}: {e}", file.display()))),
+    };
+    let blob = match stored.first() {
+        Some(&TAG_RAW) => StoredBlob::Plain(stored.slice(1..)),
+        Some(&TAG_ZSTD) => StoredBlob::Zstd(stored.slice(1..)),
+        _ => return Err(Error::Storage(format!("chunk {d}: unknown encoding"))),
+    };
+    let size = match &blob {
+        StoredBlob::Plain(b) => Some(b.len() as u64),
+        StoredBlob::Zstd(frame) => zstd::zstd_safe::get_frame_content_size(frame)
+            .ok()
+            .flatten(),
+    };
+    // A frame without a readable size is passed on: the reader refuses it.
+    if size.is_some_and(|n| n > MAX_BATCH_BLOB_SIZE) {
+        return Err(super::too_large_for_batch(d));
+    }
+    Ok(Some(blob))
 }
 
 /// Writes `parts` to `target` atomically: a staging file in the same
@@ -348,42 +382,13 @@ fn encode_chunk(data: Bytes, level: i32) -> Result<PutPayload, Error> {
     })
 }
 
-thread_local! {
-    /// One zstd decompression context per blocking thread, reused across chunks.
-    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
-        const { std::cell::RefCell::new(None) };
-}
-
 /// Decodes a stored chunk. The output buffer is sized from the zstd frame
 /// header (bounded by the largest chunk), not allocated at the maximum.
 fn decode_chunk(d: &B3Digest, stored: Bytes) -> Result<Bytes, Error> {
-    let corrupt = |e: String| Error::Storage(format!("chunk {d}: corrupt compressed data: {e}"));
     match stored.first() {
         Some(&TAG_RAW) => Ok(stored.slice(1..)),
-        Some(&TAG_ZSTD) => {
-            let frame = &stored[1..];
-            let size = match zstd::zstd_safe::get_frame_content_size(frame) {
-                Ok(Some(n)) if n <= super::MAX_CHUNK_SIZE => n as usize,
-                Ok(Some(n)) => return Err(corrupt(format!("claims {n} bytes"))),
-                Ok(None) => return Err(corrupt("no content size".into())),
-                Err(e) => return Err(corrupt(format!("{e:?}"))),
-            };
-            // Uninitialised capacity: zstd writes every byte it reports.
-            let mut out = Vec::with_capacity(size);
-            let written = DECOMPRESSOR.with(|cell| -> Result<usize, Error> {
-                let mut slot = cell.borrow_mut();
-                if slot.is_none() {
-                    *slot = Some(zstd::bulk::Decompressor::new().map_err(Error::storage)?);
-                }
-                let dec = slot.as_mut().expect("set above");
-                dec.decompress_to_buffer(frame, &mut out)
-                    .map_err(|e| corrupt(e.to_string()))
-            })?;
-            if written != size {
-                return Err(corrupt(format!("{written} bytes, the frame says {size}")));
-            }
-            Ok(Bytes::from(out))
-        }
+        Some(&TAG_ZSTD) => super::zstd_frame::decompress_frame(&stored[1..], super::MAX_CHUNK_SIZE)
+            .map_err(|e| Error::Storage(format!("chunk {d}: corrupt compressed data: {e}"))),
         _ => Err(Error::Storage(format!("chunk {d}: unknown encoding"))),
     }
 }
@@ -396,6 +401,52 @@ pub struct ObjectStoreBlobService {
 }
 
 impl ObjectStoreBlobService {
+    /// Batch reads from local files: [LOCAL_BATCH] chunk files per trip to
+    /// the blocking pool, read by `read_chunk`, two trips at a time. A
+    /// digest without a chunk file is a blob of several chunks (read whole,
+    /// verified, at most [MAX_BATCH_BLOB_SIZE], and wrapped by `plain`) or
+    /// absent.
+    fn read_local_batches<T: Send + 'static>(
+        &self,
+        dir: std::path::PathBuf,
+        digests: Vec<B3Digest>,
+        read_chunk: fn(&std::path::Path, &B3Digest) -> Result<Option<T>, Error>,
+        plain: fn(Bytes) -> T,
+    ) -> BoxStream<'_, Result<(B3Digest, Option<T>), Error>> {
+        let groups = super::in_groups(&digests, LOCAL_BATCH);
+        futures::stream::iter(groups)
+            .map(move |group| {
+                let dir = dir.clone();
+                async move {
+                    let read = tokio::task::spawn_blocking(move || {
+                        group
+                            .into_iter()
+                            .map(|d| (d, read_chunk(&dir, &d)))
+                            .collect::<Vec<_>>()
+                    })
+                    .await
+                    .map_err(Error::storage)?;
+                    let mut out = Vec::with_capacity(read.len());
+                    for (d, r) in read {
+                        match r? {
+                            Some(blob) => out.push(Ok((d, Some(blob)))),
+                            // Not a chunk: a blob of several chunks, or absent.
+                            None => out.push(Ok((
+                                d,
+                                super::read_small_from(self.open_chunked(&d).await?, &d)
+                                    .await?
+                                    .map(plain),
+                            ))),
+                        }
+                    }
+                    Ok::<_, Error>(futures::stream::iter(out))
+                }
+            })
+            .buffered(2)
+            .try_flatten()
+            .boxed()
+    }
+
     /// A reader of a blob stored as a chunk list (not as one chunk); `None`
     /// if there is no such list.
     async fn open_chunked(&self, digest: &B3Digest) -> Result<Option<Box<dyn BlobReader>>, Error> {
@@ -572,39 +623,28 @@ impl BlobService for ObjectStoreBlobService {
     /// pool (read, decode, verify), two trips at a time; blobs of several
     /// chunks (not small) are read with [BlobService::open_read].
     fn read_many<'a>(&'a self, digests: Vec<B3Digest>) -> BoxStream<'a, Result<BatchItem, Error>> {
-        let Some(dir) = self.inner.local_dir.clone() else {
-            return super::read_each(self, digests);
-        };
-        let groups = super::in_groups(&digests, LOCAL_BATCH);
-        futures::stream::iter(groups)
-            .map(move |group| {
-                let dir = dir.clone();
-                async move {
-                    let read = tokio::task::spawn_blocking(move || {
-                        group
-                            .into_iter()
-                            .map(|d| (d, read_local_chunk(&dir, &d)))
-                            .collect::<Vec<_>>()
-                    })
-                    .await
-                    .map_err(Error::storage)?;
-                    let mut out = Vec::with_capacity(read.len());
-                    for (d, r) in read {
-                        match r? {
-                            Some(data) => out.push(Ok((d, Some(data)))),
-                            // Not a chunk: a blob of several chunks, or absent.
-                            None => out.push(Ok((
-                                d,
-                                super::read_small_from(self.open_chunked(&d).await?, &d).await?,
-                            ))),
-                        }
-                    }
-                    Ok::<_, Error>(futures::stream::iter(out))
-                }
-            })
-            .buffered(2)
-            .try_flatten()
-            .boxed()
+        match self.inner.local_dir.clone() {
+            Some(dir) => self.read_local_batches(dir, digests, read_local_chunk, |b| b),
+            None => super::read_each(self, digests),
+        }
+    }
+
+    /// On local files: chunk files as stored (a compressed one as its zstd
+    /// frame), neither decoded nor verified; blobs of several chunks are
+    /// read and verified as by [BlobService::read_many].
+    fn read_many_as_stored<'a>(
+        &'a self,
+        digests: Vec<B3Digest>,
+    ) -> BoxStream<'a, Result<StoredBatchItem, Error>> {
+        match self.inner.local_dir.clone() {
+            Some(dir) => {
+                self.read_local_batches(dir, digests, read_local_chunk_as_stored, StoredBlob::Plain)
+            }
+            None => self
+                .read_many(digests)
+                .map(|r| r.map(|(d, blob)| (d, blob.map(StoredBlob::Plain))))
+                .boxed(),
+        }
     }
 
     #[instrument(skip(self), level = "debug")]
