@@ -205,3 +205,39 @@ async fn tampered_chunks_fail_verification_in_batch_reads_through_grpc() {
         );
     }
 }
+
+/// A blob of several chunks read through gRPC as a stream: the client takes
+/// its chunks from batch reads, as stored, so a tampered chunk file is
+/// caught by the client.
+#[tokio::test]
+async fn tampered_chunks_fail_verification_in_chunkwise_streams_through_grpc() {
+    let local = from_urls(
+        "objectstore+file://{tmp}/blobs?compression=inline",
+        "memory://",
+    );
+    let root = local.2.tmp.as_ref().unwrap().path().join("blobs");
+    let (b, _d, _g) = behind_grpc(local).await;
+    let data = test_data(4 * 1024 * 1024, 21);
+    let digest = put_bytes(&*b, data.clone().into()).await.unwrap();
+    let chunks = b.chunks(&digest).await.unwrap().unwrap();
+    assert!(chunks.len() > 1);
+    let streamed: Vec<bytes::Bytes> = b
+        .read_stream(&digest)
+        .await
+        .unwrap()
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(streamed.concat(), data);
+    let h = chunks[chunks.len() / 2].digest.to_hex();
+    flip_last_byte(&root.join("chunks").join(&h[..2]).join(&h));
+    let streamed: Result<Vec<bytes::Bytes>, std::io::Error> = b
+        .read_stream(&digest)
+        .await
+        .unwrap()
+        .unwrap()
+        .try_collect()
+        .await;
+    assert!(streamed.is_err(), "a tampered chunk was streamed");
+}

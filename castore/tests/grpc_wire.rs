@@ -693,3 +693,80 @@ async fn batch_reads_send_zstd_frames_only_to_clients_that_accept_them() {
         assert!(answers.message().await.unwrap().is_none());
     }
 }
+
+/// A blob service whose chunk lists lie: every blob is said to be made of
+/// the chunks of `other`.
+struct ChunkListLiar {
+    inner: Arc<dyn BlobService>,
+    other: B3Digest,
+}
+
+#[async_trait]
+impl BlobService for ChunkListLiar {
+    async fn has(&self, d: &B3Digest) -> Result<bool, Error> {
+        self.inner.has(d).await
+    }
+    async fn open_read(&self, d: &B3Digest) -> Result<Option<Box<dyn BlobReader>>, Error> {
+        self.inner.open_read(d).await
+    }
+    async fn open_write(&self) -> Box<dyn BlobWriter> {
+        self.inner.open_write().await
+    }
+    async fn chunks(
+        &self,
+        _d: &B3Digest,
+    ) -> Result<Option<Vec<arca_castore::blobservice::ChunkMeta>>, Error> {
+        self.inner.chunks(&self.other).await
+    }
+    fn read_many<'a>(
+        &'a self,
+        digests: Vec<B3Digest>,
+    ) -> futures::stream::BoxStream<'a, Result<arca_castore::blobservice::BatchItem, Error>> {
+        self.inner.read_many(digests)
+    }
+    fn read_many_as_stored<'a>(
+        &'a self,
+        digests: Vec<B3Digest>,
+    ) -> futures::stream::BoxStream<'a, Result<arca_castore::blobservice::StoredBatchItem, Error>>
+    {
+        self.inner.read_many_as_stored(digests)
+    }
+}
+
+/// Streaming a blob chunk by chunk trusts each chunk only after checking
+/// it, and the chunk list not at all: a server listing another blob's
+/// (genuine) chunks fails the whole-blob check, and its last piece is never
+/// handed out.
+#[tokio::test]
+async fn chunkwise_streams_check_the_whole_blob() {
+    use futures::TryStreamExt;
+    let (local, _d, guard) = from_urls("objectstore+file://{tmp}/blobs", "memory://");
+    let wanted = test_data(4 * 1024 * 1024, 31);
+    let other = test_data(4 * 1024 * 1024, 32);
+    let wanted_digest = put_bytes(&*local, wanted.clone().into()).await.unwrap();
+    let other_digest = put_bytes(&*local, other.clone().into()).await.unwrap();
+    let liar: Arc<dyn BlobService> = Arc::new(ChunkListLiar {
+        inner: local,
+        other: other_digest,
+    });
+    let (b, _d, _g) = behind_grpc((liar, Arc::new(MemoryDirectoryService::default()), guard)).await;
+    let streamed: Result<Vec<Bytes>, std::io::Error> = b
+        .read_stream(&wanted_digest)
+        .await
+        .unwrap()
+        .unwrap()
+        .try_collect()
+        .await;
+    let e = streamed.unwrap_err();
+    assert!(e.to_string().contains("failed verification"), "{e}");
+    // The other blob, whose chunk list is true, streams fine.
+    let streamed: Vec<Bytes> = b
+        .read_stream(&other_digest)
+        .await
+        .unwrap()
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(streamed.concat(), other);
+}

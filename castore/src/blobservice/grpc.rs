@@ -132,15 +132,125 @@ impl GrpcBlobService {
     }
 }
 
+/// Chunks per `ReadBlobs` call when a blob is read chunk by chunk
+/// ([GrpcBlobService::chunkwise_stream]); two calls are in flight.
+const CHUNKS_PER_CALL: usize = 64;
+
+impl GrpcBlobService {
+    /// The blob `digest` made of `chunks`, read in `ReadBlobs` calls of
+    /// [CHUNKS_PER_CALL] chunks (see [BlobService::read_stream]); `None` if
+    /// the server has no batch reads (remembered).
+    async fn chunkwise_stream(
+        &self,
+        digest: B3Digest,
+        chunks: Vec<ChunkMeta>,
+    ) -> Result<Option<super::BlobStream>, Error> {
+        let mut groups: std::collections::VecDeque<Vec<B3Digest>> = chunks
+            .chunks(CHUNKS_PER_CALL)
+            .map(|g| g.iter().map(|c| c.digest).collect())
+            .collect();
+        let Some(first_group) = groups.pop_front() else {
+            return Ok(None);
+        };
+        // The first call is made here, so a server without batch reads is
+        // found out before any stream is handed out.
+        let Some(first) = self.start_batch(&first_group).await? else {
+            tracing::debug!("server has no batch reads: one Read per blob");
+            self.no_batch.store(true, Ordering::Relaxed);
+            return Ok(None);
+        };
+        let this = self.clone();
+        let rest = futures::stream::iter(groups)
+            .map(move |group| {
+                let this = this.pick();
+                async move {
+                    match this.start_batch(&group).await {
+                        Ok(Some(answers)) => checked_batch(answers, group),
+                        Ok(None) => futures::stream::iter([Err(Error::Storage(
+                            "server stopped serving batch reads".into(),
+                        ))])
+                        .boxed(),
+                        Err(e) => futures::stream::iter([Err(e)]).boxed(),
+                    }
+                }
+            })
+            .buffered(2)
+            .flatten();
+        let mut pieces = checked_batch(first, first_group).chain(rest);
+        Ok(Some(
+            async_stream::try_stream! {
+                let mut hasher = blake3::Hasher::new();
+                let mut held: Option<Bytes> = None;
+                while let Some(item) = pieces.next().await {
+                    let (chunk, data) = item?;
+                    let Some(data) = data else {
+                        Err(Error::Storage(format!("chunk {chunk} of blob {digest} is missing")))?;
+                        return;
+                    };
+                    hasher.update(&data);
+                    if let Some(prev) = held.replace(data) {
+                        yield prev;
+                    }
+                }
+                let actual = B3Digest::from(hasher.finalize());
+                if actual != digest {
+                    Err(Error::Storage(format!("blob {digest} failed verification (got {actual})")))?;
+                }
+                if let Some(last) = held {
+                    yield last;
+                }
+            }
+            .map(|r: Result<Bytes, Error>| r.map_err(std::io::Error::from))
+            .boxed(),
+        ))
+    }
+}
+
+/// Answers of a batch read at least this large (as sent) are decoded and
+/// verified on the blocking pool; smaller ones where they arrive.
+const DECODE_ELSEWHERE: usize = 32 * 1024;
+/// Answers of one batch read decoded and verified at once.
+const DECODES_IN_FLIGHT: usize = 4;
+
+/// One answer of a batch read as sent: the blob (or a zstd frame of it).
+struct SentBlob {
+    data: Bytes,
+    zstd: bool,
+}
+
+impl SentBlob {
+    /// The blob, decompressed (at most [MAX_BATCH_BLOB_SIZE]) and verified.
+    fn decode(self, asked: B3Digest) -> Result<Bytes, Error> {
+        let data = if self.zstd {
+            super::zstd_frame::decompress_frame(&self.data, MAX_BATCH_BLOB_SIZE).map_err(|e| {
+                Error::Storage(format!(
+                    "server sent a bad zstd frame for blob {asked}: {e}"
+                ))
+            })?
+        } else {
+            self.data
+        };
+        let actual = B3Digest::of(&data);
+        if actual != asked {
+            return Err(Error::Storage(format!(
+                "blob {asked} failed verification (got {actual})"
+            )));
+        }
+        Ok(data)
+    }
+}
+
 /// The answers of one `ReadBlobs` call, each checked as it arrives: in
 /// order, the digest asked for, no more than [MAX_BATCH_BLOB_SIZE] (sent,
 /// and decompressed where the server sent a zstd frame), the bytes hashing
-/// to it; then that every digest was answered.
+/// to it; then that every digest was answered. Large answers are decoded
+/// and verified on the blocking pool, [DECODES_IN_FLIGHT] at once, and
+/// handed out in order.
 fn checked_batch(
     mut stream: tonic::Streaming<arca_proto::castore_batch::ReadBlobsResponse>,
     digests: Vec<B3Digest>,
 ) -> BoxStream<'static, Result<BatchItem, Error>> {
-    async_stream::try_stream! {
+    let answers = async_stream::try_stream! {
         let mut answered = 0usize;
         while let Some(msg) = stream.message().await? {
             let Some(asked) = digests.get(answered).copied() else {
@@ -158,24 +268,31 @@ fn checked_batch(
             if msg.data.len() as u64 > MAX_BATCH_BLOB_SIZE {
                 Err(Error::Storage(format!("server sent {} bytes for blob {asked}", msg.data.len())))?;
             }
-            let data = if msg.zstd {
-                super::zstd_frame::decompress_frame(&msg.data, MAX_BATCH_BLOB_SIZE).map_err(|e| {
-                    Error::Storage(format!("server sent a bad zstd frame for blob {asked}: {e}"))
-                })?
-            } else {
-                msg.data
-            };
-            let actual = B3Digest::of(&data);
-            if actual != asked {
-                Err(Error::Storage(format!("blob {asked} failed verification (got {actual})")))?;
-            }
-            yield (asked, Some(data));
+            yield (asked, Some(SentBlob { data: msg.data, zstd: msg.zstd }));
         }
         if answered != digests.len() {
             Err(Error::Storage(format!("server sent {answered} of the {} blobs asked for", digests.len())))?;
         }
-    }
-    .boxed()
+    };
+    answers
+        .map(
+            |answer: Result<(B3Digest, Option<SentBlob>), Error>| async move {
+                let (asked, sent) = answer?;
+                let Some(sent) = sent else {
+                    return Ok((asked, None));
+                };
+                let data = if sent.data.len() >= DECODE_ELSEWHERE {
+                    tokio::task::spawn_blocking(move || sent.decode(asked))
+                        .await
+                        .map_err(Error::storage)??
+                } else {
+                    sent.decode(asked)?
+                };
+                Ok((asked, Some(data)))
+            },
+        )
+        .buffered(DECODES_IN_FLIGHT)
+        .boxed()
 }
 
 #[async_trait]
@@ -206,9 +323,28 @@ impl BlobService for GrpcBlobService {
         }))
     }
 
-    /// The server's messages as they arrive, hashed on the way; the last one
-    /// is held back until the digest matched.
+    /// A blob of several chunks, from a server with batch reads: its chunk
+    /// list (one `Stat`), then its chunks in `ReadBlobs` calls as the server
+    /// stores them (a compressed chunk stays compressed on the wire and
+    /// costs the server no decompression and no hashing), each chunk
+    /// verified, and the whole blob too, since the chunk list is only the
+    /// server's word: the last piece is held back until it matched.
+    /// Otherwise the server's one `Read` stream as it arrives, hashed on
+    /// the way, its last message held back the same way.
     async fn read_stream(&self, digest: &B3Digest) -> Result<Option<super::BlobStream>, Error> {
+        if !self.no_batch.load(Ordering::Relaxed) {
+            match self.chunks(digest).await? {
+                None => return Ok(None),
+                Some(list)
+                    if list.len() > 1 && list.iter().all(|c| c.size <= MAX_BATCH_BLOB_SIZE) =>
+                {
+                    if let Some(stream) = self.chunkwise_stream(*digest, list).await? {
+                        return Ok(Some(stream));
+                    }
+                }
+                Some(_) => {}
+            }
+        }
         Ok(self
             .start_read(digest)
             .await?
