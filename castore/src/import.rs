@@ -88,7 +88,11 @@ pub trait FileDigests: Send + Sync {
     fn digest<'a>(&'a self, path: &'a Path) -> BoxFuture<'a, std::io::Result<(B3Digest, u64)>>;
 }
 
-/// Hashes each file itself: memory-mapped, on all cores.
+/// Hashes each file itself, reading it in pieces on the blocking pool
+/// (files are hashed several at once). The file is opened as
+/// [open_regular_file] does: a path swapped for a symlink or a FIFO after
+/// the walk is refused, never followed or waited on. Read, not mapped: a
+/// file truncated while being hashed is an error, not a SIGBUS.
 pub struct HashLocally;
 
 impl FileDigests for HashLocally {
@@ -96,14 +100,52 @@ impl FileDigests for HashLocally {
         let path = path.to_path_buf();
         Box::pin(async move {
             tokio::task::spawn_blocking(move || {
+                use std::io::Read;
+                thread_local! {
+                    /// One read buffer per blocking thread, reused.
+                    static BUF: std::cell::RefCell<Vec<u8>> =
+                        std::cell::RefCell::new(vec![0u8; READ_PIECE]);
+                }
+                let mut file = open_regular_file(&path)?;
                 let mut h = blake3::Hasher::new();
-                h.update_mmap_rayon(&path)?;
+                BUF.with(|buf| -> std::io::Result<()> {
+                    let mut buf = buf.borrow_mut();
+                    loop {
+                        let n = match file.read(&mut buf) {
+                            Ok(0) => return Ok(()),
+                            Ok(n) => n,
+                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                            Err(e) => return Err(e),
+                        };
+                        h.update(&buf[..n]);
+                    }
+                })?;
                 Ok((B3Digest::from(h.finalize()), h.count()))
             })
             .await
             .map_err(std::io::Error::other)?
         })
     }
+}
+
+/// Opens a file the walk found to be regular, for reading: `O_NOFOLLOW`
+/// (a path swapped for a symlink since is refused, not followed) and
+/// `O_NONBLOCK` (a path swapped for a FIFO does not block the open), then
+/// checks on the open file itself that it is still a regular file, so no
+/// swap can slip in between the check and the reads.
+pub fn open_regular_file(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.file_type().is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{} is no longer a regular file", path.display()),
+        ));
+    }
+    Ok(file)
 }
 
 /// Digests published by another pass over the same files (for example the
@@ -337,20 +379,15 @@ const READ_PIECE: usize = 1024 * 1024;
 
 /// Reads a file on the blocking pool in pieces of up to 1 MiB (one copy
 /// from the kernel, nothing zero-filled), two pieces ahead of the consumer.
-/// O_NOFOLLOW: a file swapped for a symlink after a walk is refused, not
-/// followed.
+/// Opened by [open_regular_file]: a file swapped for a symlink or a FIFO
+/// after a walk is refused, not followed or waited on.
 pub fn read_file_pieces(
     path: PathBuf,
 ) -> tokio::sync::mpsc::Receiver<std::io::Result<bytes::Bytes>> {
     let (tx, rx) = tokio::sync::mpsc::channel(2);
     tokio::task::spawn_blocking(move || {
         use std::io::Read;
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut f = match std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&path)
-        {
+        let mut f = match open_regular_file(&path) {
             Ok(f) => f,
             Err(e) => {
                 let _ = tx.blocking_send(Err(e));

@@ -241,3 +241,52 @@ async fn tampered_chunks_fail_verification_in_chunkwise_streams_through_grpc() {
         .await;
     assert!(streamed.is_err(), "a tampered chunk was streamed");
 }
+
+/// A chunk list with no chunks can only describe the empty blob: for any
+/// other digest it is corruption, reported as an error on every read path
+/// (it used to read as zero bytes, unchecked).
+#[tokio::test]
+async fn an_empty_chunk_list_is_an_error_not_an_empty_blob() {
+    let (b, _d, g) = from_urls("objectstore+file://{tmp}/blobs", "memory://");
+    let root = g.tmp.as_ref().unwrap().path().join("blobs");
+    let digest = B3Digest::of(b"hello");
+    let h = digest.to_hex();
+    let list = root.join("blobs").join(&h[..2]).join(&h);
+    std::fs::create_dir_all(list.parent().unwrap()).unwrap();
+    std::fs::write(&list, b"").unwrap();
+    let r = read_all(&*b, &digest).await;
+    assert!(
+        matches!(r, Err(Error::Storage(ref m)) if m.contains("empty chunk list")),
+        "{r:?}"
+    );
+    let r = b.read_stream(&digest).await.map(|s| s.is_some());
+    assert!(r.is_err(), "{r:?}");
+    let r: Result<Vec<_>, Error> = b.read_many(vec![digest]).try_collect().await;
+    assert!(r.is_err(), "{r:?}");
+}
+
+/// Empty files where a chunk or a chunk list should be (what an OS crash
+/// can leave of writes that were not synced) are not taken as stored:
+/// storing the same content again writes them anew, and reads work again.
+#[tokio::test]
+async fn storing_again_repairs_empty_chunk_files_and_lists() {
+    for url in LOCAL_BLOBS {
+        let (b, _d, g) = from_urls(url, "memory://");
+        let root = g.tmp.as_ref().unwrap().path().join("blobs");
+        let data = test_data(3 * 1024 * 1024, 44);
+        let digest = put_bytes(&*b, data.clone().into()).await.unwrap();
+        let chunks = b.chunks(&digest).await.unwrap().unwrap();
+        assert!(chunks.len() > 1);
+        let h = chunks[1].digest.to_hex();
+        std::fs::write(root.join("chunks").join(&h[..2]).join(&h), b"").unwrap();
+        let h = digest.to_hex();
+        std::fs::write(root.join("blobs").join(&h[..2]).join(&h), b"").unwrap();
+        assert!(read_all(&*b, &digest).await.is_err(), "{url}");
+        assert_eq!(put_bytes(&*b, data.clone().into()).await.unwrap(), digest);
+        assert_eq!(
+            read_all(&*b, &digest).await.unwrap().unwrap(),
+            data,
+            "{url}"
+        );
+    }
+}

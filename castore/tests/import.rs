@@ -271,3 +271,46 @@ async fn a_board_closed_without_a_file_fails_the_import_with_the_passes_error() 
     };
     assert!(err.to_string().contains("no digest was published"), "{err}");
 }
+
+/// A path the walk saw as a regular file but that is a symlink or a FIFO
+/// when it is opened (swapped in between) is refused: never followed, and
+/// never waited on (a FIFO's open would block until a writer appears).
+#[tokio::test]
+async fn files_swapped_for_symlinks_or_fifos_are_refused() {
+    use arca_castore::import::{open_regular_file, read_file_pieces, FileDigests, HashLocally};
+    let tmp = tempfile::tempdir().unwrap();
+    let target = tmp.path().join("target");
+    std::fs::write(&target, b"content the link points to").unwrap();
+    let link = tmp.path().join("link");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let fifo = tmp.path().join("fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let limit = std::time::Duration::from_secs(10);
+    for path in [&link, &fifo] {
+        assert!(open_regular_file(path).is_err(), "{}", path.display());
+        let hashed = tokio::time::timeout(limit, HashLocally.digest(path))
+            .await
+            .expect("hashing must not block");
+        assert!(hashed.is_err(), "{}: {hashed:?}", path.display());
+        let mut pieces = read_file_pieces(path.clone());
+        let first = tokio::time::timeout(limit, pieces.recv())
+            .await
+            .expect("reading must not block");
+        assert!(
+            matches!(first, Some(Err(_))),
+            "{}: {first:?}",
+            path.display()
+        );
+    }
+    // The regular file itself is read and hashed.
+    let (digest, size) = HashLocally.digest(&target).await.unwrap();
+    assert_eq!(
+        digest,
+        arca_castore::B3Digest::of(b"content the link points to")
+    );
+    assert_eq!(size, 26);
+}

@@ -87,6 +87,13 @@ impl ChunkedReader {
         blob_digest: B3Digest,
     ) -> Result<Self, Error> {
         validate_chunk_list(&chunks)?;
+        // No chunks is the empty blob and nothing else; any other digest
+        // would read as empty bytes without ever being checked.
+        if chunks.is_empty() && blob_digest != B3Digest::of(b"") {
+            return Err(Error::Storage(format!(
+                "blob {blob_digest} has an empty chunk list"
+            )));
+        }
         let mut offset = 0u64;
         let chunks: Vec<(u64, ChunkMeta)> = chunks
             .into_iter()

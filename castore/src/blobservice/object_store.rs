@@ -190,6 +190,17 @@ impl Inner {
         self.base.clone().join("blobs").join(&h[..2]).join(h)
     }
 
+    /// Whether `p` exists and is not empty: chunk files and chunk lists
+    /// are never empty, so an empty one (what an OS crash can leave of an
+    /// unsynced write) is written again when its content is stored again.
+    async fn exists_nonempty(&self, p: &Path) -> Result<bool, Error> {
+        match self.store.head(p).await {
+            Ok(meta) => Ok(meta.size > 0),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     async fn exists(&self, p: &Path) -> Result<bool, Error> {
         match self.store.head(p).await {
             Ok(_) => Ok(true),
@@ -295,7 +306,10 @@ impl Inner {
                 move || -> Result<(B3Digest, Option<(std::path::PathBuf, PutPayload)>), Error> {
                     let digest = B3Digest::of(&data);
                     let file = local_chunk_file(&dir, &digest.to_hex());
-                    if file.exists() {
+                    // An empty file is no chunk (every chunk file has its
+                    // tag byte): what an OS crash can leave of an unsynced
+                    // write. It is written again, never taken as stored.
+                    if std::fs::metadata(&file).is_ok_and(|m| m.len() > 0) {
                         return Ok((digest, None));
                     }
                     let payload = if inline {
@@ -328,7 +342,7 @@ impl Inner {
         })
         .await??;
         let path = self.chunk_path(&digest);
-        if !self.exists(&path).await? {
+        if !self.exists_nonempty(&path).await? {
             self.store.put(&path, encoded).await?;
         }
         Ok(ChunkMeta { digest, size })
@@ -806,7 +820,7 @@ impl ObjectStoreBlobWriter {
                 bao: Bytes::new(),
             };
             let path = self.inner.blob_path(&digest);
-            if !self.inner.exists(&path).await? {
+            if !self.inner.exists_nonempty(&path).await? {
                 self.inner
                     .store
                     .put(&path, PutPayload::from(list.encode_to_vec()))
