@@ -63,6 +63,28 @@ fn read_range(offset: u64, size: u32, file_size: u64) -> std::ops::Range<usize> 
     start..end
 }
 
+/// What a read of `size` at `offset` gets from a whole small file `data`
+/// that the node says has `file_size` bytes. Blobs are cached by digest,
+/// so a directory claiming another size for the same digest than the one
+/// it was fetched for gets EIO: never a slice past the end (a panic on a
+/// session thread) or a silently shortened file.
+fn file_bytes(
+    data: &bytes::Bytes,
+    offset: u64,
+    size: u32,
+    file_size: u64,
+) -> Result<bytes::Bytes, Errno> {
+    if data.len() as u64 != file_size {
+        tracing::warn!(
+            file_size,
+            blob_size = data.len(),
+            "a file's size does not match its blob's"
+        );
+        return Err(Errno::EIO);
+    }
+    Ok(data.slice(read_range(offset, size, file_size)))
+}
+
 /// What is left of one read-ahead's budget.
 struct Budget {
     files: usize,
@@ -424,7 +446,7 @@ impl Inner {
                 .await;
         }
         let data = self.blobs.get(digest, file_size).await?;
-        Ok(data.slice(read_range(offset, size, file_size)))
+        file_bytes(&data, offset, size, file_size)
     }
 
     async fn list_root(&self) -> Result<Vec<(String, Node)>, Errno> {
@@ -634,7 +656,10 @@ impl Filesystem for ArcaFs {
                         self.inner.prefetch_siblings(p, false);
                     }
                 }
-                return reply.data(&data[read_range(offset, size, file_size)]);
+                return match file_bytes(&data, offset, size, file_size) {
+                    Ok(bytes) => reply.data(&bytes),
+                    Err(e) => reply.error(e),
+                };
             }
         }
         let inner = self.inner.clone();
@@ -1008,5 +1033,26 @@ impl Filesystem for ArcaFs {
 
     fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
         reply.error(Errno::EROFS)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_of_small_files_check_the_size_the_node_claims() {
+        let data = bytes::Bytes::from_static(b"0123456789");
+        assert_eq!(file_bytes(&data, 2, 3, 10).unwrap(), &b"234"[..]);
+        assert_eq!(file_bytes(&data, 8, 100, 10).unwrap(), &b"89"[..]);
+        assert!(file_bytes(&data, 10, 4, 10).unwrap().is_empty());
+        assert!(file_bytes(&data, u64::MAX, u32::MAX, 10)
+            .unwrap()
+            .is_empty());
+        // A node claiming more (or less) than its blob has: EIO, no slice
+        // past the end and no silently shortened file.
+        assert_eq!(file_bytes(&data, 0, 4096, 110).unwrap_err(), Errno::EIO);
+        assert_eq!(file_bytes(&data, 200, 10, 1000).unwrap_err(), Errno::EIO);
+        assert_eq!(file_bytes(&data, 0, 4096, 5).unwrap_err(), Errno::EIO);
     }
 }

@@ -311,15 +311,16 @@ impl BlobService for GrpcBlobService {
         }
     }
 
-    /// One round trip: the `Read` call itself (a missing blob is
-    /// `NOT_FOUND` on the call). Sequential reads from the start take the
-    /// server's one stream, verified against the blob's digest; a seek that
-    /// is not a short skip forward switches to chunk-wise reads (each chunk
-    /// verified) when the blob is chunked.
+    /// Sequential reads from the start take [BlobService::read_stream]: a
+    /// chunked blob chunk by chunk, each chunk verified before any of its
+    /// bytes are handed out (and the whole blob at the end); a blob in one
+    /// piece from the server's `Read` stream, held back until verified. A
+    /// seek that is not a short skip forward switches to chunk-wise reads
+    /// (each chunk verified) when the blob is chunked.
     #[instrument(skip(self), level = "debug")]
     async fn open_read(&self, digest: &B3Digest) -> Result<Option<Box<dyn BlobReader>>, Error> {
-        Ok(self.start_read(digest).await?.map(|(this, resp)| {
-            Box::new(GrpcBlobReader::new(this, *digest, resp)) as Box<dyn BlobReader>
+        Ok(self.read_stream(digest).await?.map(|stream| {
+            Box::new(GrpcBlobReader::new(self.pick(), *digest, stream)) as Box<dyn BlobReader>
         }))
     }
 
@@ -513,16 +514,8 @@ struct GrpcBlobReader {
 }
 
 impl GrpcBlobReader {
-    fn new(
-        service: GrpcBlobService,
-        digest: B3Digest,
-        response: tonic::Streaming<proto::BlobChunk>,
-    ) -> Self {
-        let inner = StreamReader::new(verified_stream(
-            service.client.clone(),
-            digest,
-            Some(response),
-        ));
+    fn new(service: GrpcBlobService, digest: B3Digest, stream: super::BlobStream) -> Self {
+        let inner = StreamReader::new(stream);
         Self {
             service,
             digest,
