@@ -104,7 +104,7 @@ pub struct FsOptions {
 }
 
 /// The root's listing, taken when it is opened (with `list_root`).
-type RootListing = tokio::sync::OnceCell<Result<Vec<(String, Node)>, Errno>>;
+type RootListing = tokio::sync::OnceCell<Result<Arc<Vec<(String, Node)>>, Errno>>;
 
 struct Inner {
     path_info: Arc<dyn PathInfoService>,
@@ -449,7 +449,7 @@ impl Inner {
         file_bytes(&data, offset, size, file_size)
     }
 
-    async fn list_root(&self) -> Result<Vec<(String, Node)>, Errno> {
+    async fn list_root(&self) -> Result<Arc<Vec<(String, Node)>>, Errno> {
         let mut out = Vec::new();
         let mut stream = self.path_info.list();
         while let Some(r) = stream.next().await {
@@ -462,17 +462,18 @@ impl Inner {
             }
         }
         out.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(out)
+        Ok(Arc::new(out))
     }
 
     /// The root's entries for this open root directory (`--list-root`), else none.
+    /// Shared, not copied: the kernel reads a large listing in many calls.
     async fn root_entries(
         &self,
         listing: Option<Arc<RootListing>>,
-    ) -> Result<Vec<(String, Node)>, Errno> {
+    ) -> Result<Arc<Vec<(String, Node)>>, Errno> {
         match (&listing, self.options.list_root) {
             (Some(l), true) => l.get_or_init(|| self.list_root()).await.clone(),
-            _ => Ok(Vec::new()),
+            _ => Ok(Arc::new(Vec::new())),
         }
     }
 
