@@ -62,6 +62,15 @@ where
                 .unwrap_or(2),
         )
     });
-    let _permit = permits.acquire().await.map_err(Error::storage)?;
-    tokio::task::spawn_blocking(f).await.map_err(Error::storage)
+    // Waiting for the permit and the work both run in a task of their own,
+    // not in the caller's future: a caller inside a stream that is polled
+    // lazily (a gRPC response waiting for flow-control credit) would
+    // otherwise hold a permit, or be handed one as the next waiter, while
+    // nobody polls it, and every other caller would wait forever.
+    tokio::spawn(async move {
+        let _permit = permits.acquire().await.map_err(Error::storage)?;
+        tokio::task::spawn_blocking(f).await.map_err(Error::storage)
+    })
+    .await
+    .map_err(Error::storage)?
 }

@@ -550,6 +550,16 @@ suite!(
     ))
     .await
 );
+// A non-local object store behind gRPC (as S3 is): chunks are read one
+// `open_read` each inside the server's batch streams, two calls at once.
+suite!(
+    grpc_objectstore_memory,
+    behind_grpc(from_urls(
+        "objectstore+memory:///",
+        "objectstore+memory:///"
+    ))
+    .await
+);
 suite!(
     grpc_objectstore_file_inline,
     behind_grpc(from_urls(

@@ -110,6 +110,8 @@ impl BlobService for MemoryBlobService {
             blobs: self.blobs.clone(),
             hasher: blake3::Hasher::new(),
             pieces: Vec::new(),
+            written: 0,
+            block: None,
             done: None,
         })
     }
@@ -118,9 +120,93 @@ impl BlobService for MemoryBlobService {
 struct MemoryBlobWriter {
     blobs: Arc<RwLock<HashMap<B3Digest, Pieces>>>,
     hasher: blake3::Hasher,
-    /// The pieces as written, kept as they are.
+    /// The pieces as written, kept as they are; past [LARGE_BLOB] bytes,
+    /// filled [HugeBlock]s.
     pieces: Vec<Bytes>,
+    /// Bytes written so far.
+    written: u64,
+    /// The block being filled, once the blob is large.
+    block: Option<HugeBlock>,
     done: Option<B3Digest>,
+}
+
+/// Past this many bytes a blob's further bytes are copied into
+/// [HugeBlock]s instead of kept as written.
+const LARGE_BLOB: u64 = 4 * 1024 * 1024;
+/// Size and alignment of a transparent huge page.
+const HUGE_PAGE: usize = 2 * 1024 * 1024;
+/// Size of a [HugeBlock].
+const BLOCK: usize = 4 * HUGE_PAGE;
+
+/// Memory for the bytes of a large blob: [BLOCK] bytes aligned to a huge
+/// page and marked for transparent huge pages (`MADV_HUGEPAGE`), so that
+/// filling it costs the kernel four page faults instead of 2,048. The
+/// pieces a large blob arrives in (gRPC messages, each a fresh buffer)
+/// would otherwise be faulted in 4 KiB at a time: about 40 % of a daemon's
+/// time when a 1 GiB blob is uploaded into memory.
+struct HugeBlock {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the block owns its allocation; it is written only through
+// `&mut self` and read only through shared slices after `Bytes::from_owner`.
+unsafe impl Send for HugeBlock {}
+// SAFETY: as above; shared access is read-only.
+unsafe impl Sync for HugeBlock {}
+
+impl HugeBlock {
+    fn layout() -> std::alloc::Layout {
+        std::alloc::Layout::from_size_align(BLOCK, HUGE_PAGE).expect("valid layout")
+    }
+
+    fn new() -> Self {
+        let layout = Self::layout();
+        // SAFETY: the layout has a non-zero size.
+        let raw = unsafe { std::alloc::alloc(layout) };
+        let Some(ptr) = std::ptr::NonNull::new(raw) else {
+            std::alloc::handle_alloc_error(layout)
+        };
+        // SAFETY: ptr..ptr+BLOCK is this allocation; madvise only hints.
+        unsafe { libc::madvise(ptr.as_ptr().cast(), BLOCK, libc::MADV_HUGEPAGE) };
+        Self { ptr, len: 0 }
+    }
+
+    /// Copies as much of `data` as fits; returns how much that was.
+    fn fill(&mut self, data: &[u8]) -> usize {
+        let n = data.len().min(BLOCK - self.len);
+        // SAFETY: len + n <= BLOCK, the source is another allocation.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.as_ptr().add(self.len), n) };
+        self.len += n;
+        n
+    }
+
+    fn is_full(&self) -> bool {
+        self.len == BLOCK
+    }
+
+    /// The filled bytes, as a piece. A block less than half full is
+    /// copied into a buffer of its size instead (the last one of a blob).
+    fn into_piece(self) -> Bytes {
+        if self.len < BLOCK / 2 {
+            return Bytes::copy_from_slice(self.as_ref());
+        }
+        Bytes::from_owner(self)
+    }
+}
+
+impl AsRef<[u8]> for HugeBlock {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: the first len bytes were written by `fill`.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for HugeBlock {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), Self::layout()) }
+    }
 }
 
 #[async_trait]
@@ -130,7 +216,20 @@ impl BlobWriter for MemoryBlobWriter {
             return Err(Error::InvalidRequest("write after close".into()));
         }
         self.hasher.update(&data);
-        self.pieces.push(data);
+        self.written += data.len() as u64;
+        if self.written <= LARGE_BLOB {
+            self.pieces.push(data);
+            return Ok(());
+        }
+        let mut rest = &data[..];
+        while !rest.is_empty() {
+            let block = self.block.get_or_insert_with(HugeBlock::new);
+            rest = &rest[block.fill(rest)..];
+            if block.is_full() {
+                let full = self.block.take().expect("just filled");
+                self.pieces.push(full.into_piece());
+            }
+        }
         Ok(())
     }
 
@@ -139,6 +238,9 @@ impl BlobWriter for MemoryBlobWriter {
             return Ok(d);
         }
         let digest = B3Digest::from(self.hasher.finalize());
+        if let Some(last) = self.block.take() {
+            self.pieces.push(last.into_piece());
+        }
         let pieces: Pieces = std::mem::take(&mut self.pieces)
             .into_iter()
             .filter(|p| !p.is_empty())
@@ -179,5 +281,38 @@ mod tests {
         let mut past = Vec::new();
         assert_eq!(r.read_to_end(&mut past).await.unwrap(), 0);
         assert!(r.seek(SeekFrom::Current(-6000)).await.is_err());
+    }
+
+    /// Large blobs go into huge-page blocks past the first few MiB: any
+    /// way of cutting the writes, every size around the thresholds, reads
+    /// back as written and under its digest.
+    #[tokio::test]
+    async fn large_blobs_in_blocks_read_back_whole() {
+        let svc = MemoryBlobService::default();
+        let sizes = [
+            LARGE_BLOB as usize - 1,
+            LARGE_BLOB as usize + 1,
+            LARGE_BLOB as usize + BLOCK,
+            LARGE_BLOB as usize + BLOCK + 1,
+            LARGE_BLOB as usize + BLOCK / 2 - 1,
+            LARGE_BLOB as usize + 3 * BLOCK + 12345,
+        ];
+        for (i, size) in sizes.into_iter().enumerate() {
+            let data: Vec<u8> = (0..size).map(|j| (j * 31 + i) as u8).collect();
+            let mut w = svc.open_write().await;
+            for piece in data.chunks(700_001 + i * 999) {
+                w.write(Bytes::copy_from_slice(piece)).await.unwrap();
+            }
+            let digest = w.close().await.unwrap();
+            assert_eq!(digest, B3Digest::of(&data), "{size}");
+            let mut r = svc.open_read(&digest).await.unwrap().unwrap();
+            let mut back = Vec::new();
+            r.read_to_end(&mut back).await.unwrap();
+            assert!(back == data, "{size}: read back differs");
+            r.seek(SeekFrom::Start(size as u64 - 10)).await.unwrap();
+            let mut tail = Vec::new();
+            r.read_to_end(&mut tail).await.unwrap();
+            assert_eq!(tail, data[size - 10..], "{size}");
+        }
     }
 }
