@@ -47,7 +47,8 @@ fn free_ports(n: usize) -> Vec<u16> {
 
 impl Seaweed {
     /// Starts SeaweedFS, or returns None (outside CI) when `weed` is not
-    /// installed. Under CI=true a missing `weed` fails the test.
+    /// installed; call it on the test's own thread (weed is killed when the
+    /// thread that started it ends). Under CI=true a missing `weed` fails the test.
     pub fn start() -> Option<Seaweed> {
         let Some(weed) = weed_binary() else {
             if std::env::var("CI").as_deref() == Ok("true") {
@@ -85,6 +86,18 @@ impl Seaweed {
             .stderr(Stdio::null());
         use std::os::unix::process::CommandExt;
         cmd.process_group(0);
+        // If the test process dies without running Drop (a test killed for
+        // running too long), weed dies with it instead of living on.
+        // SAFETY: prctl is async-signal-safe; nothing else runs in the child
+        // before exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         let child = cmd.spawn().expect("start weed");
         let sw = Seaweed {
             child,
