@@ -179,7 +179,17 @@ impl GrpcBlobService {
         let mut pieces = checked_batch(first, first_group).chain(rest);
         Ok(Some(
             async_stream::try_stream! {
-                let mut hasher = blake3::Hasher::new();
+                // The whole-blob hash runs on a thread of its own, beside
+                // the chunks' checks and the caller's work; the last piece
+                // waits for its result.
+                let (to_hasher, from_stream) = std::sync::mpsc::sync_channel::<Bytes>(16);
+                let hashed = tokio::task::spawn_blocking(move || {
+                    let mut hasher = blake3::Hasher::new();
+                    for piece in from_stream {
+                        hasher.update(&piece);
+                    }
+                    B3Digest::from(hasher.finalize())
+                });
                 let mut held: Option<Bytes> = None;
                 while let Some(item) = pieces.next().await {
                     let (chunk, data) = item?;
@@ -187,12 +197,20 @@ impl GrpcBlobService {
                         Err(Error::Storage(format!("chunk {chunk} of blob {digest} is missing")))?;
                         return;
                     };
-                    hasher.update(&data);
+                    // A full queue means the hasher is behind: wait off the runtime.
+                    if let Err(std::sync::mpsc::TrySendError::Full(piece)) = to_hasher.try_send(data.clone()) {
+                        let tx = to_hasher.clone();
+                        tokio::task::spawn_blocking(move || tx.send(piece))
+                            .await
+                            .map_err(Error::storage)?
+                            .map_err(|_| Error::Storage("blob hasher stopped".into()))?;
+                    }
                     if let Some(prev) = held.replace(data) {
                         yield prev;
                     }
                 }
-                let actual = B3Digest::from(hasher.finalize());
+                drop(to_hasher);
+                let actual = hashed.await.map_err(Error::storage)?;
                 if actual != digest {
                     Err(Error::Storage(format!("blob {digest} failed verification (got {actual})")))?;
                 }
