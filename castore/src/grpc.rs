@@ -1,6 +1,6 @@
 //! gRPC plumbing: server wrappers exposing any [BlobService] /
 //! [DirectoryService] as `tvix.castore.v1`, and client channels from URLs.
-use crate::blobservice::{StoredBlob, MAX_BATCH_DIGESTS};
+use crate::blobservice::{as_plain, StoredBlob, MAX_BATCH_DIGESTS};
 use crate::directoryservice::ClosureValidator;
 use crate::{B3Digest, BlobService, DirectoryService, Error};
 use arca_proto::castore as proto;
@@ -216,9 +216,7 @@ impl batch_proto::blob_batch_service_server::BlobBatchService for GrpcBlobBatchS
             let mut items = if accept_zstd {
                 svc.read_many_as_stored(digests)
             } else {
-                svc.read_many(digests)
-                    .map(|r| r.map(|(d, blob)| (d, blob.map(StoredBlob::Plain))))
-                    .boxed()
+                as_plain(svc.read_many(digests))
             };
             while let Some(item) = items.next().await {
                 match item {

@@ -88,42 +88,21 @@ pub trait FileDigests: Send + Sync {
     fn digest<'a>(&'a self, path: &'a Path) -> BoxFuture<'a, std::io::Result<(B3Digest, u64)>>;
 }
 
-/// Hashes each file itself, reading it in pieces on the blocking pool
-/// (files are hashed several at once). The file is opened as
+/// Hashes each file itself, read by [read_file_pieces] (opened as
 /// [open_regular_file] does: a path swapped for a symlink or a FIFO after
-/// the walk is refused, never followed or waited on. Read, not mapped: a
+/// the walk is refused, never followed or waited on). Read, not mapped: a
 /// file truncated while being hashed is an error, not a SIGBUS.
 pub struct HashLocally;
 
 impl FileDigests for HashLocally {
     fn digest<'a>(&'a self, path: &'a Path) -> BoxFuture<'a, std::io::Result<(B3Digest, u64)>> {
-        let path = path.to_path_buf();
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || {
-                use std::io::Read;
-                thread_local! {
-                    /// One read buffer per blocking thread, reused.
-                    static BUF: std::cell::RefCell<Vec<u8>> =
-                        std::cell::RefCell::new(vec![0u8; READ_PIECE]);
-                }
-                let mut file = open_regular_file(&path)?;
-                let mut h = blake3::Hasher::new();
-                BUF.with(|buf| -> std::io::Result<()> {
-                    let mut buf = buf.borrow_mut();
-                    loop {
-                        let n = match file.read(&mut buf) {
-                            Ok(0) => return Ok(()),
-                            Ok(n) => n,
-                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                            Err(e) => return Err(e),
-                        };
-                        h.update(&buf[..n]);
-                    }
-                })?;
-                Ok((B3Digest::from(h.finalize()), h.count()))
-            })
-            .await
-            .map_err(std::io::Error::other)?
+            let mut hasher = blake3::Hasher::new();
+            let mut pieces = read_file_pieces(path.to_path_buf());
+            while let Some(piece) = pieces.recv().await {
+                hasher.update(&piece?);
+            }
+            Ok((B3Digest::from(hasher.finalize()), hasher.count()))
         })
     }
 }

@@ -24,6 +24,29 @@ fn files_under(p: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// Where a local store rooted at `root` keeps `d`: its chunk file
+/// (`kind` "chunks") or its chunk list ("blobs").
+fn stored_file(root: &Path, kind: &str, d: &B3Digest) -> PathBuf {
+    let h = d.to_hex();
+    root.join(kind).join(&h[..2]).join(&h)
+}
+
+/// A local store compressing inline, behind a gRPC server: the client, the
+/// store's directory, and what keeps both alive.
+async fn inline_store_behind_grpc() -> (
+    std::sync::Arc<dyn arca_castore::BlobService>,
+    PathBuf,
+    Guard,
+) {
+    let local = from_urls(
+        "objectstore+file://{tmp}/blobs?compression=inline",
+        "memory://",
+    );
+    let root = local.2.tmp.as_ref().unwrap().path().join("blobs");
+    let (b, _d, guard) = behind_grpc(local).await;
+    (b, root, guard)
+}
+
 fn flip_last_byte(p: &Path) {
     let mut data = std::fs::read(p).unwrap();
     let last = data.len() - 1;
@@ -57,22 +80,16 @@ async fn tampered_chunks_fail_verification_on(url: &str) {
     let r = read_all(&*b, &digest).await;
     assert!(matches!(r, Err(Error::Storage(_))), "{r:?}");
     // Streamed, too: the pieces before the bad chunk, then an error.
-    let streamed: Result<Vec<bytes::Bytes>, std::io::Error> = b
-        .read_stream(&digest)
-        .await
-        .unwrap()
-        .unwrap()
-        .try_collect()
-        .await;
-    assert!(streamed.is_err(), "a tampered chunk was streamed");
+    assert!(
+        read_streamed(&*b, &digest).await.is_err(),
+        "a tampered chunk was streamed"
+    );
 
     // single-chunk blob
     let small = put_bytes(&*b, bytes::Bytes::from_static(b"small blob"))
         .await
         .unwrap();
-    let h = small.to_hex();
-    let path = root.join("chunks").join(&h[..2]).join(&h);
-    flip_last_byte(&path);
+    flip_last_byte(&stored_file(&root, "chunks", &small));
     let r = read_all(&*b, &small).await;
     assert!(
         matches!(r, Err(Error::Storage(ref m)) if m.contains("verification")),
@@ -134,8 +151,7 @@ async fn a_reordered_chunk_list_fails_whole_blob_verification_on(url: &str) {
     let root = g.tmp.as_ref().unwrap().path().join("blobs");
     let data = test_data(4 * 1024 * 1024, 11);
     let digest = put_bytes(&*b, data.clone().into()).await.unwrap();
-    let h = digest.to_hex();
-    let list_path = root.join("blobs").join(&h[..2]).join(&h);
+    let list_path = stored_file(&root, "blobs", &digest);
     let mut list =
         proto::StatBlobResponse::decode(&std::fs::read(&list_path).unwrap()[..]).unwrap();
     assert!(list.chunks.len() > 2);
@@ -163,12 +179,7 @@ async fn a_reordered_chunk_list_fails_whole_blob_verification_on(url: &str) {
 /// caller. Both kinds of chunk file, tampered, must fail there.
 #[tokio::test]
 async fn tampered_chunks_fail_verification_in_batch_reads_through_grpc() {
-    let local = from_urls(
-        "objectstore+file://{tmp}/blobs?compression=inline",
-        "memory://",
-    );
-    let root = local.2.tmp.as_ref().unwrap().path().join("blobs");
-    let (b, _d, _g) = behind_grpc(local).await;
+    let (b, root, _g) = inline_store_behind_grpc().await;
     let text = b"a line of text that compresses well\n".repeat(2000);
     let mut incompressible = vec![0u8; 3000];
     blake3::Hasher::new()
@@ -177,10 +188,7 @@ async fn tampered_chunks_fail_verification_in_batch_reads_through_grpc() {
         .fill(&mut incompressible);
     let compressed = put_bytes(&*b, text.clone().into()).await.unwrap();
     let raw = put_bytes(&*b, incompressible.clone().into()).await.unwrap();
-    let chunk_file = |d: &B3Digest| {
-        let h = d.to_hex();
-        root.join("chunks").join(&h[..2]).join(&h)
-    };
+    let chunk_file = |d: &B3Digest| stored_file(&root, "chunks", d);
     // The two ways chunks are stored: a zstd frame and raw bytes.
     assert_eq!(std::fs::read(chunk_file(&compressed)).unwrap()[0], 1);
     assert_eq!(std::fs::read(chunk_file(&raw)).unwrap()[0], 0);
@@ -211,35 +219,21 @@ async fn tampered_chunks_fail_verification_in_batch_reads_through_grpc() {
 /// caught by the client.
 #[tokio::test]
 async fn tampered_chunks_fail_verification_in_chunkwise_streams_through_grpc() {
-    let local = from_urls(
-        "objectstore+file://{tmp}/blobs?compression=inline",
-        "memory://",
-    );
-    let root = local.2.tmp.as_ref().unwrap().path().join("blobs");
-    let (b, _d, _g) = behind_grpc(local).await;
+    let (b, root, _g) = inline_store_behind_grpc().await;
     let data = test_data(4 * 1024 * 1024, 21);
     let digest = put_bytes(&*b, data.clone().into()).await.unwrap();
     let chunks = b.chunks(&digest).await.unwrap().unwrap();
     assert!(chunks.len() > 1);
-    let streamed: Vec<bytes::Bytes> = b
-        .read_stream(&digest)
-        .await
-        .unwrap()
-        .unwrap()
-        .try_collect()
-        .await
-        .unwrap();
-    assert_eq!(streamed.concat(), data);
-    let h = chunks[chunks.len() / 2].digest.to_hex();
-    flip_last_byte(&root.join("chunks").join(&h[..2]).join(&h));
-    let streamed: Result<Vec<bytes::Bytes>, std::io::Error> = b
-        .read_stream(&digest)
-        .await
-        .unwrap()
-        .unwrap()
-        .try_collect()
-        .await;
-    assert!(streamed.is_err(), "a tampered chunk was streamed");
+    assert_eq!(read_streamed(&*b, &digest).await.unwrap(), data);
+    flip_last_byte(&stored_file(
+        &root,
+        "chunks",
+        &chunks[chunks.len() / 2].digest,
+    ));
+    assert!(
+        read_streamed(&*b, &digest).await.is_err(),
+        "a tampered chunk was streamed"
+    );
 }
 
 /// A chunk list with no chunks can only describe the empty blob: for any
@@ -250,8 +244,7 @@ async fn an_empty_chunk_list_is_an_error_not_an_empty_blob() {
     let (b, _d, g) = from_urls("objectstore+file://{tmp}/blobs", "memory://");
     let root = g.tmp.as_ref().unwrap().path().join("blobs");
     let digest = B3Digest::of(b"hello");
-    let h = digest.to_hex();
-    let list = root.join("blobs").join(&h[..2]).join(&h);
+    let list = stored_file(&root, "blobs", &digest);
     std::fs::create_dir_all(list.parent().unwrap()).unwrap();
     std::fs::write(&list, b"").unwrap();
     let r = read_all(&*b, &digest).await;
@@ -277,10 +270,8 @@ async fn storing_again_repairs_empty_chunk_files_and_lists() {
         let digest = put_bytes(&*b, data.clone().into()).await.unwrap();
         let chunks = b.chunks(&digest).await.unwrap().unwrap();
         assert!(chunks.len() > 1);
-        let h = chunks[1].digest.to_hex();
-        std::fs::write(root.join("chunks").join(&h[..2]).join(&h), b"").unwrap();
-        let h = digest.to_hex();
-        std::fs::write(root.join("blobs").join(&h[..2]).join(&h), b"").unwrap();
+        std::fs::write(stored_file(&root, "chunks", &chunks[1].digest), b"").unwrap();
+        std::fs::write(stored_file(&root, "blobs", &digest), b"").unwrap();
         assert!(read_all(&*b, &digest).await.is_err(), "{url}");
         assert_eq!(put_bytes(&*b, data.clone().into()).await.unwrap(), digest);
         assert_eq!(

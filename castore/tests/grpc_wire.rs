@@ -602,12 +602,7 @@ impl BlobService for BatchLiar {
             BatchLie::ZstdWrongBytes => zstd::bulk::compress(b"not what you asked for", 3).unwrap(),
             BatchLie::ZstdBomb => zstd::bulk::compress(&vec![0u8; 5 << 20], 3).unwrap(),
             BatchLie::ZstdGarbage => b"no zstd frame at all".to_vec(),
-            _ => {
-                return self
-                    .read_many(digests)
-                    .map(|r| r.map(|(d, b)| (d, b.map(StoredBlob::Plain))))
-                    .boxed()
-            }
+            _ => return arca_castore::blobservice::as_plain(self.read_many(digests)),
         };
         let answers: Vec<_> = digests
             .into_iter()
@@ -739,7 +734,6 @@ impl BlobService for ChunkListLiar {
 /// handed out.
 #[tokio::test]
 async fn chunkwise_streams_check_the_whole_blob() {
-    use futures::TryStreamExt;
     let (local, _d, guard) = from_urls("objectstore+file://{tmp}/blobs", "memory://");
     let wanted = test_data(4 * 1024 * 1024, 31);
     let other = test_data(4 * 1024 * 1024, 32);
@@ -750,25 +744,10 @@ async fn chunkwise_streams_check_the_whole_blob() {
         other: other_digest,
     });
     let (b, _d, _g) = behind_grpc((liar, Arc::new(MemoryDirectoryService::default()), guard)).await;
-    let streamed: Result<Vec<Bytes>, std::io::Error> = b
-        .read_stream(&wanted_digest)
-        .await
-        .unwrap()
-        .unwrap()
-        .try_collect()
-        .await;
-    let e = streamed.unwrap_err();
+    let e = read_streamed(&*b, &wanted_digest).await.unwrap_err();
     assert!(e.to_string().contains("failed verification"), "{e}");
     // The other blob, whose chunk list is true, streams fine.
-    let streamed: Vec<Bytes> = b
-        .read_stream(&other_digest)
-        .await
-        .unwrap()
-        .unwrap()
-        .try_collect()
-        .await
-        .unwrap();
-    assert_eq!(streamed.concat(), other);
+    assert_eq!(read_streamed(&*b, &other_digest).await.unwrap(), other);
 }
 
 /// A blob service that serves one chunk with a flipped byte in batch reads

@@ -49,6 +49,17 @@ pub enum StoredBlob {
 /// and the blob as stored, `None` if the service does not have it.
 pub type StoredBatchItem = (B3Digest, Option<StoredBlob>);
 
+/// [BlobService::read_many]'s answers as [StoredBlob::Plain] items: what
+/// [BlobService::read_many_as_stored] answers where blobs are not handed
+/// out as stored.
+pub fn as_plain<'a>(
+    answers: BoxStream<'a, Result<BatchItem, Error>>,
+) -> BoxStream<'a, Result<StoredBatchItem, Error>> {
+    answers
+        .map(|r| r.map(|(d, blob)| (d, blob.map(StoredBlob::Plain))))
+        .boxed()
+}
+
 /// One chunk of a blob: its digest and length.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChunkMeta {
@@ -117,9 +128,7 @@ pub trait BlobService: Send + Sync {
         &'a self,
         digests: Vec<B3Digest>,
     ) -> BoxStream<'a, Result<StoredBatchItem, Error>> {
-        self.read_many(digests)
-            .map(|r| r.map(|(d, blob)| (d, blob.map(StoredBlob::Plain))))
-            .boxed()
+        as_plain(self.read_many(digests))
     }
 
     /// The whole blob as a stream of byte pieces in order, `None` if absent;

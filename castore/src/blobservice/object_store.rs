@@ -91,11 +91,8 @@ const LOCAL_BATCH: usize = 16;
 /// Reads, decodes and verifies the chunk `d` of a local store (blocking);
 /// `None` if there is no such chunk file.
 fn read_local_chunk(dir: &std::path::Path, d: &B3Digest) -> Result<Option<Bytes>, Error> {
-    let file = local_chunk_file(dir, &d.to_hex());
-    let stored = match std::fs::read(&file) {
-        Ok(b) => Bytes::from(b),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(Error::Storage(format!("reading {}: {e}", file.display()))),
+    let Some(stored) = read_chunk_file(dir, d)? else {
+        return Ok(None);
     };
     let data = decode_chunk(d, stored)?;
     verify_chunk(
@@ -108,6 +105,17 @@ fn read_local_chunk(dir: &std::path::Path, d: &B3Digest) -> Result<Option<Bytes>
     Ok(Some(data))
 }
 
+/// The bytes of a chunk's file as stored (tag byte and payload); `None` if
+/// there is no such file.
+fn read_chunk_file(dir: &std::path::Path, d: &B3Digest) -> Result<Option<Bytes>, Error> {
+    let file = local_chunk_file(dir, &d.to_hex());
+    match std::fs::read(&file) {
+        Ok(b) => Ok(Some(Bytes::from(b))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::Storage(format!("reading {}: {e}", file.display()))),
+    }
+}
+
 /// A chunk file as stored, for a reader that decodes and verifies it
 /// ([BlobService::read_many_as_stored]): raw bytes, or the zstd frame. The
 /// frame's declared size must fit a batch; `None` if there is no such file.
@@ -115,17 +123,10 @@ fn read_local_chunk_as_stored(
     dir: &std::path::Path,
     d: &B3Digest,
 ) -> Result<Option<StoredBlob>, Error> {
-    let file = local_chunk_file(dir, &d.to_hex());
-    let stored = match std::fs::read(&file) {
-        Ok(b) => Bytes::from(b),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(Error::Storage(format!("reading {}: {e}", file.display()))),
+    let Some(stored) = read_chunk_file(dir, d)? else {
+        return Ok(None);
     };
-    let blob = match stored.first() {
-        Some(&TAG_RAW) => StoredBlob::Plain(stored.slice(1..)),
-        Some(&TAG_ZSTD) => StoredBlob::Zstd(stored.slice(1..)),
-        _ => return Err(Error::Storage(format!("chunk {d}: unknown encoding"))),
-    };
+    let blob = stored_chunk(d, stored)?;
     let size = match &blob {
         StoredBlob::Plain(b) => Some(b.len() as u64),
         StoredBlob::Zstd(frame) => zstd::zstd_safe::get_frame_content_size(frame)
@@ -399,10 +400,20 @@ fn encode_chunk(data: Bytes, level: i32) -> Result<PutPayload, Error> {
 /// Decodes a stored chunk. The output buffer is sized from the zstd frame
 /// header (bounded by the largest chunk), not allocated at the maximum.
 fn decode_chunk(d: &B3Digest, stored: Bytes) -> Result<Bytes, Error> {
+    match stored_chunk(d, stored)? {
+        StoredBlob::Plain(data) => Ok(data),
+        StoredBlob::Zstd(frame) => {
+            super::zstd_frame::decompress_frame(&frame, super::MAX_CHUNK_SIZE)
+                .map_err(|e| Error::Storage(format!("chunk {d}: corrupt compressed data: {e}")))
+        }
+    }
+}
+
+/// What a stored chunk's tag byte says its payload is.
+fn stored_chunk(d: &B3Digest, stored: Bytes) -> Result<StoredBlob, Error> {
     match stored.first() {
-        Some(&TAG_RAW) => Ok(stored.slice(1..)),
-        Some(&TAG_ZSTD) => super::zstd_frame::decompress_frame(&stored[1..], super::MAX_CHUNK_SIZE)
-            .map_err(|e| Error::Storage(format!("chunk {d}: corrupt compressed data: {e}"))),
+        Some(&TAG_RAW) => Ok(StoredBlob::Plain(stored.slice(1..))),
+        Some(&TAG_ZSTD) => Ok(StoredBlob::Zstd(stored.slice(1..))),
         _ => Err(Error::Storage(format!("chunk {d}: unknown encoding"))),
     }
 }
@@ -654,10 +665,7 @@ impl BlobService for ObjectStoreBlobService {
             Some(dir) => {
                 self.read_local_batches(dir, digests, read_local_chunk_as_stored, StoredBlob::Plain)
             }
-            None => self
-                .read_many(digests)
-                .map(|r| r.map(|(d, blob)| (d, blob.map(StoredBlob::Plain))))
-                .boxed(),
+            None => super::as_plain(self.read_many(digests)),
         }
     }
 

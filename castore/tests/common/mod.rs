@@ -138,6 +138,18 @@ async fn behind(
     )
 }
 
+/// A blob read whole through [BlobService::read_stream]: its bytes, or the
+/// error the stream ended with. Panics if the call fails or the blob is absent.
+pub async fn read_streamed(
+    b: &dyn BlobService,
+    d: &arca_castore::B3Digest,
+) -> std::io::Result<Vec<u8>> {
+    use futures::TryStreamExt;
+    let stream = b.read_stream(d).await.unwrap().expect("blob present");
+    let pieces: Vec<bytes::Bytes> = stream.try_collect().await?;
+    Ok(pieces.concat())
+}
+
 /// Deterministic pseudo-random bytes (xorshift), partly compressible.
 pub fn test_data(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
