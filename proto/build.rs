@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "protos/tvix/store/v1/pathinfo.proto",
         "protos/tvix/store/v1/rpc_pathinfo.proto",
         "protos/arca/castore/v1/batch.proto",
+        "protos/arca/castore/v1/local.proto",
     ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");

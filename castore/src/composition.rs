@@ -6,8 +6,8 @@
 //! refer to each other by name; `default` is the entry point. Unknown names
 //! and reference cycles are refused before anything is built.
 use crate::blobservice::{
-    BlobService, CacheBlobService, GrpcBlobService, LocalCompression, LocalFilesOptions,
-    MemoryBlobService, ObjectStoreBlobService,
+    BlobService, CacheBlobService, GrpcBlobService, LocalChunking, LocalCompression,
+    LocalFilesOptions, MemoryBlobService, ObjectStoreBlobService,
 };
 use crate::directoryservice::{
     CacheDirectoryService, DirectoryService, GrpcDirectoryService, LruDirectoryService,
@@ -265,34 +265,82 @@ pub fn local_compression(options: &[(String, String)]) -> Result<LocalCompressio
     }
 }
 
-/// `objectstore+file://` takes one query pair, `compression`, and only for
-/// blob services; other object stores compress inline and take no such pair.
+/// The options of an `objectstore+file://` blob service from its
+/// `compression` and `chunking` pairs. `chunking` defaults to `background`
+/// with background compression and is `inline` with inline compression
+/// (asking for background chunking with inline compression is an error).
+pub fn local_files_options(options: &[(String, String)]) -> Result<LocalFilesOptions, String> {
+    let compression = local_compression(options)?;
+    let chunking = match options.iter().rev().find(|(k, _)| k == "chunking") {
+        Some((_, v)) => v.parse()?,
+        None if compression == LocalCompression::Inline => LocalChunking::Inline,
+        None => LocalChunking::default(),
+    };
+    if compression == LocalCompression::Inline && chunking == LocalChunking::Background {
+        return Err(
+            "chunking=background needs compression=background (the compactor chunks)".into(),
+        );
+    }
+    Ok(LocalFilesOptions {
+        compression,
+        chunking,
+        ..LocalFilesOptions::default()
+    })
+}
+
+/// `objectstore+file://` takes two query pairs, `compression` and
+/// `chunking`, and only for blob services; other object stores compress and
+/// chunk inline and take no such pairs.
 fn check_compression_option(
     kind: ServiceKind,
     scheme: &str,
     pairs: &[(String, String)],
 ) -> Result<(), String> {
-    let has_compression = pairs.iter().any(|(k, _)| k == "compression");
+    const LOCAL_KEYS: [&str; 2] = ["compression", "chunking"];
+    let local_key = pairs.iter().find(|(k, _)| LOCAL_KEYS.contains(&k.as_str()));
     if scheme != "file" {
-        if has_compression {
+        if let Some((k, _)) = local_key {
             return Err(format!(
-                "compression= is only for objectstore+file:// (objectstore+{scheme}:// always compresses inline)"
+                "{k}= is only for objectstore+file:// (objectstore+{scheme}:// always compresses and chunks inline)"
             ));
         }
         return Ok(());
     }
-    if let Some((k, _)) = pairs.iter().find(|(k, _)| k != "compression") {
+    if let Some((k, _)) = pairs
+        .iter()
+        .find(|(k, _)| !LOCAL_KEYS.contains(&k.as_str()))
+    {
         return Err(format!(
-            "unknown parameter {k:?} for objectstore+file:// (expected compression)"
+            "unknown parameter {k:?} for objectstore+file:// (expected compression or chunking)"
         ));
     }
-    if has_compression && kind != ServiceKind::Blob {
+    if let (Some((k, _)), true) = (local_key, kind != ServiceKind::Blob) {
         return Err(format!(
-            "compression= only applies to blob services, not {} services",
+            "{k}= only applies to blob services, not {} services",
             kind.noun()
         ));
     }
-    local_compression(pairs).map(|_| ())
+    local_files_options(pairs).map(|_| ())
+}
+
+/// Whether a `grpc+…` URL leads to this machine: a Unix socket, or a
+/// loopback host (where a daemon may take open files, see
+/// [crate::local_ingest]).
+pub fn on_this_machine(url: &Url) -> bool {
+    if url.scheme() == "grpc+unix" {
+        return true;
+    }
+    match url.host() {
+        // `grpc+http` is not a special scheme: IPv4 hosts stay text.
+        Some(url::Host::Domain(d)) => {
+            d.eq_ignore_ascii_case("localhost")
+                || d.parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
 }
 
 impl ServiceConfig {
@@ -809,10 +857,7 @@ impl Builder {
                 let svc = ObjectStoreBlobService::new(store, base);
                 if url.scheme() == "file" {
                     // Same files, fewer trips: see `with_local_files`.
-                    let options = LocalFilesOptions {
-                        compression: local_compression(options).map_err(build_err)?,
-                        ..LocalFilesOptions::default()
-                    };
+                    let options = local_files_options(options).map_err(build_err)?;
                     Arc::new(
                         svc.with_local_files(PathBuf::from(url.path()), options)
                             .map_err(|e| build_err(e.to_string()))?,
@@ -829,7 +874,8 @@ impl Builder {
                     .collect::<Result<Vec<_>, _>>()?;
                 Arc::new(
                     GrpcBlobService::from_channels(channels)
-                        .ok_or_else(|| build_err("no channel".into()))?,
+                        .ok_or_else(|| build_err("no channel".into()))?
+                        .with_local_ingest(on_this_machine(url)),
                 )
             }
             ServiceConfig::Cache { near, far } => {

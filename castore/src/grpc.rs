@@ -166,6 +166,40 @@ impl proto::blob_service_server::BlobService for GrpcBlobServiceWrapper {
     }
 }
 
+/// Serves Arca's `arca.castore.v1.LocalIngestService`: where this daemon
+/// takes open files from clients on its machine ([crate::local_ingest]).
+pub struct GrpcLocalIngestWrapper {
+    socket_path: String,
+    token: [u8; crate::local_ingest::TOKEN_LEN],
+}
+
+impl GrpcLocalIngestWrapper {
+    /// Describes the socket at `socket_path` that greets with `token`.
+    pub fn new(socket_path: String, token: [u8; crate::local_ingest::TOKEN_LEN]) -> Self {
+        Self { socket_path, token }
+    }
+
+    /// The tonic server.
+    pub fn into_server(
+        self,
+    ) -> batch_proto::local_ingest_service_server::LocalIngestServiceServer<Self> {
+        batch_proto::local_ingest_service_server::LocalIngestServiceServer::new(self)
+    }
+}
+
+#[tonic::async_trait]
+impl batch_proto::local_ingest_service_server::LocalIngestService for GrpcLocalIngestWrapper {
+    async fn describe(
+        &self,
+        _request: Request<batch_proto::DescribeLocalIngestRequest>,
+    ) -> Result<Response<batch_proto::DescribeLocalIngestResponse>, Status> {
+        Ok(Response::new(batch_proto::DescribeLocalIngestResponse {
+            socket_path: self.socket_path.clone(),
+            token: bytes::Bytes::copy_from_slice(&self.token),
+        }))
+    }
+}
+
 /// Serves [BlobService::read_many] as Arca's `arca.castore.v1.BlobBatchService`
 /// (many small blobs in one call; see `proto/protos/arca/castore/v1/batch.proto`).
 pub struct GrpcBlobBatchServiceWrapper {

@@ -86,6 +86,13 @@ impl ImportProgress for NoProgress {}
 pub trait FileDigests: Send + Sync {
     /// The digest and size of the regular file at `path` (as the walk found it).
     fn digest<'a>(&'a self, path: &'a Path) -> BoxFuture<'a, std::io::Result<(B3Digest, u64)>>;
+
+    /// Whether [Self::digest] reads the file (rather than looking up a
+    /// digest computed anyway): where the store takes files directly
+    /// ([BlobService::direct_file_puts]) that read is skipped.
+    fn reads_files(&self) -> bool {
+        true
+    }
 }
 
 /// Hashes each file itself, read by [read_file_pieces] (opened as
@@ -182,6 +189,10 @@ impl Drop for CloseOnDrop {
 }
 
 impl FileDigests for DigestBoard {
+    fn reads_files(&self) -> bool {
+        false
+    }
+
     fn digest<'a>(&'a self, path: &'a Path) -> BoxFuture<'a, std::io::Result<(B3Digest, u64)>> {
         Box::pin(async move {
             loop {
@@ -364,34 +375,47 @@ pub fn read_file_pieces(
     path: PathBuf,
 ) -> tokio::sync::mpsc::Receiver<std::io::Result<bytes::Bytes>> {
     let (tx, rx) = tokio::sync::mpsc::channel(2);
-    tokio::task::spawn_blocking(move || {
-        use std::io::Read;
-        let mut f = match open_regular_file(&path) {
-            Ok(f) => f,
+    tokio::task::spawn_blocking(move || match open_regular_file(&path) {
+        Ok(f) => send_pieces(f, &tx),
+        Err(e) => {
+            let _ = tx.blocking_send(Err(e));
+        }
+    });
+    rx
+}
+
+/// [read_file_pieces] of a file opened already, from its current position.
+pub fn read_pieces(
+    file: std::fs::File,
+) -> tokio::sync::mpsc::Receiver<std::io::Result<bytes::Bytes>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    tokio::task::spawn_blocking(move || send_pieces(file, &tx));
+    rx
+}
+
+/// Reads `f` to its end in pieces into `tx` (blocking).
+fn send_pieces(
+    mut f: std::fs::File,
+    tx: &tokio::sync::mpsc::Sender<std::io::Result<bytes::Bytes>>,
+) {
+    use std::io::Read;
+    loop {
+        // Read into fresh capacity: nothing is zero-filled first.
+        let mut buf = Vec::with_capacity(READ_PIECE);
+        let filled = match (&mut f).take(READ_PIECE as u64).read_to_end(&mut buf) {
+            Ok(n) => n,
             Err(e) => {
                 let _ = tx.blocking_send(Err(e));
                 return;
             }
         };
-        loop {
-            // Read into fresh capacity: nothing is zero-filled first.
-            let mut buf = Vec::with_capacity(READ_PIECE);
-            let filled = match (&mut f).take(READ_PIECE as u64).read_to_end(&mut buf) {
-                Ok(n) => n,
-                Err(e) => {
-                    let _ = tx.blocking_send(Err(e));
-                    return;
-                }
-            };
-            if filled == 0 {
-                return;
-            }
-            if tx.blocking_send(Ok(bytes::Bytes::from(buf))).is_err() || filled < READ_PIECE {
-                return;
-            }
+        if filled == 0 {
+            return;
         }
-    });
-    rx
+        if tx.blocking_send(Ok(bytes::Bytes::from(buf))).is_err() || filled < READ_PIECE {
+            return;
+        }
+    }
 }
 
 /// Imports `root` (a directory, file or symlink) and returns its node.
@@ -444,6 +468,7 @@ pub async fn import_path_with(
 
     // Upload all files, many at a time.
     // Unordered: one large file must not hold back the others' slots.
+    let direct = digests.reads_files() && blobs.direct_file_puts().await;
     let file_count = files.len();
     let uploaded: Vec<(usize, B3Digest)> = futures::stream::iter(files.into_iter().enumerate())
         .map(|(index, (path, expected))| {
@@ -451,6 +476,37 @@ pub async fn import_path_with(
             let progress = progress.clone();
             let digests = digests.clone();
             async move {
+                let open = |path: PathBuf| async move {
+                    let opened = path.clone();
+                    tokio::task::spawn_blocking(move || open_regular_file(&opened))
+                        .await
+                        .map_err(std::io::Error::other)
+                        .and_then(|r| r)
+                        .map_err(|source| ImportError::Io { path, source })
+                };
+                let changed = |actual: u64| ImportError::Changed {
+                    path: path.clone(),
+                    expected,
+                    actual,
+                };
+                if direct {
+                    // Stored as read once; the store hashes it and keeps
+                    // one copy of content it has already.
+                    let file = open(path.clone()).await?;
+                    let (digest, actual) =
+                        blobs
+                            .put_file(file, None)
+                            .await
+                            .map_err(|source| ImportError::Store {
+                                path: path.clone(),
+                                source,
+                            })?;
+                    if actual != expected {
+                        return Err(changed(actual));
+                    }
+                    progress.file_done(actual);
+                    return Ok((index, digest));
+                }
                 // The digest first: content the store already has is not sent again.
                 let (local, hashed_size) =
                     digests
@@ -461,11 +517,7 @@ pub async fn import_path_with(
                             source,
                         })?;
                 if hashed_size != expected {
-                    return Err(ImportError::Changed {
-                        path,
-                        expected,
-                        actual: hashed_size,
-                    });
+                    return Err(changed(hashed_size));
                 }
                 if blobs
                     .has(&local)
@@ -478,37 +530,23 @@ pub async fn import_path_with(
                     progress.file_done(expected);
                     return Ok((index, local));
                 }
-                let mut w = blobs.open_write().await;
-                w.expect_digest(local);
-                let mut chunks = read_file_pieces(path.clone());
-                let mut actual = 0u64;
-                while let Some(chunk) = chunks.recv().await {
-                    let chunk = chunk.map_err(|source| ImportError::Io {
-                        path: path.clone(),
-                        source,
-                    })?;
-                    actual += chunk.len() as u64;
-                    w.write(chunk).await.map_err(|source| ImportError::Store {
-                        path: path.clone(),
-                        source,
-                    })?;
-                }
-                let digest = w.close().await.map_err(|source| match source {
-                    // The bytes uploaded are not the ones first hashed.
-                    Error::DigestMismatch { .. } => {
-                        ImportError::ContentChanged { path: path.clone() }
-                    }
-                    source => ImportError::Store {
-                        path: path.clone(),
-                        source,
-                    },
-                })?;
+                let file = open(path.clone()).await?;
+                let (digest, actual) =
+                    blobs
+                        .put_file(file, Some(local))
+                        .await
+                        .map_err(|source| match source {
+                            // The bytes stored are not the ones first hashed.
+                            Error::DigestMismatch { .. } => {
+                                ImportError::ContentChanged { path: path.clone() }
+                            }
+                            source => ImportError::Store {
+                                path: path.clone(),
+                                source,
+                            },
+                        })?;
                 if actual != expected {
-                    return Err(ImportError::Changed {
-                        path,
-                        expected,
-                        actual,
-                    });
+                    return Err(changed(actual));
                 }
                 if digest != local {
                     return Err(ImportError::ContentChanged { path });

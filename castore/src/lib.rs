@@ -15,6 +15,7 @@ pub mod directoryservice;
 mod errors;
 pub mod grpc;
 pub mod import;
+pub mod local_ingest;
 mod names;
 mod node;
 

@@ -3,7 +3,8 @@
 mod common;
 
 use arca_castore::blobservice::{
-    put_bytes, read_all, BlobService, LocalCompression, LocalFilesOptions, ObjectStoreBlobService,
+    put_bytes, read_all, BlobService, LocalChunking, LocalCompression, LocalFilesOptions,
+    ObjectStoreBlobService,
 };
 use arca_castore::{B3Digest, Error};
 use common::*;
@@ -17,14 +18,25 @@ const JOURNAL: &str = "pending-compression";
 /// Longest a test waits for the compactor.
 const PATIENCE: Duration = Duration::from_secs(120);
 
-/// A local-files service on `dir`, background mode, with this idle delay (at
-/// normal priority: other tests keep the cores busy).
+/// A local-files service on `dir`, background compression, chunks cut
+/// while writing (the tests of compression look at chunk files), with this
+/// idle delay (at normal priority: other tests keep the cores busy).
 fn open(dir: &Path, idle_delay: Duration) -> ObjectStoreBlobService {
+    open_with(dir, idle_delay, LocalChunking::Inline)
+}
+
+/// [open] with background chunking: blobs larger than a chunk written whole.
+fn open_whole_first(dir: &Path, idle_delay: Duration) -> ObjectStoreBlobService {
+    open_with(dir, idle_delay, LocalChunking::Background)
+}
+
+fn open_with(dir: &Path, idle_delay: Duration, chunking: LocalChunking) -> ObjectStoreBlobService {
     let url = url::Url::from_directory_path(dir).expect("absolute dir");
     let (store, base) =
         arca_castore::composition::object_store_from(&url, &[]).expect("local store");
     let options = LocalFilesOptions {
         compression: LocalCompression::Background,
+        chunking,
         idle_delay,
         low_priority: false,
     };
@@ -335,18 +347,52 @@ async fn compression_is_chosen_by_the_url() {
     assert!(!dir.join(JOURNAL).exists());
     assert_eq!(read_all(&*b, &digest).await.unwrap().unwrap(), data);
 
-    // background (the default, and spelled out): raw first, journaled.
+    // background compression, chunks cut while writing: raw first, journaled.
     for url in [
-        "objectstore+file://{tmp}/blobs",
-        "objectstore+file://{tmp}/blobs?compression=background",
+        "objectstore+file://{tmp}/blobs?chunking=inline",
+        "objectstore+file://{tmp}/blobs?compression=background&chunking=inline",
     ] {
         let (b, _d, g) = from_urls(url, "memory://");
         let dir = g.tmp.as_ref().unwrap().path().join("blobs");
         put_bytes(&*b, data.clone().into()).await.unwrap();
         let files = chunk_files(&dir);
+        assert!(files.len() > 1, "{url}");
         assert!(files.iter().all(|f| tag(f) == TAG_RAW), "{url}");
         assert_eq!(journal_len(&dir), 32 * files.len() as u64, "{url}");
+        assert!(whole_files(&dir).is_empty(), "{url}");
     }
+
+    // background chunking too (the default, and spelled out): a blob larger
+    // than one chunk is one whole file, one journal record.
+    for url in [
+        "objectstore+file://{tmp}/blobs",
+        "objectstore+file://{tmp}/blobs?compression=background&chunking=background",
+    ] {
+        let (b, _d, g) = from_urls(url, "memory://");
+        let dir = g.tmp.as_ref().unwrap().path().join("blobs");
+        let digest = put_bytes(&*b, data.clone().into()).await.unwrap();
+        assert!(chunk_files(&dir).is_empty(), "{url}");
+        assert_eq!(whole_files(&dir), vec![whole_file(&dir, &digest)], "{url}");
+        assert_eq!(journal_len(&dir), 32, "{url}");
+    }
+
+    // Background chunking needs the compactor.
+    let e = arca_castore::composition::Composition::from_urls(
+        "objectstore+file:///tmp/x?compression=inline&chunking=background",
+        "memory://",
+    )
+    .expect_err("needs background compression");
+    assert!(
+        e.to_string()
+            .contains("chunking=background needs compression=background"),
+        "{e}"
+    );
+    let e = arca_castore::composition::Composition::from_urls(
+        "objectstore+file:///tmp/x?chunking=later",
+        "memory://",
+    )
+    .expect_err("unknown chunking");
+    assert!(e.to_string().contains("later"), "{e}");
 
     // Unknown values are refused when the URL is parsed.
     let e = arca_castore::composition::Composition::from_urls(
@@ -398,4 +444,216 @@ async fn has_ignores_staging_files() {
     std::fs::write(sub.join(format!("{hex}#arca-1-1")), staged).unwrap();
     assert!(!svc.has(&digest).await.unwrap());
     assert!(svc.open_read(&digest).await.unwrap().is_none());
+}
+
+/// Every file under `whole/` (staging files at its top included), sorted.
+fn whole_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir.join("whole")) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        if e.path().is_dir() {
+            out.extend(
+                std::fs::read_dir(e.path())
+                    .unwrap()
+                    .flatten()
+                    .map(|f| f.path()),
+            );
+        } else {
+            out.push(e.path());
+        }
+    }
+    out.sort();
+    out
+}
+
+fn list_file(dir: &Path, d: &B3Digest) -> PathBuf {
+    let hex = d.to_hex();
+    dir.join("blobs").join(&hex[..2]).join(hex)
+}
+
+fn whole_file(dir: &Path, d: &B3Digest) -> PathBuf {
+    let hex = d.to_hex();
+    dir.join("whole").join(&hex[..2]).join(hex)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_blobs_are_written_whole_then_chunked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let svc = open_whole_first(dir, Duration::from_secs(2));
+    // Two blobs sharing their first 3 MiB: chunking later deduplicates them.
+    let shared = test_data(3 * 1024 * 1024, 31);
+    let mut a = shared.clone();
+    a.extend(test_data(1024 * 1024, 32));
+    let mut b = shared.clone();
+    b.extend(test_data(1024 * 1024, 33));
+    let da = put_bytes(&svc, a.clone().into()).await.unwrap();
+    let db = put_bytes(&svc, b.clone().into()).await.unwrap();
+    // A small blob is cut into chunks at once, as always.
+    let small = test_data(100 * 1024, 34);
+    let ds = put_bytes(&svc, small.clone().into()).await.unwrap();
+
+    assert_eq!(
+        whole_files(dir),
+        vec![whole_file(dir, &da), whole_file(dir, &db)]
+    );
+    assert_eq!(
+        std::fs::read(whole_file(dir, &da)).unwrap(),
+        a,
+        "stored as written"
+    );
+    assert!(!list_file(dir, &da).exists(), "not chunked yet");
+    assert!(chunk_files(dir).iter().all(|f| !f.ends_with(da.to_hex())));
+    for (d, data) in [(&da, &a), (&db, &b), (&ds, &small)] {
+        assert!(svc.has(d).await.unwrap());
+        assert_eq!(&read_all(&svc, d).await.unwrap().unwrap(), data);
+    }
+    assert_eq!(
+        svc.chunks(&da).await.unwrap(),
+        Some(vec![]),
+        "one piece for now"
+    );
+
+    wait_compacted(&svc, dir).await;
+    assert!(whole_files(dir).is_empty(), "{:?}", whole_files(dir));
+    for (d, data) in [(&da, &a), (&db, &b)] {
+        assert!(list_file(dir, d).exists());
+        let chunks = svc.chunks(d).await.unwrap().expect("stored");
+        assert!(chunks.len() > 1);
+        assert_eq!(
+            chunks.iter().map(|c| c.size).sum::<u64>(),
+            data.len() as u64
+        );
+        assert_eq!(&read_all(&svc, d).await.unwrap().unwrap(), data);
+    }
+    // Deduplicated and compressed: less on disk than the two blobs' 8 MiB.
+    let files = chunk_files(dir);
+    assert!(files
+        .iter()
+        .all(|f| !f.to_string_lossy().contains("#arca-")));
+    let stored = disk_bytes(&files);
+    assert!(
+        stored < (a.len() + b.len()) as u64 * 3 / 4,
+        "{stored} bytes stored for {} written",
+        a.len() + b.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_whole_blob_is_an_error_and_never_chunked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let data = random_bytes(2 * 1024 * 1024 + 17);
+    let digest = {
+        let svc = open_whole_first(dir, Duration::from_secs(3600));
+        put_bytes(&svc, data.clone().into()).await.unwrap()
+    };
+    let file = whole_file(dir, &digest);
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[1000] ^= 1;
+    std::fs::write(&file, &bytes).unwrap();
+
+    let svc = open_whole_first(dir, Duration::from_millis(10));
+    let err = read_all(&svc, &digest).await.expect_err("corrupt");
+    assert!(err.to_string().contains("failed verification"), "{err}");
+    assert!(
+        svc.read_stream(&digest).await.is_err(),
+        "no stream of unverified bytes"
+    );
+    wait_compacted(&svc, dir).await;
+    assert!(file.exists(), "left for reads to report");
+    assert!(
+        !list_file(dir, &digest).exists(),
+        "never listed as if valid"
+    );
+    assert!(read_all(&svc, &digest).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_blobs_left_behind_are_chunked_after_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let data = test_data(5 * 1024 * 1024, 35);
+    let digest = {
+        let svc = open_whole_first(dir, Duration::from_secs(3600));
+        put_bytes(&svc, data.clone().into()).await.unwrap()
+    };
+    // The journal lost (it is not synced), and a staging file of a writer
+    // that died (pid 1 is alive: kept; an impossible pid is gone: removed).
+    std::fs::remove_file(dir.join(JOURNAL)).unwrap();
+    let dead = dir.join("whole").join("#arca-2147483646-0");
+    let alive = dir.join("whole").join("#arca-1-0");
+    std::fs::write(&dead, b"partial").unwrap();
+    std::fs::write(&alive, b"in progress").unwrap();
+
+    let svc = open_whole_first(dir, Duration::from_millis(10));
+    assert!(!dead.exists(), "a dead writer's staging file is removed");
+    assert!(alive.exists(), "a live writer's staging file is kept");
+    wait_compacted(&svc, dir).await;
+    assert!(!whole_file(dir, &digest).exists());
+    assert!(list_file(dir, &digest).exists());
+    assert_eq!(read_all(&svc, &digest).await.unwrap().unwrap(), data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unfinished_whole_write_leaves_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let svc = open_whole_first(dir, Duration::from_secs(3600));
+    let data = test_data(3 * 1024 * 1024, 36);
+    let mut w = svc.open_write().await;
+    for piece in data.chunks(512 * 1024) {
+        w.write(bytes::Bytes::copy_from_slice(piece)).await.unwrap();
+    }
+    assert_eq!(whole_files(dir).len(), 1, "a staging file while writing");
+    drop(w);
+    assert!(whole_files(dir).is_empty(), "{:?}", whole_files(dir));
+    assert!(!svc.has(&B3Digest::of(&data)).await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_are_put_whole_by_a_kernel_copy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("store");
+    let svc = open_whole_first(&dir, Duration::from_secs(3600));
+    assert!(svc.direct_file_puts().await);
+    let src = tmp.path().join("src");
+    let data = test_data(3 * 1024 * 1024 + 5, 37);
+    std::fs::write(&src, &data).unwrap();
+    let digest = B3Digest::of(&data);
+
+    // The wrong expected digest: an error, and nothing stored.
+    let other = B3Digest::of(b"other");
+    let err = svc
+        .put_file(std::fs::File::open(&src).unwrap(), Some(other))
+        .await
+        .expect_err("mismatch");
+    assert!(matches!(err, Error::DigestMismatch { .. }), "{err}");
+    assert!(whole_files(&dir).is_empty(), "{:?}", whole_files(&dir));
+    assert!(!svc.has(&digest).await.unwrap());
+
+    let stored = svc
+        .put_file(std::fs::File::open(&src).unwrap(), Some(digest))
+        .await
+        .unwrap();
+    assert_eq!(stored, (digest, data.len() as u64));
+    assert_eq!(whole_files(&dir), vec![whole_file(&dir, &digest)]);
+    // Stored already: the second copy goes.
+    let again = svc
+        .put_file(std::fs::File::open(&src).unwrap(), None)
+        .await
+        .unwrap();
+    assert_eq!(again, stored);
+    assert_eq!(whole_files(&dir).len(), 1);
+    assert_eq!(read_all(&svc, &digest).await.unwrap().unwrap(), data);
+
+    // A small file goes the usual way (chunks), from the file's position.
+    std::fs::write(&src, b"0123456789").unwrap();
+    let mut f = std::fs::File::open(&src).unwrap();
+    std::io::Read::read_exact(&mut f, &mut [0u8; 4]).unwrap();
+    let (d, n) = svc.put_file(f, None).await.unwrap();
+    assert_eq!((d, n), (B3Digest::of(b"456789"), 6));
+    assert_eq!(read_all(&svc, &d).await.unwrap().unwrap(), b"456789");
 }

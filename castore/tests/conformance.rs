@@ -504,12 +504,20 @@ suite!(
     objectstore_memory,
     from_urls("objectstore+memory:///", "objectstore+memory:///")
 );
-// Local files: chunks written raw and compressed in the background (the
-// default), and compressed inline.
+// Local files: large blobs written whole, chunked and compressed in the
+// background (the default); chunks cut while writing and compressed in the
+// background; and compressed inline.
 suite!(
     objectstore_file,
     from_urls(
         "objectstore+file://{tmp}/blobs",
+        "objectstore+file://{tmp}/dirs"
+    )
+);
+suite!(
+    objectstore_file_chunking_inline,
+    from_urls(
+        "objectstore+file://{tmp}/blobs?chunking=inline",
         "objectstore+file://{tmp}/dirs"
     )
 );

@@ -54,10 +54,11 @@ fn flip_last_byte(p: &Path) {
     std::fs::write(p, data).unwrap();
 }
 
-/// Local-files blob URLs in both compression modes.
+/// Local-files blob URLs in both compression modes, chunks cut while
+/// writing (tampering with whole-blob files: see compaction.rs).
 const LOCAL_BLOBS: [&str; 2] = [
     "objectstore+file://{tmp}/blobs?compression=inline",
-    "objectstore+file://{tmp}/blobs?compression=background",
+    "objectstore+file://{tmp}/blobs?compression=background&chunking=inline",
 ];
 
 #[tokio::test]

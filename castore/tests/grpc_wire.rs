@@ -734,7 +734,10 @@ impl BlobService for ChunkListLiar {
 /// handed out.
 #[tokio::test]
 async fn chunkwise_streams_check_the_whole_blob() {
-    let (local, _d, guard) = from_urls("objectstore+file://{tmp}/blobs", "memory://");
+    let (local, _d, guard) = from_urls(
+        "objectstore+file://{tmp}/blobs?chunking=inline",
+        "memory://",
+    );
     let wanted = test_data(4 * 1024 * 1024, 31);
     let other = test_data(4 * 1024 * 1024, 32);
     let wanted_digest = put_bytes(&*local, wanted.clone().into()).await.unwrap();
@@ -815,7 +818,10 @@ impl BlobService for OneBadChunk {
 #[tokio::test]
 async fn remote_reads_hand_out_no_byte_of_a_bad_chunk() {
     use tokio::io::AsyncReadExt;
-    let (local, _d, guard) = from_urls("objectstore+file://{tmp}/blobs", "memory://");
+    let (local, _d, guard) = from_urls(
+        "objectstore+file://{tmp}/blobs?chunking=inline",
+        "memory://",
+    );
     let data = test_data(6 * 1024 * 1024, 51);
     let digest = put_bytes(&*local, data.clone().into()).await.unwrap();
     let chunks = local.chunks(&digest).await.unwrap().unwrap();

@@ -4,6 +4,7 @@ use crate::ServiceArgs;
 use anyhow::{bail, Context, Result};
 use arca_castore::grpc::{
     GrpcBlobBatchServiceWrapper, GrpcBlobServiceWrapper, GrpcDirectoryServiceWrapper,
+    GrpcLocalIngestWrapper,
 };
 use arca_proto::castore::blob_service_server::BlobServiceServer;
 use arca_proto::castore::directory_service_server::DirectoryServiceServer;
@@ -32,8 +33,44 @@ pub struct DaemonArgs {
     /// are signed too.
     #[arg(long, env = "ARCA_HTTP_LISTEN")]
     http_listen: Option<String>,
+    /// Unix socket where clients on this machine hand the daemon open files
+    /// instead of uploading their bytes (`arca castore import`, `arca
+    /// import`); `off` disables it. Who may use it is decided by the
+    /// socket's permissions. Default: `$DATA/ingest.sock`.
+    #[arg(long, env = "ARCA_INGEST_SOCKET")]
+    ingest_socket: Option<String>,
     #[command(flatten)]
     http: crate::serve_cache::HttpCacheArgs,
+}
+
+/// The local ingest socket, bound, with its token; `None` when disabled or
+/// when it cannot be bound (then clients upload over gRPC).
+fn bind_ingest_socket(
+    args: &DaemonArgs,
+    service_args: &ServiceArgs,
+) -> Result<Option<(tokio::net::UnixListener, PathBuf, [u8; 16])>> {
+    let path = match args.ingest_socket.as_deref() {
+        Some("off") => return Ok(None),
+        Some(p) => PathBuf::from(p),
+        None => crate::data_dir(service_args)?.join("ingest.sock"),
+    };
+    if !path.is_absolute() {
+        bail!(
+            "--ingest-socket {}: expected an absolute path or off",
+            path.display()
+        );
+    }
+    let token = arca_castore::local_ingest::new_token().context("making a token")?;
+    match arca_castore::local_ingest::bind(&path) {
+        Ok(l) => Ok(Some((l, path, token))),
+        Err(e) => {
+            eprintln!(
+                "arca daemon: not taking open files on {}: {e} (clients upload over gRPC)",
+                path.display()
+            );
+            Ok(None)
+        }
+    }
 }
 
 enum Listener {
@@ -173,6 +210,7 @@ pub async fn run(args: DaemonArgs, service_args: ServiceArgs) -> Result<()> {
         }
     };
     let listener = bind(&args.listen).await?;
+    let ingest = bind_ingest_socket(&args, &service_args)?;
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -208,6 +246,9 @@ pub async fn run(args: DaemonArgs, service_args: ServiceArgs) -> Result<()> {
         .add_service(reflection_alpha)
         .add_service(GrpcBlobServiceWrapper::new(services.blob.clone()).into_server())
         .add_service(GrpcBlobBatchServiceWrapper::new(services.blob.clone()).into_server())
+        .add_optional_service(ingest.as_ref().map(|(_, path, token)| {
+            GrpcLocalIngestWrapper::new(path.display().to_string(), *token).into_server()
+        }))
         .add_service(GrpcDirectoryServiceWrapper::new(services.directory.clone()).into_server())
         .add_service(
             GrpcPathInfoServiceWrapper::new(
@@ -249,6 +290,14 @@ pub async fn run(args: DaemonArgs, service_args: ServiceArgs) -> Result<()> {
         });
     }
     let shutdown = stop.clone().cancelled_owned();
+    let ingest_server = ingest.map(|(listener, path, token)| {
+        let task = tokio::spawn(arca_castore::local_ingest::serve(
+            listener,
+            token,
+            services.blob.clone(),
+        ));
+        (task, path)
+    });
     let http_server = match http {
         None => None,
         Some((l, router)) => {
@@ -304,8 +353,13 @@ pub async fn run(args: DaemonArgs, service_args: ServiceArgs) -> Result<()> {
         anyhow::Ok(())
     };
     let grpc_result = grpc.await;
-    // The gRPC server stopped (drained, or failed): stop HTTP too.
+    // The gRPC server stopped (drained, or failed): stop HTTP and local ingest too.
     stop.cancel();
+    if let Some((task, path)) = ingest_server {
+        task.abort();
+        let _ = task.await;
+        let _ = std::fs::remove_file(path);
+    }
     if let Some((_, task)) = http_server {
         task.await
             .context("the HTTP server task failed")?

@@ -377,3 +377,47 @@ fn daemon_refuses_to_forward_to_itself() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("own address"), "{}", stderr(&out));
 }
+
+/// A client on the daemon's machine hands it open files (local ingest) and
+/// gets the digests an in-process import computes; with the socket off it
+/// uploads over gRPC, with the same result.
+#[test]
+fn local_clients_hand_open_files_to_the_daemon() {
+    let t = tempfile::tempdir().unwrap();
+    let tree = t.path().join("tree");
+    varied_tree(&tree, 11);
+    let expected = expected_node(&tree);
+    let big = bytes_for(11, 3 * 1024 * 1024 + 11);
+
+    for (args, local) in [
+        (&["--listen", "127.0.0.1:0"][..], true),
+        (&["--listen", "127.0.0.1:0", "--ingest-socket", "off"][..], false),
+    ] {
+        let mut d = Daemon::start_with(args);
+        let socket = d.data.path().join("ingest.sock");
+        assert_eq!(socket.exists(), local, "{args:?}");
+        let out = Command::new(arca_bin())
+            .args(["castore", "import", tree.to_str().unwrap()])
+            .env("BLOB_SERVICE_ADDR", &d.url)
+            .env("DIRECTORY_SERVICE_ADDR", &d.url)
+            .env("ARCA_LOG", "arca_castore=debug")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        let got: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+        assert_eq!(got, expected, "{args:?}");
+        assert_eq!(
+            stderr(&out).contains("handing files to the daemon"),
+            local,
+            "{args:?}: {}",
+            stderr(&out)
+        );
+        // The large file reads back (stored whole until the compactor chunks it).
+        let digest = arca_castore::B3Digest::of(&big).to_hex();
+        let cat = d.arca(&["castore", "cat", &digest]);
+        assert!(cat.status.success(), "{}", stderr(&cat));
+        assert!(cat.stdout == big, "{args:?}: content differs");
+        assert!(d.stop().success());
+        assert!(!socket.exists(), "socket removed at exit");
+    }
+}

@@ -8,11 +8,13 @@ use super::{
     BatchItem, BlobReader, BlobService, BlobWriter, ChunkMeta, MAX_BATCH_BLOB_SIZE,
     MAX_BATCH_DIGESTS,
 };
+use crate::local_ingest::LocalIngestClient;
 use crate::{B3Digest, Error, BLOB_MESSAGE_CHUNK};
 use arca_proto::castore as proto;
 use arca_proto::castore::blob_service_client::BlobServiceClient;
 use arca_proto::castore_batch::blob_batch_service_client::BlobBatchServiceClient;
-use arca_proto::castore_batch::ReadBlobsRequest;
+use arca_proto::castore_batch::local_ingest_service_client::LocalIngestServiceClient;
+use arca_proto::castore_batch::{self as batch_proto, ReadBlobsRequest};
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures::stream::{BoxStream, StreamExt};
@@ -49,6 +51,14 @@ pub struct GrpcBlobService {
     batch_client: BlobBatchServiceClient<Channel>,
     /// Set once the server answered `UNIMPLEMENTED` to a batch read.
     no_batch: Arc<AtomicBool>,
+    /// Whether the server is on this machine (loopback or a Unix socket),
+    /// so that it may take open files ([crate::local_ingest]).
+    local_ingest_allowed: bool,
+    /// The server's local ingest socket, looked up on first use; `None` if
+    /// it has none (or is not on this machine).
+    local_ingest: Arc<tokio::sync::OnceCell<Option<Arc<LocalIngestClient>>>>,
+    /// The first connection, for the local ingest lookup.
+    first_channel: Channel,
 }
 
 impl GrpcBlobService {
@@ -77,6 +87,7 @@ impl GrpcBlobService {
 
     /// A client spreading calls over several channels; `None` if `channels` is empty.
     pub fn from_channels(channels: Vec<Channel>) -> Option<Self> {
+        let first_channel = channels.first()?.clone();
         let clients: Arc<[_]> = channels
             .into_iter()
             .map(|c| {
@@ -96,7 +107,56 @@ impl GrpcBlobService {
             client,
             batch_client,
             no_batch: Arc::new(AtomicBool::new(false)),
+            local_ingest_allowed: false,
+            local_ingest: Arc::new(tokio::sync::OnceCell::new()),
+            first_channel,
         })
+    }
+
+    /// Lets this client hand open files to the server's local ingest socket
+    /// when the server has one: only for a server on this machine (the
+    /// socket path it names is a path here).
+    pub fn with_local_ingest(mut self, allowed: bool) -> Self {
+        self.local_ingest_allowed = allowed;
+        self
+    }
+
+    /// The server's local ingest socket, connected and its token checked;
+    /// `None` if not allowed, not offered or not reachable.
+    async fn local_ingest(&self) -> Option<Arc<LocalIngestClient>> {
+        if !self.local_ingest_allowed {
+            return None;
+        }
+        let channel = self.first_channel.clone();
+        self.local_ingest
+            .get_or_init(|| async move {
+                let mut client = LocalIngestServiceClient::new(channel);
+                let described = match client
+                    .describe(batch_proto::DescribeLocalIngestRequest {})
+                    .await
+                {
+                    Ok(r) => r.into_inner(),
+                    Err(status) => {
+                        tracing::debug!(%status, "the server takes no open files");
+                        return None;
+                    }
+                };
+                let token = <[u8; crate::local_ingest::TOKEN_LEN]>::try_from(&described.token[..])
+                    .ok()?;
+                match LocalIngestClient::connect(described.socket_path.clone().into(), token).await
+                {
+                    Ok(c) => {
+                        tracing::debug!(socket = described.socket_path, "handing files to the daemon");
+                        Some(Arc::new(c))
+                    }
+                    Err(e) => {
+                        tracing::debug!(socket = described.socket_path, error = %e, "local ingest socket not usable");
+                        None
+                    }
+                }
+            })
+            .await
+            .clone()
     }
 
     /// This service with the next channel's client for its calls.
@@ -109,6 +169,9 @@ impl GrpcBlobService {
             client,
             batch_client,
             no_batch: self.no_batch.clone(),
+            local_ingest_allowed: self.local_ingest_allowed,
+            local_ingest: self.local_ingest.clone(),
+            first_channel: self.first_channel.clone(),
         }
     }
 
@@ -315,6 +378,31 @@ fn checked_batch(
 
 #[async_trait]
 impl BlobService for GrpcBlobService {
+    /// Through the daemon's local ingest socket when it has one on this
+    /// machine (it takes the open file), else uploaded as usual.
+    async fn put_file(
+        &self,
+        file: std::fs::File,
+        expected: Option<B3Digest>,
+    ) -> Result<(B3Digest, u64), Error> {
+        let Some(local) = self.local_ingest().await else {
+            return super::put_file_by_writes(self, file, expected).await;
+        };
+        let (digest, size) = local.put_file(&file).await?;
+        match expected {
+            Some(expected) if expected != digest => Err(Error::DigestMismatch {
+                expected,
+                actual: digest,
+            }),
+            _ => Ok((digest, size)),
+        }
+    }
+
+    /// When the daemon takes open files.
+    async fn direct_file_puts(&self) -> bool {
+        self.local_ingest().await.is_some()
+    }
+
     #[instrument(skip(self), level = "debug")]
     async fn has(&self, digest: &B3Digest) -> Result<bool, Error> {
         let req = proto::StatBlobRequest {

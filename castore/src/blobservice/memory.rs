@@ -105,6 +105,11 @@ impl BlobService for MemoryBlobService {
         }))
     }
 
+    /// In memory: nothing between here and the storage.
+    async fn direct_file_puts(&self) -> bool {
+        true
+    }
+
     async fn open_write(&self) -> Box<dyn BlobWriter> {
         Box::new(MemoryBlobWriter {
             blobs: self.blobs.clone(),

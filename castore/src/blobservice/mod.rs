@@ -21,7 +21,7 @@ pub use chunked_reader::{validate_chunk_list, ChunkFetcher, ChunkedReader, MAX_C
 pub use grpc::GrpcBlobService;
 pub use memory::MemoryBlobService;
 pub use object_store::{
-    ChunkingParams, LocalCompression, LocalFilesOptions, ObjectStoreBlobService,
+    ChunkingParams, LocalChunking, LocalCompression, LocalFilesOptions, ObjectStoreBlobService,
 };
 
 /// Largest blob [BlobService::read_many] returns (larger ones are read with
@@ -140,6 +140,59 @@ pub trait BlobService: Send + Sync {
         Ok(self.open_read(digest).await?.map(|r| {
             tokio_util::io::ReaderStream::with_capacity(r, crate::BLOB_MESSAGE_CHUNK).boxed()
         }))
+    }
+
+    /// Stores the content of an open regular file (read from its current
+    /// position to its end) and returns the blob's digest and size. With
+    /// `expected`, a blob of another digest is [Error::DigestMismatch] (the
+    /// file changed since it was hashed): nothing is stored under the
+    /// expected digest (the content may be, under its own). Backends that can
+    /// take a file more cheaply than as a stream of writes override this: a
+    /// local store copies it in the kernel, a gRPC client whose daemon runs
+    /// on this machine hands it the open file. The default reads the file
+    /// on the blocking pool and writes it through [Self::open_write].
+    async fn put_file(
+        &self,
+        file: std::fs::File,
+        expected: Option<B3Digest>,
+    ) -> Result<(B3Digest, u64), Error> {
+        put_file_by_writes(self, file, expected).await
+    }
+
+    /// Whether [Self::put_file] costs no more than hashing the file first
+    /// would (no network between here and the storage, or a daemon taking
+    /// the open file): an import then puts every file directly instead of
+    /// hashing it first to skip files the store has.
+    async fn direct_file_puts(&self) -> bool {
+        false
+    }
+}
+
+/// [BlobService::put_file] by [BlobService::open_write]: the file read on
+/// the blocking pool in pieces of up to 1 MiB and written in order.
+pub async fn put_file_by_writes<S: BlobService + ?Sized>(
+    service: &S,
+    file: std::fs::File,
+    expected: Option<B3Digest>,
+) -> Result<(B3Digest, u64), Error> {
+    let mut w = service.open_write().await;
+    if let Some(d) = expected {
+        w.expect_digest(d);
+    }
+    let mut pieces = crate::import::read_pieces(file);
+    let mut size = 0u64;
+    while let Some(piece) = pieces.recv().await {
+        let piece = piece?;
+        size += piece.len() as u64;
+        w.write(piece).await?;
+    }
+    let digest = w.close().await?;
+    match expected {
+        Some(expected) if expected != digest => Err(Error::DigestMismatch {
+            expected,
+            actual: digest,
+        }),
+        _ => Ok((digest, size)),
     }
 }
 

@@ -12,6 +12,17 @@
 //! On local files, new chunks are by default written raw and compressed later
 //! by a background thread once writes pause (see `compaction.rs`); the tag byte
 //! says which form a chunk file holds, so readers never care.
+//!
+//! On local files in background mode, a blob larger than the largest chunk is
+//! by default not even chunked while it is written ("whole first"): it goes,
+//! hashed on the way, to one file `whole/<2 hex>/<digest hex>`, and the
+//! compactor later cuts it into chunks (compressed, deduplicated), writes its
+//! chunk list and only then removes the whole file. Writing a large blob then
+//! costs what copying and hashing it costs, as in `cp` plus `b3sum`; chunking,
+//! deduplication and compression happen once writes pause. A whole file is
+//! read only after it was hashed whole and matched its digest; a whole file
+//! and a chunk list may both exist for a moment (the list is written first),
+//! so readers look for the whole file first and then for the list.
 use super::chunked_reader::{verify_chunk, ChunkFetcher, ChunkedReader};
 use super::{
     BatchItem, BlobReader, BlobService, BlobWriter, ChunkMeta, StoredBatchItem, StoredBlob,
@@ -30,7 +41,7 @@ use tracing::instrument;
 
 mod compaction;
 use compaction::Compactor;
-pub use compaction::{LocalCompression, LocalFilesOptions};
+pub use compaction::{LocalChunking, LocalCompression, LocalFilesOptions};
 
 const TAG_RAW: u8 = 0;
 const TAG_ZSTD: u8 = 1;
@@ -75,6 +86,9 @@ struct Inner {
     /// For a local-files store in background mode: new chunks are written
     /// raw and handed to this compactor. `None`: compress inline.
     compaction: Option<Compactor>,
+    /// Blobs larger than `params.max` are written whole and chunked by the
+    /// compactor (local files, background mode, [LocalChunking::Background]).
+    whole_first: bool,
 }
 
 /// Files written by this process (staging names must not collide).
@@ -84,6 +98,62 @@ static STAGING_COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::Atomic
 fn local_chunk_file(dir: &std::path::Path, hex: &str) -> std::path::PathBuf {
     dir.join("chunks").join(&hex[..2]).join(hex)
 }
+
+/// The whole-blob file of blob `hex` under a local store directory (see
+/// the module docs: blobs written whole, not chunked yet).
+fn local_whole_file(dir: &std::path::Path, hex: &str) -> std::path::PathBuf {
+    dir.join("whole").join(&hex[..2]).join(hex)
+}
+
+/// The whole-blob file of `d` under `dir`, opened after it was read
+/// through and matched `d`; `None` if there is none (an empty file, what an
+/// OS crash can leave of an unsynced write, counts as none). Blocking.
+fn open_verified_whole(
+    dir: &std::path::Path,
+    d: &B3Digest,
+) -> Result<Option<std::fs::File>, Error> {
+    use std::io::{Read, Seek};
+    let path = local_whole_file(dir, &d.to_hex());
+    let err = |e: std::io::Error| Error::Storage(format!("reading {}: {e}", path.display()));
+    let mut file = match std::fs::File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(err(e)),
+    };
+    if file.metadata().map_err(err)?.len() == 0 {
+        return Ok(None);
+    }
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(err)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    let actual = B3Digest::from(hasher.finalize());
+    if actual != *d {
+        return Err(Error::Storage(format!(
+            "blob {d}: whole file {} failed verification (got {actual})",
+            path.display()
+        )));
+    }
+    file.rewind().map_err(err)?;
+    Ok(Some(file))
+}
+
+/// Whether `path` exists and is not empty (see `exists_nonempty`). Blocking.
+fn file_nonempty(path: &std::path::Path) -> Result<bool, Error> {
+    match std::fs::metadata(path) {
+        Ok(m) => Ok(m.len() > 0),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(Error::Storage(format!("checking {}: {e}", path.display()))),
+    }
+}
+
+/// Pieces a whole-blob file is streamed in.
+const WHOLE_READ_PIECE: usize = 1024 * 1024;
 
 /// Chunk files read per trip to the blocking pool by a batch read.
 const LOCAL_BATCH: usize = 16;
@@ -140,6 +210,16 @@ fn read_local_chunk_as_stored(
     Ok(Some(blob))
 }
 
+/// `#arca-<pid>-<n>`: what staging files of this process end in (unique
+/// per call). The pid tells a later process whether the writer is gone.
+fn staging_suffix() -> String {
+    let n = STAGING_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{STAGING_MARK}{}-{n}", std::process::id())
+}
+
+/// What every staging file's name contains.
+const STAGING_MARK: &str = "#arca-";
+
 /// Writes `parts` to `target` atomically: a staging file in the same
 /// directory (created on demand), renamed over the target. With `sync`, the
 /// staging file's data reaches the disk before the rename, so a crash never
@@ -153,9 +233,8 @@ fn write_file_atomically(
     let parent = target
         .parent()
         .ok_or_else(|| std::io::Error::other("chunk file without a directory"))?;
-    let n = STAGING_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut staging = target.as_os_str().to_owned();
-    staging.push(format!("#arca-{}-{n}", std::process::id()));
+    staging.push(staging_suffix());
     let staging = std::path::PathBuf::from(staging);
     let open = || {
         std::fs::OpenOptions::new()
@@ -182,6 +261,86 @@ fn write_file_atomically(
 }
 
 impl Inner {
+    /// Makes the staging file of a blob written whole the blob's whole file
+    /// and queues it for the compactor; or, if the blob is stored already,
+    /// leaves the staging file to its owner to remove. Returns whether the
+    /// staging file was taken. Blocking.
+    fn commit_whole(&self, staging: &std::path::Path, digest: &B3Digest) -> Result<bool, Error> {
+        let dir = self
+            .local_dir
+            .as_ref()
+            .ok_or_else(|| Error::Storage("whole blobs need a local directory".into()))?;
+        let hex = digest.to_hex();
+        let target = local_whole_file(dir, &hex);
+        let list = dir.join("blobs").join(&hex[..2]).join(&hex);
+        if file_nonempty(&target)? || file_nonempty(&list)? {
+            return Ok(false);
+        }
+        let parent = target
+            .parent()
+            .ok_or_else(|| Error::Storage("whole file without a directory".into()))?;
+        std::fs::create_dir_all(parent)
+            .and_then(|()| std::fs::rename(staging, &target))
+            .map_err(|e| Error::Storage(format!("storing {}: {e}", target.display())))?;
+        if let Some(c) = &self.compaction {
+            c.record(*digest);
+        }
+        Ok(true)
+    }
+
+    /// [BlobService::put_file] of a file larger than one chunk into a
+    /// whole-first store: copied in the kernel (`copy_file_range`) into a
+    /// staging file, the copy hashed (mapped: only this process writes it),
+    /// then committed. `None` if the file is not larger than one chunk
+    /// (those are written as chunks). Blocking.
+    fn put_whole_file(
+        &self,
+        mut file: std::fs::File,
+        expected: Option<B3Digest>,
+    ) -> Result<Option<(B3Digest, u64)>, Error> {
+        let meta = file.metadata().map_err(Error::from)?;
+        if !meta.is_file() {
+            return Err(Error::InvalidRequest("not a regular file".into()));
+        }
+        if meta.len() <= self.params.max as u64 {
+            return Ok(None);
+        }
+        let dir = self
+            .local_dir
+            .as_ref()
+            .ok_or_else(|| Error::Storage("whole blobs need a local directory".into()))?;
+        if let Some(c) = &self.compaction {
+            c.note_write();
+        }
+        let mut whole = WholeWrite::create(dir)
+            .map_err(|e| Error::Storage(format!("creating a whole-blob file: {e}")))?;
+        let (mut staging_file, _, _) = whole
+            .state
+            .take()
+            .ok_or_else(|| Error::Storage("whole-blob file not open".into()))?;
+        let size = std::io::copy(&mut file, &mut staging_file).map_err(|e| {
+            Error::Storage(format!("copying into {}: {e}", whole.staging.display()))
+        })?;
+        drop(staging_file);
+        // (A file that shrank meanwhile is stored whole all the same: the
+        // compactor makes it the one chunk it is.)
+        let mut hasher = blake3::Hasher::new();
+        hasher
+            .update_mmap_rayon(&whole.staging)
+            .map_err(|e| Error::Storage(format!("hashing {}: {e}", whole.staging.display())))?;
+        let digest = B3Digest::from(hasher.finalize());
+        if let Some(expected) = expected {
+            if expected != digest {
+                return Err(Error::DigestMismatch {
+                    expected,
+                    actual: digest,
+                });
+            }
+        }
+        whole.committed = self.commit_whole(&whole.staging, &digest)?;
+        Ok(Some((digest, size)))
+    }
+
     fn chunk_path(&self, d: &B3Digest) -> Path {
         let h = d.to_hex();
         self.base.clone().join("chunks").join(&h[..2]).join(h)
@@ -472,13 +631,28 @@ impl ObjectStoreBlobService {
             .boxed()
     }
 
-    /// A reader of a blob stored as a chunk list (not as one chunk); `None`
-    /// if there is no such list.
+    /// A reader of a blob not stored as one chunk: its whole file (read
+    /// through and verified first), else its chunk list; `None` if neither.
     async fn open_chunked(&self, digest: &B3Digest) -> Result<Option<Box<dyn BlobReader>>, Error> {
+        if let Some(file) = self.open_whole(digest).await? {
+            return Ok(Some(Box::new(tokio::fs::File::from_std(file))));
+        }
         Ok(self
             .chunked(digest)
             .await?
             .map(|r| Box::new(r) as Box<dyn BlobReader>))
+    }
+
+    /// The blob's whole file (local files only), verified; `None` if there
+    /// is none. Looked for before the chunk list (see the module docs).
+    async fn open_whole(&self, digest: &B3Digest) -> Result<Option<std::fs::File>, Error> {
+        let Some(dir) = self.inner.local_dir.clone() else {
+            return Ok(None);
+        };
+        let d = *digest;
+        tokio::task::spawn_blocking(move || open_verified_whole(&dir, &d))
+            .await
+            .map_err(Error::storage)?
     }
 
     /// The [ChunkedReader] of a blob stored as a chunk list; `None` if there
@@ -516,6 +690,7 @@ impl ObjectStoreBlobService {
                 upload_permits,
                 local_dir: None,
                 compaction: None,
+                whole_first: false,
             }),
         }
     }
@@ -544,9 +719,11 @@ impl ObjectStoreBlobService {
             LocalCompression::Background => Some(Compactor::start(
                 dir.clone(),
                 self.inner.zstd_level,
+                self.inner.params,
                 &options,
             )?),
         };
+        let whole_first = compaction.is_some() && options.chunking == LocalChunking::Background;
         let inner = Inner {
             store: self.inner.store.clone(),
             base: self.inner.base.clone(),
@@ -555,6 +732,7 @@ impl ObjectStoreBlobService {
             upload_permits: self.inner.upload_permits.clone(),
             local_dir: Some(dir),
             compaction,
+            whole_first,
         };
         Ok(Self {
             inner: Arc::new(inner),
@@ -590,8 +768,11 @@ impl BlobService for ObjectStoreBlobService {
             let hex = digest.to_hex();
             let chunk = local_chunk_file(dir, &hex);
             let list = dir.join("blobs").join(&hex[..2]).join(&hex);
+            let whole = local_whole_file(dir, &hex);
             return tokio::task::spawn_blocking(move || -> Result<bool, Error> {
-                for p in [chunk, list] {
+                // The whole file before the list: the compactor writes the
+                // list before it removes the whole file.
+                for p in [chunk, whole, list] {
                     match std::fs::symlink_metadata(&p) {
                         Ok(_) => return Ok(true),
                         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -626,6 +807,12 @@ impl BlobService for ObjectStoreBlobService {
                 futures::stream::iter((!data.is_empty()).then_some(Ok(data))).boxed(),
             ));
         }
+        if let Some(file) = self.open_whole(digest).await? {
+            let file = tokio::fs::File::from_std(file);
+            return Ok(Some(
+                tokio_util::io::ReaderStream::with_capacity(file, WHOLE_READ_PIECE).boxed(),
+            ));
+        }
         Ok(self.chunked(digest).await?.map(ChunkedReader::into_stream))
     }
 
@@ -641,7 +828,35 @@ impl BlobService for ObjectStoreBlobService {
             hashed: 0,
             failed: false,
             done: None,
+            whole: None,
         })
+    }
+
+    /// In a whole-first store, a file larger than one chunk is copied in the
+    /// kernel and hashed in parallel (see `Inner::put_whole_file`); other
+    /// files are written as usual.
+    async fn put_file(
+        &self,
+        file: std::fs::File,
+        expected: Option<B3Digest>,
+    ) -> Result<(B3Digest, u64), Error> {
+        if !self.inner.whole_first {
+            return super::put_file_by_writes(self, file, expected).await;
+        }
+        let inner = self.inner.clone();
+        let dup = file.try_clone().map_err(Error::from)?;
+        match tokio::task::spawn_blocking(move || inner.put_whole_file(dup, expected))
+            .await
+            .map_err(Error::storage)??
+        {
+            Some(stored) => Ok(stored),
+            None => super::put_file_by_writes(self, file, expected).await,
+        }
+    }
+
+    /// On local files: nothing between here and the disk.
+    async fn direct_file_puts(&self) -> bool {
+        self.inner.local_dir.is_some()
     }
 
     /// On local files: [LOCAL_BATCH] chunk files per trip to the blocking
@@ -671,6 +886,16 @@ impl BlobService for ObjectStoreBlobService {
 
     #[instrument(skip(self), level = "debug")]
     async fn chunks(&self, digest: &B3Digest) -> Result<Option<Vec<ChunkMeta>>, Error> {
+        if let Some(dir) = &self.inner.local_dir {
+            // Written whole, not chunked yet: one piece.
+            let whole = local_whole_file(dir, &digest.to_hex());
+            if tokio::task::spawn_blocking(move || file_nonempty(&whole))
+                .await
+                .map_err(Error::storage)??
+            {
+                return Ok(Some(Vec::new()));
+            }
+        }
         if let Some(list) = self.inner.chunk_list(digest).await? {
             return Ok(Some(list));
         }
@@ -697,6 +922,86 @@ struct ObjectStoreBlobWriter {
     /// Set by any error: a failed writer never stores a blob.
     failed: bool,
     done: Option<B3Digest>,
+    /// In whole-first mode, once the blob outgrew one chunk: its staging file.
+    whole: Option<WholeWrite>,
+}
+
+/// A blob being written whole (see the module docs): a staging file under
+/// `whole/`, written and hashed on the blocking pool one piece at a time,
+/// the next piece received while the last one is written. Dropped before it
+/// is committed, it removes the staging file.
+struct WholeWrite {
+    staging: std::path::PathBuf,
+    /// The file, the hash of what was written and the byte count, between
+    /// writes; `None` while a write runs.
+    state: Option<(std::fs::File, blake3::Hasher, u64)>,
+    running: Option<JoinHandle<std::io::Result<(std::fs::File, blake3::Hasher, u64)>>>,
+    committed: bool,
+}
+
+impl WholeWrite {
+    /// Creates the staging file under `dir/whole` (blocking).
+    fn create(dir: &std::path::Path) -> std::io::Result<Self> {
+        let whole = dir.join("whole");
+        let staging = whole.join(staging_suffix());
+        let open = || {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&staging)
+        };
+        let file = match open() {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::create_dir_all(&whole)?;
+                open()?
+            }
+            other => other?,
+        };
+        Ok(Self {
+            staging,
+            state: Some((file, blake3::Hasher::new(), 0)),
+            running: None,
+            committed: false,
+        })
+    }
+
+    /// The state once the running write (if any) is done.
+    async fn settle(&mut self) -> Result<(std::fs::File, blake3::Hasher, u64), Error> {
+        if let Some(task) = self.running.take() {
+            let state = task
+                .await
+                .map_err(Error::storage)?
+                .map_err(|e| Error::Storage(format!("writing {}: {e}", self.staging.display())))?;
+            return Ok(state);
+        }
+        self.state
+            .take()
+            .ok_or_else(|| Error::Storage("whole-blob write failed earlier".into()))
+    }
+
+    /// Hashes and appends `parts` on the blocking pool; returns once the
+    /// previous write is done (so one write runs while the next piece comes).
+    async fn write(&mut self, parts: Vec<Bytes>) -> Result<(), Error> {
+        let (mut file, mut hasher, mut n) = self.settle().await?;
+        self.running = Some(tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            for p in &parts {
+                hasher.update(p);
+                file.write_all(p)?;
+                n += p.len() as u64;
+            }
+            Ok((file, hasher, n))
+        }));
+        Ok(())
+    }
+}
+
+impl Drop for WholeWrite {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_file(&self.staging);
+        }
+    }
 }
 
 impl ObjectStoreBlobWriter {
@@ -750,6 +1055,30 @@ impl ObjectStoreBlobWriter {
             .map(|c| c.length)
     }
 
+    fn local_dir(&self) -> Result<std::path::PathBuf, Error> {
+        self.inner
+            .local_dir
+            .clone()
+            .ok_or_else(|| Error::Storage("whole-first writes need a local directory".into()))
+    }
+
+    /// Finishes a whole-blob write: the staging file becomes the blob's
+    /// whole file (queued for the compactor), or goes if the blob is stored
+    /// already.
+    async fn commit_whole(&mut self, whole: &mut WholeWrite) -> Result<B3Digest, Error> {
+        let (file, hasher, n) = whole.settle().await?;
+        drop(file);
+        let digest = B3Digest::from(hasher.finalize());
+        self.hashed = n;
+        let inner = self.inner.clone();
+        let staging = whole.staging.clone();
+        whole.committed =
+            tokio::task::spawn_blocking(move || inner.commit_whole(&staging, &digest))
+                .await
+                .map_err(Error::storage)??;
+        Ok(digest)
+    }
+
     fn check_usable(&self) -> Result<(), Error> {
         if self.failed {
             return Err(Error::Storage(
@@ -782,6 +1111,32 @@ impl ObjectStoreBlobWriter {
         if self.done.is_some() {
             return Err(Error::InvalidRequest("write after close".into()));
         }
+        if let Some(whole) = &mut self.whole {
+            if let Some(c) = &self.inner.compaction {
+                c.note_write();
+            }
+            return whole.write(vec![data]).await;
+        }
+        if self.inner.whole_first && self.emitted == 0 {
+            // Whole first: nothing is cut until the blob is known to be
+            // larger than one chunk; then it goes to a whole file.
+            if self.buf.len() + data.len() <= self.inner.params.max {
+                self.buf.extend_from_slice(&data);
+                return Ok(());
+            }
+            let dir = self.local_dir()?;
+            let mut whole = tokio::task::spawn_blocking(move || WholeWrite::create(&dir))
+                .await
+                .map_err(Error::storage)?
+                .map_err(|e| Error::Storage(format!("creating a whole-blob file: {e}")))?;
+            if let Some(c) = &self.inner.compaction {
+                c.note_write();
+            }
+            let buffered = std::mem::take(&mut self.buf).freeze();
+            whole.write(vec![buffered, data]).await?;
+            self.whole = Some(whole);
+            return Ok(());
+        }
         self.buf.extend_from_slice(&data);
         while let Some(cut) = self.next_cut(false) {
             let chunk = self.buf.split_to(cut).freeze();
@@ -793,6 +1148,11 @@ impl ObjectStoreBlobWriter {
     async fn close_inner(&mut self) -> Result<B3Digest, Error> {
         if let Some(d) = self.done {
             return Ok(d);
+        }
+        if let Some(mut whole) = self.whole.take() {
+            let digest = self.commit_whole(&mut whole).await?;
+            self.done = Some(digest);
+            return Ok(digest);
         }
         while let Some(cut) = self.next_cut(true) {
             let chunk = self.buf.split_to(cut).freeze();

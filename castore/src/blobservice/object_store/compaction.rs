@@ -15,16 +15,31 @@
 //! compressed file, both complete, and the tag byte says how to decode it.
 //! A corrupt raw chunk is logged and left alone, so reads keep reporting it.
 //!
+//! Blobs written whole (see the parent module) are journaled the same way,
+//! by the blob's digest: for such a record the compactor finds the file
+//! `whole/<2 hex>/<hex>`, cuts it into chunks with FastCDC (each stored
+//! unless present, compressed when that pays, synced), checks the whole
+//! blob's digest, writes the chunk list (synced), and only then removes the
+//! whole file. A whole file that does not match its digest is logged and
+//! left alone (reads report it). At start-up, whole files are queued again
+//! (whatever the journal says), and staging files of writers that are gone
+//! are removed.
+//!
 //! The journal is a file of 32-byte digests, appended by writers (whoever
 //! takes the journal lock writes every record queued so far: group commit),
 //! read at start-up (a torn last record is dropped) and emptied once the
 //! compactor has dealt with everything queued. It is not fsynced: losing
 //! records (a crash) only leaves chunks raw, which is still correct. Stale
 //! records (chunks compressed already) are harmless: they are skipped.
-use super::{compress_chunk, local_chunk_file, write_file_atomically, TAG_RAW, TAG_ZSTD};
+use super::{
+    compress_chunk, local_chunk_file, local_whole_file, raw_payload, write_file_atomically,
+    ChunkingParams, STAGING_MARK, TAG_RAW, TAG_ZSTD,
+};
 use crate::{B3Digest, Error, B3_LEN};
+use arca_proto::castore as proto;
 use bytes::Bytes;
 use parking_lot::{Condvar, Mutex};
+use prost::Message;
 use std::collections::{HashSet, VecDeque};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -59,12 +74,39 @@ impl std::str::FromStr for LocalCompression {
     }
 }
 
+/// When a local-files store in background mode cuts large blobs into chunks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LocalChunking {
+    /// While the blob is written (deduplicated at once).
+    Inline,
+    /// A blob larger than one chunk is written whole and chunked by the
+    /// compactor once writes pause (needs [LocalCompression::Background]).
+    #[default]
+    Background,
+}
+
+impl std::str::FromStr for LocalChunking {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "inline" => Ok(Self::Inline),
+            "background" => Ok(Self::Background),
+            other => Err(format!(
+                "unknown chunking {other:?} (expected inline or background)"
+            )),
+        }
+    }
+}
+
 /// Options of a local-files blob store
 /// ([ObjectStoreBlobService::with_local_files](super::ObjectStoreBlobService::with_local_files)).
 #[derive(Clone, Debug)]
 pub struct LocalFilesOptions {
     /// When chunks get compressed.
     pub compression: LocalCompression,
+    /// When large blobs get chunked (background only with background
+    /// compression; inline compression chunks inline).
+    pub chunking: LocalChunking,
     /// How long the store must have had no chunk writes before the compactor
     /// works (default 1 s). Tests set it long to keep chunks raw, or short.
     pub idle_delay: Duration,
@@ -77,6 +119,7 @@ impl Default for LocalFilesOptions {
     fn default() -> Self {
         Self {
             compression: LocalCompression::default(),
+            chunking: LocalChunking::default(),
             idle_delay: Duration::from_secs(1),
             low_priority: true,
         }
@@ -92,6 +135,7 @@ pub(super) struct Compactor {
 struct Shared {
     dir: PathBuf,
     level: i32,
+    params: ChunkingParams,
     idle_delay: Duration,
     low_priority: bool,
     epoch: Instant,
@@ -125,11 +169,22 @@ struct Round {
     bytes_after: u64,
     kept_raw: u64,
     skipped: u64,
+    whole_blobs: u64,
+    whole_chunks: u64,
+    whole_before: u64,
+    whole_after: u64,
 }
 
 /// What became of one pending chunk.
 enum Outcome {
     Compressed {
+        before: u64,
+        after: u64,
+    },
+    /// A blob written whole was cut into `chunks` chunks; `before` bytes,
+    /// `after` bytes in new chunk files (chunks present already cost none).
+    Chunked {
+        chunks: u64,
         before: u64,
         after: u64,
     },
@@ -144,6 +199,7 @@ impl Compactor {
     pub(super) fn start(
         dir: PathBuf,
         level: i32,
+        params: ChunkingParams,
         options: &LocalFilesOptions,
     ) -> Result<Self, Error> {
         std::fs::create_dir_all(&dir)
@@ -175,6 +231,7 @@ impl Compactor {
         let queue: VecDeque<B3Digest> = records[..whole]
             .chunks_exact(B3_LEN)
             .filter_map(|r| B3Digest::try_from(r).ok())
+            .chain(whole_files_left(&dir))
             .filter(|d| seen.insert(*d))
             .collect();
         if !queue.is_empty() {
@@ -183,6 +240,7 @@ impl Compactor {
         let shared = Arc::new(Shared {
             dir,
             level,
+            params,
             idle_delay: options.idle_delay,
             low_priority: options.low_priority,
             epoch: Instant::now(),
@@ -293,7 +351,8 @@ impl Shared {
             st.round.started.get_or_insert_with(Instant::now);
             drop(st);
 
-            let outcome = compact_one(&self.dir, self.level, &digest);
+            let outcome = compact_whole(&self.dir, self.level, self.params, &digest)
+                .unwrap_or_else(|| compact_one(&self.dir, self.level, &digest));
 
             let mut st = self.state.lock();
             st.working = false;
@@ -302,6 +361,16 @@ impl Shared {
                     st.round.compressed += 1;
                     st.round.bytes_before += before;
                     st.round.bytes_after += after;
+                }
+                Outcome::Chunked {
+                    chunks,
+                    before,
+                    after,
+                } => {
+                    st.round.whole_blobs += 1;
+                    st.round.whole_chunks += chunks;
+                    st.round.whole_before += before;
+                    st.round.whole_after += after;
                 }
                 Outcome::KeptRaw => st.round.kept_raw += 1,
                 Outcome::Skipped => st.round.skipped += 1,
@@ -337,12 +406,168 @@ impl Shared {
             kept_raw = round.kept_raw,
             skipped = round.skipped,
             seconds,
-            "compressed {} chunks, {} -> {} bytes",
+            "compressed {} chunks, {} -> {} bytes; chunked {} whole blobs into {} chunks, {} -> {} new bytes",
             round.compressed,
             round.bytes_before,
             round.bytes_after,
+            round.whole_blobs,
+            round.whole_chunks,
+            round.whole_before,
+            round.whole_after,
         );
     }
+}
+
+/// The blobs with a whole file under `dir` (to queue at start-up), after
+/// removing the staging files of writers that are gone.
+fn whole_files_left(dir: &Path) -> Vec<B3Digest> {
+    let root = dir.join("whole");
+    let Ok(entries) = std::fs::read_dir(&root) else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if let Some(rest) = name.strip_prefix(STAGING_MARK) {
+            if writer_gone(rest) {
+                debug!(file = %e.path().display(), "removing a dead writer's staging file");
+                let _ = std::fs::remove_file(e.path());
+            }
+            continue;
+        }
+        let Ok(sub) = std::fs::read_dir(e.path()) else {
+            continue;
+        };
+        for f in sub.flatten() {
+            let name = f.file_name();
+            let parsed = name
+                .to_str()
+                .and_then(|n| hex::decode(n).ok())
+                .and_then(|b| B3Digest::try_from(b.as_slice()).ok());
+            if let Some(d) = parsed {
+                found.push(d);
+            }
+        }
+    }
+    if !found.is_empty() {
+        info!(blobs = found.len(), dir = %dir.display(), "whole blobs left to chunk");
+    }
+    found
+}
+
+/// Whether the process that made the staging file `<pid>-<n>` is gone.
+fn writer_gone(pid_and_n: &str) -> bool {
+    let Some(pid) = pid_and_n
+        .split('-')
+        .next()
+        .and_then(|p| p.parse::<i32>().ok())
+    else {
+        return false;
+    };
+    if pid == std::process::id() as i32 {
+        return false;
+    }
+    // SAFETY: kill with signal 0 only checks whether the process exists.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == -1 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
+}
+
+/// Chunks the whole file of blob `digest` under `dir` (module docs);
+/// `None` if it has none.
+fn compact_whole(
+    dir: &Path,
+    level: i32,
+    params: ChunkingParams,
+    digest: &B3Digest,
+) -> Option<Outcome> {
+    let path = local_whole_file(dir, &digest.to_hex());
+    let file = match std::fs::File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            warn!(blob = %digest, file = %path.display(), error = %e, "opening a whole blob to chunk");
+            return Some(Outcome::Skipped);
+        }
+    };
+    match chunk_whole(dir, level, params, digest, file) {
+        Ok(Some(outcome)) => {
+            if let Err(e) = std::fs::remove_file(&path) {
+                warn!(blob = %digest, file = %path.display(), error = %e, "removing a chunked whole blob");
+            }
+            Some(outcome)
+        }
+        Ok(None) => Some(Outcome::Skipped),
+        Err(e) => {
+            warn!(blob = %digest, file = %path.display(), error = %e, "chunking a whole blob");
+            Some(Outcome::Skipped)
+        }
+    }
+}
+
+/// Cuts `file` into chunks stored under `dir` and writes the chunk list of
+/// `digest`; `None` (nothing listed) if the file does not match `digest`.
+fn chunk_whole(
+    dir: &Path,
+    level: i32,
+    params: ChunkingParams,
+    digest: &B3Digest,
+    file: std::fs::File,
+) -> Result<Option<Outcome>, Error> {
+    let io = |what: &str, e: std::io::Error| Error::Storage(format!("{what}: {e}"));
+    let mut blob = blake3::Hasher::new();
+    let mut list = Vec::new();
+    let (mut before, mut after) = (0u64, 0u64);
+    let cdc = fastcdc::v2020::StreamCDC::new(file, params.min, params.avg, params.max);
+    for chunk in cdc {
+        let chunk = chunk.map_err(|e| Error::Storage(format!("reading: {e}")))?;
+        blob.update(&chunk.data);
+        before += chunk.data.len() as u64;
+        let d = B3Digest::of(&chunk.data);
+        let target = local_chunk_file(dir, &d.to_hex());
+        let present = std::fs::metadata(&target).is_ok_and(|m| m.len() > 0);
+        let size = chunk.data.len() as u64;
+        if !present {
+            let parts: Vec<Bytes> = match compress_chunk(&chunk.data, level)? {
+                Some(compressed) => vec![Bytes::from(compressed)],
+                None => raw_payload(Bytes::from(chunk.data))
+                    .iter()
+                    .cloned()
+                    .collect(),
+            };
+            after += parts.iter().map(|p| p.len() as u64).sum::<u64>();
+            write_file_atomically(&target, &parts, true)
+                .map_err(|e| io(&format!("writing {}", target.display()), e))?;
+        }
+        list.push(proto::stat_blob_response::ChunkMeta {
+            digest: d.to_bytes(),
+            size,
+        });
+    }
+    let actual = B3Digest::from(blob.finalize());
+    if actual != *digest {
+        warn!(blob = %digest, got = %actual, "whole blob does not match its digest: left as is");
+        return Ok(None);
+    }
+    if list.len() > 1 {
+        let hex = digest.to_hex();
+        let target = dir.join("blobs").join(&hex[..2]).join(&hex);
+        if !std::fs::metadata(&target).is_ok_and(|m| m.len() > 0) {
+            let encoded = proto::StatBlobResponse {
+                chunks: list.clone(),
+                bao: Bytes::new(),
+            }
+            .encode_to_vec();
+            write_file_atomically(&target, &[Bytes::from(encoded)], true)
+                .map_err(|e| io(&format!("writing {}", target.display()), e))?;
+        }
+    }
+    // (A blob of one chunk is that chunk, stored above under its digest.)
+    Ok(Some(Outcome::Chunked {
+        chunks: list.len() as u64,
+        before,
+        after,
+    }))
 }
 
 /// Compresses the raw chunk `digest` under `dir` in place, if worth it.
@@ -478,7 +703,13 @@ mod tests {
             idle_delay: Duration::from_secs(3600),
             ..Default::default()
         };
-        let c = Compactor::start(tmp.path().to_path_buf(), 1, &options).expect("start");
+        let c = Compactor::start(
+            tmp.path().to_path_buf(),
+            1,
+            ChunkingParams::default(),
+            &options,
+        )
+        .expect("start");
         assert_eq!(c.pending(), 2);
         assert_eq!(
             std::fs::metadata(tmp.path().join(JOURNAL_NAME))

@@ -1,0 +1,371 @@
+//! Local ingest: a client on the daemon's machine hands it open files.
+//!
+//! Uploading a file over gRPC copies each byte from the file into the
+//! client, through a socket, into the daemon, and costs HTTP/2 framing on
+//! both sides. A daemon on the same machine can take the open file instead:
+//! the client passes its file descriptor over a Unix socket (`SCM_RIGHTS`),
+//! and the daemon stores the content with [BlobService::put_file] (a local
+//! store copies it in the kernel and hashes the copy). The client learns the
+//! socket's path from `arca.castore.v1.LocalIngestService/Describe`, and only
+//! asks when its gRPC address is on this machine (loopback or a Unix socket).
+//!
+//! The protocol on the socket:
+//! - the daemon greets with [HELLO] and the 16-byte token that `Describe`
+//!   returned (a client checks it: a socket at that path that belongs to
+//!   another daemon is never used);
+//! - a request is the byte `P` carrying exactly one file descriptor, open
+//!   for reading on a regular file;
+//! - the answer is `0`, the digest (32 bytes) and the size (u64 LE), or
+//!   `1`, an error kind byte ([Error] variants: 0 invalid request, 1 not
+//!   found, 2 unavailable, 3 storage), a length (u32 LE, at most
+//!   [MAX_MESSAGE]) and a UTF-8 message.
+//!
+//! The daemon trusts nothing it receives: a request without exactly one
+//! descriptor, or with one that is not a regular file, gets an error answer
+//! (extra descriptors are closed); the digest it answers is the one of the
+//! bytes it stored. Who may connect is decided by the socket file's
+//! permissions (in the daemon's data directory).
+use crate::{B3Digest, BlobService, Error, B3_LEN};
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::net::{UnixListener, UnixStream};
+use tracing::{debug, warn};
+
+/// What the daemon greets each connection with, before its token.
+pub const HELLO: &[u8; 8] = b"ARCAING1";
+/// Length of the token.
+pub const TOKEN_LEN: usize = 16;
+/// Longest error message in an answer.
+pub const MAX_MESSAGE: usize = 64 * 1024;
+/// The request byte.
+const PUT: u8 = b'P';
+/// Files the daemon stores at once for all connections together.
+const DAEMON_PUTS_IN_FLIGHT: usize = 64;
+/// Most descriptors one message can carry on Linux (`SCM_MAX_FD`): the
+/// receive buffer has room for all, so none is ever lost unclosed.
+const SCM_MAX_FD: usize = 253;
+
+/// A fresh random token.
+pub fn new_token() -> std::io::Result<[u8; TOKEN_LEN]> {
+    use std::io::Read;
+    let mut token = [0u8; TOKEN_LEN];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut token)?;
+    Ok(token)
+}
+
+/// Binds the daemon's socket at `path`, replacing a stale socket left there
+/// (never any other kind of file).
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)?,
+        Ok(_) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket", path.display()),
+            ))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    UnixListener::bind(path)
+}
+
+/// Serves connections on `listener` until the returned future is dropped.
+pub async fn serve(listener: UnixListener, token: [u8; TOKEN_LEN], blobs: Arc<dyn BlobService>) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(DAEMON_PUTS_IN_FLIGHT));
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((conn, _)) => {
+                    let blobs = blobs.clone();
+                    let permits = permits.clone();
+                    connections.spawn(async move {
+                        if let Err(e) = handle(conn, token, blobs, permits).await {
+                            debug!(error = %e, "local ingest connection ended");
+                        }
+                    });
+                }
+                Err(e) => {
+                    warn!(error = %e, "accepting a local ingest connection");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+}
+
+/// One connection: the greeting, then requests answered in order.
+async fn handle(
+    mut conn: UnixStream,
+    token: [u8; TOKEN_LEN],
+    blobs: Arc<dyn BlobService>,
+    permits: Arc<tokio::sync::Semaphore>,
+) -> std::io::Result<()> {
+    let mut hello = HELLO.to_vec();
+    hello.extend_from_slice(&token);
+    conn.write_all(&hello).await?;
+    loop {
+        let Some((byte, fds)) = receive(&conn).await? else {
+            return Ok(()); // the client closed the connection
+        };
+        let answer = match (byte, <[OwnedFd; 1]>::try_from(fds)) {
+            (PUT, Ok([fd])) => {
+                let _permit = permits.acquire().await.map_err(std::io::Error::other)?;
+                put(&*blobs, fd).await
+            }
+            (PUT, Err(fds)) => Err(Error::InvalidRequest(format!(
+                "a request carries exactly one file descriptor, not {}",
+                fds.len()
+            ))),
+            (other, _) => Err(Error::InvalidRequest(format!(
+                "unknown request byte {other:#04x}"
+            ))),
+        };
+        conn.write_all(&encode_answer(&answer)).await?;
+    }
+}
+
+/// Stores the regular file `fd` refers to.
+async fn put(blobs: &dyn BlobService, fd: OwnedFd) -> Result<(B3Digest, u64), Error> {
+    let file = std::fs::File::from(fd);
+    let meta = file
+        .metadata()
+        .map_err(|e| Error::InvalidRequest(format!("cannot stat the file passed: {e}")))?;
+    if !meta.is_file() {
+        return Err(Error::InvalidRequest(
+            "the file descriptor passed is not a regular file".into(),
+        ));
+    }
+    blobs.put_file(file, None).await
+}
+
+/// Receives one request byte and the descriptors that came with it; `None`
+/// at end of stream. Descriptors are owned at once, so extras get closed.
+async fn receive(conn: &UnixStream) -> std::io::Result<Option<(u8, Vec<OwnedFd>)>> {
+    loop {
+        conn.readable().await?;
+        let received = conn.try_io(Interest::READABLE, || {
+            let mut byte = [0u8; 1];
+            let mut iov = [IoSliceMut::new(&mut byte)];
+            let mut space = nix::cmsg_space!([std::os::fd::RawFd; SCM_MAX_FD]);
+            let msg = recvmsg::<()>(
+                conn.as_raw_fd(),
+                &mut iov,
+                Some(&mut space),
+                MsgFlags::MSG_CMSG_CLOEXEC,
+            )
+            .map_err(std::io::Error::from)?;
+            let mut fds = Vec::new();
+            for cmsg in msg.cmsgs().map_err(std::io::Error::from)? {
+                if let ControlMessageOwned::ScmRights(raw) = cmsg {
+                    // SAFETY: the kernel just installed these descriptors
+                    // in this process for us; nothing else owns them.
+                    fds.extend(
+                        raw.into_iter()
+                            .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                    );
+                }
+            }
+            let n = msg.bytes;
+            Ok((n, byte[0], fds))
+        });
+        match received {
+            Ok((0, _, _)) => return Ok(None),
+            Ok((_, byte, fds)) => return Ok(Some((byte, fds))),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The wire form of an answer.
+fn encode_answer(answer: &Result<(B3Digest, u64), Error>) -> Vec<u8> {
+    match answer {
+        Ok((digest, size)) => {
+            let mut out = Vec::with_capacity(1 + B3_LEN + 8);
+            out.push(0);
+            out.extend_from_slice(digest.as_bytes());
+            out.extend_from_slice(&size.to_le_bytes());
+            out
+        }
+        Err(e) => {
+            let (kind, text) = match e {
+                Error::InvalidRequest(m) => (0u8, m.clone()),
+                Error::NotFound(m) => (1, m.clone()),
+                Error::Unavailable(m) => (2, m.clone()),
+                other => (3, other.to_string()),
+            };
+            let mut text = text.into_bytes();
+            if text.len() > MAX_MESSAGE {
+                text.truncate(MAX_MESSAGE);
+                // Cut on a character boundary.
+                while std::str::from_utf8(&text).is_err() {
+                    text.pop();
+                }
+            }
+            let mut out = Vec::with_capacity(6 + text.len());
+            out.push(1);
+            out.push(kind);
+            out.extend_from_slice(&(text.len() as u32).to_le_bytes());
+            out.extend_from_slice(&text);
+            out
+        }
+    }
+}
+
+/// Decodes an answer's fields after its status byte.
+async fn read_answer(conn: &mut UnixStream) -> std::io::Result<Result<(B3Digest, u64), Error>> {
+    let status = conn.read_u8().await?;
+    match status {
+        0 => {
+            let mut digest = [0u8; B3_LEN];
+            conn.read_exact(&mut digest).await?;
+            let size = conn.read_u64_le().await?;
+            Ok(Ok((B3Digest::from(digest), size)))
+        }
+        1 => {
+            let kind = conn.read_u8().await?;
+            let len = conn.read_u32_le().await? as usize;
+            if len > MAX_MESSAGE {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("local ingest: error message of {len} bytes"),
+                ));
+            }
+            let mut text = vec![0u8; len];
+            conn.read_exact(&mut text).await?;
+            let text = format!("daemon: {}", String::from_utf8_lossy(&text));
+            Ok(Err(match kind {
+                0 => Error::InvalidRequest(text),
+                1 => Error::NotFound(text),
+                2 => Error::Unavailable(text),
+                _ => Error::Storage(text),
+            }))
+        }
+        other => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("local ingest: unknown answer status {other}"),
+        )),
+    }
+}
+
+/// The client side: connections to a daemon's socket, kept for reuse (one
+/// request at a time on each).
+pub struct LocalIngestClient {
+    path: PathBuf,
+    token: [u8; TOKEN_LEN],
+    idle: parking_lot::Mutex<Vec<UnixStream>>,
+}
+
+impl LocalIngestClient {
+    /// Connects to the socket at `path` and checks its greeting against
+    /// `token`: an error if it is not that daemon's.
+    pub async fn connect(path: PathBuf, token: [u8; TOKEN_LEN]) -> std::io::Result<Self> {
+        let client = Self {
+            path,
+            token,
+            idle: parking_lot::Mutex::new(Vec::new()),
+        };
+        let conn = client.new_connection().await?;
+        client.idle.lock().push(conn);
+        Ok(client)
+    }
+
+    async fn new_connection(&self) -> std::io::Result<UnixStream> {
+        let mut conn = UnixStream::connect(&self.path).await?;
+        let mut hello = [0u8; HELLO.len() + TOKEN_LEN];
+        conn.read_exact(&mut hello).await?;
+        if &hello[..HELLO.len()] != HELLO || hello[HELLO.len()..] != self.token {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "{} is not the socket of the daemon that named it",
+                    self.path.display()
+                ),
+            ));
+        }
+        Ok(conn)
+    }
+
+    /// Has the daemon store `file` (from its current position to its end);
+    /// returns the digest and size of what it stored.
+    pub async fn put_file(&self, file: &std::fs::File) -> Result<(B3Digest, u64), Error> {
+        let reused = self.idle.lock().pop();
+        let mut conn = match reused {
+            Some(c) => c,
+            None => self.new_connection().await.map_err(unavailable)?,
+        };
+        send_fd(&conn, file).await.map_err(unavailable)?;
+        let answer = read_answer(&mut conn).await.map_err(unavailable)?;
+        // The connection is in a clean state after any answer.
+        self.idle.lock().push(conn);
+        answer
+    }
+}
+
+fn unavailable(e: std::io::Error) -> Error {
+    Error::Unavailable(format!("local ingest: {e}"))
+}
+
+/// Sends the request byte with `file`'s descriptor.
+async fn send_fd(conn: &UnixStream, file: &std::fs::File) -> std::io::Result<()> {
+    loop {
+        conn.writable().await?;
+        let sent = conn.try_io(Interest::WRITABLE, || {
+            let fds = [file.as_raw_fd()];
+            sendmsg::<()>(
+                conn.as_raw_fd(),
+                &[IoSlice::new(&[PUT])],
+                &[ControlMessage::ScmRights(&fds)],
+                MsgFlags::MSG_NOSIGNAL,
+                None,
+            )
+            .map_err(std::io::Error::from)
+        });
+        match sent {
+            Ok(1) => return Ok(()),
+            Ok(n) => {
+                return Err(std::io::Error::other(format!(
+                    "sent {n} bytes of a 1-byte request"
+                )))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_round_trip_their_fields() {
+        let ok = encode_answer(&Ok((B3Digest::from([7u8; 32]), 1234)));
+        assert_eq!(ok.len(), 1 + 32 + 8);
+        assert_eq!(ok[0], 0);
+        assert_eq!(&ok[1..33], &[7u8; 32]);
+        assert_eq!(u64::from_le_bytes(ok[33..].try_into().unwrap()), 1234);
+        let err = encode_answer(&Err(Error::InvalidRequest("bad".into())));
+        assert_eq!(&err[..2], &[1, 0]);
+        assert_eq!(u32::from_le_bytes(err[2..6].try_into().unwrap()), 3);
+        assert_eq!(&err[6..], b"bad");
+    }
+
+    #[test]
+    fn long_error_messages_are_cut_on_a_character_boundary() {
+        let text = "é".repeat(MAX_MESSAGE);
+        let err = encode_answer(&Err(Error::NotFound(text)));
+        let len = u32::from_le_bytes(err[2..6].try_into().unwrap()) as usize;
+        assert!(len <= MAX_MESSAGE);
+        assert!(std::str::from_utf8(&err[6..]).is_ok());
+        assert_eq!(err[1], 1);
+    }
+}

@@ -1,0 +1,219 @@
+//! Local ingest: a daemon takes open files over a Unix socket. What a
+//! client passes is checked; a bad request gets an error answer and stores
+//! nothing, and the connection stays usable.
+use arca_castore::blobservice::{read_all, BlobService, MemoryBlobService};
+use arca_castore::local_ingest::{self, LocalIngestClient, HELLO, TOKEN_LEN};
+use arca_castore::B3Digest;
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+use std::io::{IoSlice, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+struct Server {
+    path: PathBuf,
+    token: [u8; TOKEN_LEN],
+    blobs: Arc<MemoryBlobService>,
+    task: tokio::task::JoinHandle<()>,
+    _tmp: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn start() -> Server {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("ingest.sock");
+    let token = local_ingest::new_token().unwrap();
+    let blobs = Arc::new(MemoryBlobService::default());
+    let listener = local_ingest::bind(&path).unwrap();
+    let task = tokio::spawn(local_ingest::serve(listener, token, blobs.clone()));
+    Server {
+        path,
+        token,
+        blobs,
+        task,
+        _tmp: tmp,
+    }
+}
+
+/// A file with `data` in a temporary directory (kept by the caller).
+fn file_with(dir: &tempfile::TempDir, name: &str, data: &[u8]) -> std::fs::File {
+    let p = dir.path().join(name);
+    std::fs::write(&p, data).unwrap();
+    std::fs::File::open(p).unwrap()
+}
+
+/// A raw connection to the socket at `path`, its greeting checked.
+fn raw_connection(path: &std::path::Path, token: [u8; TOKEN_LEN]) -> UnixStream {
+    let mut c = UnixStream::connect(path).unwrap();
+    let mut hello = [0u8; 8 + TOKEN_LEN];
+    c.read_exact(&mut hello).unwrap();
+    assert_eq!(&hello[..8], HELLO);
+    assert_eq!(hello[8..], token);
+    c
+}
+
+fn send(c: &UnixStream, byte: u8, fds: &[i32]) {
+    let cmsgs: Vec<ControlMessage> = if fds.is_empty() {
+        vec![]
+    } else {
+        vec![ControlMessage::ScmRights(fds)]
+    };
+    let n = sendmsg::<()>(
+        c.as_raw_fd(),
+        &[IoSlice::new(&[byte])],
+        &cmsgs,
+        MsgFlags::empty(),
+        None,
+    )
+    .unwrap();
+    assert_eq!(n, 1);
+}
+
+/// Reads one answer: `Ok((digest, size))` or `Err((kind, message))`.
+fn answer(c: &mut UnixStream) -> Result<(B3Digest, u64), (u8, String)> {
+    let mut status = [0u8; 1];
+    c.read_exact(&mut status).unwrap();
+    if status[0] == 0 {
+        let mut d = [0u8; 32];
+        c.read_exact(&mut d).unwrap();
+        let mut n = [0u8; 8];
+        c.read_exact(&mut n).unwrap();
+        return Ok((B3Digest::from(d), u64::from_le_bytes(n)));
+    }
+    assert_eq!(status[0], 1, "status byte");
+    let mut head = [0u8; 5];
+    c.read_exact(&mut head).unwrap();
+    let len = u32::from_le_bytes(head[1..].try_into().unwrap()) as usize;
+    let mut text = vec![0u8; len];
+    c.read_exact(&mut text).unwrap();
+    Err((head[0], String::from_utf8(text).unwrap()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_hands_over_open_files() {
+    let s = start();
+    let client = LocalIngestClient::connect(s.path.clone(), s.token)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let file = file_with(&dir, "big", &data);
+    let (digest, size) = client.put_file(&file).await.unwrap();
+    assert_eq!((digest, size), (B3Digest::of(&data), data.len() as u64));
+    assert_eq!(read_all(&*s.blobs, &digest).await.unwrap().unwrap(), data);
+
+    // Many at once (one connection each), and the empty file.
+    let files: Vec<(Vec<u8>, std::fs::File)> = (0..20u8)
+        .map(|i| {
+            let d = vec![i; usize::from(i) * 1000];
+            let f = file_with(&dir, &format!("f{i}"), &d);
+            (d, f)
+        })
+        .collect();
+    let results = futures::future::join_all(files.iter().map(|(_, f)| client.put_file(f))).await;
+    for ((d, _), r) in files.iter().zip(results) {
+        assert_eq!(r.unwrap(), (B3Digest::of(d), d.len() as u64));
+        assert!(s.blobs.has(&B3Digest::of(d)).await.unwrap());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_errors_store_nothing_and_keep_the_connection() {
+    let s = start();
+    let dir = tempfile::tempdir().unwrap();
+    let good = b"stored at last".to_vec();
+    let good_file = file_with(&dir, "good", &good);
+    let other = file_with(&dir, "other", b"never stored");
+    let (path, token) = (s.path.clone(), s.token);
+    let answers = tokio::task::spawn_blocking(move || {
+        let mut c = raw_connection(&path, token);
+        let mut out = Vec::new();
+        // No descriptor.
+        send(&c, b'P', &[]);
+        out.push(answer(&mut c));
+        // Two descriptors.
+        send(&c, b'P', &[other.as_raw_fd(), other.as_raw_fd()]);
+        out.push(answer(&mut c));
+        // Not a regular file: a pipe (the daemon must not wait on it).
+        let (r, _w) = std::io::pipe().unwrap();
+        send(&c, b'P', &[r.as_raw_fd()]);
+        out.push(answer(&mut c));
+        // Not open for reading.
+        let wo = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.path().join("other"))
+            .unwrap();
+        send(&c, b'P', &[wo.as_raw_fd()]);
+        out.push(answer(&mut c));
+        // An unknown request byte.
+        send(&c, b'X', &[other.as_raw_fd()]);
+        out.push(answer(&mut c));
+        // And then a good request on the same connection.
+        send(&c, b'P', &[good_file.as_raw_fd()]);
+        out.push(answer(&mut c));
+        out
+    })
+    .await
+    .unwrap();
+    let expect = [
+        "exactly one file descriptor, not 0",
+        "exactly one file descriptor, not 2",
+        "not a regular file",
+        "",
+        "unknown request byte 0x58",
+    ];
+    for (a, text) in answers.iter().zip(expect) {
+        let (_, message) = a.as_ref().expect_err("refused");
+        assert!(message.contains(text), "{message:?} lacks {text:?}");
+    }
+    assert_eq!(
+        answers[5].as_ref().unwrap(),
+        &(B3Digest::of(&good), good.len() as u64)
+    );
+    assert!(!s.blobs.has(&B3Digest::of(b"never stored")).await.unwrap());
+    assert!(!s.blobs.has(&B3Digest::of(b"")).await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_of_another_daemon_is_not_used() {
+    let s = start();
+    let mut wrong = s.token;
+    wrong[0] ^= 1;
+    let err = LocalIngestClient::connect(s.path.clone(), wrong)
+        .await
+        .err()
+        .expect("other token");
+    assert!(err.to_string().contains("is not the socket"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_goes_away_mid_request_harms_nothing() {
+    let s = start();
+    let (path, token) = (s.path.clone(), s.token);
+    let dir = tempfile::tempdir().unwrap();
+    let data = vec![9u8; 100_000];
+    let f = file_with(&dir, "f", &data);
+    tokio::task::spawn_blocking(move || {
+        let mut c = raw_connection(&path, token);
+        send(&c, b'P', &[f.as_raw_fd()]);
+        // Half a request byte stream and gone.
+        c.write_all(b"P").unwrap();
+    })
+    .await
+    .unwrap();
+    // The server is still serving.
+    let client = LocalIngestClient::connect(s.path.clone(), s.token)
+        .await
+        .unwrap();
+    let g = file_with(&dir, "g", b"after");
+    assert_eq!(
+        client.put_file(&g).await.unwrap(),
+        (B3Digest::of(b"after"), 5)
+    );
+}
