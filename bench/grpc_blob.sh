@@ -5,7 +5,11 @@
 # (download; the client verifies the digest). Against a daemon whose blob
 # service is `memory://` (transport and hashing only) and against the default
 # store (objectstore+file: chunking, zstd, files). Every upload goes to a
-# fresh daemon, so nothing is deduplicated. References in the same run:
+# fresh daemon, so nothing is deduplicated; the daemons take no open files
+# (--ingest-socket off), so uploads go over gRPC. Downloads from the default
+# store wait for its compactor (the blob chunked and compressed, the steady
+# state). One more row: the same upload handed to the daemon as an open file
+# (local ingest, the default on one machine). References in the same run:
 # b3sum and cat of the same file.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,10 +43,11 @@ for r in b3sum cat; do t=$(ref $r); echo "| reference: \`$r\` of the file | $t |
 for store in memory default; do
   UP=(); DOWN=(); RSS=0
   for _ in $(seq "$RUNS"); do
-    if [ $store = memory ]; then start_daemon --blob-service-addr memory://; else start_daemon; fi
+    if [ $store = memory ]; then start_daemon --ingest-socket off --blob-service-addr memory://; else start_daemon --ingest-socket off; fi
     s=$(now); OUT=$("${CLIENT_ENV[@]}" "$ARCA" castore import "$WORK/blob"); e=$(now)
     UP+=("$(echo "$e - $s" | bc)")
     DIGEST=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["digest"])' "$OUT")
+    if [ $store = default ]; then wait_compacted >/dev/null; fi
     s=$(now); "${CLIENT_ENV[@]}" "$ARCA" castore cat "$DIGEST" >/dev/null; e=$(now)
     DOWN+=("$(echo "$e - $s" | bc)")
     RSS=$(ps -o rss= -p "$DAEMON_PID" | tr -d ' ')
@@ -53,3 +58,12 @@ for store in memory default; do
   echo "| daemon blob store \`$store\`: download (\`arca castore cat\`) | $D | $(gbps "$D") |"
   echo "| daemon RSS after (\`$store\`) | $((RSS / 1024)) MiB | |"
 done
+LOCAL=()
+for _ in $(seq "$RUNS"); do
+  start_daemon
+  s=$(now); "${CLIENT_ENV[@]}" "$ARCA" castore import "$WORK/blob" >/dev/null; e=$(now)
+  LOCAL+=("$(echo "$e - $s" | bc)")
+  stop_daemon
+done
+L=$(printf '%s\n' "${LOCAL[@]}" | median)
+echo "| daemon blob store \`default\`: the file handed over (local ingest, not gRPC) | $L | $(gbps "$L") |"

@@ -47,36 +47,66 @@ hf_median() { python3 -c "import json,sys; r={x['command']:x for x in json.load(
 T_B3=$(hf_median b3sum)
 T_CP=$(hf_median "cp -a + sync")
 
-# arca: a fresh daemon store for every run (first import), inline and default
-# (background) compression alternating; then a re-import into the last store.
-T_ARCA_ALL=(); T_INLINE_ALL=(); T_COMPACT_ALL=(); CPU_IMPORT_ALL=(); CPU_COMPACT_ALL=(); CPU_INLINE_ALL=()
-for i in $(seq "$RUNS"); do
-  start_daemon --blob-service-addr "$(inline_blobs)"
+# arca: a fresh daemon store for every run (first import), the variants
+# alternating within each run; then a re-import into the last (default) store.
+#   default: local ingest (the client hands the daemon open files) into a
+#            store writing large blobs whole (chunked + compressed later);
+#   grpc:    the same store, files uploaded over gRPC (--ingest-socket off);
+#   chunks:  over gRPC into a store cutting chunks while writing, compressed
+#            later (?chunking=inline: the default before whole-first ingest);
+#   inline:  over gRPC, chunked and compressed while writing (?compression=inline).
+T_ARCA_ALL=(); T_GRPC_ALL=(); T_CHUNKS_ALL=(); T_INLINE_ALL=(); T_COMPACT_ALL=()
+CPU_IMPORT_ALL=(); CPU_COMPACT_ALL=(); CPU_GRPC_ALL=(); CPU_CHUNKS_ALL=(); CPU_INLINE_ALL=()
+CPU_CLIENT_ALL=(); CPU_CLIENT_GRPC_ALL=()
+# Runs one import with the daemon started by the caller; sets T, CPU (daemon)
+# and CPU_CLIENT (the client's user + system seconds).
+timed_import() {
+  local c s e
   c=$(daemon_cpu); s=$(now)
-  "$ARCA" castore import "$TREE" >"$WORK/out-inline.json"
+  /usr/bin/time -f "%U %S" -o "$WORK/client.time" "$ARCA" castore import "$TREE" >"$1"
   sync
   e=$(now)
-  T_INLINE_ALL+=("$(echo "$e - $s" | bc)")
-  CPU_INLINE_ALL+=("$(echo "$(daemon_cpu) - $c" | bc)")
+  T=$(echo "$e - $s" | bc)
+  CPU=$(echo "$(daemon_cpu) - $c" | bc)
+  CPU_CLIENT=$(awk '{ printf "%.2f\n", $1 + $2 }' "$WORK/client.time")
+}
+for i in $(seq "$RUNS"); do
+  start_daemon --ingest-socket off --blob-service-addr "$(inline_blobs)"
+  timed_import "$WORK/out-inline.json"
+  T_INLINE_ALL+=("$T"); CPU_INLINE_ALL+=("$CPU")
   STORED_INLINE=$(du -sb "$WORK/data/blobs" | cut -f1)
   stop_daemon
 
+  start_daemon --ingest-socket off --blob-service-addr "objectstore+file://$WORK/data/blobs?chunking=inline"
+  timed_import "$WORK/out-chunks.json"
+  T_CHUNKS_ALL+=("$T"); CPU_CHUNKS_ALL+=("$CPU")
+  stop_daemon
+
+  start_daemon --ingest-socket off
+  timed_import "$WORK/out-grpc.json"
+  T_GRPC_ALL+=("$T"); CPU_GRPC_ALL+=("$CPU"); CPU_CLIENT_GRPC_ALL+=("$CPU_CLIENT")
+  stop_daemon
+
   start_daemon
-  c=$(daemon_cpu); s=$(now)
-  "$ARCA" castore import "$TREE" >"$WORK/out.json"
-  sync
-  e=$(now)
-  T_ARCA_ALL+=("$(echo "$e - $s" | bc)")
+  timed_import "$WORK/out.json"
+  T_ARCA_ALL+=("$T"); CPU_IMPORT_ALL+=("$CPU"); CPU_CLIENT_ALL+=("$CPU_CLIENT")
   c2=$(daemon_cpu)
-  CPU_IMPORT_ALL+=("$(echo "$c2 - $c" | bc)")
   STORED_RAW=$(du -sb "$WORK/data/blobs" | cut -f1)
   T_COMPACT_ALL+=("$(wait_compacted)")
   CPU_COMPACT_ALL+=("$(echo "$(daemon_cpu) - $c2" | bc)")
-  cmp -s "$WORK/out.json" "$WORK/out-inline.json" || { echo "inline and background imports gave other roots" >&2; exit 1; }
+  for o in inline chunks grpc; do
+    cmp -s "$WORK/out.json" "$WORK/out-$o.json" || { echo "the $o import gave another root" >&2; exit 1; }
+  done
   if [ "$i" -lt "$RUNS" ]; then stop_daemon; fi
 done
 T_ARCA=$(printf "%s\n" "${T_ARCA_ALL[@]}" | median)
 T_INLINE=$(printf "%s\n" "${T_INLINE_ALL[@]}" | median)
+T_GRPC=$(printf "%s\n" "${T_GRPC_ALL[@]}" | median)
+T_CHUNKS=$(printf "%s\n" "${T_CHUNKS_ALL[@]}" | median)
+CPU_GRPC=$(printf "%s\n" "${CPU_GRPC_ALL[@]}" | median)
+CPU_CHUNKS=$(printf "%s\n" "${CPU_CHUNKS_ALL[@]}" | median)
+CPU_CLIENT=$(printf "%s\n" "${CPU_CLIENT_ALL[@]}" | median)
+CPU_CLIENT_GRPC=$(printf "%s\n" "${CPU_CLIENT_GRPC_ALL[@]}" | median)
 T_COMPACT=$(printf "%s\n" "${T_COMPACT_ALL[@]}" | median)
 CPU_IMPORT=$(printf "%s\n" "${CPU_IMPORT_ALL[@]}" | median)
 CPU_COMPACT=$(printf "%s\n" "${CPU_COMPACT_ALL[@]}" | median)
@@ -100,15 +130,17 @@ cat <<EOF
 |---|---|---|
 | \`b3sum\` of every file | $T_B3 | $(ratio "$T_B3" "$T_ARCA") |
 | \`cp -a\` + \`sync\` | $T_CP | $(ratio "$T_CP" "$T_ARCA") |
-| \`arca castore import\` through the daemon (fresh store, background compression) + \`sync\` | $T_ARCA | 1.00 |
-| same with inline compression (\`?compression=inline\`) + \`sync\` | $T_INLINE | $(ratio "$T_INLINE" "$T_ARCA") |
-| background: compaction done, after the import returned (incl. the 1 s idle wait) | $T_COMPACT | |
+| \`arca castore import\` through the daemon (fresh default store; local ingest: open files handed over) + \`sync\` | $T_ARCA | 1.00 |
+| same, files uploaded over gRPC (\`--ingest-socket off\`) + \`sync\` | $T_GRPC | $(ratio "$T_GRPC" "$T_ARCA") |
+| over gRPC, chunks cut while writing (\`?chunking=inline\`, compressed later) + \`sync\` | $T_CHUNKS | $(ratio "$T_CHUNKS" "$T_ARCA") |
+| over gRPC, chunked and compressed while writing (\`?compression=inline\`) + \`sync\` | $T_INLINE | $(ratio "$T_INLINE" "$T_ARCA") |
+| default store: chunking and compaction done, after the import returned (incl. the 1 s idle wait) | $T_COMPACT | |
 | same import again (everything already stored) | $T_REIMPORT | |
 
-- runs (s): background ${T_ARCA_ALL[*]}; inline ${T_INLINE_ALL[*]}; compaction ${T_COMPACT_ALL[*]}
-- throughput: $(python3 -c "print('%.0f' % ($LOGICAL / 1e6 / $T_ARCA))") MB/s; arca / (cp -a + sync) = $(ratio "$T_ARCA" "$T_CP") (inline: $(ratio "$T_INLINE" "$T_CP"))
-- daemon CPU (median): background import $CPU_IMPORT s + compaction $CPU_COMPACT s; inline import $CPU_INLINE s
-- stored blob bytes after compaction: $STORED of $LOGICAL logical = $(ratio "$STORED" "$LOGICAL"); right after the import (raw): $STORED_RAW = $(ratio "$STORED_RAW" "$LOGICAL"); inline: $STORED_INLINE = $(ratio "$STORED_INLINE" "$LOGICAL"); directories (sled): $DIRS bytes
+- runs (s): default ${T_ARCA_ALL[*]}; grpc ${T_GRPC_ALL[*]}; chunks ${T_CHUNKS_ALL[*]}; inline ${T_INLINE_ALL[*]}; compaction ${T_COMPACT_ALL[*]}
+- throughput: $(python3 -c "print('%.0f' % ($LOGICAL / 1e6 / $T_ARCA))") MB/s; arca / (cp -a + sync) = $(ratio "$T_ARCA" "$T_CP") (grpc: $(ratio "$T_GRPC" "$T_CP"), chunks: $(ratio "$T_CHUNKS" "$T_CP"), inline: $(ratio "$T_INLINE" "$T_CP"))
+- CPU (median): default import daemon $CPU_IMPORT s + client $CPU_CLIENT s, then compaction $CPU_COMPACT s; grpc daemon $CPU_GRPC s + client $CPU_CLIENT_GRPC s; chunks daemon $CPU_CHUNKS s; inline daemon $CPU_INLINE s
+- stored blob bytes after compaction: $STORED of $LOGICAL logical = $(ratio "$STORED" "$LOGICAL"); right after the import (whole files and raw chunks): $STORED_RAW = $(ratio "$STORED_RAW" "$LOGICAL"); inline: $STORED_INLINE = $(ratio "$STORED_INLINE" "$LOGICAL"); directories (sled): $DIRS bytes
 - re-import added $(( STORED2 - STORED )) blob bytes; daemon RSS after the imports: $(( RSS / 1024 )) MiB
 - root: $(cat "$WORK/out.json")
 EOF

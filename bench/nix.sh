@@ -30,16 +30,21 @@ find "$TREE" -type f -print0 | xargs -0 cat >/dev/null
 SIZE=$(du -sb "$TREE" | cut -f1)
 
 
-NIX_ADD=(); ARCA_ADD=(); INLINE_ADD=(); COMPACT=(); NIX_DUMP=(); ARCA_DUMP=()
+NIX_ADD=(); ARCA_ADD=(); GRPC_ADD=(); INLINE_ADD=(); COMPACT=(); NIX_DUMP=(); ARCA_DUMP=()
 for _ in $(seq "$RUNS"); do
   retire "$WORK/nixroot"
   s=$(now); NP=$(nix-store --store "local?root=$WORK/nixroot" --add "$TREE" 2>/dev/null); sync; e=$(now)
   NIX_ADD+=("$(echo "$e - $s" | bc)")
-  start_daemon --blob-service-addr "$(inline_blobs)"
+  start_daemon --ingest-socket off --blob-service-addr "$(inline_blobs)"
   s=$(now); IP=$("${CLIENT_ENV[@]}" "$ARCA" import "$TREE"); sync; e=$(now)
   INLINE_ADD+=("$(echo "$e - $s" | bc)")
   stop_daemon
   [ "$NP" = "$IP" ] || { echo "store paths differ: nix $NP, arca (inline) $IP" >&2; exit 1; }
+  start_daemon --ingest-socket off
+  s=$(now); GP=$("${CLIENT_ENV[@]}" "$ARCA" import "$TREE"); sync; e=$(now)
+  GRPC_ADD+=("$(echo "$e - $s" | bc)")
+  stop_daemon
+  [ "$NP" = "$GP" ] || { echo "store paths differ: nix $NP, arca (gRPC) $GP" >&2; exit 1; }
   start_daemon
   s=$(now); AP=$("${CLIENT_ENV[@]}" "$ARCA" import "$TREE"); sync; e=$(now)
   ARCA_ADD+=("$(echo "$e - $s" | bc)")
@@ -60,7 +65,7 @@ for _ in $(seq "$RUNS"); do
   stop_daemon
 done
 NA=$(printf '%s\n' "${NIX_ADD[@]}" | median); AA=$(printf '%s\n' "${ARCA_ADD[@]}" | median)
-IA=$(printf '%s\n' "${INLINE_ADD[@]}" | median); CT=$(printf '%s\n' "${COMPACT[@]}" | median)
+IA=$(printf '%s\n' "${INLINE_ADD[@]}" | median); GA=$(printf '%s\n' "${GRPC_ADD[@]}" | median); CT=$(printf '%s\n' "${COMPACT[@]}" | median)
 ND=$(printf '%s\n' "${NIX_DUMP[@]}" | median); AD=$(printf '%s\n' "${ARCA_DUMP[@]}" | median)
 NARSIZE=$(stat -c %s "$WORK/nix.nar")
 cat <<EOF
@@ -69,13 +74,14 @@ cat <<EOF
 | what | median time (s) | ratio |
 |---|---|---|
 | \`nix-store --add\` (fresh chroot store) + \`sync\` | $NA | 1.00 |
-| \`arca import\` through the daemon (fresh default store: background compression) + \`sync\` | $AA | $(ratio "$AA" "$NA") of nix-store --add |
-| same into a store compressing inline (\`?compression=inline\`) + \`sync\` | $IA | $(ratio "$IA" "$NA") of nix-store --add |
-| background compression done, after \`arca import\` returned (incl. the 1 s idle wait) | $CT | |
+| \`arca import\` through the daemon (fresh default store; local ingest: open files handed over) + \`sync\` | $AA | $(ratio "$AA" "$NA") of nix-store --add |
+| same, files uploaded over gRPC (\`--ingest-socket off\`) + \`sync\` | $GA | $(ratio "$GA" "$NA") of nix-store --add |
+| over gRPC into a store chunking and compressing inline (\`?compression=inline\`) + \`sync\` | $IA | $(ratio "$IA" "$NA") of nix-store --add |
+| background chunking and compression done, after \`arca import\` returned (incl. the 1 s idle wait) | $CT | |
 | \`nix-store --dump\` of the tree on disk | $ND | 1.00 |
 | \`arca nar dump\` out of the daemon (after compaction: compressed chunks) | $AD | $(ratio "$AD" "$ND") of nix-store --dump |
 
 Store path and NAR bytes were checked equal to Nix's in every run ($AP).
-Runs (s): arca import ${ARCA_ADD[*]}; inline ${INLINE_ADD[*]}; compaction ${COMPACT[*]}; nar dump ${ARCA_DUMP[*]}.
+Runs (s): arca import ${ARCA_ADD[*]}; gRPC ${GRPC_ADD[*]}; inline ${INLINE_ADD[*]}; compaction ${COMPACT[*]}; nar dump ${ARCA_DUMP[*]}.
 Stored blob bytes after compaction: $STORED ($(ratio "$STORED" "$NARSIZE") of the NAR).
 EOF

@@ -143,6 +143,33 @@ fn open_verified_whole(
     Ok(Some(file))
 }
 
+/// Bytes of a file mapped at once by [hash_own_file].
+const HASH_WINDOW: u64 = 64 * 1024 * 1024;
+
+/// BLAKE3 of the first `len` bytes of a file this process wrote and nobody
+/// else changes (a staging file): mapped [HASH_WINDOW] bytes at a time and
+/// hashed on all cores, so it is neither copied nor resident whole.
+/// Never for files others can truncate: that would be a SIGBUS. Blocking.
+fn hash_own_file(path: &std::path::Path, len: u64) -> std::io::Result<B3Digest> {
+    let file = std::fs::File::open(path)?;
+    let mut hasher = blake3::Hasher::new();
+    let mut offset = 0u64;
+    while offset < len {
+        let n = HASH_WINDOW.min(len - offset);
+        // SAFETY: the file is this process's own staging file, written
+        // completely before and never truncated or written again.
+        let map = unsafe {
+            memmap2::MmapOptions::new()
+                .offset(offset)
+                .len(n as usize)
+                .map(&file)?
+        };
+        hasher.update_rayon(&map);
+        offset += n;
+    }
+    Ok(B3Digest::from(hasher.finalize()))
+}
+
 /// Whether `path` exists and is not empty (see `exists_nonempty`). Blocking.
 fn file_nonempty(path: &std::path::Path) -> Result<bool, Error> {
     match std::fs::metadata(path) {
@@ -324,11 +351,8 @@ impl Inner {
         drop(staging_file);
         // (A file that shrank meanwhile is stored whole all the same: the
         // compactor makes it the one chunk it is.)
-        let mut hasher = blake3::Hasher::new();
-        hasher
-            .update_mmap_rayon(&whole.staging)
+        let digest = hash_own_file(&whole.staging, size)
             .map_err(|e| Error::Storage(format!("hashing {}: {e}", whole.staging.display())))?;
-        let digest = B3Digest::from(hasher.finalize());
         if let Some(expected) = expected {
             if expected != digest {
                 return Err(Error::DigestMismatch {
