@@ -41,11 +41,13 @@ export BLOB_SERVICE_ADDR=grpc+http://127.0.0.1:$PORT DIRECTORY_SERVICE_ADDR=grpc
 JSON=$WORK/hf.json
 hyperfine --runs "$RUNS" --warmup 1 --export-json "$JSON" \
   -n b3sum "find $TREE -type f -print0 | xargs -0 b3sum >/dev/null" \
-  -n "cp -a + sync" --prepare "mkdir -p $WORK/retired; [ ! -e $WORK/copy ] || mv $WORK/copy $WORK/retired/copy.\$(date +%s%N); sync" "cp -a $TREE $WORK/copy && sync" \
   >/dev/null
 hf_median() { python3 -c "import json,sys; r={x['command']:x for x in json.load(open('$JSON'))['results']}; print('%.3f' % r[sys.argv[1]]['median'])" "$1"; }
 T_B3=$(hf_median b3sum)
-T_CP=$(hf_median "cp -a + sync")
+# cp -a + sync is timed in the loop below, between the arca runs, in the same
+# conditions (the previous copy retired and its pages written back first).
+T_CP_ALL=()
+cp -a "$TREE" "$WORK/copy" && sync  # warm-up
 
 # arca: a fresh daemon store for every run (first import), the variants
 # alternating within each run; then a re-import into the last (default) store.
@@ -71,6 +73,10 @@ timed_import() {
   CPU_CLIENT=$(awk '{ printf "%.2f\n", $1 + $2 }' "$WORK/client.time")
 }
 for i in $(seq "$RUNS"); do
+  retire "$WORK/copy"
+  s=$(now); cp -a "$TREE" "$WORK/copy"; sync; e=$(now)
+  T_CP_ALL+=("$(echo "$e - $s" | bc)")
+
   start_daemon --ingest-socket off --blob-service-addr "$(inline_blobs)"
   timed_import "$WORK/out-inline.json"
   T_INLINE_ALL+=("$T"); CPU_INLINE_ALL+=("$CPU")
@@ -100,6 +106,7 @@ for i in $(seq "$RUNS"); do
   if [ "$i" -lt "$RUNS" ]; then stop_daemon; fi
 done
 T_ARCA=$(printf "%s\n" "${T_ARCA_ALL[@]}" | median)
+T_CP=$(printf "%s\n" "${T_CP_ALL[@]}" | median)
 T_INLINE=$(printf "%s\n" "${T_INLINE_ALL[@]}" | median)
 T_GRPC=$(printf "%s\n" "${T_GRPC_ALL[@]}" | median)
 T_CHUNKS=$(printf "%s\n" "${T_CHUNKS_ALL[@]}" | median)
@@ -137,7 +144,7 @@ cat <<EOF
 | default store: chunking and compaction done, after the import returned (incl. the 1 s idle wait) | $T_COMPACT | |
 | same import again (everything already stored) | $T_REIMPORT | |
 
-- runs (s): default ${T_ARCA_ALL[*]}; grpc ${T_GRPC_ALL[*]}; chunks ${T_CHUNKS_ALL[*]}; inline ${T_INLINE_ALL[*]}; compaction ${T_COMPACT_ALL[*]}
+- runs (s): cp -a + sync ${T_CP_ALL[*]}; default ${T_ARCA_ALL[*]}; grpc ${T_GRPC_ALL[*]}; chunks ${T_CHUNKS_ALL[*]}; inline ${T_INLINE_ALL[*]}; compaction ${T_COMPACT_ALL[*]}
 - throughput: $(python3 -c "print('%.0f' % ($LOGICAL / 1e6 / $T_ARCA))") MB/s; arca / (cp -a + sync) = $(ratio "$T_ARCA" "$T_CP") (grpc: $(ratio "$T_GRPC" "$T_CP"), chunks: $(ratio "$T_CHUNKS" "$T_CP"), inline: $(ratio "$T_INLINE" "$T_CP"))
 - CPU (median): default import daemon $CPU_IMPORT s + client $CPU_CLIENT s, then compaction $CPU_COMPACT s; grpc daemon $CPU_GRPC s + client $CPU_CLIENT_GRPC s; chunks daemon $CPU_CHUNKS s; inline daemon $CPU_INLINE s
 - stored blob bytes after compaction: $STORED of $LOGICAL logical = $(ratio "$STORED" "$LOGICAL"); right after the import (whole files and raw chunks): $STORED_RAW = $(ratio "$STORED_RAW" "$LOGICAL"); inline: $STORED_INLINE = $(ratio "$STORED_INLINE" "$LOGICAL"); directories (sled): $DIRS bytes
