@@ -24,10 +24,11 @@
 //! descriptor, or with one that is not a regular file, gets an error answer
 //! (extra descriptors are closed); the digest it answers is the one of the
 //! bytes it stored. Who may connect is decided by the socket file's
-//! permissions (in the daemon's data directory).
+//! permissions (0660, in the daemon's data directory). At most
+//! [MAX_CONNECTIONS] connections are served at once.
 use crate::{B3Digest, BlobService, Error, B3_LEN};
-use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
-use std::io::{IoSlice, IoSliceMut};
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+use std::io::IoSlice;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -45,6 +46,12 @@ pub const MAX_MESSAGE: usize = 64 * 1024;
 const PUT: u8 = b'P';
 /// Files the daemon stores at once for all connections together.
 const DAEMON_PUTS_IN_FLIGHT: usize = 64;
+/// Connections served at once; more wait to be accepted. Each holds at
+/// most one received descriptor at a time, so this bounds what clients can
+/// make the daemon hold open.
+const MAX_CONNECTIONS: usize = 256;
+/// How long a client waits for the socket's greeting.
+const GREETING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Most descriptors one message can carry on Linux (`SCM_MAX_FD`): the
 /// receive buffer has room for all, so none is ever lost unclosed.
 const SCM_MAX_FD: usize = 253;
@@ -57,12 +64,21 @@ pub fn new_token() -> std::io::Result<[u8; TOKEN_LEN]> {
     Ok(token)
 }
 
-/// Binds the daemon's socket at `path`, replacing a stale socket left there
-/// (never any other kind of file).
+/// Binds the daemon's socket at `path` (mode 0660: the daemon's user and
+/// group), replacing a stale socket left there (never a live one, nor any
+/// other kind of file).
 pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     use std::os::unix::fs::FileTypeExt;
     match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)?,
+        Ok(m) if m.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    format!("{} is in use by a running daemon", path.display()),
+                ));
+            }
+            std::fs::remove_file(path)?
+        }
         Ok(_) => {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::AlreadyExists,
@@ -72,23 +88,32 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    UnixListener::bind(path)
+    let listener = UnixListener::bind(path)?;
+    // The daemon's user and group, whatever the umask.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    Ok(listener)
 }
 
 /// Serves connections on `listener` until the returned future is dropped.
 pub async fn serve(listener: UnixListener, token: [u8; TOKEN_LEN], blobs: Arc<dyn BlobService>) {
     let permits = Arc::new(tokio::sync::Semaphore::new(DAEMON_PUTS_IN_FLIGHT));
-    let mut connections = tokio::task::JoinSet::new();
+    let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut tasks = tokio::task::JoinSet::new();
     loop {
+        let Ok(slot) = connections.clone().acquire_owned().await else {
+            return;
+        };
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((conn, _)) => {
                     let blobs = blobs.clone();
                     let permits = permits.clone();
-                    connections.spawn(async move {
+                    tasks.spawn(async move {
                         if let Err(e) = handle(conn, token, blobs, permits).await {
                             debug!(error = %e, "local ingest connection ended");
                         }
+                        drop(slot);
                     });
                 }
                 Err(e) => {
@@ -96,7 +121,7 @@ pub async fn serve(listener: UnixListener, token: [u8; TOKEN_LEN], blobs: Arc<dy
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 }
             },
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
         }
     }
 }
@@ -143,6 +168,13 @@ async fn put(blobs: &dyn BlobService, fd: OwnedFd) -> Result<(B3Digest, u64), Er
             "the file descriptor passed is not a regular file".into(),
         ));
     }
+    // SAFETY: F_GETFL only reads the open file's flags.
+    let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 || flags & libc::O_PATH != 0 || flags & libc::O_ACCMODE == libc::O_WRONLY {
+        return Err(Error::InvalidRequest(
+            "the file descriptor passed is not open for reading".into(),
+        ));
+    }
     blobs.put_file(file, None).await
 }
 
@@ -151,38 +183,68 @@ async fn put(blobs: &dyn BlobService, fd: OwnedFd) -> Result<(B3Digest, u64), Er
 async fn receive(conn: &UnixStream) -> std::io::Result<Option<(u8, Vec<OwnedFd>)>> {
     loop {
         conn.readable().await?;
-        let received = conn.try_io(Interest::READABLE, || {
-            let mut byte = [0u8; 1];
-            let mut iov = [IoSliceMut::new(&mut byte)];
-            let mut space = nix::cmsg_space!([std::os::fd::RawFd; SCM_MAX_FD]);
-            let msg = recvmsg::<()>(
-                conn.as_raw_fd(),
-                &mut iov,
-                Some(&mut space),
-                MsgFlags::MSG_CMSG_CLOEXEC,
-            )
-            .map_err(std::io::Error::from)?;
-            let mut fds = Vec::new();
-            for cmsg in msg.cmsgs().map_err(std::io::Error::from)? {
-                if let ControlMessageOwned::ScmRights(raw) = cmsg {
-                    // SAFETY: the kernel just installed these descriptors
-                    // in this process for us; nothing else owns them.
-                    fds.extend(
-                        raw.into_iter()
-                            .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-                    );
-                }
-            }
-            let n = msg.bytes;
-            Ok((n, byte[0], fds))
-        });
-        match received {
+        match conn.try_io(Interest::READABLE, || recv_with_fds(conn.as_raw_fd())) {
             Ok((0, _, _)) => return Ok(None),
             Ok((_, byte, fds)) => return Ok(Some((byte, fds))),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
         }
     }
+}
+
+/// `recvmsg` of one byte and its `SCM_RIGHTS` descriptors. Walks the control
+/// messages itself, also when the kernel truncated them (`MSG_CTRUNC`, e.g.
+/// when it could install only some descriptors): every descriptor that did
+/// arrive is owned, so none is leaked.
+fn recv_with_fds(sock: std::os::fd::RawFd) -> std::io::Result<(usize, u8, Vec<OwnedFd>)> {
+    const FD_SIZE: usize = std::mem::size_of::<std::os::fd::RawFd>();
+    // u64s: aligned for cmsghdr.
+    let space = unsafe { libc::CMSG_SPACE((SCM_MAX_FD * FD_SIZE) as u32) } as usize;
+    let mut control = vec![0u64; space.div_ceil(8)];
+    let mut byte = 0u8;
+    let mut iov = libc::iovec {
+        iov_base: (&mut byte as *mut u8).cast(),
+        iov_len: 1,
+    };
+    // SAFETY: msghdr is plain data; all-zero is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = control.len() * 8;
+    // SAFETY: every pointer in msg points into live buffers of the stated sizes.
+    let n = unsafe { libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut fds = Vec::new();
+    // SAFETY: the CMSG_* walk stays within msg_controllen, which the kernel
+    // set to the bytes it wrote; each SCM_RIGHTS payload holds descriptors
+    // the kernel just installed in this process, owned by nobody else.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(c).cast::<std::os::fd::RawFd>();
+                let header = libc::CMSG_LEN(0) as usize;
+                let count = ((*c).cmsg_len as usize).saturating_sub(header) / FD_SIZE;
+                for i in 0..count {
+                    let fd = std::ptr::read_unaligned(data.add(i));
+                    if fd >= 0 {
+                        fds.push(OwnedFd::from_raw_fd(fd));
+                    }
+                }
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+        debug!(
+            received = fds.len(),
+            "a request's descriptors were cut short"
+        );
+    }
+    Ok((n as usize, byte, fds))
 }
 
 /// The wire form of an answer.
@@ -281,7 +343,14 @@ impl LocalIngestClient {
     async fn new_connection(&self) -> std::io::Result<UnixStream> {
         let mut conn = UnixStream::connect(&self.path).await?;
         let mut hello = [0u8; HELLO.len() + TOKEN_LEN];
-        conn.read_exact(&mut hello).await?;
+        tokio::time::timeout(GREETING_TIMEOUT, conn.read_exact(&mut hello))
+            .await
+            .map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("{} did not greet", self.path.display()),
+                )
+            })??;
         if &hello[..HELLO.len()] != HELLO || hello[HELLO.len()..] != self.token {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,

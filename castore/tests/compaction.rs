@@ -569,6 +569,89 @@ async fn a_corrupt_whole_blob_is_an_error_and_never_chunked() {
         "never listed as if valid"
     );
     assert!(read_all(&svc, &digest).await.is_err());
+
+    // Storing the blob again repairs it (the bad whole file is replaced).
+    assert_eq!(put_bytes(&svc, data.clone().into()).await.unwrap(), digest);
+    assert_eq!(read_all(&svc, &digest).await.unwrap().unwrap(), data);
+    wait_compacted(&svc, dir).await;
+    assert!(list_file(dir, &digest).exists());
+    assert_eq!(read_all(&svc, &digest).await.unwrap().unwrap(), data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_whole_file_is_no_blob_and_is_stored_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let svc = open_whole_first(dir, Duration::from_secs(3600));
+    let data = test_data(2 * 1024 * 1024, 38);
+    let digest = put_bytes(&svc, data.clone().into()).await.unwrap();
+    std::fs::write(whole_file(dir, &digest), b"").unwrap();
+    assert!(
+        !svc.has(&digest).await.unwrap(),
+        "an empty whole file is no blob"
+    );
+    assert!(read_all(&svc, &digest).await.unwrap().is_none());
+    put_bytes(&svc, data.clone().into()).await.unwrap();
+    assert!(svc.has(&digest).await.unwrap());
+    assert_eq!(read_all(&svc, &digest).await.unwrap().unwrap(), data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_compactor_rewrites_a_corrupt_chunk_before_dropping_a_whole_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    // Blob X cut into chunks at once; its first chunk file then damaged.
+    let x = test_data(4 * 1024 * 1024, 39);
+    let first_chunk = {
+        let svc = open(dir, Duration::from_secs(3600));
+        let dx = put_bytes(&svc, x.clone().into()).await.unwrap();
+        svc.chunks(&dx).await.unwrap().unwrap()[0].digest
+    };
+    let dx = B3Digest::of(&x);
+    let hex = first_chunk.to_hex();
+    let chunk_path = dir.join("chunks").join(&hex[..2]).join(&hex);
+    let mut bytes = std::fs::read(&chunk_path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&chunk_path, &bytes).unwrap();
+    // Blob Y starts with X's bytes: written whole, its chunks include X's
+    // first one, which the compactor must not take as stored.
+    let mut y = x.clone();
+    y.extend(test_data(1024 * 1024, 40));
+    let svc = open_whole_first(dir, Duration::from_millis(10));
+    assert!(read_all(&svc, &dx).await.is_err(), "X is damaged");
+    let dy = put_bytes(&svc, y.clone().into()).await.unwrap();
+    wait_compacted(&svc, dir).await;
+    assert!(!whole_file(dir, &dy).exists());
+    assert_eq!(read_all(&svc, &dy).await.unwrap().unwrap(), y);
+    assert_eq!(
+        read_all(&svc, &dx).await.unwrap().unwrap(),
+        x,
+        "X repaired too"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_reads_refuse_large_whole_blobs_and_read_small_ones() {
+    use futures::StreamExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let svc = open_whole_first(dir, Duration::from_secs(3600));
+    let small = test_data(2 * 1024 * 1024, 41);
+    let large = test_data(5 * 1024 * 1024, 42);
+    let ds = put_bytes(&svc, small.clone().into()).await.unwrap();
+    let dl = put_bytes(&svc, large.clone().into()).await.unwrap();
+    assert!(whole_file(dir, &ds).exists() && whole_file(dir, &dl).exists());
+    let got: Vec<_> = svc.read_many(vec![ds]).collect().await;
+    let (d, data) = got.into_iter().next().unwrap().unwrap();
+    assert_eq!((d, data.unwrap().to_vec()), (ds, small));
+    let got: Vec<_> = svc.read_many(vec![dl]).collect().await;
+    let err = got
+        .into_iter()
+        .next()
+        .unwrap()
+        .expect_err("too large for a batch");
+    assert!(err.to_string().contains("larger than"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -648,6 +731,18 @@ async fn files_are_put_whole_by_a_kernel_copy() {
     assert_eq!(again, stored);
     assert_eq!(whole_files(&dir).len(), 1);
     assert_eq!(read_all(&svc, &digest).await.unwrap().unwrap(), data);
+
+    // A large file read from a late position: what is left is one chunk,
+    // stored as chunks are (no new whole file).
+    let big = test_data(2 * 1024 * 1024, 43);
+    std::fs::write(&src, &big).unwrap();
+    let mut f = std::fs::File::open(&src).unwrap();
+    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(1_800_000)).unwrap();
+    let (d, n) = svc.put_file(f, None).await.unwrap();
+    let rest = &big[1_800_000..];
+    assert_eq!((d, n), (B3Digest::of(rest), rest.len() as u64));
+    assert_eq!(whole_files(&dir).len(), 1, "{:?}", whole_files(&dir));
+    assert_eq!(read_all(&svc, &d).await.unwrap().unwrap(), rest);
 
     // A small file goes the usual way (chunks), from the file's position.
     std::fs::write(&src, b"0123456789").unwrap();

@@ -165,7 +165,7 @@ async fn bad_requests_get_errors_store_nothing_and_keep_the_connection() {
         "exactly one file descriptor, not 0",
         "exactly one file descriptor, not 2",
         "not a regular file",
-        "",
+        "not open for reading",
         "unknown request byte 0x58",
     ];
     for (a, text) in answers.iter().zip(expect) {
@@ -216,4 +216,52 @@ async fn a_client_that_goes_away_mid_request_harms_nothing() {
         client.put_file(&g).await.unwrap(),
         (B3Digest::of(b"after"), 5)
     );
+}
+
+/// A gRPC client whose daemon's socket goes away (a restarted daemon) falls
+/// back to uploading over gRPC, the file from where it started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_socket_falls_back_to_grpc_uploads() {
+    use arca_castore::blobservice::GrpcBlobService;
+    use arca_castore::grpc::{GrpcBlobServiceWrapper, GrpcLocalIngestWrapper};
+    let s = start();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(GrpcBlobServiceWrapper::new(s.blobs.clone()).into_server())
+            .add_service(
+                GrpcLocalIngestWrapper::new(s.path.display().to_string(), s.token).into_server(),
+            )
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let url = url::Url::parse(&format!("grpc+http://{addr}")).unwrap();
+    let channel = arca_castore::grpc::channel_from_url(&url).unwrap();
+    let client = GrpcBlobService::from_channels(vec![channel])
+        .unwrap()
+        .with_local_ingest(true);
+    assert!(client.direct_file_puts().await, "the socket is offered");
+
+    let dir = tempfile::tempdir().unwrap();
+    let first = file_with(&dir, "first", b"through the socket");
+    let (d1, _) = client.put_file(first, None).await.unwrap();
+    assert!(s.blobs.has(&d1).await.unwrap());
+
+    // The socket goes; a file read partly already is uploaded from there.
+    s.task.abort();
+    let _ = std::fs::remove_file(&s.path);
+    let data: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
+    let mut second = file_with(&dir, "second", &data);
+    std::io::Read::read_exact(&mut second, &mut [0u8; 1000]).unwrap();
+    let (d2, n) = client.put_file(second, None).await.unwrap();
+    assert_eq!(
+        (d2, n),
+        (B3Digest::of(&data[1000..]), data.len() as u64 - 1000)
+    );
+    assert_eq!(
+        read_all(&*s.blobs, &d2).await.unwrap().unwrap(),
+        &data[1000..]
+    );
+    assert!(!client.direct_file_puts().await, "no longer offered");
+    server.abort();
 }

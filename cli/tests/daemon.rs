@@ -391,7 +391,10 @@ fn local_clients_hand_open_files_to_the_daemon() {
 
     for (args, local) in [
         (&["--listen", "127.0.0.1:0"][..], true),
-        (&["--listen", "127.0.0.1:0", "--ingest-socket", "off"][..], false),
+        (
+            &["--listen", "127.0.0.1:0", "--ingest-socket", "off"][..],
+            false,
+        ),
     ] {
         let mut d = Daemon::start_with(args);
         let socket = d.data.path().join("ingest.sock");

@@ -59,6 +59,8 @@ pub struct GrpcBlobService {
     local_ingest: Arc<tokio::sync::OnceCell<Option<Arc<LocalIngestClient>>>>,
     /// The first connection, for the local ingest lookup.
     first_channel: Channel,
+    /// Set once the local ingest socket failed: uploads go over gRPC.
+    local_ingest_broken: Arc<AtomicBool>,
 }
 
 impl GrpcBlobService {
@@ -110,6 +112,7 @@ impl GrpcBlobService {
             local_ingest_allowed: false,
             local_ingest: Arc::new(tokio::sync::OnceCell::new()),
             first_channel,
+            local_ingest_broken: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -124,7 +127,7 @@ impl GrpcBlobService {
     /// The server's local ingest socket, connected and its token checked;
     /// `None` if not allowed, not offered or not reachable.
     async fn local_ingest(&self) -> Option<Arc<LocalIngestClient>> {
-        if !self.local_ingest_allowed {
+        if !self.local_ingest_allowed || self.local_ingest_broken.load(Ordering::Relaxed) {
             return None;
         }
         let channel = self.first_channel.clone();
@@ -172,6 +175,7 @@ impl GrpcBlobService {
             local_ingest_allowed: self.local_ingest_allowed,
             local_ingest: self.local_ingest.clone(),
             first_channel: self.first_channel.clone(),
+            local_ingest_broken: self.local_ingest_broken.clone(),
         }
     }
 
@@ -388,7 +392,21 @@ impl BlobService for GrpcBlobService {
         let Some(local) = self.local_ingest().await else {
             return super::put_file_by_writes(self, file, expected).await;
         };
-        let (digest, size) = local.put_file(&file).await?;
+        use std::io::Seek;
+        let mut file = file;
+        let start = file.stream_position().map_err(Error::from)?;
+        let (digest, size) = match local.put_file(&file).await {
+            Err(Error::Unavailable(why)) => {
+                // The socket broke (a restarted daemon has another token):
+                // upload over gRPC from here on, this file from where it
+                // started (the daemon's copy moved the shared offset).
+                tracing::warn!(%why, "local ingest failed; uploading over gRPC");
+                self.local_ingest_broken.store(true, Ordering::Relaxed);
+                file.seek(SeekFrom::Start(start)).map_err(Error::from)?;
+                return super::put_file_by_writes(self, file, expected).await;
+            }
+            other => other?,
+        };
         match expected {
             Some(expected) if expected != digest => Err(Error::DigestMismatch {
                 expected,

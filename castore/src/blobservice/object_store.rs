@@ -111,6 +111,7 @@ fn local_whole_file(dir: &std::path::Path, hex: &str) -> std::path::PathBuf {
 fn open_verified_whole(
     dir: &std::path::Path,
     d: &B3Digest,
+    max_len: Option<u64>,
 ) -> Result<Option<std::fs::File>, Error> {
     use std::io::{Read, Seek};
     let path = local_whole_file(dir, &d.to_hex());
@@ -120,8 +121,13 @@ fn open_verified_whole(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(err(e)),
     };
-    if file.metadata().map_err(err)?.len() == 0 {
+    let len = file.metadata().map_err(err)?.len();
+    if len == 0 {
         return Ok(None);
+    }
+    if max_len.is_some_and(|max| len > max) {
+        // Refused before hashing it: a batch read takes small blobs only.
+        return Err(super::too_large_for_batch(d));
     }
     let mut hasher = blake3::Hasher::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -289,7 +295,7 @@ fn write_file_atomically(
 
 impl Inner {
     /// Makes the staging file of a blob written whole the blob's whole file
-    /// and queues it for the compactor; or, if the blob is stored already,
+    /// and queues it for the compactor; or, if the blob is chunked already,
     /// leaves the staging file to its owner to remove. Returns whether the
     /// staging file was taken. Blocking.
     fn commit_whole(&self, staging: &std::path::Path, digest: &B3Digest) -> Result<bool, Error> {
@@ -300,9 +306,12 @@ impl Inner {
         let hex = digest.to_hex();
         let target = local_whole_file(dir, &hex);
         let list = dir.join("blobs").join(&hex[..2]).join(&hex);
-        if file_nonempty(&target)? || file_nonempty(&list)? {
+        if file_nonempty(&list)? {
             return Ok(false);
         }
+        // A whole file there already is replaced (atomically, by the same
+        // content): one that an OS crash left short or empty is repaired by
+        // storing the blob again, never kept as stored.
         let parent = target
             .parent()
             .ok_or_else(|| Error::Storage("whole file without a directory".into()))?;
@@ -318,19 +327,20 @@ impl Inner {
     /// [BlobService::put_file] of a file larger than one chunk into a
     /// whole-first store: copied in the kernel (`copy_file_range`) into a
     /// staging file, the copy hashed (mapped: only this process writes it),
-    /// then committed. `None` if the file is not larger than one chunk
-    /// (those are written as chunks). Blocking.
+    /// then committed. A file not larger than one chunk (by its length, or
+    /// by what the copy found: it may have shrunk) is handed back for the
+    /// chunk path. Blocking.
     fn put_whole_file(
         &self,
         mut file: std::fs::File,
         expected: Option<B3Digest>,
-    ) -> Result<Option<(B3Digest, u64)>, Error> {
+    ) -> Result<WholePut, Error> {
         let meta = file.metadata().map_err(Error::from)?;
         if !meta.is_file() {
             return Err(Error::InvalidRequest("not a regular file".into()));
         }
         if meta.len() <= self.params.max as u64 {
-            return Ok(None);
+            return Ok(WholePut::NotLarge(file));
         }
         let dir = self
             .local_dir
@@ -349,8 +359,13 @@ impl Inner {
             Error::Storage(format!("copying into {}: {e}", whole.staging.display()))
         })?;
         drop(staging_file);
-        // (A file that shrank meanwhile is stored whole all the same: the
-        // compactor makes it the one chunk it is.)
+        if size <= self.params.max as u64 {
+            // It shrank (or was read from a later position): one chunk at
+            // most, stored as chunks are. The staging file goes.
+            let data = std::fs::read(&whole.staging)
+                .map_err(|e| Error::Storage(format!("reading {}: {e}", whole.staging.display())))?;
+            return Ok(WholePut::Small(Bytes::from(data)));
+        }
         let digest = hash_own_file(&whole.staging, size)
             .map_err(|e| Error::Storage(format!("hashing {}: {e}", whole.staging.display())))?;
         if let Some(expected) = expected {
@@ -362,7 +377,7 @@ impl Inner {
             }
         }
         whole.committed = self.commit_whole(&whole.staging, &digest)?;
-        Ok(Some((digest, size)))
+        Ok(WholePut::Stored(digest, size))
     }
 
     fn chunk_path(&self, d: &B3Digest) -> Path {
@@ -641,7 +656,7 @@ impl ObjectStoreBlobService {
                             // Not a chunk: a blob of several chunks, or absent.
                             None => out.push(Ok((
                                 d,
-                                super::read_small_from(self.open_chunked(&d).await?, &d)
+                                super::read_small_from(self.open_small(&d).await?, &d)
                                     .await?
                                     .map(plain),
                             ))),
@@ -667,14 +682,38 @@ impl ObjectStoreBlobService {
             .map(|r| Box::new(r) as Box<dyn BlobReader>))
     }
 
+    /// [Self::open_chunked] for a batch read: a whole file larger than a
+    /// batch takes is refused before it is hashed.
+    async fn open_small(&self, digest: &B3Digest) -> Result<Option<Box<dyn BlobReader>>, Error> {
+        if let Some(file) = self
+            .open_whole_max(digest, Some(MAX_BATCH_BLOB_SIZE))
+            .await?
+        {
+            return Ok(Some(Box::new(tokio::fs::File::from_std(file))));
+        }
+        Ok(self
+            .chunked(digest)
+            .await?
+            .map(|r| Box::new(r) as Box<dyn BlobReader>))
+    }
+
     /// The blob's whole file (local files only), verified; `None` if there
     /// is none. Looked for before the chunk list (see the module docs).
     async fn open_whole(&self, digest: &B3Digest) -> Result<Option<std::fs::File>, Error> {
+        self.open_whole_max(digest, None).await
+    }
+
+    /// [Self::open_whole], refusing a file longer than `max_len`.
+    async fn open_whole_max(
+        &self,
+        digest: &B3Digest,
+        max_len: Option<u64>,
+    ) -> Result<Option<std::fs::File>, Error> {
         let Some(dir) = self.inner.local_dir.clone() else {
             return Ok(None);
         };
         let d = *digest;
-        tokio::task::spawn_blocking(move || open_verified_whole(&dir, &d))
+        tokio::task::spawn_blocking(move || open_verified_whole(&dir, &d, max_len))
             .await
             .map_err(Error::storage)?
     }
@@ -796,7 +835,11 @@ impl BlobService for ObjectStoreBlobService {
             return tokio::task::spawn_blocking(move || -> Result<bool, Error> {
                 // The whole file before the list: the compactor writes the
                 // list before it removes the whole file.
-                for p in [chunk, whole, list] {
+                // An empty whole file (an OS crash's leftover) is no blob.
+                if file_nonempty(&whole)? {
+                    return Ok(true);
+                }
+                for p in [chunk, list] {
                     match std::fs::symlink_metadata(&p) {
                         Ok(_) => return Ok(true),
                         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -868,13 +911,25 @@ impl BlobService for ObjectStoreBlobService {
             return super::put_file_by_writes(self, file, expected).await;
         }
         let inner = self.inner.clone();
-        let dup = file.try_clone().map_err(Error::from)?;
-        match tokio::task::spawn_blocking(move || inner.put_whole_file(dup, expected))
+        match tokio::task::spawn_blocking(move || inner.put_whole_file(file, expected))
             .await
             .map_err(Error::storage)??
         {
-            Some(stored) => Ok(stored),
-            None => super::put_file_by_writes(self, file, expected).await,
+            WholePut::Stored(digest, size) => Ok((digest, size)),
+            WholePut::NotLarge(file) => super::put_file_by_writes(self, file, expected).await,
+            WholePut::Small(data) => {
+                let size = data.len() as u64;
+                let mut w = self.open_write().await;
+                w.write(data).await?;
+                let digest = w.close().await?;
+                match expected {
+                    Some(expected) if expected != digest => Err(Error::DigestMismatch {
+                        expected,
+                        actual: digest,
+                    }),
+                    _ => Ok((digest, size)),
+                }
+            }
         }
     }
 
@@ -948,6 +1003,16 @@ struct ObjectStoreBlobWriter {
     done: Option<B3Digest>,
     /// In whole-first mode, once the blob outgrew one chunk: its staging file.
     whole: Option<WholeWrite>,
+}
+
+/// What `Inner::put_whole_file` did with a file.
+enum WholePut {
+    /// Stored whole (or found stored): its digest and size.
+    Stored(B3Digest, u64),
+    /// Not larger than one chunk by its length: the file, untouched.
+    NotLarge(std::fs::File),
+    /// Not larger than one chunk once copied: its bytes.
+    Small(Bytes),
 }
 
 /// A blob being written whole (see the module docs): a staging file under

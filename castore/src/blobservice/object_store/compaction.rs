@@ -18,7 +18,9 @@
 //! Blobs written whole (see the parent module) are journaled the same way,
 //! by the blob's digest: for such a record the compactor finds the file
 //! `whole/<2 hex>/<hex>`, cuts it into chunks with FastCDC (each stored
-//! unless present, compressed when that pays, synced), checks the whole
+//! unless present, compressed when that pays, synced; a present chunk
+//! counts only once it read back right and was synced, since the whole file
+//! is about to go), checks the whole
 //! blob's digest, writes the chunk list (synced), and only then removes the
 //! whole file. A whole file that does not match its digest is logged and
 //! left alone (reads report it). At start-up, whole files are queued again
@@ -32,8 +34,8 @@
 //! records (a crash) only leaves chunks raw, which is still correct. Stale
 //! records (chunks compressed already) are harmless: they are skipped.
 use super::{
-    compress_chunk, local_chunk_file, local_whole_file, raw_payload, write_file_atomically,
-    ChunkingParams, STAGING_MARK, TAG_RAW, TAG_ZSTD,
+    compress_chunk, local_chunk_file, local_whole_file, raw_payload, read_local_chunk,
+    write_file_atomically, ChunkingParams, STAGING_MARK, TAG_RAW, TAG_ZSTD,
 };
 use crate::{B3Digest, Error, B3_LEN};
 use arca_proto::castore as proto;
@@ -525,7 +527,12 @@ fn chunk_whole(
         before += chunk.data.len() as u64;
         let d = B3Digest::of(&chunk.data);
         let target = local_chunk_file(dir, &d.to_hex());
-        let present = std::fs::metadata(&target).is_ok_and(|m| m.len() > 0);
+        // A chunk counts as stored only if it reads back right and is on
+        // disk: the whole file, the only other copy, goes once listed.
+        let present = matches!(read_local_chunk(dir, &d), Ok(Some(_)))
+            && std::fs::File::open(&target)
+                .and_then(|f| f.sync_data())
+                .is_ok();
         let size = chunk.data.len() as u64;
         if !present {
             let parts: Vec<Bytes> = match compress_chunk(&chunk.data, level)? {
