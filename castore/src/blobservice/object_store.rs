@@ -309,9 +309,12 @@ impl Inner {
         if file_nonempty(&list)? {
             return Ok(false);
         }
-        // A whole file there already is replaced (atomically, by the same
-        // content): one that an OS crash left short or empty is repaired by
-        // storing the blob again, never kept as stored.
+        // A whole file there already is kept if it reads back right, else
+        // replaced (atomically): one that an OS crash left short, empty or
+        // zeroed is repaired by storing the blob again.
+        if matches!(open_verified_whole(dir, digest, None), Ok(Some(_))) {
+            return Ok(false);
+        }
         let parent = target
             .parent()
             .ok_or_else(|| Error::Storage("whole file without a directory".into()))?;
