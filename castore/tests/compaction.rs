@@ -752,3 +752,54 @@ async fn files_are_put_whole_by_a_kernel_copy() {
     assert_eq!((d, n), (B3Digest::of(b"456789"), 6));
     assert_eq!(read_all(&svc, &d).await.unwrap().unwrap(), b"456789");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_files_are_put_as_a_writer_stores_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, data) in [
+        ("empty", Vec::new()),
+        ("one-chunk", test_data(10_000, 44)),
+        ("several-chunks", test_data(1024 * 1024, 45)),
+    ] {
+        let by_writer = tmp.path().join(format!("{name}-w"));
+        let by_file = tmp.path().join(format!("{name}-f"));
+        let w = open_whole_first(&by_writer, Duration::from_secs(3600));
+        let f = open_whole_first(&by_file, Duration::from_secs(3600));
+        let digest = put_bytes(&w, data.clone().into()).await.unwrap();
+        let src = tmp.path().join(format!("{name}.src"));
+        std::fs::write(&src, &data).unwrap();
+        let put = f
+            .put_file(std::fs::File::open(&src).unwrap(), Some(digest))
+            .await
+            .unwrap();
+        assert_eq!(put, (digest, data.len() as u64), "{name}");
+        assert_eq!(
+            f.chunks(&digest).await.unwrap(),
+            w.chunks(&digest).await.unwrap(),
+            "{name}"
+        );
+        let names = |d: &Path| {
+            chunk_files(d)
+                .iter()
+                .map(|p| p.file_name().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            names(&by_file),
+            names(&by_writer),
+            "{name}: same chunk files"
+        );
+        assert_eq!(journal_len(&by_file), journal_len(&by_writer), "{name}");
+        assert_eq!(
+            read_all(&f, &digest).await.unwrap().unwrap(),
+            data,
+            "{name}"
+        );
+        // The wrong expected digest is an error.
+        let err = f
+            .put_file(std::fs::File::open(&src).unwrap(), Some(B3Digest::of(b"x")))
+            .await
+            .expect_err("mismatch");
+        assert!(matches!(err, Error::DigestMismatch { .. }), "{name}: {err}");
+    }
+}

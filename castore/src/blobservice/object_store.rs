@@ -383,6 +383,100 @@ impl Inner {
         Ok(WholePut::Stored(digest, size))
     }
 
+    /// [BlobService::put_file] of a file not larger than one chunk into a
+    /// local store, in one trip: read whole, cut (FastCDC, as a writer cuts
+    /// it), each new chunk written raw and journaled (or compressed, inline
+    /// mode), the chunk list if there are several. Stores what a writer
+    /// would. A file that turns out larger is handed back, at its start
+    /// position again. Blocking.
+    fn put_small_file(
+        &self,
+        file: std::fs::File,
+        expected: Option<B3Digest>,
+    ) -> Result<Result<(B3Digest, u64), std::fs::File>, Error> {
+        use std::io::{Read, Seek};
+        let dir = self
+            .local_dir
+            .as_ref()
+            .ok_or_else(|| Error::Storage("small-file puts need a local directory".into()))?;
+        let mut file = file;
+        let start = file.stream_position().map_err(Error::from)?;
+        let mut data = Vec::with_capacity(self.params.max + 1);
+        (&mut file)
+            .take(self.params.max as u64 + 1)
+            .read_to_end(&mut data)
+            .map_err(Error::from)?;
+        if data.len() > self.params.max {
+            file.seek(std::io::SeekFrom::Start(start))
+                .map_err(Error::from)?;
+            return Ok(Err(file));
+        }
+        let data = Bytes::from(data);
+        let inline = self.compaction.is_none();
+        if let Some(c) = &self.compaction {
+            c.note_write();
+        }
+        let mut cuts: Vec<Bytes> =
+            fastcdc::v2020::FastCDC::new(&data, self.params.min, self.params.avg, self.params.max)
+                .map(|c| data.slice(c.offset..c.offset + c.length))
+                .collect();
+        if cuts.is_empty() {
+            cuts.push(Bytes::new()); // the empty blob: one empty chunk
+        }
+        let mut list = Vec::with_capacity(cuts.len());
+        for chunk in cuts {
+            let digest = B3Digest::of(&chunk);
+            let target = local_chunk_file(dir, &digest.to_hex());
+            let size = chunk.len() as u64;
+            if !file_nonempty(&target)? {
+                let payload = if inline {
+                    encode_chunk(chunk, self.zstd_level)?
+                } else {
+                    raw_payload(chunk)
+                };
+                write_file_atomically(&target, payload.as_ref(), false)
+                    .map_err(|e| Error::Storage(format!("writing {}: {e}", target.display())))?;
+                if let Some(c) = &self.compaction {
+                    c.record(digest);
+                }
+            }
+            list.push(ChunkMeta { digest, size });
+        }
+        let digest = if list.len() == 1 {
+            list[0].digest
+        } else {
+            B3Digest::of(&data)
+        };
+        if let Some(expected) = expected {
+            if expected != digest {
+                return Err(Error::DigestMismatch {
+                    expected,
+                    actual: digest,
+                });
+            }
+        }
+        if list.len() > 1 {
+            let hex = digest.to_hex();
+            let target = dir.join("blobs").join(&hex[..2]).join(&hex);
+            if !file_nonempty(&target)? {
+                let encoded = proto::StatBlobResponse {
+                    chunks: list
+                        .iter()
+                        .map(|c| proto::stat_blob_response::ChunkMeta {
+                            digest: c.digest.to_bytes(),
+                            size: c.size,
+                        })
+                        .collect(),
+                    bao: Bytes::new(),
+                }
+                .encode_to_vec();
+                write_file_atomically(&target, &[Bytes::from(encoded)], false)
+                    .map_err(|e| Error::Storage(format!("writing {}: {e}", target.display())))?;
+            }
+        }
+        Ok(Ok((digest, data.len() as u64)))
+    }
+
     fn chunk_path(&self, d: &B3Digest) -> Path {
         let h = d.to_hex();
         self.base.clone().join("chunks").join(&h[..2]).join(h)
@@ -919,7 +1013,17 @@ impl BlobService for ObjectStoreBlobService {
             .map_err(Error::storage)??
         {
             WholePut::Stored(digest, size) => Ok((digest, size)),
-            WholePut::NotLarge(file) => super::put_file_by_writes(self, file, expected).await,
+            WholePut::NotLarge(file) => {
+                // One trip to the blocking pool for all of it.
+                let inner = self.inner.clone();
+                match tokio::task::spawn_blocking(move || inner.put_small_file(file, expected))
+                    .await
+                    .map_err(Error::storage)??
+                {
+                    Ok(stored) => Ok(stored),
+                    Err(grown) => super::put_file_by_writes(self, grown, expected).await,
+                }
+            }
             WholePut::Small(data) => {
                 let size = data.len() as u64;
                 let mut w = self.open_write().await;
