@@ -72,10 +72,19 @@ timed_import() {
   CPU=$(echo "$(daemon_cpu) - $c" | bc)
   CPU_CLIENT=$(awk '{ printf "%.2f\n", $1 + $2 }' "$WORK/client.time")
 }
+# nix-store --add of the same tree into a fresh chroot store, when Nix is here
+# (the other reference of the target).
+T_NIX_ALL=()
+if command -v nix-store >/dev/null; then nix_standalone; fi
 for i in $(seq "$RUNS"); do
   retire "$WORK/copy"
   s=$(now); cp -a "$TREE" "$WORK/copy"; sync; e=$(now)
   T_CP_ALL+=("$(echo "$e - $s" | bc)")
+  if command -v nix-store >/dev/null; then
+    retire "$WORK/nixroot"
+    s=$(now); nix-store --store "local?root=$WORK/nixroot" --add "$TREE" >/dev/null 2>&1; sync; e=$(now)
+    T_NIX_ALL+=("$(echo "$e - $s" | bc)")
+  fi
 
   start_daemon --ingest-socket off --blob-service-addr "$(inline_blobs)"
   timed_import "$WORK/out-inline.json"
@@ -107,6 +116,7 @@ for i in $(seq "$RUNS"); do
 done
 T_ARCA=$(printf "%s\n" "${T_ARCA_ALL[@]}" | median)
 T_CP=$(printf "%s\n" "${T_CP_ALL[@]}" | median)
+if [ ${#T_NIX_ALL[@]} -gt 0 ]; then T_NIX=$(printf "%s\n" "${T_NIX_ALL[@]}" | median); fi
 T_INLINE=$(printf "%s\n" "${T_INLINE_ALL[@]}" | median)
 T_GRPC=$(printf "%s\n" "${T_GRPC_ALL[@]}" | median)
 T_CHUNKS=$(printf "%s\n" "${T_CHUNKS_ALL[@]}" | median)
@@ -137,6 +147,7 @@ cat <<EOF
 |---|---|---|
 | \`b3sum\` of every file | $T_B3 | $(ratio "$T_B3" "$T_ARCA") |
 | \`cp -a\` + \`sync\` | $T_CP | $(ratio "$T_CP" "$T_ARCA") |
+$(if [ -n "${T_NIX:-}" ]; then echo "| \`nix-store --add\` (fresh chroot store) + \`sync\` | $T_NIX | $(ratio "$T_NIX" "$T_ARCA") |"; fi)
 | \`arca castore import\` through the daemon (fresh default store; local ingest: open files handed over) + \`sync\` | $T_ARCA | 1.00 |
 | same, files uploaded over gRPC (\`--ingest-socket off\`) + \`sync\` | $T_GRPC | $(ratio "$T_GRPC" "$T_ARCA") |
 | over gRPC, chunks cut while writing (\`?chunking=inline\`, compressed later) + \`sync\` | $T_CHUNKS | $(ratio "$T_CHUNKS" "$T_ARCA") |
@@ -144,7 +155,7 @@ cat <<EOF
 | default store: chunking and compaction done, after the import returned (incl. the 1 s idle wait) | $T_COMPACT | |
 | same import again (everything already stored) | $T_REIMPORT | |
 
-- runs (s): cp -a + sync ${T_CP_ALL[*]}; default ${T_ARCA_ALL[*]}; grpc ${T_GRPC_ALL[*]}; chunks ${T_CHUNKS_ALL[*]}; inline ${T_INLINE_ALL[*]}; compaction ${T_COMPACT_ALL[*]}
+- runs (s): cp -a + sync ${T_CP_ALL[*]}; nix-store --add ${T_NIX_ALL[*]:-}; default ${T_ARCA_ALL[*]}; grpc ${T_GRPC_ALL[*]}; chunks ${T_CHUNKS_ALL[*]}; inline ${T_INLINE_ALL[*]}; compaction ${T_COMPACT_ALL[*]}
 - throughput: $(python3 -c "print('%.0f' % ($LOGICAL / 1e6 / $T_ARCA))") MB/s; arca / (cp -a + sync) = $(ratio "$T_ARCA" "$T_CP") (grpc: $(ratio "$T_GRPC" "$T_CP"), chunks: $(ratio "$T_CHUNKS" "$T_CP"), inline: $(ratio "$T_INLINE" "$T_CP"))
 - CPU (median): default import daemon $CPU_IMPORT s + client $CPU_CLIENT s, then compaction $CPU_COMPACT s; grpc daemon $CPU_GRPC s + client $CPU_CLIENT_GRPC s; chunks daemon $CPU_CHUNKS s; inline daemon $CPU_INLINE s
 - stored blob bytes after compaction: $STORED of $LOGICAL logical = $(ratio "$STORED" "$LOGICAL"); right after the import (whole files and raw chunks): $STORED_RAW = $(ratio "$STORED_RAW" "$LOGICAL"); inline: $STORED_INLINE = $(ratio "$STORED_INLINE" "$LOGICAL"); directories (sled): $DIRS bytes
