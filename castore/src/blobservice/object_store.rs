@@ -401,7 +401,10 @@ impl Inner {
             .ok_or_else(|| Error::Storage("small-file puts need a local directory".into()))?;
         let mut file = file;
         let start = file.stream_position().map_err(Error::from)?;
-        let mut data = Vec::with_capacity(self.params.max + 1);
+        // Sized by the file's length (it may still grow: read_to_end grows).
+        let len = file.metadata().map_err(Error::from)?.len();
+        let cap = usize::try_from(len).unwrap_or(usize::MAX).min(self.params.max) + 1;
+        let mut data = Vec::with_capacity(cap);
         (&mut file)
             .take(self.params.max as u64 + 1)
             .read_to_end(&mut data)
