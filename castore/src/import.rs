@@ -489,66 +489,51 @@ pub async fn import_path_with(
                     expected,
                     actual,
                 };
-                if direct {
-                    // Stored as read once; the store hashes it and keeps
-                    // one copy of content it has already.
-                    let file = open(path.clone()).await?;
-                    let (digest, actual) =
-                        blobs
-                            .put_file(file, None)
+                let store_err = |source| ImportError::Store {
+                    path: path.clone(),
+                    source,
+                };
+                // Where the store takes files directly, each is stored as
+                // read once (the store hashes it and keeps one copy of what
+                // it has already). Otherwise the digest first: content the
+                // store already has is not sent again, and what is sent must
+                // have that digest.
+                let local = if direct {
+                    None
+                } else {
+                    let (local, hashed_size) =
+                        digests
+                            .digest(&path)
                             .await
-                            .map_err(|source| ImportError::Store {
+                            .map_err(|source| ImportError::Io {
                                 path: path.clone(),
                                 source,
                             })?;
-                    if actual != expected {
-                        return Err(changed(actual));
+                    if hashed_size != expected {
+                        return Err(changed(hashed_size));
                     }
-                    progress.file_done(actual);
-                    return Ok((index, digest));
-                }
-                // The digest first: content the store already has is not sent again.
-                let (local, hashed_size) =
-                    digests
-                        .digest(&path)
-                        .await
-                        .map_err(|source| ImportError::Io {
-                            path: path.clone(),
-                            source,
-                        })?;
-                if hashed_size != expected {
-                    return Err(changed(hashed_size));
-                }
-                if blobs
-                    .has(&local)
-                    .await
-                    .map_err(|source| ImportError::Store {
-                        path: path.clone(),
-                        source,
-                    })?
-                {
-                    progress.file_done(expected);
-                    return Ok((index, local));
-                }
+                    if blobs.has(&local).await.map_err(store_err)? {
+                        progress.file_done(expected);
+                        return Ok((index, local));
+                    }
+                    Some(local)
+                };
                 let file = open(path.clone()).await?;
                 let (digest, actual) =
                     blobs
-                        .put_file(file, Some(local))
+                        .put_file(file, local)
                         .await
                         .map_err(|source| match source {
                             // The bytes stored are not the ones first hashed.
                             Error::DigestMismatch { .. } => {
                                 ImportError::ContentChanged { path: path.clone() }
                             }
-                            source => ImportError::Store {
-                                path: path.clone(),
-                                source,
-                            },
+                            source => store_err(source),
                         })?;
                 if actual != expected {
                     return Err(changed(actual));
                 }
-                if digest != local {
+                if local.is_some_and(|local| local != digest) {
                     return Err(ImportError::ContentChanged { path });
                 }
                 progress.file_done(actual);

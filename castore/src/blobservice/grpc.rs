@@ -407,13 +407,8 @@ impl BlobService for GrpcBlobService {
             }
             other => other?,
         };
-        match expected {
-            Some(expected) if expected != digest => Err(Error::DigestMismatch {
-                expected,
-                actual: digest,
-            }),
-            _ => Ok((digest, size)),
-        }
+        super::check_expected(expected, digest)?;
+        Ok((digest, size))
     }
 
     /// When the daemon takes open files.

@@ -187,12 +187,16 @@ pub async fn put_file_by_writes<S: BlobService + ?Sized>(
         w.write(piece).await?;
     }
     let digest = w.close().await?;
+    check_expected(expected, digest)?;
+    Ok((digest, size))
+}
+
+/// [Error::DigestMismatch] unless `actual` is the `expected` digest (if
+/// one is given): the check of every [BlobService::put_file].
+pub(crate) fn check_expected(expected: Option<B3Digest>, actual: B3Digest) -> Result<(), Error> {
     match expected {
-        Some(expected) if expected != digest => Err(Error::DigestMismatch {
-            expected,
-            actual: digest,
-        }),
-        _ => Ok((digest, size)),
+        Some(expected) if expected != actual => Err(Error::DigestMismatch { expected, actual }),
+        _ => Ok(()),
     }
 }
 

@@ -99,6 +99,26 @@ fn local_chunk_file(dir: &std::path::Path, hex: &str) -> std::path::PathBuf {
     dir.join("chunks").join(&hex[..2]).join(hex)
 }
 
+/// The chunk list file of blob `hex` under a local store directory.
+fn local_list_file(dir: &std::path::Path, hex: &str) -> std::path::PathBuf {
+    dir.join("blobs").join(&hex[..2]).join(hex)
+}
+
+/// A chunk list as stored (a `StatBlobResponse`, as the gRPC `Stat` answers).
+fn encode_chunk_list(chunks: &[ChunkMeta]) -> Vec<u8> {
+    proto::StatBlobResponse {
+        chunks: chunks
+            .iter()
+            .map(|c| proto::stat_blob_response::ChunkMeta {
+                digest: c.digest.to_bytes(),
+                size: c.size,
+            })
+            .collect(),
+        bao: Bytes::new(),
+    }
+    .encode_to_vec()
+}
+
 /// The whole-blob file of blob `hex` under a local store directory (see
 /// the module docs: blobs written whole, not chunked yet).
 fn local_whole_file(dir: &std::path::Path, hex: &str) -> std::path::PathBuf {
@@ -305,7 +325,7 @@ impl Inner {
             .ok_or_else(|| Error::Storage("whole blobs need a local directory".into()))?;
         let hex = digest.to_hex();
         let target = local_whole_file(dir, &hex);
-        let list = dir.join("blobs").join(&hex[..2]).join(&hex);
+        let list = local_list_file(dir, &hex);
         if file_nonempty(&list)? {
             return Ok(false);
         }
@@ -327,12 +347,12 @@ impl Inner {
         Ok(true)
     }
 
-    /// [BlobService::put_file] of a file larger than one chunk into a
-    /// whole-first store: copied in the kernel (`copy_file_range`) into a
-    /// staging file, the copy hashed (mapped: only this process writes it),
-    /// then committed. A file not larger than one chunk (by its length, or
-    /// by what the copy found: it may have shrunk) is handed back for the
-    /// chunk path. Blocking.
+    /// [BlobService::put_file] into a whole-first store. A file larger than
+    /// one chunk is copied in the kernel (`copy_file_range`) into a staging
+    /// file, the copy hashed (mapped: only this process writes it), then
+    /// committed; a smaller one is stored as chunks in the same trip
+    /// ([Self::put_small_file]). A file whose size changed on the way is
+    /// handed back for the writer or the chunk path. Blocking.
     fn put_whole_file(
         &self,
         mut file: std::fs::File,
@@ -343,7 +363,10 @@ impl Inner {
             return Err(Error::InvalidRequest("not a regular file".into()));
         }
         if meta.len() <= self.params.max as u64 {
-            return Ok(WholePut::NotLarge(file));
+            return Ok(match self.put_small_file(file, meta.len(), expected)? {
+                Ok((digest, size)) => WholePut::Stored(digest, size),
+                Err(grown) => WholePut::Grown(grown),
+            });
         }
         let dir = self
             .local_dir
@@ -371,27 +394,21 @@ impl Inner {
         }
         let digest = hash_own_file(&whole.staging, size)
             .map_err(|e| Error::Storage(format!("hashing {}: {e}", whole.staging.display())))?;
-        if let Some(expected) = expected {
-            if expected != digest {
-                return Err(Error::DigestMismatch {
-                    expected,
-                    actual: digest,
-                });
-            }
-        }
+        super::check_expected(expected, digest)?;
         whole.committed = self.commit_whole(&whole.staging, &digest)?;
         Ok(WholePut::Stored(digest, size))
     }
 
     /// [BlobService::put_file] of a file not larger than one chunk into a
-    /// local store, in one trip: read whole, cut (FastCDC, as a writer cuts
-    /// it), each new chunk written raw and journaled (or compressed, inline
-    /// mode), the chunk list if there are several. Stores what a writer
+    /// whole-first store, in one trip: read whole, cut (FastCDC, as a writer
+    /// cuts it), each new chunk written raw and journaled for the compactor,
+    /// the chunk list if there are several. Stores what a writer
     /// would. A file that turns out larger is handed back, at its start
     /// position again. Blocking.
     fn put_small_file(
         &self,
         file: std::fs::File,
+        len: u64,
         expected: Option<B3Digest>,
     ) -> Result<Result<(B3Digest, u64), std::fs::File>, Error> {
         use std::io::{Read, Seek};
@@ -402,8 +419,10 @@ impl Inner {
         let mut file = file;
         let start = file.stream_position().map_err(Error::from)?;
         // Sized by the file's length (it may still grow: read_to_end grows).
-        let len = file.metadata().map_err(Error::from)?.len();
-        let cap = usize::try_from(len).unwrap_or(usize::MAX).min(self.params.max) + 1;
+        let cap = usize::try_from(len)
+            .unwrap_or(usize::MAX)
+            .min(self.params.max)
+            + 1;
         let mut data = Vec::with_capacity(cap);
         (&mut file)
             .take(self.params.max as u64 + 1)
@@ -415,7 +434,6 @@ impl Inner {
             return Ok(Err(file));
         }
         let data = Bytes::from(data);
-        let inline = self.compaction.is_none();
         if let Some(c) = &self.compaction {
             c.note_write();
         }
@@ -432,12 +450,7 @@ impl Inner {
             let target = local_chunk_file(dir, &digest.to_hex());
             let size = chunk.len() as u64;
             if !file_nonempty(&target)? {
-                let payload = if inline {
-                    encode_chunk(chunk, self.zstd_level)?
-                } else {
-                    raw_payload(chunk)
-                };
-                write_file_atomically(&target, payload.as_ref(), false)
+                write_file_atomically(&target, raw_payload(chunk).as_ref(), false)
                     .map_err(|e| Error::Storage(format!("writing {}: {e}", target.display())))?;
                 if let Some(c) = &self.compaction {
                     c.record(digest);
@@ -450,30 +463,12 @@ impl Inner {
         } else {
             B3Digest::of(&data)
         };
-        if let Some(expected) = expected {
-            if expected != digest {
-                return Err(Error::DigestMismatch {
-                    expected,
-                    actual: digest,
-                });
-            }
-        }
+        super::check_expected(expected, digest)?;
         if list.len() > 1 {
             let hex = digest.to_hex();
-            let target = dir.join("blobs").join(&hex[..2]).join(&hex);
+            let target = local_list_file(dir, &hex);
             if !file_nonempty(&target)? {
-                let encoded = proto::StatBlobResponse {
-                    chunks: list
-                        .iter()
-                        .map(|c| proto::stat_blob_response::ChunkMeta {
-                            digest: c.digest.to_bytes(),
-                            size: c.size,
-                        })
-                        .collect(),
-                    bao: Bytes::new(),
-                }
-                .encode_to_vec();
-                write_file_atomically(&target, &[Bytes::from(encoded)], false)
+                write_file_atomically(&target, &[Bytes::from(encode_chunk_list(&list))], false)
                     .map_err(|e| Error::Storage(format!("writing {}: {e}", target.display())))?;
             }
         }
@@ -930,7 +925,7 @@ impl BlobService for ObjectStoreBlobService {
             // Both places in one trip, without opening anything.
             let hex = digest.to_hex();
             let chunk = local_chunk_file(dir, &hex);
-            let list = dir.join("blobs").join(&hex[..2]).join(&hex);
+            let list = local_list_file(dir, &hex);
             let whole = local_whole_file(dir, &hex);
             return tokio::task::spawn_blocking(move || -> Result<bool, Error> {
                 // The whole file before the list: the compactor writes the
@@ -999,9 +994,10 @@ impl BlobService for ObjectStoreBlobService {
         })
     }
 
-    /// In a whole-first store, a file larger than one chunk is copied in the
-    /// kernel and hashed in parallel (see `Inner::put_whole_file`); other
-    /// files are written as usual.
+    /// In a whole-first store, in one trip to the blocking pool: a file
+    /// larger than one chunk copied in the kernel and hashed in parallel, a
+    /// smaller one cut and written as chunks (see `Inner::put_whole_file`).
+    /// Other stores write files as usual.
     async fn put_file(
         &self,
         file: std::fs::File,
@@ -1016,29 +1012,12 @@ impl BlobService for ObjectStoreBlobService {
             .map_err(Error::storage)??
         {
             WholePut::Stored(digest, size) => Ok((digest, size)),
-            WholePut::NotLarge(file) => {
-                // One trip to the blocking pool for all of it.
-                let inner = self.inner.clone();
-                match tokio::task::spawn_blocking(move || inner.put_small_file(file, expected))
-                    .await
-                    .map_err(Error::storage)??
-                {
-                    Ok(stored) => Ok(stored),
-                    Err(grown) => super::put_file_by_writes(self, grown, expected).await,
-                }
-            }
+            WholePut::Grown(file) => super::put_file_by_writes(self, file, expected).await,
             WholePut::Small(data) => {
                 let size = data.len() as u64;
-                let mut w = self.open_write().await;
-                w.write(data).await?;
-                let digest = w.close().await?;
-                match expected {
-                    Some(expected) if expected != digest => Err(Error::DigestMismatch {
-                        expected,
-                        actual: digest,
-                    }),
-                    _ => Ok((digest, size)),
-                }
+                let digest = super::put_bytes(self, data).await?;
+                super::check_expected(expected, digest)?;
+                Ok((digest, size))
             }
         }
     }
@@ -1119,8 +1098,9 @@ struct ObjectStoreBlobWriter {
 enum WholePut {
     /// Stored whole (or found stored): its digest and size.
     Stored(B3Digest, u64),
-    /// Not larger than one chunk by its length: the file, untouched.
-    NotLarge(std::fs::File),
+    /// Not larger than one chunk by its length, larger when read: the
+    /// file, at its starting position again.
+    Grown(std::fs::File),
     /// Not larger than one chunk once copied: its bytes.
     Small(Bytes),
 }
@@ -1375,22 +1355,11 @@ impl ObjectStoreBlobWriter {
             self.chunks[0].digest
         } else {
             let digest = B3Digest::from(self.blob_hasher.finalize());
-            let list = proto::StatBlobResponse {
-                chunks: self
-                    .chunks
-                    .iter()
-                    .map(|c| proto::stat_blob_response::ChunkMeta {
-                        digest: c.digest.to_bytes(),
-                        size: c.size,
-                    })
-                    .collect(),
-                bao: Bytes::new(),
-            };
             let path = self.inner.blob_path(&digest);
             if !self.inner.exists_nonempty(&path).await? {
                 self.inner
                     .store
-                    .put(&path, PutPayload::from(list.encode_to_vec()))
+                    .put(&path, PutPayload::from(encode_chunk_list(&self.chunks)))
                     .await?;
             }
             digest

@@ -34,14 +34,13 @@
 //! records (a crash) only leaves chunks raw, which is still correct. Stale
 //! records (chunks compressed already) are harmless: they are skipped.
 use super::{
-    compress_chunk, local_chunk_file, local_whole_file, raw_payload, read_local_chunk,
-    write_file_atomically, ChunkingParams, STAGING_MARK, TAG_RAW, TAG_ZSTD,
+    compress_chunk, encode_chunk_list, local_chunk_file, local_list_file, local_whole_file,
+    raw_payload, read_local_chunk, write_file_atomically, ChunkMeta, ChunkingParams, STAGING_MARK,
+    TAG_RAW, TAG_ZSTD,
 };
 use crate::{B3Digest, Error, B3_LEN};
-use arca_proto::castore as proto;
 use bytes::Bytes;
 use parking_lot::{Condvar, Mutex};
-use prost::Message;
 use std::collections::{HashSet, VecDeque};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -66,13 +65,21 @@ pub enum LocalCompression {
 impl std::str::FromStr for LocalCompression {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "inline" => Ok(Self::Inline),
-            "background" => Ok(Self::Background),
-            other => Err(format!(
-                "unknown compression {other:?} (expected inline or background)"
-            )),
-        }
+        Ok(match inline_or_background("compression", s)? {
+            true => Self::Inline,
+            false => Self::Background,
+        })
+    }
+}
+
+/// Parses the value of a `what=inline|background` option: true for inline.
+fn inline_or_background(what: &str, s: &str) -> Result<bool, String> {
+    match s {
+        "inline" => Ok(true),
+        "background" => Ok(false),
+        other => Err(format!(
+            "unknown {what} {other:?} (expected inline or background)"
+        )),
     }
 }
 
@@ -90,13 +97,10 @@ pub enum LocalChunking {
 impl std::str::FromStr for LocalChunking {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "inline" => Ok(Self::Inline),
-            "background" => Ok(Self::Background),
-            other => Err(format!(
-                "unknown chunking {other:?} (expected inline or background)"
-            )),
-        }
+        Ok(match inline_or_background("chunking", s)? {
+            true => Self::Inline,
+            false => Self::Background,
+        })
     }
 }
 
@@ -546,10 +550,7 @@ fn chunk_whole(
             write_file_atomically(&target, &parts, true)
                 .map_err(|e| io(&format!("writing {}", target.display()), e))?;
         }
-        list.push(proto::stat_blob_response::ChunkMeta {
-            digest: d.to_bytes(),
-            size,
-        });
+        list.push(ChunkMeta { digest: d, size });
     }
     let actual = B3Digest::from(blob.finalize());
     if actual != *digest {
@@ -558,14 +559,9 @@ fn chunk_whole(
     }
     if list.len() > 1 {
         let hex = digest.to_hex();
-        let target = dir.join("blobs").join(&hex[..2]).join(&hex);
+        let target = local_list_file(dir, &hex);
         if !std::fs::metadata(&target).is_ok_and(|m| m.len() > 0) {
-            let encoded = proto::StatBlobResponse {
-                chunks: list.clone(),
-                bao: Bytes::new(),
-            }
-            .encode_to_vec();
-            write_file_atomically(&target, &[Bytes::from(encoded)], true)
+            write_file_atomically(&target, &[Bytes::from(encode_chunk_list(&list))], true)
                 .map_err(|e| io(&format!("writing {}", target.display()), e))?;
         }
     }
