@@ -6,8 +6,8 @@
 //! refer to each other by name; `default` is the entry point. Unknown names
 //! and reference cycles are refused before anything is built.
 use crate::blobservice::{
-    BlobService, CacheBlobService, GrpcBlobService, LocalChunking, LocalCompression,
-    LocalFilesOptions, MemoryBlobService, ObjectStoreBlobService,
+    BlobService, CacheBlobService, ChunkingParams, Codec, GrpcBlobService, LocalChunking,
+    LocalCompression, LocalFilesOptions, MemoryBlobService, ObjectStoreBlobService,
 };
 use crate::directoryservice::{
     CacheDirectoryService, DirectoryService, GrpcDirectoryService, LruDirectoryService,
@@ -288,15 +288,47 @@ pub fn local_files_options(options: &[(String, String)]) -> Result<LocalFilesOpt
     })
 }
 
-/// `objectstore+file://` takes two query pairs, `compression` and
-/// `chunking`, and only for blob services; other object stores compress and
-/// chunk inline and take no such pairs.
+/// The query pair choosing how an object-store blob service compresses
+/// chunks (`lz4`, the default, or `zstd`), on any object store.
+const CODEC_KEY: &str = "codec";
+
+/// The `codec` pair of an `objectstore+…` blob service (see [Codec]).
+pub fn blob_codec(options: &[(String, String)]) -> Result<Codec, String> {
+    match options.iter().rev().find(|(k, _)| k == CODEC_KEY) {
+        None => Ok(Codec::default()),
+        Some((_, v)) => v.parse(),
+    }
+}
+
+/// The query pairs that are `object_store`'s own options (Arca's `codec`
+/// left out).
+fn object_store_options(options: &[(String, String)]) -> Vec<(String, String)> {
+    options
+        .iter()
+        .filter(|(k, _)| k != CODEC_KEY)
+        .cloned()
+        .collect()
+}
+
+/// `objectstore+file://` takes three query pairs, `compression`,
+/// `chunking` and `codec`, and only for blob services; other object stores
+/// compress and chunk inline and take `codec` (blob services only) besides
+/// `object_store`'s own options.
 fn check_compression_option(
     kind: ServiceKind,
     scheme: &str,
     pairs: &[(String, String)],
 ) -> Result<(), String> {
     const LOCAL_KEYS: [&str; 2] = ["compression", "chunking"];
+    if let Some((k, v)) = pairs.iter().find(|(k, _)| k == CODEC_KEY) {
+        if kind != ServiceKind::Blob {
+            return Err(format!(
+                "{k}= only applies to blob services, not {} services",
+                kind.noun()
+            ));
+        }
+        v.parse::<Codec>()?;
+    }
     let local_key = pairs.iter().find(|(k, _)| LOCAL_KEYS.contains(&k.as_str()));
     if scheme != "file" {
         if let Some((k, _)) = local_key {
@@ -308,10 +340,10 @@ fn check_compression_option(
     }
     if let Some((k, _)) = pairs
         .iter()
-        .find(|(k, _)| !LOCAL_KEYS.contains(&k.as_str()))
+        .find(|(k, _)| !LOCAL_KEYS.contains(&k.as_str()) && k != CODEC_KEY)
     {
         return Err(format!(
-            "unknown parameter {k:?} for objectstore+file:// (expected compression or chunking)"
+            "unknown parameter {k:?} for objectstore+file:// (expected compression, chunking or codec)"
         ));
     }
     if let (Some((k, _)), true) = (local_key, kind != ServiceKind::Blob) {
@@ -409,7 +441,7 @@ impl ServiceConfig {
                 check_compression_option(kind, ourl.scheme(), &pairs).map_err(err)?;
                 if ourl.scheme() != "file" && ourl.scheme() != "memory" {
                     // Check options now, so a typo fails at start, not at first use.
-                    object_store::parse_url_opts(&ourl, pairs.clone())
+                    object_store::parse_url_opts(&ourl, object_store_options(&pairs))
                         .map_err(|e| err(e.to_string()))?;
                 }
                 ServiceConfig::ObjectStore {
@@ -854,7 +886,13 @@ impl Builder {
             ServiceConfig::Memory => Arc::new(MemoryBlobService::default()),
             ServiceConfig::ObjectStore { url, options } => {
                 let (store, base) = object_store_from(url, options).map_err(build_err)?;
-                let svc = ObjectStoreBlobService::new(store, base);
+                let codec = blob_codec(options).map_err(build_err)?;
+                let svc = ObjectStoreBlobService::with_params(
+                    store,
+                    base,
+                    ChunkingParams::default(),
+                    codec,
+                );
                 if url.scheme() == "file" {
                     // Same files, fewer trips: see `with_local_files`.
                     let options = local_files_options(options).map_err(build_err)?;
@@ -949,8 +987,8 @@ pub fn object_store_from(
             .with_automatic_cleanup(true);
         return Ok((Arc::new(fs), object_store::path::Path::default()));
     }
-    let (store, path) =
-        object_store::parse_url_opts(url, options.iter().cloned()).map_err(|e| e.to_string())?;
+    let (store, path) = object_store::parse_url_opts(url, object_store_options(options))
+        .map_err(|e| e.to_string())?;
     Ok((Arc::from(store), path))
 }
 

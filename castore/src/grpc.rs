@@ -1,6 +1,6 @@
 //! gRPC plumbing: server wrappers exposing any [BlobService] /
 //! [DirectoryService] as `tvix.castore.v1`, and client channels from URLs.
-use crate::blobservice::{as_plain, StoredBlob, MAX_BATCH_DIGESTS};
+use crate::blobservice::{as_plain, StoredBlob, MAX_BATCH_BLOB_SIZE, MAX_BATCH_DIGESTS};
 use crate::directoryservice::ClosureValidator;
 use crate::{B3Digest, BlobService, DirectoryService, Error};
 use arca_proto::castore as proto;
@@ -67,6 +67,14 @@ where
             }))
         }))
     }
+}
+
+/// A blob as stored, decoded for a client that did not accept its form
+/// (not verified here: every batch client verifies what it gets).
+fn plain(digest: B3Digest, blob: StoredBlob) -> Result<Option<StoredBlob>, Error> {
+    blob.decode(MAX_BATCH_BLOB_SIZE)
+        .map(|data| Some(StoredBlob::Plain(data)))
+        .map_err(|e| Error::Storage(format!("blob {digest}: corrupt compressed data: {e}")))
 }
 
 fn digest_arg(raw: &bytes::Bytes) -> Result<B3Digest, Status> {
@@ -243,11 +251,12 @@ impl batch_proto::blob_batch_service_server::BlobBatchService for GrpcBlobBatchS
             .map(digest_arg)
             .collect::<Result<Vec<_>, _>>()?;
         let svc = self.svc.clone();
-        let accept_zstd = req.accept_zstd;
+        let (accept_zstd, accept_lz4) = (req.accept_zstd, req.accept_lz4);
         let stream = async_stream::stream! {
             // Blobs as stored (compressed, unverified) only for clients that
-            // said they decompress and verify them.
-            let mut items = if accept_zstd {
+            // said they decompress and verify them; a form a client did not
+            // accept is decoded here (the client verifies it all the same).
+            let mut items = if accept_zstd || accept_lz4 {
                 svc.read_many_as_stored(digests)
             } else {
                 as_plain(svc.read_many(digests))
@@ -255,16 +264,30 @@ impl batch_proto::blob_batch_service_server::BlobBatchService for GrpcBlobBatchS
             while let Some(item) = items.next().await {
                 match item {
                     Ok((digest, blob)) => {
-                        let (found, zstd, data) = match blob {
-                            None => (false, false, Bytes::new()),
-                            Some(StoredBlob::Plain(data)) => (true, false, data),
-                            Some(StoredBlob::Zstd(frame)) => (true, true, frame),
+                        let blob = match blob {
+                            Some(b @ StoredBlob::Zstd(_)) if !accept_zstd => plain(digest, b),
+                            Some(b @ StoredBlob::Lz4(_)) if !accept_lz4 => plain(digest, b),
+                            other => Ok(other),
+                        };
+                        let blob = match blob {
+                            Ok(b) => b,
+                            Err(e) => {
+                                yield Err(Status::from(e));
+                                break;
+                            }
+                        };
+                        let (found, zstd, lz4, data) = match blob {
+                            None => (false, false, false, Bytes::new()),
+                            Some(StoredBlob::Plain(data)) => (true, false, false, data),
+                            Some(StoredBlob::Zstd(frame)) => (true, true, false, frame),
+                            Some(StoredBlob::Lz4(payload)) => (true, false, true, payload),
                         };
                         yield Ok(batch_proto::ReadBlobsResponse {
                             digest: digest.to_bytes(),
                             found,
                             data,
                             zstd,
+                            lz4,
                         })
                     }
                     Err(e) => {

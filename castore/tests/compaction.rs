@@ -6,14 +6,19 @@ use arca_castore::blobservice::{
     put_bytes, read_all, BlobService, LocalChunking, LocalCompression, LocalFilesOptions,
     ObjectStoreBlobService,
 };
+use arca_castore::composition::{Builder, Composition};
 use arca_castore::{B3Digest, Error};
+use bytes::Bytes;
 use common::*;
+use futures::TryStreamExt;
 use rand::RngCore;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 const TAG_RAW: u8 = 0;
 const TAG_ZSTD: u8 = 1;
+/// The tag of chunks compressed with the default codec (LZ4).
+const TAG_COMPRESSED: u8 = 2;
 const JOURNAL: &str = "pending-compression";
 /// Longest a test waits for the compactor.
 const PATIENCE: Duration = Duration::from_secs(120);
@@ -152,7 +157,7 @@ async fn chunks_are_written_raw_then_compressed() {
     let after = chunk_files(dir);
     assert_eq!(after, files, "same chunks, no staging files left");
     assert!(
-        after.iter().all(|f| tag(f) == TAG_ZSTD),
+        after.iter().all(|f| tag(f) == TAG_COMPRESSED),
         "every chunk compressed"
     );
     let compressed = disk_bytes(&after);
@@ -236,7 +241,7 @@ async fn reads_during_compaction_are_correct() {
         reads += r.await.unwrap();
     }
     wait_compacted(&svc, &dir).await;
-    assert!(chunk_files(&dir).iter().all(|f| tag(f) == TAG_ZSTD));
+    assert!(chunk_files(&dir).iter().all(|f| tag(f) == TAG_COMPRESSED));
     assert!(reads >= 11, "{reads} reads");
 }
 
@@ -257,7 +262,7 @@ async fn the_journal_resumes_compaction_after_a_restart() {
     );
     wait_compacted(&svc, dir).await;
     assert_eq!(chunk_files(dir), files);
-    assert!(files.iter().all(|f| tag(f) == TAG_ZSTD));
+    assert!(files.iter().all(|f| tag(f) == TAG_COMPRESSED));
     assert_eq!(read_all(&svc, &digest).await.unwrap().unwrap(), data);
 }
 
@@ -272,7 +277,7 @@ async fn stopping_mid_compaction_leaves_a_consistent_store() {
         let svc = open(dir, Duration::ZERO);
         // Stop as soon as compaction has begun.
         let start = Instant::now();
-        while !files.iter().any(|f| tag(f) == TAG_ZSTD) {
+        while !files.iter().any(|f| tag(f) == TAG_COMPRESSED) {
             assert!(start.elapsed() < PATIENCE);
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
@@ -297,7 +302,7 @@ async fn stopping_mid_compaction_leaves_a_consistent_store() {
     }
     let svc = open(dir, Duration::from_millis(20));
     wait_compacted(&svc, dir).await;
-    assert!(chunk_files(dir).iter().all(|f| tag(f) == TAG_ZSTD));
+    assert!(chunk_files(dir).iter().all(|f| tag(f) == TAG_COMPRESSED));
     assert_eq!(read_all(&svc, &digest).await.unwrap().unwrap(), data);
 }
 
@@ -322,13 +327,92 @@ async fn a_corrupt_raw_chunk_is_not_compressed() {
         "the corrupt chunk is left exactly as it was"
     );
     for f in files.iter().filter(|f| *f != victim) {
-        assert_eq!(tag(f), TAG_ZSTD, "{}", f.display());
+        assert_eq!(tag(f), TAG_COMPRESSED, "{}", f.display());
     }
     let r = read_all(&svc, &digest).await;
     assert!(
         matches!(r, Err(Error::Storage(ref m)) if m.contains("verification")),
         "{r:?}"
     );
+}
+
+/// `?codec=zstd` stores zstd frames (tag 1), the default LZ4 blocks (tag
+/// 2), and either store reads the other's chunks: the tag byte decides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_codec_is_chosen_by_the_url_and_every_codec_is_read() {
+    let data = Bytes::from(test_data(3 * 1024 * 1024, 67));
+    let small_text = |n: u32| Bytes::from(format!("line {n} of some text\n").repeat(4000));
+    let (zstd_store, _d, g) = from_urls(
+        "objectstore+file://{tmp}/blobs?compression=inline&codec=zstd",
+        "memory://",
+    );
+    let dir = g.tmp.as_ref().unwrap().path().join("blobs");
+    let digest = put_bytes(&*zstd_store, data.clone()).await.unwrap();
+    let small_zstd = put_bytes(&*zstd_store, small_text(1)).await.unwrap();
+    let files = chunk_files(&dir);
+    assert!(files.len() > 2);
+    assert!(files.iter().all(|f| tag(f) == TAG_ZSTD));
+    drop(zstd_store);
+    // The same directory opened with the default codec reads the zstd
+    // chunks; what it writes is LZ4.
+    let blob_at = |url: String| {
+        Builder::new(Composition::from_urls(&url, "memory://").unwrap())
+            .blob_service("default")
+            .unwrap()
+    };
+    let lz4_store = blob_at(format!(
+        "objectstore+file://{}?compression=inline",
+        dir.display()
+    ));
+    assert_eq!(read_all(&*lz4_store, &digest).await.unwrap().unwrap(), data);
+    let other = Bytes::from(test_data(3 * 1024 * 1024, 68));
+    let other_digest = put_bytes(&*lz4_store, other.clone()).await.unwrap();
+    let small_lz4 = put_bytes(&*lz4_store, small_text(2)).await.unwrap();
+    let lz4_files: Vec<PathBuf> = chunk_files(&dir)
+        .into_iter()
+        .filter(|f| !files.contains(f))
+        .collect();
+    assert!(lz4_files.len() > 2);
+    assert!(lz4_files.iter().all(|f| tag(f) == TAG_COMPRESSED));
+    // Both codecs compress text well, zstd better.
+    let on_disk =
+        |d: &B3Digest| disk_bytes(&[dir.join("chunks").join(&d.to_hex()[..2]).join(d.to_hex())]);
+    assert!(on_disk(&small_zstd) < on_disk(&small_lz4));
+    assert!(on_disk(&small_lz4) < small_text(2).len() as u64 / 4);
+    // A zstd store reads LZ4 chunks, and batch reads decode both.
+    let zstd_store = blob_at(format!(
+        "objectstore+file://{}?compression=inline&codec=zstd",
+        dir.display()
+    ));
+    assert_eq!(
+        read_all(&*zstd_store, &other_digest)
+            .await
+            .unwrap()
+            .unwrap(),
+        other
+    );
+    let both = vec![small_zstd, small_lz4];
+    let answers: Vec<_> = zstd_store
+        .read_many(both.clone())
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(answers.len(), 2);
+    for ((asked, got), (digest, n)) in answers.into_iter().zip(both.into_iter().zip([1, 2])) {
+        assert_eq!(asked, digest);
+        assert_eq!(got.unwrap(), small_text(n));
+    }
+    // Unknown codecs, and codecs for directory services, are refused when the URL is read.
+    let e = Composition::from_urls("objectstore+file:///tmp/x?codec=brotli", "memory://")
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("expected lz4 or zstd"), "{e}");
+    let e = Composition::from_urls("memory://", "objectstore+file:///tmp/x?codec=zstd")
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("only applies to blob services"), "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -343,7 +427,7 @@ async fn compression_is_chosen_by_the_url() {
     let digest = put_bytes(&*b, data.clone().into()).await.unwrap();
     let files = chunk_files(&dir);
     assert!(!files.is_empty());
-    assert!(files.iter().all(|f| tag(f) == TAG_ZSTD));
+    assert!(files.iter().all(|f| tag(f) == TAG_COMPRESSED));
     assert!(!dir.join(JOURNAL).exists());
     assert_eq!(read_all(&*b, &digest).await.unwrap().unwrap(), data);
 
@@ -419,7 +503,7 @@ async fn a_rewritten_chunk_is_compressed_again() {
     let digest = put_bytes(&svc, data.clone().into()).await.unwrap();
     wait_compacted(&svc, dir).await;
     let files = chunk_files(dir);
-    assert!(files.iter().all(|f| tag(f) == TAG_ZSTD));
+    assert!(files.iter().all(|f| tag(f) == TAG_COMPRESSED));
     let first = files[0].clone();
     let compressed = std::fs::read(&first).unwrap();
     std::fs::remove_file(&first).unwrap();

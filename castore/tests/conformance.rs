@@ -529,6 +529,13 @@ suite!(
     )
 );
 suite!(
+    objectstore_file_zstd,
+    from_urls(
+        "objectstore+file://{tmp}/blobs?compression=inline&codec=zstd",
+        "objectstore+file://{tmp}/dirs"
+    )
+);
+suite!(
     cache,
     from_urls(
         "cache://?near=memory://&far=objectstore+file://{tmp}/far-blobs",
@@ -573,6 +580,14 @@ suite!(
     behind_grpc(from_urls(
         "objectstore+file://{tmp}/b?compression=inline",
         "objectstore+file://{tmp}/d"
+    ))
+    .await
+);
+suite!(
+    grpc_objectstore_memory_zstd,
+    behind_grpc(from_urls(
+        "objectstore+memory:///?codec=zstd",
+        "objectstore+memory:///"
     ))
     .await
 );

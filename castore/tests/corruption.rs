@@ -38,8 +38,19 @@ async fn inline_store_behind_grpc() -> (
     PathBuf,
     Guard,
 ) {
+    inline_store_behind_grpc_with("lz4").await
+}
+
+/// [inline_store_behind_grpc] with this codec.
+async fn inline_store_behind_grpc_with(
+    codec: &str,
+) -> (
+    std::sync::Arc<dyn arca_castore::BlobService>,
+    PathBuf,
+    Guard,
+) {
     let local = from_urls(
-        "objectstore+file://{tmp}/blobs?compression=inline",
+        &format!("objectstore+file://{{tmp}}/blobs?compression=inline&codec={codec}"),
         "memory://",
     );
     let root = local.2.tmp.as_ref().unwrap().path().join("blobs");
@@ -54,10 +65,12 @@ fn flip_last_byte(p: &Path) {
     std::fs::write(p, data).unwrap();
 }
 
-/// Local-files blob URLs in both compression modes, chunks cut while
-/// writing (tampering with whole-blob files: see compaction.rs).
-const LOCAL_BLOBS: [&str; 2] = [
+/// Local-files blob URLs in both compression modes and with both codecs,
+/// chunks cut while writing (tampering with whole-blob files: see
+/// compaction.rs).
+const LOCAL_BLOBS: [&str; 3] = [
     "objectstore+file://{tmp}/blobs?compression=inline",
+    "objectstore+file://{tmp}/blobs?compression=inline&codec=zstd",
     "objectstore+file://{tmp}/blobs?compression=background&chunking=inline",
 ];
 
@@ -180,7 +193,14 @@ async fn a_reordered_chunk_list_fails_whole_blob_verification_on(url: &str) {
 /// caller. Both kinds of chunk file, tampered, must fail there.
 #[tokio::test]
 async fn tampered_chunks_fail_verification_in_batch_reads_through_grpc() {
-    let (b, root, _g) = inline_store_behind_grpc().await;
+    // Both codecs: LZ4 blocks (tag 2, the default) and zstd frames (tag 1).
+    for (codec, tag) in [("lz4", 2u8), ("zstd", 1)] {
+        tampered_batch_reads_with(codec, tag).await;
+    }
+}
+
+async fn tampered_batch_reads_with(codec: &str, tag: u8) {
+    let (b, root, _g) = inline_store_behind_grpc_with(codec).await;
     let text = b"a line of text that compresses well\n".repeat(2000);
     let mut incompressible = vec![0u8; 3000];
     blake3::Hasher::new()
@@ -190,8 +210,8 @@ async fn tampered_chunks_fail_verification_in_batch_reads_through_grpc() {
     let compressed = put_bytes(&*b, text.clone().into()).await.unwrap();
     let raw = put_bytes(&*b, incompressible.clone().into()).await.unwrap();
     let chunk_file = |d: &B3Digest| stored_file(&root, "chunks", d);
-    // The two ways chunks are stored: a zstd frame and raw bytes.
-    assert_eq!(std::fs::read(chunk_file(&compressed)).unwrap()[0], 1);
+    // The two ways chunks are stored: compressed and raw bytes.
+    assert_eq!(std::fs::read(chunk_file(&compressed)).unwrap()[0], tag);
     assert_eq!(std::fs::read(chunk_file(&raw)).unwrap()[0], 0);
     let got: Vec<_> = b
         .read_many(vec![compressed, raw])
@@ -209,7 +229,7 @@ async fn tampered_chunks_fail_verification_in_batch_reads_through_grpc() {
         flip_last_byte(&chunk_file(&d));
         let r: Result<Vec<_>, Error> = b.read_many(vec![d]).try_collect().await;
         assert!(
-            matches!(r, Err(Error::Storage(ref m)) if m.contains("verification") || m.contains("zstd")),
+            matches!(r, Err(Error::Storage(ref m)) if m.contains("verification") || m.contains("compressed data")),
             "{r:?}"
         );
     }

@@ -551,6 +551,12 @@ enum BatchLie {
     ZstdBomb,
     /// Bytes that are no zstd frame, flagged as one.
     ZstdGarbage,
+    /// An LZ4 block of other bytes than the blob's.
+    Lz4WrongBytes,
+    /// A small LZ4 payload that claims 5 MiB.
+    Lz4Bomb,
+    /// Bytes that are no LZ4 block, flagged as one.
+    Lz4Garbage,
 }
 
 /// A blob service whose batch reads lie (single reads are honest).
@@ -583,7 +589,7 @@ impl BlobService for BatchLiar {
                 BatchLie::Short => { answers.pop(); }
                 BatchLie::WrongBytes => answers[0].1 = Some(Bytes::from_static(b"not what you asked for")),
                 // Honest plain answers; the lie is in read_many_as_stored.
-                BatchLie::ZstdWrongBytes | BatchLie::ZstdBomb | BatchLie::ZstdGarbage => {}
+                _ => {}
             }
             for a in answers {
                 yield Ok(a);
@@ -598,15 +604,27 @@ impl BlobService for BatchLiar {
     {
         use arca_castore::blobservice::StoredBlob;
         use futures::StreamExt;
-        let frame = match self.1 {
-            BatchLie::ZstdWrongBytes => zstd::bulk::compress(b"not what you asked for", 3).unwrap(),
-            BatchLie::ZstdBomb => zstd::bulk::compress(&vec![0u8; 5 << 20], 3).unwrap(),
-            BatchLie::ZstdGarbage => b"no zstd frame at all".to_vec(),
+        let lz4 = |data: &[u8]| lz4::block::compress(data, None, true).unwrap();
+        let blob = match self.1 {
+            BatchLie::ZstdWrongBytes => StoredBlob::Zstd(
+                zstd::bulk::compress(b"not what you asked for", 3)
+                    .unwrap()
+                    .into(),
+            ),
+            BatchLie::ZstdBomb => {
+                StoredBlob::Zstd(zstd::bulk::compress(&vec![0u8; 5 << 20], 3).unwrap().into())
+            }
+            BatchLie::ZstdGarbage => StoredBlob::Zstd(Bytes::from_static(b"no zstd frame at all")),
+            BatchLie::Lz4WrongBytes => StoredBlob::Lz4(lz4(b"not what you asked for").into()),
+            BatchLie::Lz4Bomb => StoredBlob::Lz4(lz4(&vec![0u8; 5 << 20]).into()),
+            BatchLie::Lz4Garbage => {
+                StoredBlob::Lz4(Bytes::from_static(b"\x10\0\0\0no lz4 block at all"))
+            }
             _ => return arca_castore::blobservice::as_plain(self.read_many(digests)),
         };
         let answers: Vec<_> = digests
             .into_iter()
-            .map(|d| Ok((d, Some(StoredBlob::Zstd(Bytes::from(frame.clone()))))))
+            .map(|d| Ok((d, Some(blob.clone()))))
             .collect();
         futures::stream::iter(answers).boxed()
     }
@@ -621,7 +639,10 @@ async fn clients_verify_batch_answers() {
         (BatchLie::WrongBytes, "verification"),
         (BatchLie::ZstdWrongBytes, "verification"),
         (BatchLie::ZstdBomb, "more than 4194304"),
-        (BatchLie::ZstdGarbage, "bad zstd frame"),
+        (BatchLie::ZstdGarbage, "bad compressed data"),
+        (BatchLie::Lz4WrongBytes, "verification"),
+        (BatchLie::Lz4Bomb, "more than 4194304"),
+        (BatchLie::Lz4Garbage, "bad compressed data"),
     ] {
         let mem = MemoryBlobService::default();
         let a = put_bytes(&mem, Bytes::from_static(b"first blob"))
@@ -649,43 +670,64 @@ async fn clients_verify_batch_answers() {
     }
 }
 
-/// `accept_zstd` on the wire: a client that sets it may get a chunk as its
-/// zstd frame (`zstd` set; the frame decodes to the blob); a client that
-/// does not (older Arca clients, anyone else) always gets the blob itself.
+/// `accept_zstd` and `accept_lz4` on the wire: a client that accepts the
+/// form a blob is stored in gets it so (`zstd` or `lz4` set; it decodes to
+/// the blob); a client that does not (older Arca clients, anyone else)
+/// gets the blob itself, whatever else it accepts.
 #[tokio::test]
-async fn batch_reads_send_zstd_frames_only_to_clients_that_accept_them() {
+async fn batch_reads_send_compressed_forms_only_to_clients_that_accept_them() {
     use arca_proto::castore_batch::blob_batch_service_client::BlobBatchServiceClient;
     use arca_proto::castore_batch::ReadBlobsRequest;
-    let local = from_urls(
-        "objectstore+file://{tmp}/blobs?compression=inline",
-        "memory://",
-    );
     let text = Bytes::from(b"compressible line of text\n".repeat(1000));
-    let digest = put_bytes(&*local.0, text.clone()).await.unwrap();
-    let server = serve(local.0.clone(), local.1.clone()).await;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
-        .unwrap()
-        .connect_lazy();
-    let mut client = BlobBatchServiceClient::new(channel);
-    for accept_zstd in [false, true] {
-        let mut answers = client
-            .read_blobs(ReadBlobsRequest {
-                digests: vec![digest.to_bytes()],
-                accept_zstd,
-            })
-            .await
+    for codec in ["zstd", "lz4"] {
+        let local = from_urls(
+            &format!("objectstore+file://{{tmp}}/blobs?compression=inline&codec={codec}"),
+            "memory://",
+        );
+        let digest = put_bytes(&*local.0, text.clone()).await.unwrap();
+        let server = serve(local.0.clone(), local.1.clone()).await;
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
             .unwrap()
-            .into_inner();
-        let msg = answers.message().await.unwrap().unwrap();
-        assert!(msg.found);
-        assert_eq!(msg.zstd, accept_zstd);
-        if accept_zstd {
-            assert!(msg.data.len() < text.len() / 4, "{} bytes", msg.data.len());
-            assert_eq!(zstd::bulk::decompress(&msg.data, text.len()).unwrap(), text);
-        } else {
-            assert_eq!(msg.data, text);
+            .connect_lazy();
+        let mut client = BlobBatchServiceClient::new(channel);
+        for (accept_zstd, accept_lz4) in
+            [(false, false), (true, false), (false, true), (true, true)]
+        {
+            let mut answers = client
+                .read_blobs(ReadBlobsRequest {
+                    digests: vec![digest.to_bytes()],
+                    accept_zstd,
+                    accept_lz4,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let msg = answers.message().await.unwrap().unwrap();
+            let case = format!("{codec} store, accept zstd {accept_zstd} lz4 {accept_lz4}");
+            assert!(msg.found, "{case}");
+            assert_eq!(msg.zstd, codec == "zstd" && accept_zstd, "{case}");
+            assert_eq!(msg.lz4, codec == "lz4" && accept_lz4, "{case}");
+            if msg.zstd {
+                assert!(
+                    msg.data.len() < text.len() / 4,
+                    "{case}: {} bytes",
+                    msg.data.len()
+                );
+                assert_eq!(zstd::bulk::decompress(&msg.data, text.len()).unwrap(), text);
+            } else if msg.lz4 {
+                assert!(
+                    msg.data.len() < text.len() / 4,
+                    "{case}: {} bytes",
+                    msg.data.len()
+                );
+                let size = u32::from_le_bytes(msg.data[..4].try_into().unwrap());
+                assert_eq!(size as usize, text.len(), "{case}");
+                assert_eq!(lz4::block::decompress(&msg.data, None).unwrap(), text);
+            } else {
+                assert_eq!(msg.data, text, "{case}");
+            }
+            assert!(answers.message().await.unwrap().is_none());
         }
-        assert!(answers.message().await.unwrap().is_none());
     }
 }
 

@@ -85,11 +85,52 @@ fn file_bytes(
     Ok(data.slice(read_range(offset, size, file_size)))
 }
 
-/// What is left of one read-ahead's budget.
-struct Budget {
+/// One read-ahead window being collected: what is left of its budget, the
+/// small files in it that are neither cached nor in flight (digest, size,
+/// inode), and which of them is the window's marker.
+struct Window {
     files: usize,
     bytes: u64,
     scan: usize,
+    missing: Vec<(B3Digest, u64, u64)>,
+    /// Index in `missing` of the first file past the window's middle (in
+    /// files or bytes). It is not pushed into the page cache, so reading it
+    /// reaches the filesystem, which then reads ahead from there: the next
+    /// window is fetched while half of this one is still to be read (the
+    /// kernel's own read-ahead marker, for a walk over many files). Without
+    /// it, files served from the page cache would send no request at all,
+    /// and the walk would stall at the end of every window.
+    marker: Option<usize>,
+}
+
+impl Window {
+    fn new() -> Self {
+        Self {
+            files: SIBLING_FILES,
+            bytes: SIBLING_BYTES,
+            scan: SIBLING_SCAN,
+            missing: Vec::new(),
+            marker: None,
+        }
+    }
+
+    /// Counts a small file against the budget (false: it does not fit) and
+    /// records it if `missing`.
+    fn take(&mut self, digest: B3Digest, size: u64, ino: u64, missing: bool) -> bool {
+        if self.files == 0 || self.bytes < size {
+            return false;
+        }
+        let past_middle = self.files <= SIBLING_FILES / 2 || self.bytes <= SIBLING_BYTES / 2;
+        self.files -= 1;
+        self.bytes -= size;
+        if missing {
+            if past_middle && self.marker.is_none() {
+                self.marker = Some(self.missing.len());
+            }
+            self.missing.push((digest, size, ino));
+        }
+        true
+    }
 }
 /// The extended attribute holding a file's or directory's BLAKE3 digest (hex).
 pub const XATTR_BLAKE3: &str = "user.arca.blake3";
@@ -333,20 +374,15 @@ impl Inner {
         let Some(listing) = self.dirs.cached(&parent.dir) else {
             return;
         };
-        let mut budget = Budget {
-            files: SIBLING_FILES,
-            bytes: SIBLING_BYTES,
-            scan: SIBLING_SCAN,
-        };
+        let mut window = Window::new();
         let current_missing = current_too
             && matches!(listing.entries.get(parent.index), Some((_, Node::File { digest, .. })) if !self.blobs.has(digest));
-        let mut missing = Vec::new();
         let start = if current_too {
             parent.index
         } else {
             parent.index + 1
         };
-        let mut room_left = self.prefetch_from(&listing, start, &mut budget, 0, &mut missing);
+        let mut room_left = self.prefetch_from(&listing, start, &mut window, 0);
         // Past the end of this directory, the walk goes on after it in its parent.
         let mut at = parent.dir;
         for _ in 0..16 {
@@ -359,13 +395,18 @@ impl Inner {
             let Some(up_listing) = self.dirs.cached(&up.dir) else {
                 break;
             };
-            room_left = self.prefetch_from(&up_listing, up.index + 1, &mut budget, 0, &mut missing);
+            room_left = self.prefetch_from(&up_listing, up.index + 1, &mut window, 0);
             at = up.dir;
         }
-        if missing.len() >= BATCH_MIN || current_missing {
-            let items: Vec<(B3Digest, u64)> = missing.iter().map(|(d, s, _)| (*d, *s)).collect();
+        if window.missing.len() >= BATCH_MIN || current_missing {
+            let items: Vec<(B3Digest, u64)> =
+                window.missing.iter().map(|(d, s, _)| (*d, *s)).collect();
+            let mut to_page_cache = window.missing;
+            if let Some(marker) = window.marker {
+                to_page_cache.swap_remove(marker);
+            }
             self.blobs
-                .prefetch_batch(&items, self.page_cache_hook(missing));
+                .prefetch_batch(&items, self.page_cache_hook(to_page_cache));
         }
     }
 
@@ -382,38 +423,33 @@ impl Inner {
     }
 
     /// Collects the small files of `listing.entries[start..]` (and of the
-    /// subdirectories on the way) that are neither cached nor in flight;
-    /// false once the budget is spent. Files already there count against
-    /// the window too.
+    /// subdirectories on the way) into the window; false once its budget
+    /// is spent. Files already cached or in flight count against the
+    /// window too.
     fn prefetch_from(
         &self,
         listing: &Listing,
         start: usize,
-        budget: &mut Budget,
+        window: &mut Window,
         depth: usize,
-        missing: &mut Vec<(B3Digest, u64, u64)>,
     ) -> bool {
         for (_, node) in listing.entries.iter().skip(start) {
-            if budget.scan == 0 {
+            if window.scan == 0 {
                 return false;
             }
-            budget.scan -= 1;
+            window.scan -= 1;
             match node {
                 Node::File { digest, size, .. } if *size > 0 && *size <= SMALL_FILE => {
-                    if budget.files == 0 || budget.bytes < *size {
+                    // A file's inode depends only on its content and exec bit.
+                    let ino = ino_of(0, b"", node);
+                    if !window.take(*digest, *size, ino, !self.blobs.has(digest)) {
                         return false;
-                    }
-                    budget.files -= 1;
-                    budget.bytes -= size;
-                    if !self.blobs.has(digest) {
-                        // A file's inode depends only on its content and exec bit.
-                        missing.push((*digest, *size, ino_of(0, b"", node)));
                     }
                 }
                 Node::Directory { digest, .. } if depth < 16 => {
                     // Only directories already fetched (the closure prefetch fetched them).
                     if let Some(sub) = self.dirs.cached(digest) {
-                        if !self.prefetch_from(&sub, 0, budget, depth + 1, missing) {
+                        if !self.prefetch_from(&sub, 0, window, depth + 1) {
                             return false;
                         }
                     }
@@ -664,11 +700,19 @@ impl Filesystem for ArcaFs {
             }
         }
         let inner = self.inner.clone();
+        let t0 = std::time::Instant::now();
+        let was_inflight = inner.blobs.has(&digest);
         self.spawn(async move {
-            match inner
+            let r = inner
                 .read(ino.0, (digest, file_size), entry.parent, offset, size)
-                .await
-            {
+                .await;
+            tracing::debug!(
+                us = t0.elapsed().as_micros() as u64,
+                was_inflight,
+                file_size,
+                "TMPWAIT"
+            );
+            match r {
                 Ok(data) => reply.data(&data),
                 Err(e) => reply.error(e),
             }
@@ -1055,5 +1099,48 @@ mod tests {
         assert_eq!(file_bytes(&data, 0, 4096, 110).unwrap_err(), Errno::EIO);
         assert_eq!(file_bytes(&data, 200, 10, 1000).unwrap_err(), Errno::EIO);
         assert_eq!(file_bytes(&data, 0, 4096, 5).unwrap_err(), Errno::EIO);
+    }
+
+    fn digest(n: usize) -> B3Digest {
+        B3Digest::of(&n.to_le_bytes())
+    }
+
+    #[test]
+    fn the_read_ahead_marker_is_the_first_missing_file_past_the_windows_middle() {
+        // Small files: the middle in files.
+        let mut w = Window::new();
+        for n in 0..SIBLING_FILES {
+            assert!(w.take(digest(n), 100, n as u64, true));
+        }
+        assert!(!w.take(digest(999), 100, 999, true), "the window is full");
+        assert_eq!(w.missing.len(), SIBLING_FILES);
+        assert_eq!(w.marker, Some(SIBLING_FILES / 2));
+
+        // Files fetched already count against the window but are never
+        // the marker: the first missing one after the middle is.
+        let mut w = Window::new();
+        for n in 0..SIBLING_FILES / 2 + 10 {
+            assert!(w.take(digest(n), 100, n as u64, false));
+        }
+        assert!(w.take(digest(1000), 100, 1000, true));
+        assert_eq!(w.marker, Some(0));
+        assert_eq!(w.missing[0].0, digest(1000));
+
+        // Large files: the middle in bytes (half of SIBLING_BYTES).
+        let mut w = Window::new();
+        let size = SIBLING_BYTES / 16;
+        let mut taken = 0;
+        while w.take(digest(taken), size, taken as u64, true) {
+            taken += 1;
+        }
+        assert_eq!(taken, 16);
+        assert_eq!(w.marker, Some(8));
+
+        // A window that never gets past its middle has no marker.
+        let mut w = Window::new();
+        for n in 0..10 {
+            assert!(w.take(digest(n), 100, n as u64, true));
+        }
+        assert_eq!(w.marker, None);
     }
 }

@@ -190,6 +190,7 @@ impl GrpcBlobService {
             // Compressed chunks as the server stores them: decompressed and
             // verified here (checked_batch), which saves the server both.
             accept_zstd: true,
+            accept_lz4: true,
         };
         match self.batch_client.clone().read_blobs(req).await {
             Ok(r) => Ok(Some(r.into_inner())),
@@ -297,24 +298,40 @@ const DECODE_ELSEWHERE: usize = 32 * 1024;
 /// Answers of one batch read decoded and verified at once.
 const DECODES_IN_FLIGHT: usize = 4;
 
-/// One answer of a batch read as sent: the blob (or a zstd frame of it).
-struct SentBlob {
-    data: Bytes,
-    zstd: bool,
-}
+/// One answer of a batch read as sent: the blob, or a compressed form of it.
+struct SentBlob(super::StoredBlob);
 
 impl SentBlob {
+    /// An answer's data as its flags say it is (both set: refused).
+    fn from_answer(asked: B3Digest, data: Bytes, zstd: bool, lz4: bool) -> Result<Self, Error> {
+        use super::StoredBlob::*;
+        Ok(SentBlob(match (zstd, lz4) {
+            (false, false) => Plain(data),
+            (true, false) => Zstd(data),
+            (false, true) => Lz4(data),
+            (true, true) => {
+                return Err(Error::Storage(format!(
+                    "server sent blob {asked} as both zstd and LZ4"
+                )))
+            }
+        }))
+    }
+
+    /// Bytes as sent.
+    fn sent_len(&self) -> usize {
+        use super::StoredBlob::*;
+        match &self.0 {
+            Plain(b) | Zstd(b) | Lz4(b) => b.len(),
+        }
+    }
+
     /// The blob, decompressed (at most [MAX_BATCH_BLOB_SIZE]) and verified.
     fn decode(self, asked: B3Digest) -> Result<Bytes, Error> {
-        let data = if self.zstd {
-            super::zstd_frame::decompress_frame(&self.data, MAX_BATCH_BLOB_SIZE).map_err(|e| {
-                Error::Storage(format!(
-                    "server sent a bad zstd frame for blob {asked}: {e}"
-                ))
-            })?
-        } else {
-            self.data
-        };
+        let data = self.0.decode(MAX_BATCH_BLOB_SIZE).map_err(|e| {
+            Error::Storage(format!(
+                "server sent bad compressed data for blob {asked}: {e}"
+            ))
+        })?;
         let actual = B3Digest::of(&data);
         if actual != asked {
             return Err(Error::Storage(format!(
@@ -327,7 +344,7 @@ impl SentBlob {
 
 /// The answers of one `ReadBlobs` call, each checked as it arrives: in
 /// order, the digest asked for, no more than [MAX_BATCH_BLOB_SIZE] (sent,
-/// and decompressed where the server sent a zstd frame), the bytes hashing
+/// and decompressed where the server sent a compressed form), the bytes hashing
 /// to it; then that every digest was answered. Large answers are decoded
 /// and verified on the blocking pool, [DECODES_IN_FLIGHT] at once, and
 /// handed out in order.
@@ -353,7 +370,7 @@ fn checked_batch(
             if msg.data.len() as u64 > MAX_BATCH_BLOB_SIZE {
                 Err(Error::Storage(format!("server sent {} bytes for blob {asked}", msg.data.len())))?;
             }
-            yield (asked, Some(SentBlob { data: msg.data, zstd: msg.zstd }));
+            yield (asked, Some(SentBlob::from_answer(asked, msg.data, msg.zstd, msg.lz4)?));
         }
         if answered != digests.len() {
             Err(Error::Storage(format!("server sent {answered} of the {} blobs asked for", digests.len())))?;
@@ -366,7 +383,7 @@ fn checked_batch(
                 let Some(sent) = sent else {
                     return Ok((asked, None));
                 };
-                let data = if sent.data.len() >= DECODE_ELSEWHERE {
+                let data = if sent.sent_len() >= DECODE_ELSEWHERE {
                     tokio::task::spawn_blocking(move || sent.decode(asked))
                         .await
                         .map_err(Error::storage)??

@@ -11,17 +11,18 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeek};
 
 mod cache;
 mod chunked_reader;
+mod codec;
 mod grpc;
 mod memory;
 mod object_store;
-mod zstd_frame;
 
 pub use cache::CacheBlobService;
 pub use chunked_reader::{validate_chunk_list, ChunkFetcher, ChunkedReader, MAX_CHUNK_SIZE};
 pub use grpc::GrpcBlobService;
 pub use memory::MemoryBlobService;
 pub use object_store::{
-    ChunkingParams, LocalChunking, LocalCompression, LocalFilesOptions, ObjectStoreBlobService,
+    ChunkingParams, Codec, LocalChunking, LocalCompression, LocalFilesOptions,
+    ObjectStoreBlobService,
 };
 
 /// Largest blob [BlobService::read_many] returns (larger ones are read with
@@ -43,6 +44,8 @@ pub enum StoredBlob {
     Plain(Bytes),
     /// One zstd frame of the blob's bytes, declaring its content size.
     Zstd(Bytes),
+    /// The blob's size (`u32` little-endian), then one LZ4 block of its bytes.
+    Lz4(Bytes),
 }
 
 /// One answer of [BlobService::read_many_as_stored]: the digest asked for

@@ -2,7 +2,9 @@
 //!
 //! Layout under the base path:
 //! - `chunks/<2 hex>/<digest hex>`: one content-defined chunk, a one-byte tag
-//!   (`0` raw, `1` zstd) followed by the (compressed) bytes;
+//!   (`0` raw, `1` zstd, `2` LZ4) followed by the (compressed) bytes; new
+//!   chunks get the store's [Codec] (LZ4 unless `?codec=zstd`), and a store
+//!   reads every tag whatever its codec;
 //! - `blobs/<2 hex>/<digest hex>`: for blobs of more than one chunk, the chunk
 //!   list encoded as a `StatBlobResponse`.
 //!
@@ -45,6 +47,33 @@ pub use compaction::{LocalChunking, LocalCompression, LocalFilesOptions};
 
 const TAG_RAW: u8 = 0;
 const TAG_ZSTD: u8 = 1;
+const TAG_LZ4: u8 = 2;
+
+/// How a store compresses new chunks (where that saves at least 1/16).
+/// The tag byte of every chunk file says how it was stored, so a store
+/// reads chunks of either codec whatever it writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Codec {
+    /// LZ4, the default: decodes about three times as fast as zstd and
+    /// compresses twice as fast, storing about 1.45 times the bytes (shared
+    /// libraries: 0.34 of their size against 0.23). Reading is what a lazy
+    /// `/nix/store`, NAR dumps and binary-cache serving wait for.
+    #[default]
+    Lz4,
+    /// zstd at this level (`?codec=zstd`: level 1): the smallest store.
+    Zstd(i32),
+}
+
+impl std::str::FromStr for Codec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "lz4" => Ok(Codec::Lz4),
+            "zstd" => Ok(Codec::Zstd(1)),
+            other => Err(format!("codec={other:?}: expected lz4 or zstd")),
+        }
+    }
+}
 /// Chunks uploaded concurrently by one writer.
 const UPLOADS_IN_FLIGHT: usize = 8;
 /// Chunks being hashed, compressed or uploaded at once by all writers of a
@@ -76,7 +105,7 @@ struct Inner {
     store: Arc<dyn ObjectStore>,
     base: Path,
     params: ChunkingParams,
-    zstd_level: i32,
+    codec: Codec,
     upload_permits: Arc<tokio::sync::Semaphore>,
     /// For a local-files store: the directory `base` maps to. Chunks are
     /// then read and written with plain file calls, each chunk in one trip
@@ -240,8 +269,8 @@ fn read_chunk_file(dir: &std::path::Path, d: &B3Digest) -> Result<Option<Bytes>,
 }
 
 /// A chunk file as stored, for a reader that decodes and verifies it
-/// ([BlobService::read_many_as_stored]): raw bytes, or the zstd frame. The
-/// frame's declared size must fit a batch; `None` if there is no such file.
+/// ([BlobService::read_many_as_stored]): raw bytes, or the compressed form.
+/// Its declared size must fit a batch; `None` if there is no such file.
 fn read_local_chunk_as_stored(
     dir: &std::path::Path,
     d: &B3Digest,
@@ -250,14 +279,11 @@ fn read_local_chunk_as_stored(
         return Ok(None);
     };
     let blob = stored_chunk(d, stored)?;
-    let size = match &blob {
-        StoredBlob::Plain(b) => Some(b.len() as u64),
-        StoredBlob::Zstd(frame) => zstd::zstd_safe::get_frame_content_size(frame)
-            .ok()
-            .flatten(),
-    };
-    // A frame without a readable size is passed on: the reader refuses it.
-    if size.is_some_and(|n| n > MAX_BATCH_BLOB_SIZE) {
+    // A compressed form without a readable size is passed on: the reader refuses it.
+    if blob
+        .declared_size()
+        .is_some_and(|n| n > MAX_BATCH_BLOB_SIZE)
+    {
         return Err(super::too_large_for_batch(d));
     }
     Ok(Some(blob))
@@ -584,7 +610,7 @@ impl Inner {
     /// mode the chunk is written raw and recorded for the compactor instead.
     async fn upload_chunk(self: Arc<Self>, data: Bytes) -> Result<ChunkMeta, Error> {
         let size = data.len() as u64;
-        let level = self.zstd_level;
+        let codec = self.codec;
         if let Some(dir) = self.local_dir.clone() {
             let inline = match &self.compaction {
                 Some(c) => {
@@ -607,7 +633,7 @@ impl Inner {
                         return Ok((digest, None));
                     }
                     let payload = if inline {
-                        encode_chunk(data, level)?
+                        encode_chunk(data, codec)?
                     } else {
                         raw_payload(data)
                     };
@@ -632,7 +658,7 @@ impl Inner {
         }
         let (digest, encoded) = crate::cpu_bound(move || {
             let digest = B3Digest::of(&data);
-            encode_chunk(data, level).map(|e| (digest, e))
+            encode_chunk(data, codec).map(|e| (digest, e))
         })
         .await??;
         let path = self.chunk_path(&digest);
@@ -649,30 +675,40 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
-/// Tag byte + zstd frame of `data` at `level`, if that saves at least 1/16
+/// Tag byte + `data` compressed with `codec`, if that saves at least 1/16
 /// of the bytes; `None` if the chunk is better kept raw.
-fn compress_chunk(data: &[u8], level: i32) -> Result<Option<Vec<u8>>, Error> {
+fn compress_chunk(data: &[u8], codec: Codec) -> Result<Option<Vec<u8>>, Error> {
     if data.len() < 512 {
         return Ok(None);
     }
-    // Only the first byte is initialised; zstd writes into the spare capacity.
-    let mut out = Vec::with_capacity(1 + zstd::zstd_safe::compress_bound(data.len()));
-    out.push(TAG_ZSTD);
-    let out = COMPRESSOR.with(|cell| -> Result<Vec<u8>, Error> {
-        let mut slot = cell.borrow_mut();
-        if slot.as_ref().is_none_or(|(l, _)| *l != level) {
-            *slot = Some((
-                level,
-                zstd::bulk::Compressor::new(level).map_err(Error::storage)?,
-            ));
+    let out = match codec {
+        Codec::Lz4 => {
+            let mut out = Vec::with_capacity(1 + 4 + data.len() + data.len() / 255 + 16);
+            out.push(TAG_LZ4);
+            super::codec::compress_lz4(data, &mut out).map_err(Error::Storage)?;
+            out
         }
-        let (_, c) = slot.as_mut().expect("set above");
-        let mut dst = std::io::Cursor::new(out);
-        dst.set_position(1);
-        c.compress_to_buffer(data, &mut dst)
-            .map_err(Error::storage)?;
-        Ok(dst.into_inner())
-    })?;
+        Codec::Zstd(level) => {
+            // Only the first byte is initialised; zstd writes into the spare capacity.
+            let mut out = Vec::with_capacity(1 + zstd::zstd_safe::compress_bound(data.len()));
+            out.push(TAG_ZSTD);
+            COMPRESSOR.with(|cell| -> Result<Vec<u8>, Error> {
+                let mut slot = cell.borrow_mut();
+                if slot.as_ref().is_none_or(|(l, _)| *l != level) {
+                    *slot = Some((
+                        level,
+                        zstd::bulk::Compressor::new(level).map_err(Error::storage)?,
+                    ));
+                }
+                let (_, c) = slot.as_mut().expect("set above");
+                let mut dst = std::io::Cursor::new(out);
+                dst.set_position(1);
+                c.compress_to_buffer(data, &mut dst)
+                    .map_err(Error::storage)?;
+                Ok(dst.into_inner())
+            })?
+        }
+    };
     Ok((out.len() - 1 < data.len() - data.len() / 16).then_some(out))
 }
 
@@ -681,25 +717,22 @@ fn raw_payload(data: Bytes) -> PutPayload {
     PutPayload::from_iter([Bytes::from_static(&[TAG_RAW]), data])
 }
 
-/// Tag byte + zstd frame when that saves at least 1/16, else tag byte + raw
-/// bytes (see [compress_chunk], [raw_payload]).
-fn encode_chunk(data: Bytes, level: i32) -> Result<PutPayload, Error> {
-    Ok(match compress_chunk(&data, level)? {
+/// Tag byte + compressed bytes when that saves at least 1/16, else tag
+/// byte + raw bytes (see [compress_chunk], [raw_payload]).
+fn encode_chunk(data: Bytes, codec: Codec) -> Result<PutPayload, Error> {
+    Ok(match compress_chunk(&data, codec)? {
         Some(out) => PutPayload::from(Bytes::from(out)),
         None => raw_payload(data),
     })
 }
 
-/// Decodes a stored chunk. The output buffer is sized from the zstd frame
-/// header (bounded by the largest chunk), not allocated at the maximum.
+/// Decodes a stored chunk. The output buffer is sized from the size the
+/// compressed form declares (bounded by the largest chunk), not allocated
+/// at the maximum.
 fn decode_chunk(d: &B3Digest, stored: Bytes) -> Result<Bytes, Error> {
-    match stored_chunk(d, stored)? {
-        StoredBlob::Plain(data) => Ok(data),
-        StoredBlob::Zstd(frame) => {
-            super::zstd_frame::decompress_frame(&frame, super::MAX_CHUNK_SIZE)
-                .map_err(|e| Error::Storage(format!("chunk {d}: corrupt compressed data: {e}")))
-        }
-    }
+    stored_chunk(d, stored)?
+        .decode(super::MAX_CHUNK_SIZE)
+        .map_err(|e| Error::Storage(format!("chunk {d}: corrupt compressed data: {e}")))
 }
 
 /// What a stored chunk's tag byte says its payload is.
@@ -707,12 +740,13 @@ fn stored_chunk(d: &B3Digest, stored: Bytes) -> Result<StoredBlob, Error> {
     match stored.first() {
         Some(&TAG_RAW) => Ok(StoredBlob::Plain(stored.slice(1..))),
         Some(&TAG_ZSTD) => Ok(StoredBlob::Zstd(stored.slice(1..))),
+        Some(&TAG_LZ4) => Ok(StoredBlob::Lz4(stored.slice(1..))),
         _ => Err(Error::Storage(format!("chunk {d}: unknown encoding"))),
     }
 }
 
 /// Blob service on an `object_store` backend, with FastCDC chunking and
-/// per-chunk zstd compression.
+/// per-chunk compression ([Codec]).
 #[derive(Clone)]
 pub struct ObjectStoreBlobService {
     inner: Arc<Inner>,
@@ -826,17 +860,18 @@ impl ObjectStoreBlobService {
         }
     }
 
-    /// A service storing under `base` in `store`.
+    /// A service storing under `base` in `store`, compressing chunks with
+    /// the default [Codec].
     pub fn new(store: Arc<dyn ObjectStore>, base: Path) -> Self {
-        Self::with_params(store, base, ChunkingParams::default(), 1)
+        Self::with_params(store, base, ChunkingParams::default(), Codec::default())
     }
 
-    /// Like [Self::new] with explicit chunking parameters and zstd level.
+    /// Like [Self::new] with explicit chunking parameters and codec.
     pub fn with_params(
         store: Arc<dyn ObjectStore>,
         base: Path,
         params: ChunkingParams,
-        zstd_level: i32,
+        codec: Codec,
     ) -> Self {
         let upload_permits = Arc::new(tokio::sync::Semaphore::new(SERVICE_UPLOADS_IN_FLIGHT));
         Self {
@@ -844,7 +879,7 @@ impl ObjectStoreBlobService {
                 store,
                 base,
                 params,
-                zstd_level,
+                codec,
                 upload_permits,
                 local_dir: None,
                 compaction: None,
@@ -876,7 +911,7 @@ impl ObjectStoreBlobService {
             LocalCompression::Inline => None,
             LocalCompression::Background => Some(Compactor::start(
                 dir.clone(),
-                self.inner.zstd_level,
+                self.inner.codec,
                 self.inner.params,
                 &options,
             )?),
@@ -886,7 +921,7 @@ impl ObjectStoreBlobService {
             store: self.inner.store.clone(),
             base: self.inner.base.clone(),
             params: self.inner.params,
-            zstd_level: self.inner.zstd_level,
+            codec: self.inner.codec,
             upload_permits: self.inner.upload_permits.clone(),
             local_dir: Some(dir),
             compaction,

@@ -1,7 +1,7 @@
 //! Background compression of chunks written raw to a local-files store.
 //!
-//! Compressing inline costs the writer zstd's time on every chunk (about a
-//! third of the daemon's CPU during an import). In background mode a writer
+//! Compressing inline costs the writer the codec's time on every chunk (with
+//! zstd, about a third of the daemon's CPU during an import). In background mode a writer
 //! stores the chunk raw (`TAG_RAW`), appends its digest to the
 //! `pending-compression` journal and goes on; one OS thread per service, at
 //! the lowest CPU priority (`SCHED_IDLE`, else nice 19), compresses pending
@@ -9,7 +9,7 @@
 //! RocksDB's levels, fresh data is stored fast and compacted later.
 //!
 //! For each pending chunk the compactor reads the file, and only if it is
-//! still raw, matches its digest, and zstd saves at least 1/16 (the rule of
+//! still raw, matches its digest, and the store's codec saves at least 1/16 (the rule of
 //! inline compression), writes the compressed form to a staging file, syncs
 //! it, and renames it over the chunk. Readers see either the raw or the
 //! compressed file, both complete, and the tag byte says how to decode it.
@@ -35,8 +35,8 @@
 //! records (chunks compressed already) are harmless: they are skipped.
 use super::{
     compress_chunk, encode_chunk_list, local_chunk_file, local_list_file, local_whole_file,
-    raw_payload, read_local_chunk, write_file_atomically, ChunkMeta, ChunkingParams, STAGING_MARK,
-    TAG_RAW, TAG_ZSTD,
+    raw_payload, read_local_chunk, write_file_atomically, ChunkMeta, ChunkingParams, Codec,
+    STAGING_MARK, TAG_RAW,
 };
 use crate::{B3Digest, Error, B3_LEN};
 use bytes::Bytes;
@@ -55,7 +55,7 @@ const JOURNAL_NAME: &str = "pending-compression";
 /// How a local-files store compresses new chunks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum LocalCompression {
-    /// zstd while the chunk is written, as every other backend does.
+    /// Compressed while the chunk is written, as every other backend does.
     Inline,
     /// Written raw; a background thread compresses them once writes pause.
     #[default]
@@ -140,7 +140,7 @@ pub(super) struct Compactor {
 
 struct Shared {
     dir: PathBuf,
-    level: i32,
+    codec: Codec,
     params: ChunkingParams,
     idle_delay: Duration,
     low_priority: bool,
@@ -194,7 +194,7 @@ enum Outcome {
         before: u64,
         after: u64,
     },
-    /// Raw, and zstd would not save 1/16.
+    /// Raw, and compressing would not save 1/16.
     KeptRaw,
     /// Already compressed, gone, corrupt or unreadable: nothing written.
     Skipped,
@@ -204,7 +204,7 @@ impl Compactor {
     /// Reads the journal under `dir` (creating it) and starts the thread.
     pub(super) fn start(
         dir: PathBuf,
-        level: i32,
+        codec: Codec,
         params: ChunkingParams,
         options: &LocalFilesOptions,
     ) -> Result<Self, Error> {
@@ -245,7 +245,7 @@ impl Compactor {
         }
         let shared = Arc::new(Shared {
             dir,
-            level,
+            codec,
             params,
             idle_delay: options.idle_delay,
             low_priority: options.low_priority,
@@ -357,8 +357,8 @@ impl Shared {
             st.round.started.get_or_insert_with(Instant::now);
             drop(st);
 
-            let outcome = compact_whole(&self.dir, self.level, self.params, &digest)
-                .unwrap_or_else(|| compact_one(&self.dir, self.level, &digest));
+            let outcome = compact_whole(&self.dir, self.codec, self.params, &digest)
+                .unwrap_or_else(|| compact_one(&self.dir, self.codec, &digest));
 
             let mut st = self.state.lock();
             st.working = false;
@@ -483,7 +483,7 @@ fn writer_gone(pid_and_n: &str) -> bool {
 /// `None` if it has none.
 fn compact_whole(
     dir: &Path,
-    level: i32,
+    codec: Codec,
     params: ChunkingParams,
     digest: &B3Digest,
 ) -> Option<Outcome> {
@@ -496,7 +496,7 @@ fn compact_whole(
             return Some(Outcome::Skipped);
         }
     };
-    match chunk_whole(dir, level, params, digest, file) {
+    match chunk_whole(dir, codec, params, digest, file) {
         Ok(Some(outcome)) => {
             if let Err(e) = std::fs::remove_file(&path) {
                 warn!(blob = %digest, file = %path.display(), error = %e, "removing a chunked whole blob");
@@ -515,7 +515,7 @@ fn compact_whole(
 /// `digest`; `None` (nothing listed) if the file does not match `digest`.
 fn chunk_whole(
     dir: &Path,
-    level: i32,
+    codec: Codec,
     params: ChunkingParams,
     digest: &B3Digest,
     file: std::fs::File,
@@ -539,7 +539,7 @@ fn chunk_whole(
                 .is_ok();
         let size = chunk.data.len() as u64;
         if !present {
-            let parts: Vec<Bytes> = match compress_chunk(&chunk.data, level)? {
+            let parts: Vec<Bytes> = match compress_chunk(&chunk.data, codec)? {
                 Some(compressed) => vec![Bytes::from(compressed)],
                 None => raw_payload(Bytes::from(chunk.data))
                     .iter()
@@ -574,7 +574,7 @@ fn chunk_whole(
 }
 
 /// Compresses the raw chunk `digest` under `dir` in place, if worth it.
-fn compact_one(dir: &Path, level: i32, digest: &B3Digest) -> Outcome {
+fn compact_one(dir: &Path, codec: Codec, digest: &B3Digest) -> Outcome {
     let file = local_chunk_file(dir, &digest.to_hex());
     let stored = match std::fs::read(&file) {
         Ok(b) => b,
@@ -589,7 +589,7 @@ fn compact_one(dir: &Path, level: i32, digest: &B3Digest) -> Outcome {
     };
     match stored.first() {
         Some(&TAG_RAW) => {}
-        Some(&TAG_ZSTD) => return Outcome::Skipped,
+        Some(&(super::TAG_ZSTD | super::TAG_LZ4)) => return Outcome::Skipped,
         _ => {
             warn!(chunk = %digest, file = %file.display(), "chunk of unknown encoding: not compressed");
             return Outcome::Skipped;
@@ -601,7 +601,7 @@ fn compact_one(dir: &Path, level: i32, digest: &B3Digest) -> Outcome {
         warn!(chunk = %digest, file = %file.display(), "raw chunk does not match its digest: left as is");
         return Outcome::Skipped;
     }
-    match compress_chunk(raw, level) {
+    match compress_chunk(raw, codec) {
         Ok(Some(compressed)) => {
             let after = compressed.len() as u64;
             match write_file_atomically(&file, &[Bytes::from(compressed)], true) {
@@ -708,7 +708,7 @@ mod tests {
         };
         let c = Compactor::start(
             tmp.path().to_path_buf(),
-            1,
+            Codec::default(),
             ChunkingParams::default(),
             &options,
         )
