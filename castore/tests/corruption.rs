@@ -235,6 +235,30 @@ async fn tampered_batch_reads_with(codec: &str, tag: u8) {
     }
 }
 
+/// A reader opened on a chunked blob through gRPC may stop (or seek away)
+/// before the end, where the whole blob is checked: every chunk it hands
+/// out must have been verified on its own, so a tampered first chunk fails
+/// even a read of its first bytes.
+#[tokio::test]
+async fn readers_never_hand_out_bytes_of_a_tampered_chunk() {
+    use tokio::io::AsyncReadExt;
+    let (b, root, _g) = inline_store_behind_grpc().await;
+    let data = test_data(4 * 1024 * 1024, 22);
+    let digest = put_bytes(&*b, data.clone().into()).await.unwrap();
+    let chunks = b.chunks(&digest).await.unwrap().unwrap();
+    assert!(chunks.len() > 1);
+    let mut head = [0u8; 100];
+    let mut reader = b.open_read(&digest).await.unwrap().unwrap();
+    reader.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head[..], &data[..100]);
+    flip_last_byte(&stored_file(&root, "chunks", &chunks[0].digest));
+    let mut reader = b.open_read(&digest).await.unwrap().unwrap();
+    assert!(
+        reader.read_exact(&mut head).await.is_err(),
+        "bytes of a tampered chunk were handed out"
+    );
+}
+
 /// A blob of several chunks read through gRPC as a stream: the client takes
 /// its chunks from batch reads, as stored, so a tampered chunk file is
 /// caught by the client.

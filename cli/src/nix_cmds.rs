@@ -208,6 +208,50 @@ pub async fn import(args: ImportArgs, service_args: ServiceArgs) -> Result<()> {
     Ok(())
 }
 
+/// Standard output as plain `write(2)` calls on a duplicate of fd 1, made
+/// where the writer runs (`block_in_place`: a worker thread hands its
+/// other tasks on first). `tokio::io::stdout` copies every write into a
+/// buffer of its own and hands it to the blocking pool: a second copy of
+/// the whole NAR behind the `BufWriter`'s.
+struct RawStdout(std::fs::File);
+
+impl RawStdout {
+    fn new() -> Result<Self> {
+        use std::os::fd::AsFd;
+        let fd = std::io::stdout()
+            .as_fd()
+            .try_clone_to_owned()
+            .context("duplicating standard output")?;
+        Ok(Self(std::fs::File::from(fd)))
+    }
+}
+
+impl tokio::io::AsyncWrite for RawStdout {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        use std::io::Write;
+        let file = &mut self.get_mut().0;
+        std::task::Poll::Ready(tokio::task::block_in_place(|| file.write(buf)))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
 /// `arca nar dump|add`
 pub async fn nar(cmd: NarCommand, service_args: ServiceArgs) -> Result<()> {
     let services = build(&service_args, Defaults::Daemon)?;
@@ -217,7 +261,7 @@ pub async fn nar(cmd: NarCommand, service_args: ServiceArgs) -> Result<()> {
             let info = lookup(&services, &path)
                 .await?
                 .ok_or_else(|| anyhow!("path '{path}' is not valid"))?;
-            let out = tokio::io::BufWriter::with_capacity(1024 * 1024, tokio::io::stdout());
+            let out = tokio::io::BufWriter::with_capacity(4 * 1024 * 1024, RawStdout::new()?);
             let mut out = render_nar(
                 &info.node,
                 services.blob.clone(),

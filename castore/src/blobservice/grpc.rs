@@ -205,6 +205,34 @@ impl GrpcBlobService {
 const CHUNKS_PER_CALL: usize = 64;
 
 impl GrpcBlobService {
+    /// The whole blob from its start (see [BlobService::read_stream] and
+    /// [BlobService::open_read]): chunk by chunk through batch reads when
+    /// it is chunked and the server has them, the chunks checked as
+    /// `check` says; else the server's one `Read` stream.
+    async fn sequential_stream(
+        &self,
+        digest: &B3Digest,
+        check: Check,
+    ) -> Result<Option<super::BlobStream>, Error> {
+        if !self.no_batch.load(Ordering::Relaxed) {
+            match self.chunks(digest).await? {
+                None => return Ok(None),
+                Some(list)
+                    if list.len() > 1 && list.iter().all(|c| c.size <= MAX_BATCH_BLOB_SIZE) =>
+                {
+                    if let Some(stream) = self.chunkwise_stream(*digest, list, check).await? {
+                        return Ok(Some(stream));
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(self
+            .start_read(digest)
+            .await?
+            .map(|(this, resp)| verified_stream(this.client, *digest, Some(resp))))
+    }
+
     /// The blob `digest` made of `chunks`, read in `ReadBlobs` calls of
     /// [CHUNKS_PER_CALL] chunks (see [BlobService::read_stream]); `None` if
     /// the server has no batch reads (remembered).
@@ -212,6 +240,7 @@ impl GrpcBlobService {
         &self,
         digest: B3Digest,
         chunks: Vec<ChunkMeta>,
+        check: Check,
     ) -> Result<Option<super::BlobStream>, Error> {
         let mut groups: std::collections::VecDeque<Vec<B3Digest>> = chunks
             .chunks(CHUNKS_PER_CALL)
@@ -233,7 +262,7 @@ impl GrpcBlobService {
                 let this = this.pick();
                 async move {
                     match this.start_batch(&group).await {
-                        Ok(Some(answers)) => checked_batch(answers, group),
+                        Ok(Some(answers)) => checked_batch(answers, group, check),
                         Ok(None) => futures::stream::iter([Err(Error::Storage(
                             "server stopped serving batch reads".into(),
                         ))])
@@ -244,7 +273,7 @@ impl GrpcBlobService {
             })
             .buffered(2)
             .flatten();
-        let mut pieces = checked_batch(first, first_group).chain(rest);
+        let mut pieces = checked_batch(first, first_group, check).chain(rest);
         Ok(Some(
             async_stream::try_stream! {
                 // The whole-blob hash runs on a thread of its own, beside
@@ -325,13 +354,17 @@ impl SentBlob {
         }
     }
 
-    /// The blob, decompressed (at most [MAX_BATCH_BLOB_SIZE]) and verified.
-    fn decode(self, asked: B3Digest) -> Result<Bytes, Error> {
+    /// The blob, decompressed (at most [MAX_BATCH_BLOB_SIZE]) and, with
+    /// [Check::EachAnswer], verified.
+    fn decode(self, asked: B3Digest, check: Check) -> Result<Bytes, Error> {
         let data = self.0.decode(MAX_BATCH_BLOB_SIZE).map_err(|e| {
             Error::Storage(format!(
                 "server sent bad compressed data for blob {asked}: {e}"
             ))
         })?;
+        if check == Check::ByCaller {
+            return Ok(data);
+        }
         let actual = B3Digest::of(&data);
         if actual != asked {
             return Err(Error::Storage(format!(
@@ -342,15 +375,29 @@ impl SentBlob {
     }
 }
 
+/// Who verifies the blobs of a batch read.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Check {
+    /// Each answer is hashed and must match the digest asked for.
+    EachAnswer,
+    /// The answers are the chunks of one blob that the caller hashes whole
+    /// and refuses before handing out its last piece
+    /// ([GrpcBlobService::chunkwise_stream]): hashing each chunk as well
+    /// would hash every byte twice and protect nothing more, since the
+    /// chunk list is only the server's word anyway.
+    ByCaller,
+}
+
 /// The answers of one `ReadBlobs` call, each checked as it arrives: in
 /// order, the digest asked for, no more than [MAX_BATCH_BLOB_SIZE] (sent,
-/// and decompressed where the server sent a compressed form), the bytes hashing
-/// to it; then that every digest was answered. Large answers are decoded
-/// and verified on the blocking pool, [DECODES_IN_FLIGHT] at once, and
-/// handed out in order.
+/// and decompressed where the server sent a compressed form), the bytes
+/// hashing to it (unless [Check::ByCaller]); then that every digest was
+/// answered. Large answers are decoded (and verified) on the blocking pool,
+/// [DECODES_IN_FLIGHT] at once, and handed out in order.
 fn checked_batch(
     mut stream: tonic::Streaming<arca_proto::castore_batch::ReadBlobsResponse>,
     digests: Vec<B3Digest>,
+    check: Check,
 ) -> BoxStream<'static, Result<BatchItem, Error>> {
     let answers = async_stream::try_stream! {
         let mut answered = 0usize;
@@ -378,17 +425,17 @@ fn checked_batch(
     };
     answers
         .map(
-            |answer: Result<(B3Digest, Option<SentBlob>), Error>| async move {
+            move |answer: Result<(B3Digest, Option<SentBlob>), Error>| async move {
                 let (asked, sent) = answer?;
                 let Some(sent) = sent else {
                     return Ok((asked, None));
                 };
                 let data = if sent.sent_len() >= DECODE_ELSEWHERE {
-                    tokio::task::spawn_blocking(move || sent.decode(asked))
+                    tokio::task::spawn_blocking(move || sent.decode(asked, check))
                         .await
                         .map_err(Error::storage)??
                 } else {
-                    sent.decode(asked)?
+                    sent.decode(asked, check)?
                 };
                 Ok((asked, Some(data)))
             },
@@ -447,45 +494,35 @@ impl BlobService for GrpcBlobService {
         }
     }
 
-    /// Sequential reads from the start take [BlobService::read_stream]: a
-    /// chunked blob chunk by chunk, each chunk verified before any of its
-    /// bytes are handed out (and the whole blob at the end); a blob in one
-    /// piece from the server's `Read` stream, held back until verified. A
-    /// seek that is not a short skip forward switches to chunk-wise reads
-    /// (each chunk verified) when the blob is chunked.
+    /// Sequential reads from the start: a chunked blob chunk by chunk, each
+    /// chunk verified before any of its bytes are handed out (a reader may
+    /// stop or seek away before the end, where the whole blob is checked);
+    /// a blob in one piece from the server's `Read` stream, held back until
+    /// verified. A seek that is not a short skip forward switches to
+    /// chunk-wise reads (each chunk verified) when the blob is chunked.
     #[instrument(skip(self), level = "debug")]
     async fn open_read(&self, digest: &B3Digest) -> Result<Option<Box<dyn BlobReader>>, Error> {
-        Ok(self.read_stream(digest).await?.map(|stream| {
-            Box::new(GrpcBlobReader::new(self.pick(), *digest, stream)) as Box<dyn BlobReader>
-        }))
+        Ok(self
+            .sequential_stream(digest, Check::EachAnswer)
+            .await?
+            .map(|stream| {
+                Box::new(GrpcBlobReader::new(self.pick(), *digest, stream)) as Box<dyn BlobReader>
+            }))
     }
 
     /// A blob of several chunks, from a server with batch reads: its chunk
     /// list (one `Stat`), then its chunks in `ReadBlobs` calls as the server
     /// stores them (a compressed chunk stays compressed on the wire and
-    /// costs the server no decompression and no hashing), each chunk
-    /// verified, and the whole blob too, since the chunk list is only the
-    /// server's word: the last piece is held back until it matched.
-    /// Otherwise the server's one `Read` stream as it arrives, hashed on
-    /// the way, its last message held back the same way.
+    /// costs the server no decompression and no hashing), decompressed
+    /// here; the whole blob is hashed on the way and its last piece held
+    /// back until it matched, so a stream never ends well with bytes that
+    /// are not the blob's. The chunks are not hashed one by one as well
+    /// (that would hash every byte twice and prove nothing more: the chunk
+    /// list is only the server's word). Otherwise the server's one `Read`
+    /// stream as it arrives, hashed on the way, its last message held back
+    /// the same way.
     async fn read_stream(&self, digest: &B3Digest) -> Result<Option<super::BlobStream>, Error> {
-        if !self.no_batch.load(Ordering::Relaxed) {
-            match self.chunks(digest).await? {
-                None => return Ok(None),
-                Some(list)
-                    if list.len() > 1 && list.iter().all(|c| c.size <= MAX_BATCH_BLOB_SIZE) =>
-                {
-                    if let Some(stream) = self.chunkwise_stream(*digest, list).await? {
-                        return Ok(Some(stream));
-                    }
-                }
-                Some(_) => {}
-            }
-        }
-        Ok(self
-            .start_read(digest)
-            .await?
-            .map(|(this, resp)| verified_stream(this.client, *digest, Some(resp))))
+        self.sequential_stream(digest, Check::ByCaller).await
     }
 
     async fn open_write(&self) -> Box<dyn BlobWriter> {
@@ -512,7 +549,7 @@ impl BlobService for GrpcBlobService {
             .map(move |group| async move {
                 let this = self.pick();
                 match this.start_batch(&group).await {
-                    Ok(Some(answers)) => checked_batch(answers, group),
+                    Ok(Some(answers)) => checked_batch(answers, group, Check::EachAnswer),
                     Ok(None) => {
                         tracing::debug!("server has no batch reads: one Read per blob");
                         self.no_batch.store(true, Ordering::Relaxed);
