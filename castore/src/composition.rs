@@ -117,8 +117,9 @@ pub enum ServiceConfig {
         path: Option<PathBuf>,
     },
     /// `objectstore+<object_store URL>`; query pairs are object_store options,
-    /// except `compression=inline|background` (blob services on
-    /// `objectstore+file://` only; see [LocalCompression]).
+    /// except `compression=inline|background` and `chunking=inline|background`
+    /// (blob services on `objectstore+file://` only; see [LocalCompression],
+    /// [LocalChunking]) and `codec=lz4|zstd` (blob services; see [Codec]).
     ObjectStore {
         /// The object_store URL (`file:///…`, `memory:///`, `s3://bucket/prefix`).
         url: Url,
@@ -320,14 +321,15 @@ fn check_compression_option(
     pairs: &[(String, String)],
 ) -> Result<(), String> {
     const LOCAL_KEYS: [&str; 2] = ["compression", "chunking"];
-    if let Some((k, v)) = pairs.iter().find(|(k, _)| k == CODEC_KEY) {
+    if pairs.iter().any(|(k, _)| k == CODEC_KEY) {
         if kind != ServiceKind::Blob {
             return Err(format!(
-                "{k}= only applies to blob services, not {} services",
+                "{CODEC_KEY}= only applies to blob services, not {} services",
                 kind.noun()
             ));
         }
-        v.parse::<Codec>()?;
+        // The pair in effect (the last), as the service is built with it.
+        blob_codec(pairs)?;
     }
     let local_key = pairs.iter().find(|(k, _)| LOCAL_KEYS.contains(&k.as_str()));
     if scheme != "file" {
@@ -1041,6 +1043,23 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        // `codec` is Arca's, on any object store, and never reaches
+        // object_store (which refuses options it does not know).
+        match blob("objectstore+s3://bucket/prefix?endpoint=http://127.0.0.1:9000&region=us-east-1&codec=zstd").unwrap() {
+            ServiceConfig::ObjectStore { url, options } => {
+                assert_eq!(blob_codec(&options), Ok(Codec::Zstd(1)));
+                assert!(!object_store_options(&options).iter().any(|(k, _)| k == "codec"));
+                object_store_from(&url, &options).unwrap();
+            }
+            other => panic!("{other:?}"),
+        }
+        match blob("objectstore+memory:///?codec=lz4").unwrap() {
+            ServiceConfig::ObjectStore { options, .. } => {
+                assert_eq!(blob_codec(&options), Ok(Codec::Lz4))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(blob_codec(&[]), Ok(Codec::Lz4), "the default");
         assert!(matches!(
             blob("grpc+http://127.0.0.1:8000").unwrap(),
             ServiceConfig::Grpc { .. }
@@ -1125,6 +1144,12 @@ mod tests {
                 "objectstore+s3://bucket/p?endpoint=http://h:1&compression=background",
                 "only for objectstore+file://",
             ),
+            (
+                "objectstore+file:///tmp/b?codec=brotli",
+                "expected lz4 or zstd",
+            ),
+            // The pair in effect is the last one.
+            ("objectstore+memory:///?codec=zstd&codec=bogus", "\"bogus\""),
         ] {
             let e = blob(url).unwrap_err().to_string();
             assert!(e.contains(needle), "{url}: {e}");
@@ -1133,6 +1158,17 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("only applies to blob services"), "{e}");
+        assert!(blob("objectstore+memory:///?codec=bogus&codec=zstd").is_ok());
+        for url in [
+            "objectstore+file:///tmp/d?codec=zstd",
+            "objectstore+memory:///?codec=lz4",
+        ] {
+            let e = dir(url).unwrap_err().to_string();
+            assert!(
+                e.contains("codec= only applies to blob services"),
+                "{url}: {e}"
+            );
+        }
         assert!(blob("lru://?capacity=3")
             .unwrap_err()
             .to_string()

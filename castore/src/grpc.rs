@@ -70,11 +70,21 @@ where
 }
 
 /// A blob as stored, decoded for a client that did not accept its form
-/// (not verified here: every batch client verifies what it gets).
-fn plain(digest: B3Digest, blob: StoredBlob) -> Result<Option<StoredBlob>, Error> {
-    blob.decode(MAX_BATCH_BLOB_SIZE)
-        .map(|data| Some(StoredBlob::Plain(data)))
-        .map_err(|e| Error::Storage(format!("blob {digest}: corrupt compressed data: {e}")))
+/// (not verified here: every batch client verifies what it gets). Large
+/// ones are decoded on the blocking pool, off the runtime's workers.
+async fn plain(digest: B3Digest, blob: StoredBlob) -> Result<Option<StoredBlob>, Error> {
+    let large = blob.stored_len() >= 32 * 1024;
+    let decode = move || {
+        blob.decode(MAX_BATCH_BLOB_SIZE)
+            .map(|data| Some(StoredBlob::Plain(data)))
+            .map_err(|e| Error::Storage(format!("blob {digest}: corrupt compressed data: {e}")))
+    };
+    if !large {
+        return decode();
+    }
+    tokio::task::spawn_blocking(decode)
+        .await
+        .map_err(Error::storage)?
 }
 
 fn digest_arg(raw: &bytes::Bytes) -> Result<B3Digest, Status> {
@@ -265,8 +275,8 @@ impl batch_proto::blob_batch_service_server::BlobBatchService for GrpcBlobBatchS
                 match item {
                     Ok((digest, blob)) => {
                         let blob = match blob {
-                            Some(b @ StoredBlob::Zstd(_)) if !accept_zstd => plain(digest, b),
-                            Some(b @ StoredBlob::Lz4(_)) if !accept_lz4 => plain(digest, b),
+                            Some(b @ StoredBlob::Zstd(_)) if !accept_zstd => plain(digest, b).await,
+                            Some(b @ StoredBlob::Lz4(_)) if !accept_lz4 => plain(digest, b).await,
                             other => Ok(other),
                         };
                         let blob = match blob {

@@ -3,8 +3,8 @@
 mod common;
 
 use arca_castore::blobservice::{
-    put_bytes, read_all, BlobService, LocalChunking, LocalCompression, LocalFilesOptions,
-    ObjectStoreBlobService,
+    put_bytes, read_all, BlobService, ChunkingParams, Codec, LocalChunking, LocalCompression,
+    LocalFilesOptions, ObjectStoreBlobService,
 };
 use arca_castore::composition::{Builder, Composition};
 use arca_castore::{B3Digest, Error};
@@ -36,6 +36,15 @@ fn open_whole_first(dir: &Path, idle_delay: Duration) -> ObjectStoreBlobService 
 }
 
 fn open_with(dir: &Path, idle_delay: Duration, chunking: LocalChunking) -> ObjectStoreBlobService {
+    open_with_codec(dir, idle_delay, chunking, Codec::default())
+}
+
+fn open_with_codec(
+    dir: &Path,
+    idle_delay: Duration,
+    chunking: LocalChunking,
+    codec: Codec,
+) -> ObjectStoreBlobService {
     let url = url::Url::from_directory_path(dir).expect("absolute dir");
     let (store, base) =
         arca_castore::composition::object_store_from(&url, &[]).expect("local store");
@@ -45,7 +54,7 @@ fn open_with(dir: &Path, idle_delay: Duration, chunking: LocalChunking) -> Objec
         idle_delay,
         low_priority: false,
     };
-    ObjectStoreBlobService::new(store, base)
+    ObjectStoreBlobService::with_params(store, base, ChunkingParams::default(), codec)
         .with_local_files(dir.to_path_buf(), options)
         .expect("service")
 }
@@ -334,6 +343,31 @@ async fn a_corrupt_raw_chunk_is_not_compressed() {
         matches!(r, Err(Error::Storage(ref m)) if m.contains("verification")),
         "{r:?}"
     );
+}
+
+/// The compactor compresses (and chunks whole files) with the store's
+/// codec: zstd frames in a `?codec=zstd` store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_compactor_uses_the_stores_codec() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("blobs");
+    let svc = open_with_codec(
+        &dir,
+        Duration::from_millis(50),
+        LocalChunking::Background,
+        Codec::Zstd(1),
+    );
+    let data = test_data(3 * 1024 * 1024, 71);
+    let digest = put_bytes(&svc, data.clone().into()).await.unwrap();
+    let text = Bytes::from(b"a line of compressible text\n".repeat(5000));
+    let small = put_bytes(&svc, text.clone()).await.unwrap();
+    wait_compacted(&svc, &dir).await;
+    let files = chunk_files(&dir);
+    assert!(files.len() > 2, "the whole file was chunked");
+    assert!(whole_files(&dir).is_empty());
+    assert!(files.iter().all(|f| tag(f) == TAG_ZSTD));
+    assert_eq!(read_all(&svc, &digest).await.unwrap().unwrap(), data);
+    assert_eq!(read_all(&svc, &small).await.unwrap().unwrap(), text);
 }
 
 /// `?codec=zstd` stores zstd frames (tag 1), the default LZ4 blocks (tag

@@ -209,10 +209,12 @@ pub async fn import(args: ImportArgs, service_args: ServiceArgs) -> Result<()> {
 }
 
 /// Standard output as plain `write(2)` calls on a duplicate of fd 1, made
-/// where the writer runs (`block_in_place`: a worker thread hands its
-/// other tasks on first). `tokio::io::stdout` copies every write into a
-/// buffer of its own and hands it to the blocking pool: a second copy of
-/// the whole NAR behind the `BufWriter`'s.
+/// where the writer runs: `block_in_place`, so that on a runtime worker
+/// the worker's other tasks move on first (`arca nar dump` writes from the
+/// multi-thread runtime's `block_on` thread, where it just runs; it would
+/// panic on a current-thread runtime). `tokio::io::stdout` copies every
+/// write into a buffer of its own and hands it to the blocking pool: a
+/// second copy of the whole NAR behind the `BufWriter`'s.
 struct RawStdout(std::fs::File);
 
 impl RawStdout {
@@ -234,7 +236,12 @@ impl tokio::io::AsyncWrite for RawStdout {
     ) -> std::task::Poll<std::io::Result<usize>> {
         use std::io::Write;
         let file = &mut self.get_mut().0;
-        std::task::Poll::Ready(tokio::task::block_in_place(|| file.write(buf)))
+        std::task::Poll::Ready(tokio::task::block_in_place(|| loop {
+            match file.write(buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                r => return r,
+            }
+        }))
     }
 
     fn poll_flush(

@@ -93,6 +93,9 @@ struct Window {
     bytes: u64,
     scan: usize,
     missing: Vec<(B3Digest, u64, u64)>,
+    /// The digests in `missing` (a content appears once: files with the
+    /// same content and exec bit share an inode and its page cache).
+    seen: std::collections::HashSet<B3Digest>,
     /// Index in `missing` of the first file past the window's middle (in
     /// files or bytes). It is not pushed into the page cache, so reading it
     /// reaches the filesystem, which then reads ahead from there: the next
@@ -110,6 +113,7 @@ impl Window {
             bytes: SIBLING_BYTES,
             scan: SIBLING_SCAN,
             missing: Vec::new(),
+            seen: std::collections::HashSet::new(),
             marker: None,
         }
     }
@@ -123,13 +127,25 @@ impl Window {
         let past_middle = self.files <= SIBLING_FILES / 2 || self.bytes <= SIBLING_BYTES / 2;
         self.files -= 1;
         self.bytes -= size;
-        if missing {
+        if missing && self.seen.insert(digest) {
             if past_middle && self.marker.is_none() {
                 self.marker = Some(self.missing.len());
             }
             self.missing.push((digest, size, ino));
         }
         true
+    }
+
+    /// The missing files to push into the page cache when they arrive:
+    /// all but the marker's content (under any inode), whose read must
+    /// reach the filesystem.
+    fn to_page_cache(&self) -> Vec<(B3Digest, u64, u64)> {
+        let marker = self.marker.map(|i| self.missing[i].0);
+        self.missing
+            .iter()
+            .filter(|(d, _, _)| Some(*d) != marker)
+            .copied()
+            .collect()
     }
 }
 /// The extended attribute holding a file's or directory's BLAKE3 digest (hex).
@@ -401,12 +417,8 @@ impl Inner {
         if window.missing.len() >= BATCH_MIN || current_missing {
             let items: Vec<(B3Digest, u64)> =
                 window.missing.iter().map(|(d, s, _)| (*d, *s)).collect();
-            let mut to_page_cache = window.missing;
-            if let Some(marker) = window.marker {
-                to_page_cache.swap_remove(marker);
-            }
             self.blobs
-                .prefetch_batch(&items, self.page_cache_hook(to_page_cache));
+                .prefetch_batch(&items, self.page_cache_hook(window.to_page_cache()));
         }
     }
 
@@ -700,19 +712,11 @@ impl Filesystem for ArcaFs {
             }
         }
         let inner = self.inner.clone();
-        let t0 = std::time::Instant::now();
-        let was_inflight = inner.blobs.has(&digest);
         self.spawn(async move {
-            let r = inner
+            match inner
                 .read(ino.0, (digest, file_size), entry.parent, offset, size)
-                .await;
-            tracing::debug!(
-                us = t0.elapsed().as_micros() as u64,
-                was_inflight,
-                file_size,
-                "TMPWAIT"
-            );
-            match r {
+                .await
+            {
                 Ok(data) => reply.data(&data),
                 Err(e) => reply.error(e),
             }
@@ -1135,6 +1139,21 @@ mod tests {
         }
         assert_eq!(taken, 16);
         assert_eq!(w.marker, Some(8));
+
+        // The same content twice is one missing file (one inode, one page
+        // cache); the marker's content is never pushed into the page cache.
+        let mut w = Window::new();
+        for n in 0..SIBLING_FILES / 2 {
+            assert!(w.take(digest(n), 100, n as u64, true));
+        }
+        assert!(w.take(digest(7), 100, 7, true), "a duplicate still counts");
+        assert!(w.take(digest(500), 100, 500, true));
+        assert!(w.take(digest(500), 100, 500, true));
+        assert_eq!(w.missing.len(), SIBLING_FILES / 2 + 1);
+        assert_eq!(w.marker, Some(SIBLING_FILES / 2));
+        let pushed = w.to_page_cache();
+        assert_eq!(pushed.len(), SIBLING_FILES / 2);
+        assert!(pushed.iter().all(|(d, _, _)| *d != digest(500)));
 
         // A window that never gets past its middle has no marker.
         let mut w = Window::new();

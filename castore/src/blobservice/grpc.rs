@@ -346,14 +346,6 @@ impl SentBlob {
         }))
     }
 
-    /// Bytes as sent.
-    fn sent_len(&self) -> usize {
-        use super::StoredBlob::*;
-        match &self.0 {
-            Plain(b) | Zstd(b) | Lz4(b) => b.len(),
-        }
-    }
-
     /// The blob, decompressed (at most [MAX_BATCH_BLOB_SIZE]) and, with
     /// [Check::EachAnswer], verified.
     fn decode(self, asked: B3Digest, check: Check) -> Result<Bytes, Error> {
@@ -430,7 +422,7 @@ fn checked_batch(
                 let Some(sent) = sent else {
                     return Ok((asked, None));
                 };
-                let data = if sent.sent_len() >= DECODE_ELSEWHERE {
+                let data = if sent.0.stored_len() >= DECODE_ELSEWHERE {
                     tokio::task::spawn_blocking(move || sent.decode(asked, check))
                         .await
                         .map_err(Error::storage)??

@@ -121,7 +121,7 @@ pub trait BlobService: Send + Sync {
     }
 
     /// [Self::read_many] for passing blobs on to a reader that checks them:
-    /// a backend may answer a blob as it stores it (one zstd frame) and
+    /// a backend may answer a blob as it stores it (compressed) and
     /// without verifying it, saving the decompression and hashing that the
     /// receiver does anyway. Only for callers that decompress and verify
     /// every item themselves (the gRPC server hands these to clients that
@@ -134,9 +134,12 @@ pub trait BlobService: Send + Sync {
         as_plain(self.read_many(digests))
     }
 
-    /// The whole blob as a stream of byte pieces in order, `None` if absent;
-    /// verified as [Self::open_read] is (a corrupt blob ends in an error,
-    /// never in wrong bytes). Backends that hold a blob in pieces (chunks,
+    /// The whole blob as a stream of byte pieces in order, `None` if absent,
+    /// for a caller that reads it to the end: only a stream that ends
+    /// without an error is the blob (a corrupt blob ends in an error before
+    /// its last piece), but pieces before the last may be handed out before
+    /// the blob is verified (the gRPC client hashes a chunked blob once,
+    /// whole). Callers that may stop early use [Self::open_read]. Backends that hold a blob in pieces (chunks,
     /// received messages) hand those out without copying them; the default
     /// reads [Self::open_read] in pieces of [crate::BLOB_MESSAGE_CHUNK].
     async fn read_stream(&self, digest: &B3Digest) -> Result<Option<BlobStream>, Error> {
