@@ -788,10 +788,36 @@ async fn whole_blobs_left_behind_are_chunked_after_a_restart() {
     let alive = dir.join("whole").join("#arca-1-0");
     std::fs::write(&dead, b"partial").unwrap();
     std::fs::write(&alive, b"in progress").unwrap();
+    // Names carry this boot's id: a file of another boot is a dead
+    // writer's even if its pid is alive now (pid 1 always is).
+    let boot: String = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .unwrap()
+        .chars()
+        .filter(char::is_ascii_hexdigit)
+        .take(16)
+        .collect();
+    let other_boot = if boot.starts_with('0') { "1" } else { "0" }.repeat(16);
+    let earlier_boot = dir.join("whole").join(format!("#arca-b{other_boot}-1-0"));
+    let this_boot = dir.join("whole").join(format!("#arca-b{boot}-1-0"));
+    let this_boot_dead = dir
+        .join("whole")
+        .join(format!("#arca-b{boot}-2147483646-0"));
+    for f in [&earlier_boot, &this_boot, &this_boot_dead] {
+        std::fs::write(f, b"partial").unwrap();
+    }
 
     let svc = open_whole_first(dir, Duration::from_millis(10));
     assert!(!dead.exists(), "a dead writer's staging file is removed");
     assert!(alive.exists(), "a live writer's staging file is kept");
+    assert!(
+        !earlier_boot.exists(),
+        "a staging file of an earlier boot is removed"
+    );
+    assert!(
+        this_boot.exists(),
+        "a live writer of this boot keeps its staging file"
+    );
+    assert!(!this_boot_dead.exists());
     wait_compacted(&svc, dir).await;
     assert!(!whole_file(dir, &digest).exists());
     assert!(list_file(dir, &digest).exists());
@@ -809,6 +835,15 @@ async fn an_unfinished_whole_write_leaves_nothing() {
         w.write(bytes::Bytes::copy_from_slice(piece)).await.unwrap();
     }
     assert_eq!(whole_files(dir).len(), 1, "a staging file while writing");
+    let staging = whole_files(dir)[0]
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    assert!(
+        staging.starts_with("#arca-b") && staging.contains(&format!("-{}-", std::process::id())),
+        "{staging}: boot tag and pid"
+    );
     drop(w);
     assert!(whole_files(dir).is_empty(), "{:?}", whole_files(dir));
     assert!(!svc.has(&B3Digest::of(&data)).await.unwrap());

@@ -302,11 +302,33 @@ fn start_writeback(file: &std::fs::File) {
     let _ = unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
 }
 
-/// `#arca-<pid>-<n>`: what staging files of this process end in (unique
-/// per call). The pid tells a later process whether the writer is gone.
+/// `#arca-b<boot>-<pid>-<n>`: what staging files of this process end in
+/// (unique per call). The boot (see [boot_tag]) and pid tell a later
+/// process whether the writer is gone: a file of an earlier boot always is,
+/// even if its pid was given to a live process since. Without a boot tag
+/// (no `/proc`), `#arca-<pid>-<n>`.
 fn staging_suffix() -> String {
     let n = STAGING_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    format!("{STAGING_MARK}{}-{n}", std::process::id())
+    match boot_tag() {
+        Some(boot) => format!("{STAGING_MARK}b{boot}-{}-{n}", std::process::id()),
+        None => format!("{STAGING_MARK}{}-{n}", std::process::id()),
+    }
+}
+
+/// This boot of the machine: the first 16 hex digits of the kernel's
+/// random boot id, `None` where there is none.
+fn boot_tag() -> Option<&'static str> {
+    static TAG: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    TAG.get_or_init(|| {
+        let id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+        let hex: String = id
+            .chars()
+            .filter(char::is_ascii_hexdigit)
+            .take(16)
+            .collect();
+        (hex.len() == 16).then_some(hex)
+    })
+    .as_deref()
 }
 
 /// What every staging file's name contains.

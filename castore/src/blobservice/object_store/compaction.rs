@@ -462,8 +462,22 @@ fn whole_files_left(dir: &Path) -> Vec<B3Digest> {
     found
 }
 
-/// Whether the process that made the staging file `<pid>-<n>` is gone.
-fn writer_gone(pid_and_n: &str) -> bool {
+/// Whether the process that made the staging file `b<boot>-<pid>-<n>` (or,
+/// from older builds, `<pid>-<n>`) is gone: it ran in an earlier boot, or
+/// no process has its pid.
+fn writer_gone(name: &str) -> bool {
+    let pid_and_n = match name.strip_prefix('b') {
+        Some(rest) => {
+            let Some((boot, pid_and_n)) = rest.split_once('-') else {
+                return false;
+            };
+            if super::boot_tag().is_some_and(|now| now != boot) {
+                return true;
+            }
+            pid_and_n
+        }
+        None => name,
+    };
     let Some(pid) = pid_and_n
         .split('-')
         .next()
