@@ -289,17 +289,39 @@ fn read_local_chunk_as_stored(
     Ok(Some(blob))
 }
 
-/// Starts writing `file`'s dirty pages to disk without waiting for it
-/// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`, as RocksDB's `bytes_per_sync`
-/// does): a whole file is hashed from the page cache next, and by the time
-/// anyone syncs (the compactor, or `sync` after an import) much of it is on
-/// disk already instead of all of it being written then. Only a hint:
-/// errors are ignored (durability comes from the compactor's own syncs).
-fn start_writeback(file: &std::fs::File) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: a plain syscall on a descriptor `file` keeps open; it reads
-    // and writes no memory of this process.
-    let _ = unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+/// Starts writing `file`'s dirty pages to disk without anyone waiting for
+/// it: `sync_file_range(SYNC_FILE_RANGE_WRITE)`, as RocksDB's
+/// `bytes_per_sync` does, so that by the time anyone syncs (the compactor,
+/// or `sync` after an import) much of the file is on disk already instead
+/// of all of it being written then. The call itself can wait while the
+/// disk's queue is full (about as long as writing the file), so it runs on
+/// one thread of its own, one file after the other (many at once on the
+/// blocking pool contended: twice the CPU for an import), and a writer
+/// only queues the file. Only a hint: a full queue drops it, errors are
+/// ignored (durability comes from the compactor's own syncs).
+fn start_writeback(file: std::fs::File) {
+    static QUEUE: std::sync::OnceLock<Option<std::sync::mpsc::SyncSender<std::fs::File>>> =
+        std::sync::OnceLock::new();
+    let queue = QUEUE.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<std::fs::File>(1024);
+        std::thread::Builder::new()
+            .name("arca-writeback".into())
+            .spawn(move || {
+                use std::os::fd::AsRawFd;
+                for file in rx {
+                    // SAFETY: a plain syscall on a descriptor `file` keeps
+                    // open; it reads and writes no memory of this process.
+                    let _ = unsafe {
+                        libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE)
+                    };
+                }
+            })
+            .ok()
+            .map(|_| tx)
+    });
+    if let Some(tx) = queue {
+        let _ = tx.try_send(file);
+    }
 }
 
 /// `#arca-b<boot>-<pid>-<n>`: what staging files of this process end in
@@ -445,8 +467,7 @@ impl Inner {
         let size = std::io::copy(&mut file, &mut staging_file).map_err(|e| {
             Error::Storage(format!("copying into {}: {e}", whole.staging.display()))
         })?;
-        start_writeback(&staging_file);
-        drop(staging_file);
+        start_writeback(staging_file);
         if size <= self.params.max as u64 {
             // It shrank (or was read from a later position): one chunk at
             // most, stored as chunks are. The staging file goes.
