@@ -1,6 +1,8 @@
 //! gRPC plumbing: server wrappers exposing any [BlobService] /
 //! [DirectoryService] as `tvix.castore.v1`, and client channels from URLs.
-use crate::blobservice::{as_plain, StoredBlob, MAX_BATCH_BLOB_SIZE, MAX_BATCH_DIGESTS};
+use crate::blobservice::{
+    as_plain, StoredBlob, DECODE_ELSEWHERE, MAX_BATCH_BLOB_SIZE, MAX_BATCH_DIGESTS,
+};
 use crate::directoryservice::ClosureValidator;
 use crate::{B3Digest, BlobService, DirectoryService, Error};
 use arca_proto::castore as proto;
@@ -71,9 +73,10 @@ where
 
 /// A blob as stored, decoded for a client that did not accept its form
 /// (not verified here: every batch client verifies what it gets). Large
-/// ones are decoded on the blocking pool, off the runtime's workers.
+/// ones ([DECODE_ELSEWHERE]) are decoded on the blocking pool, off the
+/// runtime's workers.
 async fn plain(digest: B3Digest, blob: StoredBlob) -> Result<Option<StoredBlob>, Error> {
-    let large = blob.stored_len() >= 32 * 1024;
+    let large = blob.stored_len() >= DECODE_ELSEWHERE;
     let decode = move || {
         blob.decode(MAX_BATCH_BLOB_SIZE)
             .map(|data| Some(StoredBlob::Plain(data)))

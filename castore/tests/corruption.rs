@@ -235,6 +235,27 @@ async fn tampered_batch_reads_with(codec: &str, tag: u8) {
     }
 }
 
+/// A blob of 4 MiB (`test_data` with `seed`) stored in several chunks in
+/// [inline_store_behind_grpc]: the client, the store's directory, the
+/// guard, the data, its digest and its chunks.
+async fn chunked_blob_behind_grpc(
+    seed: u64,
+) -> (
+    std::sync::Arc<dyn arca_castore::BlobService>,
+    PathBuf,
+    Guard,
+    Vec<u8>,
+    B3Digest,
+    Vec<arca_castore::blobservice::ChunkMeta>,
+) {
+    let (b, root, g) = inline_store_behind_grpc().await;
+    let data = test_data(4 * 1024 * 1024, seed);
+    let digest = put_bytes(&*b, data.clone().into()).await.unwrap();
+    let chunks = b.chunks(&digest).await.unwrap().unwrap();
+    assert!(chunks.len() > 1);
+    (b, root, g, data, digest, chunks)
+}
+
 /// A reader opened on a chunked blob through gRPC may stop (or seek away)
 /// before the end, where the whole blob is checked: every chunk it hands
 /// out must have been verified on its own, so a tampered first chunk fails
@@ -242,11 +263,7 @@ async fn tampered_batch_reads_with(codec: &str, tag: u8) {
 #[tokio::test]
 async fn readers_never_hand_out_bytes_of_a_tampered_chunk() {
     use tokio::io::AsyncReadExt;
-    let (b, root, _g) = inline_store_behind_grpc().await;
-    let data = test_data(4 * 1024 * 1024, 22);
-    let digest = put_bytes(&*b, data.clone().into()).await.unwrap();
-    let chunks = b.chunks(&digest).await.unwrap().unwrap();
-    assert!(chunks.len() > 1);
+    let (b, root, _g, data, digest, chunks) = chunked_blob_behind_grpc(22).await;
     let mut head = [0u8; 100];
     let mut reader = b.open_read(&digest).await.unwrap().unwrap();
     reader.read_exact(&mut head).await.unwrap();
@@ -264,11 +281,7 @@ async fn readers_never_hand_out_bytes_of_a_tampered_chunk() {
 /// caught by the client.
 #[tokio::test]
 async fn tampered_chunks_fail_verification_in_chunkwise_streams_through_grpc() {
-    let (b, root, _g) = inline_store_behind_grpc().await;
-    let data = test_data(4 * 1024 * 1024, 21);
-    let digest = put_bytes(&*b, data.clone().into()).await.unwrap();
-    let chunks = b.chunks(&digest).await.unwrap().unwrap();
-    assert!(chunks.len() > 1);
+    let (b, root, _g, data, digest, chunks) = chunked_blob_behind_grpc(21).await;
     assert_eq!(read_streamed(&*b, &digest).await.unwrap(), data);
     flip_last_byte(&stored_file(
         &root,

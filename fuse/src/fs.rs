@@ -119,15 +119,15 @@ impl Window {
     }
 
     /// Counts a small file against the budget (false: it does not fit) and
-    /// records it if `missing`.
-    fn take(&mut self, digest: B3Digest, size: u64, ino: u64, missing: bool) -> bool {
+    /// records it with its inode if it is missing (`missing_ino`).
+    fn take(&mut self, digest: B3Digest, size: u64, missing_ino: Option<u64>) -> bool {
         if self.files == 0 || self.bytes < size {
             return false;
         }
         let past_middle = self.files <= SIBLING_FILES / 2 || self.bytes <= SIBLING_BYTES / 2;
         self.files -= 1;
         self.bytes -= size;
-        if missing && self.seen.insert(digest) {
+        if let Some(ino) = missing_ino.filter(|_| self.seen.insert(digest)) {
             if past_middle && self.marker.is_none() {
                 self.marker = Some(self.missing.len());
             }
@@ -452,9 +452,10 @@ impl Inner {
             window.scan -= 1;
             match node {
                 Node::File { digest, size, .. } if *size > 0 && *size <= SMALL_FILE => {
-                    // A file's inode depends only on its content and exec bit.
-                    let ino = ino_of(0, b"", node);
-                    if !window.take(*digest, *size, ino, !self.blobs.has(digest)) {
+                    // A file's inode depends only on its content and exec
+                    // bit; hashed only for files to fetch.
+                    let missing_ino = (!self.blobs.has(digest)).then(|| ino_of(0, b"", node));
+                    if !window.take(*digest, *size, missing_ino) {
                         return false;
                     }
                 }
@@ -1114,9 +1115,9 @@ mod tests {
         // Small files: the middle in files.
         let mut w = Window::new();
         for n in 0..SIBLING_FILES {
-            assert!(w.take(digest(n), 100, n as u64, true));
+            assert!(w.take(digest(n), 100, Some(n as u64)));
         }
-        assert!(!w.take(digest(999), 100, 999, true), "the window is full");
+        assert!(!w.take(digest(999), 100, Some(999)), "the window is full");
         assert_eq!(w.missing.len(), SIBLING_FILES);
         assert_eq!(w.marker, Some(SIBLING_FILES / 2));
 
@@ -1124,9 +1125,9 @@ mod tests {
         // the marker: the first missing one after the middle is.
         let mut w = Window::new();
         for n in 0..SIBLING_FILES / 2 + 10 {
-            assert!(w.take(digest(n), 100, n as u64, false));
+            assert!(w.take(digest(n), 100, None));
         }
-        assert!(w.take(digest(1000), 100, 1000, true));
+        assert!(w.take(digest(1000), 100, Some(1000)));
         assert_eq!(w.marker, Some(0));
         assert_eq!(w.missing[0].0, digest(1000));
 
@@ -1134,7 +1135,7 @@ mod tests {
         let mut w = Window::new();
         let size = SIBLING_BYTES / 16;
         let mut taken = 0;
-        while w.take(digest(taken), size, taken as u64, true) {
+        while w.take(digest(taken), size, Some(taken as u64)) {
             taken += 1;
         }
         assert_eq!(taken, 16);
@@ -1144,11 +1145,11 @@ mod tests {
         // cache); the marker's content is never pushed into the page cache.
         let mut w = Window::new();
         for n in 0..SIBLING_FILES / 2 {
-            assert!(w.take(digest(n), 100, n as u64, true));
+            assert!(w.take(digest(n), 100, Some(n as u64)));
         }
-        assert!(w.take(digest(7), 100, 7, true), "a duplicate still counts");
-        assert!(w.take(digest(500), 100, 500, true));
-        assert!(w.take(digest(500), 100, 500, true));
+        assert!(w.take(digest(7), 100, Some(7)), "a duplicate still counts");
+        assert!(w.take(digest(500), 100, Some(500)));
+        assert!(w.take(digest(500), 100, Some(500)));
         assert_eq!(w.missing.len(), SIBLING_FILES / 2 + 1);
         assert_eq!(w.marker, Some(SIBLING_FILES / 2));
         let pushed = w.to_page_cache();
@@ -1158,7 +1159,7 @@ mod tests {
         // A window that never gets past its middle has no marker.
         let mut w = Window::new();
         for n in 0..10 {
-            assert!(w.take(digest(n), 100, n as u64, true));
+            assert!(w.take(digest(n), 100, Some(n as u64)));
         }
         assert_eq!(w.marker, None);
     }

@@ -321,9 +321,6 @@ impl GrpcBlobService {
     }
 }
 
-/// Answers of a batch read at least this large (as sent) are decoded and
-/// verified on the blocking pool; smaller ones where they arrive.
-const DECODE_ELSEWHERE: usize = 32 * 1024;
 /// Answers of one batch read decoded and verified at once.
 const DECODES_IN_FLIGHT: usize = 4;
 
@@ -422,7 +419,7 @@ fn checked_batch(
                 let Some(sent) = sent else {
                     return Ok((asked, None));
                 };
-                let data = if sent.0.stored_len() >= DECODE_ELSEWHERE {
+                let data = if sent.0.stored_len() >= super::DECODE_ELSEWHERE {
                     tokio::task::spawn_blocking(move || sent.decode(asked, check))
                         .await
                         .map_err(Error::storage)??

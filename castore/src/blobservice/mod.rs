@@ -48,6 +48,11 @@ pub enum StoredBlob {
     Lz4(Bytes),
 }
 
+/// Stored blobs at least this large (as stored) are decoded on the blocking
+/// pool rather than where they arrive (the gRPC client's batch answers, the
+/// daemon's decoding for clients that did not accept a form).
+pub(crate) const DECODE_ELSEWHERE: usize = 32 * 1024;
+
 /// One answer of [BlobService::read_many_as_stored]: the digest asked for
 /// and the blob as stored, `None` if the service does not have it.
 pub type StoredBatchItem = (B3Digest, Option<StoredBlob>);
@@ -139,8 +144,9 @@ pub trait BlobService: Send + Sync {
     /// without an error is the blob (a corrupt blob ends in an error before
     /// its last piece), but pieces before the last may be handed out before
     /// the blob is verified (the gRPC client hashes a chunked blob once,
-    /// whole). Callers that may stop early use [Self::open_read]. Backends that hold a blob in pieces (chunks,
-    /// received messages) hand those out without copying them; the default
+    /// whole). Callers that may stop early use [Self::open_read]. Backends
+    /// that hold a blob in pieces (chunks, received messages) hand those out
+    /// without copying them; the default
     /// reads [Self::open_read] in pieces of [crate::BLOB_MESSAGE_CHUNK].
     async fn read_stream(&self, digest: &B3Digest) -> Result<Option<BlobStream>, Error> {
         Ok(self.open_read(digest).await?.map(|r| {

@@ -467,7 +467,6 @@ impl Inner {
         let size = std::io::copy(&mut file, &mut staging_file).map_err(|e| {
             Error::Storage(format!("copying into {}: {e}", whole.staging.display()))
         })?;
-        start_writeback(staging_file);
         if size <= self.params.max as u64 {
             // It shrank (or was read from a later position): one chunk at
             // most, stored as chunks are. The staging file goes.
@@ -475,6 +474,7 @@ impl Inner {
                 .map_err(|e| Error::Storage(format!("reading {}: {e}", whole.staging.display())))?;
             return Ok(WholePut::Small(Bytes::from(data)));
         }
+        start_writeback(staging_file);
         let digest = hash_own_file(&whole.staging, size)
             .map_err(|e| Error::Storage(format!("hashing {}: {e}", whole.staging.display())))?;
         super::check_expected(expected, digest)?;
@@ -740,8 +740,8 @@ fn compress_chunk(data: &[u8], codec: Codec) -> Result<Option<Vec<u8>>, Error> {
     }
     let out = match codec {
         Codec::Lz4 => {
-            let mut out = Vec::with_capacity(1 + 4 + data.len() + data.len() / 255 + 16);
-            out.push(TAG_LZ4);
+            // compress_lz4 sizes the buffer (from LZ4's bound) itself.
+            let mut out = vec![TAG_LZ4];
             super::codec::compress_lz4(data, &mut out).map_err(Error::Storage)?;
             out
         }
@@ -1130,8 +1130,8 @@ impl BlobService for ObjectStoreBlobService {
     }
 
     /// On local files: chunk files as stored (a compressed one as its zstd
-    /// frame or LZ4 payload), neither decoded nor verified; blobs of several chunks are
-    /// read and verified as by [BlobService::read_many].
+    /// frame or LZ4 payload), neither decoded nor verified; blobs of several
+    /// chunks are read and verified as by [BlobService::read_many].
     fn read_many_as_stored<'a>(
         &'a self,
         digests: Vec<B3Digest>,

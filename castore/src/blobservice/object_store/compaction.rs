@@ -1,16 +1,17 @@
 //! Background compression of chunks written raw to a local-files store.
 //!
-//! Compressing inline costs the writer the codec's time on every chunk (with
-//! zstd, about a third of the daemon's CPU during an import). In background mode a writer
-//! stores the chunk raw (`TAG_RAW`), appends its digest to the
-//! `pending-compression` journal and goes on; one OS thread per service, at
-//! the lowest CPU priority (`SCHED_IDLE`, else nice 19), compresses pending
-//! chunks once the store has had no chunk writes for `idle_delay`. As in
+//! Compressing inline costs the writer the codec's time on every chunk
+//! (with zstd, about a third of the daemon's CPU during an import). In
+//! background mode a writer stores the chunk raw (`TAG_RAW`), appends its
+//! digest to the `pending-compression` journal and goes on; one OS thread
+//! per service, at the lowest CPU priority (`SCHED_IDLE`, else nice 19),
+//! compresses pending chunks once the store has had no chunk writes for
+//! `idle_delay`. As in
 //! RocksDB's levels, fresh data is stored fast and compacted later.
 //!
 //! For each pending chunk the compactor reads the file, and only if it is
-//! still raw, matches its digest, and the store's codec saves at least 1/16 (the rule of
-//! inline compression), writes the compressed form to a staging file, syncs
+//! still raw, matches its digest, and the store's codec saves at least 1/16
+//! (the rule of inline compression), writes the compressed form to a staging file, syncs
 //! it, and renames it over the chunk. Readers see either the raw or the
 //! compressed file, both complete, and the tag byte says how to decode it.
 //! A corrupt raw chunk is logged and left alone, so reads keep reporting it.
