@@ -192,12 +192,24 @@ impl proto::blob_service_server::BlobService for GrpcBlobServiceWrapper {
 pub struct GrpcLocalIngestWrapper {
     socket_path: String,
     token: [u8; crate::local_ingest::TOKEN_LEN],
+    exports: bool,
 }
 
 impl GrpcLocalIngestWrapper {
     /// Describes the socket at `socket_path` that greets with `token`.
     pub fn new(socket_path: String, token: [u8; crate::local_ingest::TOKEN_LEN]) -> Self {
-        Self { socket_path, token }
+        Self {
+            socket_path,
+            token,
+            exports: false,
+        }
+    }
+
+    /// Says the socket takes export requests too
+    /// ([crate::local_ingest::LocalExport]).
+    pub fn with_exports(mut self, exports: bool) -> Self {
+        self.exports = exports;
+        self
     }
 
     /// The tonic server.
@@ -217,6 +229,7 @@ impl batch_proto::local_ingest_service_server::LocalIngestService for GrpcLocalI
         Ok(Response::new(batch_proto::DescribeLocalIngestResponse {
             socket_path: self.socket_path.clone(),
             token: bytes::Bytes::copy_from_slice(&self.token),
+            exports: self.exports,
         }))
     }
 }

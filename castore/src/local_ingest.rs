@@ -20,6 +20,15 @@
 //!   found, 2 unavailable, 3 storage), a length (u32 LE, at most
 //!   [MAX_MESSAGE]) and a UTF-8 message.
 //!
+//! - an export request is the byte `E` carrying exactly one file
+//!   descriptor, open for writing, followed by a length (u32 LE, at most
+//!   [MAX_EXPORT_REQUEST]) and that many bytes saying what to export (for
+//!   the daemon's [LocalExport], `arca-store`'s NAR export: a castore root
+//!   node). The daemon writes the export into the descriptor and answers
+//!   `0` and the number of bytes written (u64 LE), or an error as above. A
+//!   client that closes its connection cancels its export. The answer to
+//!   `Describe` says whether a daemon takes exports.
+//!
 //! The daemon trusts nothing it receives: a request without exactly one
 //! descriptor, or with one that is not a regular file, gets an error answer
 //! (extra descriptors are closed); the digest it answers is the one of the
@@ -29,7 +38,7 @@
 use crate::{B3Digest, BlobService, Error, B3_LEN};
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use std::io::IoSlice;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
@@ -42,8 +51,23 @@ pub const HELLO: &[u8; 8] = b"ARCAING1";
 pub const TOKEN_LEN: usize = 16;
 /// Longest error message in an answer.
 pub const MAX_MESSAGE: usize = 64 * 1024;
-/// The request byte.
+/// The request byte of a put.
 const PUT: u8 = b'P';
+/// The request byte of an export.
+const EXPORT: u8 = b'E';
+/// Longest export request (after its length).
+pub const MAX_EXPORT_REQUEST: usize = 64 * 1024;
+/// Exports the daemon runs at once for all connections together.
+const DAEMON_EXPORTS_IN_FLIGHT: usize = 4;
+
+/// What a daemon exports into descriptors its local clients pass
+/// (`arca-store` renders NARs): the request's bytes are for it to parse
+/// (untrusted), and it returns how many bytes it wrote.
+#[async_trait::async_trait]
+pub trait LocalExport: Send + Sync {
+    /// Writes what `request` asks for into `out`.
+    async fn export(&self, request: bytes::Bytes, out: OwnedFd) -> Result<u64, Error>;
+}
 /// Files the daemon stores at once for all connections together.
 const DAEMON_PUTS_IN_FLIGHT: usize = 64;
 /// Connections served at once; more wait to be accepted. Each holds at
@@ -95,9 +119,28 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     Ok(listener)
 }
 
-/// Serves connections on `listener` until the returned future is dropped.
-pub async fn serve(listener: UnixListener, token: [u8; TOKEN_LEN], blobs: Arc<dyn BlobService>) {
-    let permits = Arc::new(tokio::sync::Semaphore::new(DAEMON_PUTS_IN_FLIGHT));
+/// What a connection's requests are served with.
+struct Served {
+    blobs: Arc<dyn BlobService>,
+    export: Option<Arc<dyn LocalExport>>,
+    puts: tokio::sync::Semaphore,
+    exports: tokio::sync::Semaphore,
+}
+
+/// Serves connections on `listener` until the returned future is dropped:
+/// puts into `blobs`, and exports with `export` if given.
+pub async fn serve(
+    listener: UnixListener,
+    token: [u8; TOKEN_LEN],
+    blobs: Arc<dyn BlobService>,
+    export: Option<Arc<dyn LocalExport>>,
+) {
+    let served = Arc::new(Served {
+        blobs,
+        export,
+        puts: tokio::sync::Semaphore::new(DAEMON_PUTS_IN_FLIGHT),
+        exports: tokio::sync::Semaphore::new(DAEMON_EXPORTS_IN_FLIGHT),
+    });
     let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let mut tasks = tokio::task::JoinSet::new();
     loop {
@@ -107,10 +150,9 @@ pub async fn serve(listener: UnixListener, token: [u8; TOKEN_LEN], blobs: Arc<dy
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((conn, _)) => {
-                    let blobs = blobs.clone();
-                    let permits = permits.clone();
+                    let served = served.clone();
                     tasks.spawn(async move {
-                        if let Err(e) = handle(conn, token, blobs, permits).await {
+                        if let Err(e) = handle(conn, token, &served).await {
                             debug!(error = %e, "local ingest connection ended");
                         }
                         drop(slot);
@@ -130,8 +172,7 @@ pub async fn serve(listener: UnixListener, token: [u8; TOKEN_LEN], blobs: Arc<dy
 async fn handle(
     mut conn: UnixStream,
     token: [u8; TOKEN_LEN],
-    blobs: Arc<dyn BlobService>,
-    permits: Arc<tokio::sync::Semaphore>,
+    served: &Served,
 ) -> std::io::Result<()> {
     let mut hello = HELLO.to_vec();
     hello.extend_from_slice(&token);
@@ -142,19 +183,96 @@ async fn handle(
         };
         let answer = match (byte, <[OwnedFd; 1]>::try_from(fds)) {
             (PUT, Ok([fd])) => {
-                let _permit = permits.acquire().await.map_err(std::io::Error::other)?;
-                put(&*blobs, fd).await
+                let _permit = served.puts.acquire().await.map_err(std::io::Error::other)?;
+                encode_answer(&put(&*served.blobs, fd).await)
             }
-            (PUT, Err(fds)) => Err(Error::InvalidRequest(format!(
-                "a request carries exactly one file descriptor, not {}",
-                fds.len()
-            ))),
-            (other, _) => Err(Error::InvalidRequest(format!(
+            (EXPORT, fds) => {
+                // The request's bytes come first, whatever else is wrong.
+                let len = conn.read_u32_le().await? as usize;
+                if len > MAX_EXPORT_REQUEST {
+                    // The stream cannot be resynchronised: answer and close.
+                    let e = Error::InvalidRequest(format!(
+                        "an export request of {len} bytes (at most {MAX_EXPORT_REQUEST})"
+                    ));
+                    conn.write_all(&encode_error(&e)).await?;
+                    return Ok(());
+                }
+                let mut request = vec![0u8; len];
+                conn.read_exact(&mut request).await?;
+                let answer = match (fds, &served.export) {
+                    (Ok([fd]), Some(export)) => match writable(&fd) {
+                        Ok(()) => {
+                            let _permit = served
+                                .exports
+                                .acquire()
+                                .await
+                                .map_err(std::io::Error::other)?;
+                            tokio::select! {
+                                r = export.export(request.into(), fd) => r,
+                                _ = client_gone(&conn) => {
+                                    debug!("local export cancelled by its client");
+                                    return Ok(());
+                                }
+                            }
+                        }
+                        Err(e) => Err(e),
+                    },
+                    (Ok(_), None) => Err(Error::InvalidRequest(
+                        "this daemon takes no export requests".into(),
+                    )),
+                    (Err(fds), _) => Err(wrong_fd_count(fds.len())),
+                };
+                match answer {
+                    Ok(written) => {
+                        let mut out = vec![0u8];
+                        out.extend_from_slice(&written.to_le_bytes());
+                        out
+                    }
+                    Err(e) => encode_error(&e),
+                }
+            }
+            (PUT, Err(fds)) => encode_error(&wrong_fd_count(fds.len())),
+            (other, _) => encode_error(&Error::InvalidRequest(format!(
                 "unknown request byte {other:#04x}"
             ))),
         };
-        conn.write_all(&encode_answer(&answer)).await?;
+        conn.write_all(&answer).await?;
     }
+}
+
+/// Resolves when the client closes the connection (or sends anything: no
+/// request may come while an export runs).
+async fn client_gone(conn: &UnixStream) {
+    let mut byte = [0u8; 1];
+    loop {
+        if conn.readable().await.is_err() {
+            return;
+        }
+        // Readiness can be left over from the request's last read: only a
+        // read that would block clears it.
+        match conn.try_read(&mut byte) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            _ => return,
+        }
+    }
+}
+
+fn wrong_fd_count(n: usize) -> Error {
+    Error::InvalidRequest(format!(
+        "a request carries exactly one file descriptor, not {n}"
+    ))
+}
+
+/// Checks that `fd` is open for writing (not `O_PATH`, not read-only).
+fn writable(fd: &OwnedFd) -> Result<(), Error> {
+    // SAFETY: F_GETFL only reads the open file's flags.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 || flags & libc::O_PATH != 0 || flags & libc::O_ACCMODE == libc::O_RDONLY {
+        return Err(Error::InvalidRequest(
+            "the file descriptor passed is not open for writing".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Stores the regular file `fd` refers to.
@@ -247,7 +365,7 @@ fn recv_with_fds(sock: std::os::fd::RawFd) -> std::io::Result<(usize, u8, Vec<Ow
     Ok((n as usize, byte, fds))
 }
 
-/// The wire form of an answer.
+/// The wire form of a put's answer.
 fn encode_answer(answer: &Result<(B3Digest, u64), Error>) -> Vec<u8> {
     match answer {
         Ok((digest, size)) => {
@@ -257,41 +375,39 @@ fn encode_answer(answer: &Result<(B3Digest, u64), Error>) -> Vec<u8> {
             out.extend_from_slice(&size.to_le_bytes());
             out
         }
-        Err(e) => {
-            let (kind, text) = match e {
-                Error::InvalidRequest(m) => (0u8, m.clone()),
-                Error::NotFound(m) => (1, m.clone()),
-                Error::Unavailable(m) => (2, m.clone()),
-                other => (3, other.to_string()),
-            };
-            let mut text = text.into_bytes();
-            if text.len() > MAX_MESSAGE {
-                text.truncate(MAX_MESSAGE);
-                // Cut on a character boundary.
-                while std::str::from_utf8(&text).is_err() {
-                    text.pop();
-                }
-            }
-            let mut out = Vec::with_capacity(6 + text.len());
-            out.push(1);
-            out.push(kind);
-            out.extend_from_slice(&(text.len() as u32).to_le_bytes());
-            out.extend_from_slice(&text);
-            out
-        }
+        Err(e) => encode_error(e),
     }
 }
 
-/// Decodes an answer's fields after its status byte.
-async fn read_answer(conn: &mut UnixStream) -> std::io::Result<Result<(B3Digest, u64), Error>> {
-    let status = conn.read_u8().await?;
-    match status {
-        0 => {
-            let mut digest = [0u8; B3_LEN];
-            conn.read_exact(&mut digest).await?;
-            let size = conn.read_u64_le().await?;
-            Ok(Ok((B3Digest::from(digest), size)))
+/// The wire form of an error answer.
+fn encode_error(e: &Error) -> Vec<u8> {
+    let (kind, text) = match e {
+        Error::InvalidRequest(m) => (0u8, m.clone()),
+        Error::NotFound(m) => (1, m.clone()),
+        Error::Unavailable(m) => (2, m.clone()),
+        other => (3, other.to_string()),
+    };
+    let mut text = text.into_bytes();
+    if text.len() > MAX_MESSAGE {
+        text.truncate(MAX_MESSAGE);
+        // Cut on a character boundary.
+        while std::str::from_utf8(&text).is_err() {
+            text.pop();
         }
+    }
+    let mut out = Vec::with_capacity(6 + text.len());
+    out.push(1);
+    out.push(kind);
+    out.extend_from_slice(&(text.len() as u32).to_le_bytes());
+    out.extend_from_slice(&text);
+    out
+}
+
+/// Reads an answer's status: `Ok(())` when it succeeded (its fields follow),
+/// the daemon's error otherwise.
+async fn read_status(conn: &mut UnixStream) -> std::io::Result<Result<(), Error>> {
+    match conn.read_u8().await? {
+        0 => Ok(Ok(())),
         1 => {
             let kind = conn.read_u8().await?;
             let len = conn.read_u32_le().await? as usize;
@@ -318,12 +434,24 @@ async fn read_answer(conn: &mut UnixStream) -> std::io::Result<Result<(B3Digest,
     }
 }
 
+/// Decodes a put's answer.
+async fn read_answer(conn: &mut UnixStream) -> std::io::Result<Result<(B3Digest, u64), Error>> {
+    if let Err(e) = read_status(conn).await? {
+        return Ok(Err(e));
+    }
+    let mut digest = [0u8; B3_LEN];
+    conn.read_exact(&mut digest).await?;
+    let size = conn.read_u64_le().await?;
+    Ok(Ok((B3Digest::from(digest), size)))
+}
+
 /// The client side: connections to a daemon's socket, kept for reuse (one
 /// request at a time on each).
 pub struct LocalIngestClient {
     path: PathBuf,
     token: [u8; TOKEN_LEN],
     idle: parking_lot::Mutex<Vec<UnixStream>>,
+    exports: bool,
 }
 
 impl LocalIngestClient {
@@ -334,6 +462,7 @@ impl LocalIngestClient {
             path,
             token,
             idle: parking_lot::Mutex::new(Vec::new()),
+            exports: false,
         };
         let conn = client.new_connection().await?;
         client.idle.lock().push(conn);
@@ -371,7 +500,9 @@ impl LocalIngestClient {
             Some(c) => c,
             None => self.new_connection().await.map_err(unavailable)?,
         };
-        send_fd(&conn, file).await.map_err(unavailable)?;
+        send_request(&conn, PUT, file.as_fd())
+            .await
+            .map_err(unavailable)?;
         let answer = read_answer(&mut conn).await.map_err(unavailable)?;
         // The connection is in a clean state after any answer.
         self.idle.lock().push(conn);
@@ -379,19 +510,80 @@ impl LocalIngestClient {
     }
 }
 
+impl LocalIngestClient {
+    /// Asks the daemon behind `channel` (a gRPC connection to a daemon on
+    /// this machine: the socket path it names is a path here) for its local
+    /// socket, connects and checks the token; `None` if it has none, or it
+    /// cannot be used.
+    pub async fn discover(channel: tonic::transport::Channel) -> Option<Self> {
+        use arca_proto::castore_batch as batch_proto;
+        let mut client =
+            batch_proto::local_ingest_service_client::LocalIngestServiceClient::new(channel);
+        let described = match client
+            .describe(batch_proto::DescribeLocalIngestRequest {})
+            .await
+        {
+            Ok(r) => r.into_inner(),
+            Err(status) => {
+                debug!(%status, "the server takes no open files");
+                return None;
+            }
+        };
+        let token = <[u8; TOKEN_LEN]>::try_from(&described.token[..]).ok()?;
+        match Self::connect(described.socket_path.clone().into(), token).await {
+            Ok(mut c) => {
+                debug!(socket = described.socket_path, "the daemon's local socket");
+                c.exports = described.exports;
+                Some(c)
+            }
+            Err(e) => {
+                debug!(socket = described.socket_path, error = %e, "local socket not usable");
+                None
+            }
+        }
+    }
+
+    /// Whether the daemon takes export requests ([Self::export]).
+    pub fn takes_exports(&self) -> bool {
+        self.exports
+    }
+
+    /// Has the daemon write the export `request` asks for into `out` (see
+    /// the module docs); returns the number of bytes it wrote. On a
+    /// connection of its own, closed afterwards: dropping the returned
+    /// future cancels the export.
+    pub async fn export(&self, request: &[u8], out: &impl AsFd) -> Result<u64, Error> {
+        if request.len() > MAX_EXPORT_REQUEST {
+            return Err(Error::InvalidRequest(format!(
+                "an export request of {} bytes (at most {MAX_EXPORT_REQUEST})",
+                request.len()
+            )));
+        }
+        let mut conn = self.new_connection().await.map_err(unavailable)?;
+        send_request(&conn, EXPORT, out.as_fd())
+            .await
+            .map_err(unavailable)?;
+        let mut body = (request.len() as u32).to_le_bytes().to_vec();
+        body.extend_from_slice(request);
+        conn.write_all(&body).await.map_err(unavailable)?;
+        read_status(&mut conn).await.map_err(unavailable)??;
+        conn.read_u64_le().await.map_err(unavailable)
+    }
+}
+
 fn unavailable(e: std::io::Error) -> Error {
     Error::Unavailable(format!("local ingest: {e}"))
 }
 
-/// Sends the request byte with `file`'s descriptor.
-async fn send_fd(conn: &UnixStream, file: &std::fs::File) -> std::io::Result<()> {
+/// Sends a request byte with one descriptor.
+async fn send_request(conn: &UnixStream, byte: u8, fd: BorrowedFd<'_>) -> std::io::Result<()> {
     loop {
         conn.writable().await?;
         let sent = conn.try_io(Interest::WRITABLE, || {
-            let fds = [file.as_raw_fd()];
+            let fds = [fd.as_raw_fd()];
             sendmsg::<()>(
                 conn.as_raw_fd(),
-                &[IoSlice::new(&[PUT])],
+                &[IoSlice::new(&[byte])],
                 &[ControlMessage::ScmRights(&fds)],
                 MsgFlags::MSG_NOSIGNAL,
                 None,

@@ -339,3 +339,42 @@ async fn storing_again_repairs_empty_chunk_files_and_lists() {
         );
     }
 }
+
+/// The same on a local store, where a stream read from the start hashes the
+/// whole blob instead of each chunk (one BLAKE3 pass): chunks kept raw, so a
+/// flipped byte is only caught by hashing. A reader that may stop early
+/// still verifies each chunk; a stream never ends without an error.
+#[tokio::test]
+async fn local_readers_and_streams_catch_a_tampered_raw_chunk() {
+    use tokio::io::AsyncReadExt;
+    let (b, _d, g) = from_urls(
+        "objectstore+file://{tmp}/blobs?compression=background&chunking=inline",
+        "memory://",
+    );
+    let root = g.tmp.as_ref().unwrap().path().join("blobs");
+    let data = test_data(4 * 1024 * 1024, 23);
+    let digest = put_bytes(&*b, data.clone().into()).await.unwrap();
+    let chunks = b.chunks(&digest).await.unwrap().unwrap();
+    assert!(chunks.len() > 2);
+    assert_eq!(read_streamed(&*b, &digest).await.unwrap(), data);
+    for (which, chunk) in [("first", &chunks[0]), ("last", chunks.last().unwrap())] {
+        let file = stored_file(&root, "chunks", &chunk.digest);
+        let before = std::fs::read(&file).unwrap();
+        assert_eq!(before[0], 0, "the chunk is stored raw");
+        flip_last_byte(&file);
+        assert!(
+            read_streamed(&*b, &digest).await.is_err(),
+            "a stream with a tampered {which} chunk ended without an error"
+        );
+        if which == "first" {
+            let mut head = [0u8; 100];
+            let mut reader = b.open_read(&digest).await.unwrap().unwrap();
+            assert!(
+                reader.read_exact(&mut head).await.is_err(),
+                "bytes of a tampered chunk were handed out"
+            );
+        }
+        std::fs::write(&file, before).unwrap();
+        assert_eq!(read_streamed(&*b, &digest).await.unwrap(), data);
+    }
+}

@@ -26,12 +26,17 @@ impl Drop for Server {
 }
 
 fn start() -> Server {
+    start_exporting(None)
+}
+
+/// A server whose socket takes exports with `export`.
+fn start_exporting(export: Option<Arc<dyn local_ingest::LocalExport>>) -> Server {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("ingest.sock");
     let token = local_ingest::new_token().unwrap();
     let blobs = Arc::new(MemoryBlobService::default());
     let listener = local_ingest::bind(&path).unwrap();
-    let task = tokio::spawn(local_ingest::serve(listener, token, blobs.clone()));
+    let task = tokio::spawn(local_ingest::serve(listener, token, blobs.clone(), export));
     Server {
         path,
         token,
@@ -264,4 +269,190 @@ async fn a_broken_socket_falls_back_to_grpc_uploads() {
     );
     assert!(!client.direct_file_puts().await, "no longer offered");
     server.abort();
+}
+
+/// Exports the request's bytes `repeat` times; a request "wait" waits until
+/// cancelled, and says so in `cancelled`.
+struct Echo {
+    repeat: usize,
+    cancelled: Arc<tokio::sync::Notify>,
+}
+
+#[async_trait::async_trait]
+impl local_ingest::LocalExport for Echo {
+    async fn export(
+        &self,
+        request: bytes::Bytes,
+        out: std::os::fd::OwnedFd,
+    ) -> Result<u64, arca_castore::Error> {
+        if &request[..] == b"wait" {
+            struct Tell(Arc<tokio::sync::Notify>);
+            impl Drop for Tell {
+                fn drop(&mut self) {
+                    self.0.notify_one();
+                }
+            }
+            let _tell = Tell(self.cancelled.clone());
+            std::future::pending::<()>().await;
+        }
+        if &request[..] == b"fail" {
+            return Err(arca_castore::Error::NotFound("no such thing".into()));
+        }
+        let mut out = std::fs::File::from(out);
+        for _ in 0..self.repeat {
+            out.write_all(&request).unwrap();
+        }
+        Ok((request.len() * self.repeat) as u64)
+    }
+}
+
+fn echo_server(repeat: usize) -> (Server, Arc<tokio::sync::Notify>) {
+    let cancelled = Arc::new(tokio::sync::Notify::new());
+    let echo = Echo {
+        repeat,
+        cancelled: cancelled.clone(),
+    };
+    (start_exporting(Some(Arc::new(echo))), cancelled)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_exports_into_the_descriptor_passed() {
+    let (s, _) = echo_server(3);
+    let client = LocalIngestClient::connect(s.path.clone(), s.token)
+        .await
+        .unwrap();
+    // Into a regular file, at its current position.
+    let dir = tempfile::tempdir().unwrap();
+    let mut file = std::fs::File::create(dir.path().join("out")).unwrap();
+    file.write_all(b"head:").unwrap();
+    let request: Vec<u8> = (0..60_000u32).map(|i| (i % 251) as u8).collect();
+    assert_eq!(client.export(&request, &file).await.unwrap(), 180_000);
+    let written = std::fs::read(dir.path().join("out")).unwrap();
+    assert_eq!(&written[..5], b"head:");
+    assert_eq!(written[5..], request.repeat(3)[..]);
+    // Into a pipe, read as it is written.
+    let (mut r, w) = std::io::pipe().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        r.read_to_end(&mut out).unwrap();
+        out
+    });
+    assert_eq!(client.export(b"abc", &w).await.unwrap(), 9);
+    drop(w);
+    assert_eq!(reader.join().unwrap(), b"abcabcabc");
+    // The exporter's error reaches the client with its kind.
+    let err = client.export(b"fail", &file).await.unwrap_err();
+    assert!(
+        matches!(&err, arca_castore::Error::NotFound(m) if m.contains("no such thing")),
+        "{err:?}"
+    );
+}
+
+/// Reads an export's answer: `Ok(bytes written)` or `Err((kind, message))`.
+fn export_answer(c: &mut UnixStream) -> Result<u64, (u8, String)> {
+    let mut status = [0u8; 1];
+    c.read_exact(&mut status).unwrap();
+    if status[0] == 0 {
+        let mut n = [0u8; 8];
+        c.read_exact(&mut n).unwrap();
+        return Ok(u64::from_le_bytes(n));
+    }
+    let mut head = [0u8; 5];
+    c.read_exact(&mut head).unwrap();
+    let len = u32::from_le_bytes(head[1..].try_into().unwrap()) as usize;
+    let mut text = vec![0u8; len];
+    c.read_exact(&mut text).unwrap();
+    Err((head[0], String::from_utf8(text).unwrap()))
+}
+
+fn send_export(c: &mut UnixStream, fds: &[i32], request: &[u8]) {
+    send(c, b'E', fds);
+    c.write_all(&(request.len() as u32).to_le_bytes()).unwrap();
+    c.write_all(request).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_export_requests_get_errors_and_write_nothing() {
+    let (s, _) = echo_server(1);
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("target");
+    std::fs::write(&target, b"").unwrap();
+    let (path, token) = (s.path.clone(), s.token);
+    let t = target.clone();
+    let answers = tokio::task::spawn_blocking(move || {
+        let mut c = raw_connection(&path, token);
+        let read_only = std::fs::File::open(&t).unwrap();
+        let writable = std::fs::OpenOptions::new().append(true).open(&t).unwrap();
+        let mut out = Vec::new();
+        // No descriptor, two descriptors, one not open for writing.
+        send_export(&mut c, &[], b"x");
+        out.push(export_answer(&mut c));
+        send_export(&mut c, &[writable.as_raw_fd(), writable.as_raw_fd()], b"x");
+        out.push(export_answer(&mut c));
+        send_export(&mut c, &[read_only.as_raw_fd()], b"x");
+        out.push(export_answer(&mut c));
+        // Then a good one on the same connection.
+        send_export(&mut c, &[writable.as_raw_fd()], b"good");
+        out.push(export_answer(&mut c));
+        // A request longer than allowed: an answer, then the connection closes.
+        send(&c, b'E', &[writable.as_raw_fd()]);
+        let len = (local_ingest::MAX_EXPORT_REQUEST as u32) + 1;
+        c.write_all(&len.to_le_bytes()).unwrap();
+        out.push(export_answer(&mut c));
+        let mut rest = Vec::new();
+        c.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty(), "the connection closed");
+        out
+    })
+    .await
+    .unwrap();
+    let expect = [
+        "exactly one file descriptor, not 0",
+        "exactly one file descriptor, not 2",
+        "not open for writing",
+    ];
+    for (a, text) in answers.iter().zip(expect) {
+        let (kind, message) = a.as_ref().expect_err("refused");
+        assert_eq!(*kind, 0, "invalid request");
+        assert!(message.contains(text), "{message:?} lacks {text:?}");
+    }
+    assert_eq!(answers[3], Ok(4));
+    let (_, message) = answers[4].as_ref().expect_err("too long");
+    assert!(message.contains("at most"), "{message}");
+    assert_eq!(std::fs::read(&target).unwrap(), b"good");
+
+    // A daemon without an exporter refuses exports (and says so in Describe).
+    let plain = start();
+    let client = LocalIngestClient::connect(plain.path.clone(), plain.token)
+        .await
+        .unwrap();
+    let err = client
+        .export(b"x", &std::fs::File::create(dir.path().join("o")).unwrap())
+        .await;
+    assert!(
+        matches!(&err, Err(arca_castore::Error::InvalidRequest(m)) if m.contains("no export")),
+        "{err:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_goes_away_cancels_its_export() {
+    let (s, cancelled) = echo_server(1);
+    let client = LocalIngestClient::connect(s.path.clone(), s.token)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = std::fs::File::create(dir.path().join("out")).unwrap();
+    let export = client.export(b"wait", &file);
+    // The export runs until the client gives up on it.
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_millis(300), export)
+            .await
+            .is_err(),
+        "a waiting export answered"
+    );
+    // Dropping the future closed the connection: the daemon drops the export.
+    tokio::time::timeout(std::time::Duration::from_secs(10), cancelled.notified())
+        .await
+        .expect("the export was cancelled");
 }

@@ -247,7 +247,9 @@ pub async fn run(args: DaemonArgs, service_args: ServiceArgs) -> Result<()> {
         .add_service(GrpcBlobServiceWrapper::new(services.blob.clone()).into_server())
         .add_service(GrpcBlobBatchServiceWrapper::new(services.blob.clone()).into_server())
         .add_optional_service(ingest.as_ref().map(|(_, path, token)| {
-            GrpcLocalIngestWrapper::new(path.display().to_string(), *token).into_server()
+            GrpcLocalIngestWrapper::new(path.display().to_string(), *token)
+                .with_exports(true)
+                .into_server()
         }))
         .add_service(GrpcDirectoryServiceWrapper::new(services.directory.clone()).into_server())
         .add_service(
@@ -291,10 +293,15 @@ pub async fn run(args: DaemonArgs, service_args: ServiceArgs) -> Result<()> {
     }
     let shutdown = stop.clone().cancelled_owned();
     let ingest_server = ingest.map(|(listener, path, token)| {
+        // The socket also renders NARs into descriptors clients pass
+        // (`arca nar dump`).
+        let export =
+            arca_store::nar::NarExport::new(services.blob.clone(), services.directory.clone());
         let task = tokio::spawn(arca_castore::local_ingest::serve(
             listener,
             token,
             services.blob.clone(),
+            Some(Arc::new(export)),
         ));
         (task, path)
     });

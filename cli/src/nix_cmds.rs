@@ -13,7 +13,6 @@ use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::sync::Arc;
-use tokio::io::AsyncWriteExt;
 use tokio_util::task::AbortOnDropHandle;
 
 #[derive(Args)]
@@ -208,55 +207,34 @@ pub async fn import(args: ImportArgs, service_args: ServiceArgs) -> Result<()> {
     Ok(())
 }
 
-/// Standard output as plain `write(2)` calls on a duplicate of fd 1, made
-/// where the writer runs: `block_in_place`, so that on a runtime worker
-/// the worker's other tasks move on first (`arca nar dump` writes from the
-/// multi-thread runtime's `block_on` thread, where it just runs; it would
-/// panic on a current-thread runtime). `tokio::io::stdout` copies every
-/// write into a buffer of its own and hands it to the blocking pool: a
-/// second copy of the whole NAR behind the `BufWriter`'s.
-struct RawStdout(std::fs::File);
-
-impl RawStdout {
-    fn new() -> Result<Self> {
-        use std::os::fd::AsFd;
-        let fd = std::io::stdout()
-            .as_fd()
-            .try_clone_to_owned()
-            .context("duplicating standard output")?;
-        Ok(Self(std::fs::File::from(fd)))
+/// The daemon's local socket, if it takes NAR exports: only when the blob
+/// and directory services are the same gRPC address on this machine (so the
+/// daemon renders from the very services this command would read), and no
+/// composition file says otherwise.
+async fn local_exporter(
+    args: &ServiceArgs,
+) -> Option<arca_castore::local_ingest::LocalIngestClient> {
+    if args.store_composition.is_some() {
+        return None;
     }
-}
-
-impl tokio::io::AsyncWrite for RawStdout {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        _cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        use std::io::Write;
-        let file = &mut self.get_mut().0;
-        std::task::Poll::Ready(tokio::task::block_in_place(|| loop {
-            match file.write(buf) {
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                r => return r,
-            }
-        }))
+    let blob = args
+        .blob_service_addr
+        .as_deref()
+        .unwrap_or(crate::services::DEFAULT_DAEMON);
+    let dir = args
+        .directory_service_addr
+        .as_deref()
+        .unwrap_or(crate::services::DEFAULT_DAEMON);
+    let url = url::Url::parse(blob).ok()?;
+    if blob != dir
+        || !url.scheme().starts_with("grpc+")
+        || !arca_castore::composition::on_this_machine(&url)
+    {
+        return None;
     }
-
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        _cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        _cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
-    }
+    let channel = arca_castore::grpc::channel_from_url(&url).ok()?;
+    let client = arca_castore::local_ingest::LocalIngestClient::discover(channel).await?;
+    client.takes_exports().then_some(client)
 }
 
 /// `arca nar dump|add`
@@ -268,16 +246,32 @@ pub async fn nar(cmd: NarCommand, service_args: ServiceArgs) -> Result<()> {
             let info = lookup(&services, &path)
                 .await?
                 .ok_or_else(|| anyhow!("path '{path}' is not valid"))?;
-            let out = tokio::io::BufWriter::with_capacity(4 * 1024 * 1024, RawStdout::new()?);
-            let mut out = render_nar(
+            let stdout = std::io::stdout();
+            // A daemon on this machine renders the NAR into our standard
+            // output itself (arca_store::nar::export); any other store is
+            // read here, and written out from a thread of its own.
+            if let Some(daemon) = local_exporter(&service_args).await {
+                tracing::debug!("the daemon writes the NAR");
+                daemon
+                    .export(&arca_store::nar::export_request(&info.node), &stdout)
+                    .await
+                    .with_context(|| format!("the daemon rendering the NAR of {path}"))?;
+                return Ok(());
+            }
+            use std::os::fd::AsFd;
+            let fd = stdout
+                .as_fd()
+                .try_clone_to_owned()
+                .context("duplicating standard output")?;
+            let out = render_nar(
                 &info.node,
                 services.blob.clone(),
                 services.directory.as_ref(),
-                out,
+                arca_store::nar::FdWriter::new(fd)?,
             )
             .await
             .with_context(|| format!("rendering the NAR of {path}"))?;
-            out.flush().await?;
+            out.finish().await.context("writing the NAR")?;
         }
         NarCommand::Add { name, file } => {
             arca_store::store_path::validate_name(&name).context("invalid store path name")?;

@@ -17,6 +17,9 @@ pub struct Services {
     pub nar_index: LazyNarIndex,
 }
 
+/// The daemon other commands use when no flag says otherwise.
+pub const DEFAULT_DAEMON: &str = "grpc+http://127.0.0.1:8000";
+
 /// Where the services live when no flag says otherwise.
 pub enum Defaults {
     /// The daemon: the embedded store under the data dir.
@@ -32,7 +35,7 @@ pub fn build(args: &ServiceArgs, defaults: Defaults) -> Result<Services> {
             "sled://{}",
             crate::data_dir(args)?.join("pathinfo.sled").display()
         ),
-        Defaults::Daemon => "grpc+http://127.0.0.1:8000".to_string(),
+        Defaults::Daemon => DEFAULT_DAEMON.to_string(),
     };
     let composition = if let Some(file) = &args.store_composition {
         let text =
@@ -47,10 +50,7 @@ pub fn build(args: &ServiceArgs, defaults: Defaults) -> Result<Services> {
                     format!("sled://{}", data.join("directories.sled").display()),
                 )
             }
-            Defaults::Daemon => (
-                "grpc+http://127.0.0.1:8000".to_string(),
-                "grpc+http://127.0.0.1:8000".to_string(),
-            ),
+            Defaults::Daemon => (DEFAULT_DAEMON.to_string(), DEFAULT_DAEMON.to_string()),
         };
         let blob = args.blob_service_addr.clone().unwrap_or(blob);
         let dir = args.directory_service_addr.clone().unwrap_or(dir);

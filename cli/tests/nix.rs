@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 
 const NIX_CONFIG: &str =
     "build-users-group =\nexperimental-features = nix-command\nsubstituters =\n";
@@ -127,6 +127,58 @@ fn import_dump_and_path_info_agree_with_nix() {
         assert!(cp.success());
     }
     check_against_nix(&d, &docs, &nix_root);
+}
+
+/// `arca nar dump` out of a daemon on this machine: the daemon renders the
+/// NAR straight into the command's standard output (a pipe, or a file); a
+/// daemon without its local socket is read over gRPC. Both are Nix's bytes.
+#[test]
+fn nar_dump_rendered_by_the_daemon_or_over_grpc_is_nix_s_nar() {
+    if !have_nix() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let tree = t.path().join("varied");
+    varied_tree(&tree, 7);
+    let nix_dump = nix(&["nix-store", "--dump", tree.to_str().unwrap()]).stdout;
+    for (extra, by_daemon) in [(None, true), (Some("off"), false)] {
+        let mut args = vec!["--listen", "127.0.0.1:0"];
+        if let Some(socket) = extra {
+            args.extend(["--ingest-socket", socket]);
+        }
+        let d = Daemon::start_with(&args);
+        let imported = with_store(&d, &["import", tree.to_str().unwrap()]);
+        assert!(imported.status.success(), "{}", stderr(&imported));
+        let path = stdout(&imported).trim().to_string();
+        let dump = |out: Stdio| {
+            Command::new(arca_bin())
+                .args(["nar", "dump", &path])
+                .env("BLOB_SERVICE_ADDR", &d.url)
+                .env("DIRECTORY_SERVICE_ADDR", &d.url)
+                .env("PATH_INFO_SERVICE_ADDR", &d.url)
+                .env("ARCA_LOG", "arca=debug")
+                .stdout(out)
+                .stderr(Stdio::piped())
+                .output()
+                .expect("run arca")
+        };
+        let piped = dump(Stdio::piped());
+        assert!(piped.status.success(), "{}", stderr(&piped));
+        assert!(piped.stdout == nix_dump, "NAR through a pipe differs");
+        assert_eq!(
+            stderr(&piped).contains("the daemon writes the NAR"),
+            by_daemon,
+            "{}",
+            stderr(&piped)
+        );
+        let file = t.path().join("out.nar");
+        let into_file = dump(Stdio::from(std::fs::File::create(&file).unwrap()));
+        assert!(into_file.status.success(), "{}", stderr(&into_file));
+        assert!(
+            std::fs::read(&file).unwrap() == nix_dump,
+            "NAR written into a file differs"
+        );
+    }
 }
 
 #[test]

@@ -341,6 +341,8 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for Encoder<W> {
     }
 }
 
+impl<W: AsyncWrite + Unpin> crate::nar::NarOutput for Encoder<W> {}
+
 #[cfg(test)]
 mod tests {
     use super::*;

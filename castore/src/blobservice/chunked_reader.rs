@@ -40,6 +40,14 @@ pub fn validate_chunk_list(chunks: &[ChunkMeta]) -> Result<u64, Error> {
 pub trait ChunkFetcher: Send + Sync + 'static {
     /// The chunk's bytes; an error if it is missing or fails verification.
     async fn fetch_chunk(&self, chunk: &ChunkMeta) -> Result<Bytes, Error>;
+
+    /// The chunk's bytes with its length checked but not its digest, for a
+    /// reader that hashes the whole blob instead (a read from the start, see
+    /// [ChunkedReader::into_stream]): one BLAKE3 pass over the bytes instead
+    /// of two. The default verifies anyway.
+    async fn fetch_chunk_unhashed(&self, chunk: &ChunkMeta) -> Result<Bytes, Error> {
+        self.fetch_chunk(chunk).await
+    }
 }
 
 /// Checks fetched chunk bytes against their metadata.
@@ -64,9 +72,11 @@ pub(crate) fn verify_chunk(chunk: &ChunkMeta, data: &Bytes) -> Result<(), Error>
 
 type ByteStream = super::BlobStream;
 
-/// Reads a chunked blob. Every chunk is verified against its digest; a read
-/// from the start also checks the whole blob's digest before the last chunk
-/// is handed out (so a wrong or reordered chunk list is caught). Seeking drops
+/// Reads a chunked blob. Every chunk read is verified against its digest; a
+/// read from the start also checks the whole blob's digest before the last
+/// chunk is handed out (so a wrong or reordered chunk list is caught). The
+/// stream of [Self::into_stream], read to its end, skips the chunks' own
+/// hashing where the fetcher can ([ChunkFetcher::fetch_chunk_unhashed]). Seeking drops
 /// the read-ahead and restarts at the chunk holding the new position.
 pub struct ChunkedReader {
     /// (offset, chunk) pairs, offsets ascending.
@@ -121,10 +131,15 @@ impl ChunkedReader {
     /// The blob from its start as a stream of its chunks (fetched ahead,
     /// verified as the reader verifies them), without copying them.
     pub fn into_stream(self) -> ByteStream {
-        self.stream_from(0)
+        self.stream_from(0, true)
     }
 
-    fn stream_from(&self, pos: u64) -> ByteStream {
+    /// The blob from `pos`. With `whole_only` (a stream from the start that
+    /// its reader consumes to the end), chunks are not hashed on their own
+    /// where the fetcher can skip it: the whole blob is, before its last
+    /// chunk goes out. A reader that may stop early never gets bytes of an
+    /// unverified chunk.
+    fn stream_from(&self, pos: u64, whole_only: bool) -> ByteStream {
         // First chunk whose end is beyond pos.
         let idx = self.chunks.partition_point(|(off, c)| off + c.size <= pos);
         let skip_first = self.chunks.get(idx).map(|(off, _)| pos - off).unwrap_or(0) as usize;
@@ -134,13 +149,19 @@ impl ChunkedReader {
         // Each fetch is its own task: futures inside `buffered` only progress
         // while the consumer polls, and a consumer busy writing its output
         // would stall the read-ahead.
+        let whole = pos == 0;
+        let unhashed = whole && whole_only;
         let fetched = stream::iter(idx..count)
             .map(move |i| {
                 let chunk = chunks[i].1.clone();
                 let fetcher = fetcher.clone();
                 // Cancelled when the reader no longer wants it (a seek, a drop).
                 let fetch = AbortOnDropHandle::new(tokio::spawn(async move {
-                    fetcher.fetch_chunk(&chunk).await
+                    if unhashed {
+                        fetcher.fetch_chunk_unhashed(&chunk).await
+                    } else {
+                        fetcher.fetch_chunk(&chunk).await
+                    }
                 }));
                 futures::FutureExt::map(fetch, |joined| {
                     joined
@@ -148,7 +169,7 @@ impl ChunkedReader {
                 })
             })
             .buffered(READ_AHEAD);
-        if pos == 0 {
+        if whole {
             // From the start: hash everything, check before the last chunk goes out.
             let expected = self.blob_digest;
             let verified: BoxStream<'static, Result<Bytes, Error>> = async_stream::try_stream! {
@@ -197,7 +218,7 @@ impl AsyncRead for ChunkedReader {
             return Poll::Ready(Ok(()));
         }
         if self.inner.is_none() {
-            let s = self.stream_from(self.pos);
+            let s = self.stream_from(self.pos, false);
             self.inner = Some(StreamReader::new(s));
         }
         let before = buf.filled().len();

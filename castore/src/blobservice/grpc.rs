@@ -13,8 +13,7 @@ use crate::{B3Digest, Error, BLOB_MESSAGE_CHUNK};
 use arca_proto::castore as proto;
 use arca_proto::castore::blob_service_client::BlobServiceClient;
 use arca_proto::castore_batch::blob_batch_service_client::BlobBatchServiceClient;
-use arca_proto::castore_batch::local_ingest_service_client::LocalIngestServiceClient;
-use arca_proto::castore_batch::{self as batch_proto, ReadBlobsRequest};
+use arca_proto::castore_batch::ReadBlobsRequest;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures::stream::{BoxStream, StreamExt};
@@ -133,30 +132,9 @@ impl GrpcBlobService {
         let channel = self.first_channel.clone();
         self.local_ingest
             .get_or_init(|| async move {
-                let mut client = LocalIngestServiceClient::new(channel);
-                let described = match client
-                    .describe(batch_proto::DescribeLocalIngestRequest {})
-                    .await
-                {
-                    Ok(r) => r.into_inner(),
-                    Err(status) => {
-                        tracing::debug!(%status, "the server takes no open files");
-                        return None;
-                    }
-                };
-                let token = <[u8; crate::local_ingest::TOKEN_LEN]>::try_from(&described.token[..])
-                    .ok()?;
-                match LocalIngestClient::connect(described.socket_path.clone().into(), token).await
-                {
-                    Ok(c) => {
-                        tracing::debug!(socket = described.socket_path, "handing files to the daemon");
-                        Some(Arc::new(c))
-                    }
-                    Err(e) => {
-                        tracing::debug!(socket = described.socket_path, error = %e, "local ingest socket not usable");
-                        None
-                    }
-                }
+                let client = LocalIngestClient::discover(channel).await?;
+                tracing::debug!("handing files to the daemon");
+                Some(Arc::new(client))
             })
             .await
             .clone()

@@ -662,6 +662,39 @@ impl Inner {
         Ok(Some(data))
     }
 
+    /// A chunk decoded and its length checked, not hashed (for a reader
+    /// that hashes the whole blob): one trip to the blocking pool on local
+    /// files.
+    async fn read_chunk_unhashed(&self, chunk: &ChunkMeta) -> Result<Option<Bytes>, Error> {
+        let d = chunk.digest;
+        let size = chunk.size;
+        let check = move |data: Bytes| -> Result<Bytes, Error> {
+            if data.len() as u64 != size {
+                return Err(Error::Storage(format!(
+                    "chunk {d} has {} bytes, expected {size}",
+                    data.len()
+                )));
+            }
+            Ok(data)
+        };
+        if let Some(dir) = &self.local_dir {
+            let dir = dir.clone();
+            return tokio::task::spawn_blocking(move || -> Result<Option<Bytes>, Error> {
+                match read_chunk_file(&dir, &d)? {
+                    Some(stored) => Ok(Some(check(decode_chunk(&d, stored)?)?)),
+                    None => Ok(None),
+                }
+            })
+            .await
+            .map_err(Error::storage)?;
+        }
+        let Some(stored) = self.get_opt(&self.chunk_path(&d)).await? else {
+            return Ok(None);
+        };
+        let data = crate::cpu_bound(move || decode_chunk(&d, stored)).await??;
+        Ok(Some(check(data)?))
+    }
+
     /// Hashes and compresses a chunk (one trip to the blocking pool), and
     /// stores it unless it is already there. On local files in background
     /// mode the chunk is written raw and recorded for the compactor instead.
@@ -1004,6 +1037,15 @@ impl ChunkFetcher for Fetcher {
     async fn fetch_chunk(&self, chunk: &ChunkMeta) -> Result<Bytes, Error> {
         self.0
             .read_chunk(&chunk.digest, Some(chunk.size))
+            .await?
+            .ok_or_else(|| Error::Storage(format!("chunk {} is missing", chunk.digest)))
+    }
+
+    /// Decoded (the codec checks its own framing and the declared size)
+    /// and its length checked; the reader hashes the whole blob.
+    async fn fetch_chunk_unhashed(&self, chunk: &ChunkMeta) -> Result<Bytes, Error> {
+        self.0
+            .read_chunk_unhashed(chunk)
             .await?
             .ok_or_else(|| Error::Storage(format!("chunk {} is missing", chunk.digest)))
     }

@@ -91,3 +91,5 @@ impl AsyncWrite for HashingWriter {
         Poll::Ready(Ok(()))
     }
 }
+
+impl super::writer::NarOutput for HashingWriter {}

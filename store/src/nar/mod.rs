@@ -17,12 +17,18 @@
 //! - [ingest]: a NAR into castore (blobs uploaded as they stream by, the
 //!   directory closure stored only once the whole NAR proved valid).
 //! - [render]: a castore node back into a NAR, or just its size and SHA-256.
+//! - [export]: the daemon's local NAR export (a NAR rendered into a file
+//!   descriptor a client on its machine passes).
+//! - [fd_writer]: a NAR written to a file descriptor from a thread of its
+//!   own (`arca nar dump`, and the daemon's local NAR export).
 //! - [seekable]: a castore node as a seekable NAR reader whose length is
 //!   known without reading any blob (for HTTP Range requests).
 //!
 //! Entries are ordered by the raw bytes of their names, in NARs and in castore
 //! directories alike, so a tree's NAR order and castore order agree.
 
+pub mod export;
+pub mod fd_writer;
 pub mod ingest;
 pub mod reader;
 pub mod render;
@@ -31,13 +37,16 @@ pub mod writer;
 
 mod hashing;
 
+pub use export::{export_request, NarExport};
+pub use fd_writer::FdWriter;
 pub use hashing::{HashingReader, HashingWriter};
 pub use ingest::{ingest_nar, ingest_nar_expecting, ExpectedNar, IngestError};
 pub use reader::{Event, NarError, NarReader};
 pub use render::{calculate_nar, render_nar, tree_entries, RenderError};
 pub use seekable::SeekableNar;
 pub use writer::{
-    dump_path, dump_path_observed, DumpError, DumpedEntry, EntryObserver, NarWriter, WriteError,
+    dump_path, dump_path_observed, DumpError, DumpedEntry, EntryObserver, NarOutput, NarWriter,
+    WriteError,
 };
 
 /// The first token of every NAR.

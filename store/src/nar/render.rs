@@ -6,13 +6,12 @@
 //! small bounded queue, so memory stays bounded whatever the file sizes).
 //! Every blob is checked to have the size its node claims.
 use super::hashing::HashingWriter;
-use super::writer::{NarWriter, WriteError};
+use super::writer::{NarOutput, NarWriter, WriteError};
 use super::CHUNK_SIZE;
 use arca_castore::{B3Digest, BlobService, Directory, DirectoryService, Node, PathComponent};
 use futures::stream::StreamExt;
 use std::collections::HashMap;
 use std::sync::Arc;
-use tokio::io::AsyncWrite;
 use tokio::sync::mpsc;
 
 /// Fetches (a large blob, or a batch of small ones) running ahead of the file being written.
@@ -317,7 +316,7 @@ fn fetch_batch(
 }
 
 /// Writes the NAR of `node` to `writer` and returns the writer (flushed).
-pub async fn render_nar<W: AsyncWrite + Unpin>(
+pub async fn render_nar<W: NarOutput>(
     node: &Node,
     blobs: Arc<dyn BlobService>,
     directories: &dyn DirectoryService,
@@ -398,13 +397,13 @@ pub async fn render_nar<W: AsyncWrite + Unpin>(
                         while let Some(piece) = rx.recv().await {
                             let piece = piece?;
                             written += piece.len() as u64;
-                            nar.write_contents(&piece).await?;
+                            nar.write_contents_owned(piece).await?;
                         }
                     }
                     Some(Fetched::Whole(_, data)) => {
                         let data = data?;
                         written = data.len() as u64;
-                        nar.write_contents(&data).await?;
+                        nar.write_contents_owned(data).await?;
                     }
                     None => {}
                 }

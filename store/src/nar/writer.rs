@@ -7,6 +7,7 @@
 use super::{padding_len, CHUNK_SIZE, NAR_MAGIC};
 use arca_castore::import::read_file_pieces;
 use arca_castore::{B3Digest, NameError, PathComponent, SymlinkTarget};
+use bytes::Bytes;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -59,6 +60,70 @@ fn push_str(buf: &mut Vec<u8>, s: &[u8]) {
     buf.extend_from_slice(&(s.len() as u64).to_le_bytes());
     buf.extend_from_slice(s);
     buf.extend_from_slice(&[0u8; 8][..padding_len(s.len() as u64)]);
+}
+
+/// Where a rendered NAR goes: any [AsyncWrite], written through copies of
+/// what it is given. A writer that can keep file contents as they are (the
+/// reference-counted [Bytes] they were fetched in) overrides
+/// [NarOutput::poll_take], and the NAR's contents reach it without a copy.
+pub trait NarOutput: AsyncWrite + Unpin {
+    /// Offered `data` (file contents, in order after everything written
+    /// before): a writer that keeps it takes it out of the option (waiting
+    /// for room as a write would). The default takes nothing: the bytes are
+    /// then written as usual.
+    fn poll_take(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        _data: &mut Option<Bytes>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+impl NarOutput for Vec<u8> {}
+impl<W: NarOutput + ?Sized> NarOutput for &mut W {
+    fn poll_take(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &mut Option<Bytes>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut **self).poll_take(cx, data)
+    }
+}
+
+/// Contents pieces at least this long are offered whole
+/// ([NarOutput::poll_take]); shorter ones are gathered with the framing.
+const TAKE_WHOLE: usize = 64 * 1024;
+
+impl<W: NarOutput> NarWriter<W> {
+    /// Appends file contents as [NarWriter::write_contents] does, handing
+    /// `data` itself to a writer that keeps such pieces (no copy).
+    pub async fn write_contents_owned(&mut self, data: Bytes) -> Result<(), WriteError> {
+        if data.len() < TAKE_WHOLE {
+            return self.write_contents(&data).await;
+        }
+        let (size, remaining) = self
+            .file
+            .ok_or(WriteError::Misuse("no file is being written"))?;
+        if data.len() as u64 > remaining {
+            return Err(WriteError::ContentsLength {
+                expected: size,
+                actual: size - remaining + data.len() as u64,
+            });
+        }
+        let len = data.len() as u64;
+        // What is buffered goes first.
+        self.out.flush().await?;
+        let mut offered = Some(data);
+        let out = self.out.get_mut();
+        std::future::poll_fn(|cx| std::pin::Pin::new(&mut *out).poll_take(cx, &mut offered))
+            .await?;
+        if let Some(data) = offered {
+            self.out.write_all(&data).await?;
+        }
+        self.file = Some((size, remaining - len));
+        Ok(())
+    }
 }
 
 impl<W: AsyncWrite + Unpin> NarWriter<W> {
