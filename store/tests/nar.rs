@@ -94,6 +94,16 @@ fn make_tree(root: &Path) {
         big.push((x >> 24) as u8);
     }
     std::fs::write(root.join("a/big.bin"), &big).unwrap();
+    // Content that shows up again (a hard link, an executable copy, a small
+    // file twice): the renderer writes repeats from memory.
+    std::fs::hard_link(root.join("a/big.bin"), root.join("a/b/big-link")).unwrap();
+    std::fs::write(root.join("big-exec"), &big).unwrap();
+    std::fs::set_permissions(
+        root.join("big-exec"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    std::fs::write(root.join("a/b/c/hello-again"), b"hello world").unwrap();
     symlink(
         "/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-dangling",
         root.join("abs-link"),
@@ -397,14 +407,14 @@ async fn reader_streams_exact_contents() {
             }
         }
     }
-    assert_eq!((files, links, dirs), (23, 5, 7));
+    assert_eq!((files, links, dirs), (26, 5, 7));
     // Skipping contents (not reading them) works too.
     let mut r = NarReader::new(&nar[..]).await.unwrap();
     let mut n = 0;
     while r.next().await.unwrap().is_some() {
         n += 1;
     }
-    assert_eq!(n, 23 + 5 + 2 * 7);
+    assert_eq!(n, 26 + 5 + 2 * 7);
 }
 
 // ---------------------------------------------------------------- malformed NARs

@@ -4,7 +4,10 @@
 //! [DirectoryService::get_recursive]; then the tree is written depth first in
 //! NAR order while the next few blobs are already being fetched (each into a
 //! small bounded queue, so memory stays bounded whatever the file sizes).
-//! Every blob is checked to have the size its node claims.
+//! Every blob is checked to have the size its node claims. Content that
+//! shows up more than once in the tree (hard links; a NAR of
+//! `/usr/lib/x86_64-linux-gnu` holds one 25 MB library 13 times) is fetched
+//! once and written again from memory, within [REPEAT_BUDGET] bytes.
 use super::hashing::HashingWriter;
 use super::writer::{NarOutput, NarWriter, WriteError};
 use super::CHUNK_SIZE;
@@ -24,6 +27,10 @@ const BATCH_FILES: usize = 256;
 const BATCH_BYTES: u64 = 4 * 1024 * 1024;
 /// Pieces (at most 1 MiB each) queued per blob being fetched.
 const PIECES_AHEAD: usize = 2;
+/// Bytes of content kept for files whose content shows up again later in
+/// the same NAR (hard links, duplicated files): written again from memory
+/// instead of being fetched, decoded and verified once more.
+const REPEAT_BUDGET: u64 = 64 * 1024 * 1024;
 
 /// Why rendering a NAR failed.
 #[derive(Debug, thiserror::Error)]
@@ -225,24 +232,68 @@ enum Unit {
     Large(B3Digest, u64),
     /// Consecutive small files read in one batch.
     Batch(Vec<(B3Digest, u64)>),
+    /// Content written before and kept: nothing to fetch.
+    Repeat(B3Digest),
 }
 
 /// One file's contents, as the writer receives them.
 enum Fetched {
     Pieces(B3Digest, mpsc::Receiver<Result<bytes::Bytes, RenderError>>),
     Whole(B3Digest, Result<bytes::Bytes, RenderError>),
+    Repeat(B3Digest),
+}
+
+/// Which contents to keep for a later repeat, decided before anything is
+/// fetched: per digest, how many more times it is written from memory.
+/// Contents are admitted in file order while the bytes kept at once stay
+/// within `budget` (a content is dropped after its last repeat).
+fn plan_repeats(files: &[(B3Digest, u64)], budget: u64) -> HashMap<B3Digest, usize> {
+    let mut last = HashMap::new();
+    let mut count: HashMap<B3Digest, usize> = HashMap::new();
+    for (i, (d, _)) in files.iter().enumerate() {
+        last.insert(*d, i);
+        *count.entry(*d).or_default() += 1;
+    }
+    let mut kept = HashMap::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut held = 0u64;
+    // (index of the last occurrence, size) of what is held, to release.
+    let mut release: Vec<(usize, u64)> = Vec::new();
+    for (i, (d, size)) in files.iter().enumerate() {
+        release.retain(|&(at, s)| {
+            let keep = at >= i;
+            if !keep {
+                held -= s;
+            }
+            keep
+        });
+        let n = count[d];
+        // Only at its first time: a content written once already is not
+        // kept from a later time on (its remaining count would be wrong).
+        let first = seen.insert(*d);
+        if first && n > 1 && *size > 0 && held + size <= budget {
+            kept.insert(*d, n - 1);
+            held += size;
+            release.push((last[d], *size));
+        }
+    }
+    kept
 }
 
 /// Groups the files (digest, size), in order, into fetch units (in the
 /// same order: one file per unit, or a run of small files per batch).
-fn plan(files: Vec<(B3Digest, u64)>) -> Vec<Unit> {
+fn plan(files: Vec<(B3Digest, u64)>, repeats: &HashMap<B3Digest, usize>) -> Vec<Unit> {
     let empty = B3Digest::of(b"");
     let mut units = Vec::new();
     let mut batch: Vec<(B3Digest, u64)> = Vec::new();
     let mut batch_bytes = 0u64;
+    let mut seen = std::collections::HashSet::new();
     for (digest, size) in files {
+        let repeat = repeats.contains_key(&digest) && !seen.insert(digest);
         let alone = if size == 0 && digest == empty {
             Some(Unit::Empty(digest))
+        } else if repeat {
+            Some(Unit::Repeat(digest))
         } else if size > BATCH_FILE {
             Some(Unit::Large(digest, size))
         } else {
@@ -330,14 +381,16 @@ pub async fn render_nar<W: NarOutput>(
         Ok(())
     })?;
     // The files in NAR order, fetched a few ahead.
-    let files = steps
+    let files: Vec<(B3Digest, u64)> = steps
         .iter()
         .filter_map(|step| match step {
             Step::Node(_, Node::File { digest, size, .. }) => Some((*digest, *size)),
             _ => None,
         })
         .collect();
-    let mut fetched = futures::stream::iter(plan(files))
+    let mut repeats = plan_repeats(&files, REPEAT_BUDGET);
+    let mut kept: HashMap<B3Digest, Vec<bytes::Bytes>> = HashMap::new();
+    let mut fetched = futures::stream::iter(plan(files, &repeats))
         .map(|unit| {
             let blobs = blobs.clone();
             async move {
@@ -346,6 +399,9 @@ pub async fn render_nar<W: NarOutput>(
                         Fetched::Whole(digest, Ok(bytes::Bytes::new()))
                     })
                     .boxed(),
+                    Unit::Repeat(digest) => {
+                        futures::stream::once(async move { Fetched::Repeat(digest) }).boxed()
+                    }
                     Unit::Large(digest, size) => {
                         let rx = fetch_blob(blobs, digest, size);
                         futures::stream::once(async move { Fetched::Pieces(digest, rx) }).boxed()
@@ -382,7 +438,9 @@ pub async fn render_nar<W: NarOutput>(
                 let mut written = 0u64;
                 let next = fetched.next().await;
                 // Fetches come in file order; anything else is a bug here, never a wrong NAR.
-                if let Some(Fetched::Pieces(d, _) | Fetched::Whole(d, _)) = &next {
+                if let Some(Fetched::Pieces(d, _) | Fetched::Whole(d, _) | Fetched::Repeat(d)) =
+                    &next
+                {
                     if d != digest {
                         return Err(RenderError::Blob {
                             digest: *digest,
@@ -392,20 +450,46 @@ pub async fn render_nar<W: NarOutput>(
                         });
                     }
                 }
+                // The first time of a content written again later: keep it.
+                let keep = repeats.contains_key(digest) && !kept.contains_key(digest);
+                let mut keeping = Vec::new();
                 match next {
                     Some(Fetched::Pieces(_, mut rx)) => {
                         while let Some(piece) = rx.recv().await {
                             let piece = piece?;
                             written += piece.len() as u64;
+                            if keep {
+                                keeping.push(piece.clone());
+                            }
                             nar.write_contents_owned(piece).await?;
                         }
                     }
                     Some(Fetched::Whole(_, data)) => {
                         let data = data?;
                         written = data.len() as u64;
+                        if keep {
+                            keeping.push(data.clone());
+                        }
                         nar.write_contents_owned(data).await?;
                     }
+                    Some(Fetched::Repeat(_)) => {
+                        let pieces = kept.get(digest).cloned().unwrap_or_default();
+                        for piece in pieces {
+                            written += piece.len() as u64;
+                            nar.write_contents_owned(piece).await?;
+                        }
+                        if let Some(left) = repeats.get_mut(digest) {
+                            *left -= 1;
+                            if *left == 0 {
+                                repeats.remove(digest);
+                                kept.remove(digest);
+                            }
+                        }
+                    }
                     None => {}
+                }
+                if keep {
+                    kept.insert(*digest, keeping);
                 }
                 if written != *size {
                     return Err(RenderError::BlobSize {
@@ -442,6 +526,7 @@ mod tests {
                 Unit::Empty(_) => "E".to_string(),
                 Unit::Large(_, s) => format!("L{s}"),
                 Unit::Batch(f) => format!("B{:?}", f.iter().map(|(_, s)| *s).collect::<Vec<_>>()),
+                Unit::Repeat(_) => "R".to_string(),
             })
             .collect()
     }
@@ -459,7 +544,7 @@ mod tests {
             (d(5), 40),
             (empty, 0),
         ];
-        let units = plan(files);
+        let units = plan(files, &HashMap::new());
         assert_eq!(
             kinds(&units),
             [
@@ -474,11 +559,39 @@ mod tests {
     }
 
     #[test]
+    fn repeated_contents_are_kept_within_the_budget_and_fetched_once() {
+        let d = |n: u8| B3Digest::of(&[n]);
+        // 1 (60) twice, 2 (50) three times around 3 (50) twice: with 100
+        // bytes to keep, 2 does not fit while 1 is held; 3 does once 1 is
+        // released after its last time.
+        let files = vec![
+            (d(1), 60),
+            (d(2), 50),
+            (d(1), 60),
+            (d(3), 50),
+            (d(2), 50),
+            (d(3), 50),
+            (d(2), 50),
+            (d(4), 10),
+        ];
+        let repeats = plan_repeats(&files, 100);
+        assert_eq!(repeats.get(&d(1)), Some(&1));
+        assert_eq!(repeats.get(&d(2)), None, "did not fit");
+        assert_eq!(repeats.get(&d(3)), Some(&1));
+        assert_eq!(repeats.get(&d(4)), None, "once only");
+        let units = plan(files, &repeats);
+        assert_eq!(
+            kinds(&units),
+            ["B[60, 50]", "R", "B[50, 50]", "R", "B[50, 10]"]
+        );
+    }
+
+    #[test]
     fn plan_splits_batches_by_count_and_bytes() {
         let files: Vec<_> = (0..BATCH_FILES as u32 + 1)
             .map(|i| (B3Digest::of(&i.to_le_bytes()), 1))
             .collect();
-        let units = plan(files);
+        let units = plan(files, &HashMap::new());
         assert_eq!(units.len(), 2);
         assert!(matches!(&units[0], Unit::Batch(f) if f.len() == BATCH_FILES));
         let big = BATCH_FILE;
@@ -486,7 +599,7 @@ mod tests {
         let files: Vec<_> = (0..n)
             .map(|i| (B3Digest::of(&i.to_le_bytes()), big))
             .collect();
-        let units = plan(files);
+        let units = plan(files, &HashMap::new());
         assert_eq!(
             units.len(),
             2,
