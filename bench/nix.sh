@@ -2,7 +2,8 @@
 # bench/nix.sh [TREE_SOURCE] — the Nix layer against the real Nix on the same tree:
 #   `arca import` (through the daemon, fresh default store) vs `nix-store --add`
 #   (fresh chroot store), and `arca nar dump` out of the daemon vs
-#   `nix-store --dump` of the tree on disk. Checks the outputs agree.
+#   `nix-store --dump` of the tree on disk (alternating, after all imports).
+#   Checks the outputs agree.
 #   The daemon's default blob store writes chunks raw and compresses them in
 #   the background: the dump runs after that compaction finished (bounded wait
 #   for data/blobs/pending-compression to empty), so it reads compressed
@@ -30,8 +31,8 @@ find "$TREE" -type f -print0 | xargs -0 cat >/dev/null
 SIZE=$(du -sb "$TREE" | cut -f1)
 
 
-NIX_ADD=(); ARCA_ADD=(); GRPC_ADD=(); INLINE_ADD=(); COMPACT=(); NIX_DUMP=(); ARCA_DUMP=()
-for _ in $(seq "$RUNS"); do
+NIX_ADD=(); ARCA_ADD=(); GRPC_ADD=(); INLINE_ADD=(); COMPACT=(); NIX_DUMP=(); ARCA_DUMP=(); DUMP_RATIO=()
+for run in $(seq "$RUNS"); do
   retire "$WORK/nixroot"
   s=$(now); NP=$(nix-store --store "local?root=$WORK/nixroot" --add "$TREE" 2>/dev/null); sync; e=$(now)
   NIX_ADD+=("$(echo "$e - $s" | bc)")
@@ -50,10 +51,18 @@ for _ in $(seq "$RUNS"); do
   ARCA_ADD+=("$(echo "$e - $s" | bc)")
   [ "$NP" = "$AP" ] || { echo "store paths differ: nix $NP, arca $AP" >&2; exit 1; }
   COMPACT+=("$(wait_compacted)")
-  # Each dump writes a new file (the previous run's output is retired, not
-  # overwritten: truncating a 1 GB file on this disk, mounted with `discard`,
-  # costs about 1 s inside the timed command) and starts with nothing left
-  # to write back (the compaction's or the other dump's output).
+  STORED=$(du -sb "$WORK/data/blobs" | cut -f1)
+  # The last run's daemon stays up for the dumps below.
+  [ "$run" = "$RUNS" ] || stop_daemon
+done
+# Dumps: `nix-store --dump` and `arca nar dump` out of the last daemon, in
+# alternating pairs once all imports are done (dumps taken right after each
+# run's imports paid for their writeback, nix's and arca's unequally: the
+# later runs of one invocation came out slower and slower). Each dump writes
+# a new file (the previous output is retired, not overwritten: truncating a
+# 1 GB file on this disk, mounted with `discard`, costs about 1 s inside the
+# timed command) and starts with nothing left to write back.
+for _ in $(seq "$RUNS"); do
   retire "$WORK/nix.nar"; retire "$WORK/arca.nar"
   s=$(now); nix-store --dump "$TREE" >"$WORK/nix.nar"; e=$(now)
   NIX_DUMP+=("$(echo "$e - $s" | bc)")
@@ -61,9 +70,11 @@ for _ in $(seq "$RUNS"); do
   s=$(now); "${CLIENT_ENV[@]}" "$ARCA" nar dump "$AP" >"$WORK/arca.nar"; e=$(now)
   ARCA_DUMP+=("$(echo "$e - $s" | bc)")
   cmp -s "$WORK/nix.nar" "$WORK/arca.nar" || { echo "NARs differ" >&2; exit 1; }
-  STORED=$(du -sb "$WORK/data/blobs" | cut -f1)
-  stop_daemon
+  DUMP_RATIO+=("$(ratio "${ARCA_DUMP[-1]}" "${NIX_DUMP[-1]}")")
 done
+stop_daemon
+# The machine's load swings within seconds: each pair's own ratio, and their median.
+DR=$(printf '%s\n' "${DUMP_RATIO[@]}" | median)
 NA=$(printf '%s\n' "${NIX_ADD[@]}" | median); AA=$(printf '%s\n' "${ARCA_ADD[@]}" | median)
 IA=$(printf '%s\n' "${INLINE_ADD[@]}" | median); GA=$(printf '%s\n' "${GRPC_ADD[@]}" | median); CT=$(printf '%s\n' "${COMPACT[@]}" | median)
 ND=$(printf '%s\n' "${NIX_DUMP[@]}" | median); AD=$(printf '%s\n' "${ARCA_DUMP[@]}" | median)
@@ -79,9 +90,9 @@ cat <<EOF
 | over gRPC into a store chunking and compressing inline (\`?compression=inline\`) + \`sync\` | $IA | $(ratio "$IA" "$NA") of nix-store --add |
 | background chunking and compression done, after \`arca import\` returned (incl. the 1 s idle wait) | $CT | |
 | \`nix-store --dump\` of the tree on disk | $ND | 1.00 |
-| \`arca nar dump\` out of the daemon (after compaction: compressed chunks) | $AD | $(ratio "$AD" "$ND") of nix-store --dump |
+| \`arca nar dump\` out of the daemon (after compaction: compressed chunks; the daemon writes into the command's standard output) | $AD | $(ratio "$AD" "$ND") of nix-store --dump (median of the pairs' ratios: $DR) |
 
 Store path and NAR bytes were checked equal to Nix's in every run ($AP).
-Runs (s): arca import ${ARCA_ADD[*]}; gRPC ${GRPC_ADD[*]}; inline ${INLINE_ADD[*]}; compaction ${COMPACT[*]}; nar dump ${ARCA_DUMP[*]}.
+Runs (s): arca import ${ARCA_ADD[*]}; gRPC ${GRPC_ADD[*]}; inline ${INLINE_ADD[*]}; compaction ${COMPACT[*]}; nix-store --dump ${NIX_DUMP[*]}; arca nar dump ${ARCA_DUMP[*]}; pair ratios ${DUMP_RATIO[*]}.
 Stored blob bytes after compaction: $STORED ($(ratio "$STORED" "$NARSIZE") of the NAR).
 EOF
