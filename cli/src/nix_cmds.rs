@@ -31,7 +31,13 @@ pub struct ImportArgs {
 #[derive(Subcommand)]
 pub enum NarCommand {
     /// Write a store path's NAR to stdout (byte-identical to `nix-store --dump`).
-    #[command(after_help = "Example:\n  arca nar dump /nix/store/…-hello > hello.nar")]
+    #[command(
+        after_help = "A daemon on this machine (the default 127.0.0.1:8000, or any loopback or\n\
+                      Unix-socket address given for both blobs and directories) renders the NAR\n\
+                      into standard output itself, over its local socket; other stores are read\n\
+                      over gRPC.\n\n\
+                      Example:\n  arca nar dump /nix/store/…-hello > hello.nar"
+    )]
     Dump {
         /// The store path (absolute, or its basename).
         store_path: String,
