@@ -56,19 +56,28 @@ for run in $(seq "$RUNS"); do
   [ "$run" = "$RUNS" ] || stop_daemon
 done
 # Dumps: `nix-store --dump` and `arca nar dump` out of the last daemon, in
-# alternating pairs once all imports are done (dumps taken right after each
+# pairs once all imports are done (who goes first alternates) (dumps taken right after each
 # run's imports paid for their writeback, nix's and arca's unequally: the
 # later runs of one invocation came out slower and slower). Each dump writes
 # a new file (the previous output is retired, not overwritten: truncating a
 # 1 GB file on this disk, mounted with `discard`, costs about 1 s inside the
 # timed command) and starts with nothing left to write back.
-for _ in $(seq "$RUNS"); do
-  retire "$WORK/nix.nar"; retire "$WORK/arca.nar"
+nix_dump() {
+  local s e
   s=$(now); nix-store --dump "$TREE" >"$WORK/nix.nar"; e=$(now)
   NIX_DUMP+=("$(echo "$e - $s" | bc)")
   sync
+}
+arca_dump() {
+  local s e
   s=$(now); "${CLIENT_ENV[@]}" "$ARCA" nar dump "$AP" >"$WORK/arca.nar"; e=$(now)
   ARCA_DUMP+=("$(echo "$e - $s" | bc)")
+  sync
+}
+for pair in $(seq "$RUNS"); do
+  retire "$WORK/nix.nar"; retire "$WORK/arca.nar"
+  # Who goes first alternates from pair to pair.
+  if [ $((pair % 2)) = 1 ]; then nix_dump; arca_dump; else arca_dump; nix_dump; fi
   cmp -s "$WORK/nix.nar" "$WORK/arca.nar" || { echo "NARs differ" >&2; exit 1; }
   DUMP_RATIO+=("$(ratio "${ARCA_DUMP[-1]}" "${NIX_DUMP[-1]}")")
 done

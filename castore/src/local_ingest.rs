@@ -30,7 +30,9 @@
 //!   `Describe` says whether a daemon takes exports.
 //!
 //! The daemon trusts nothing it receives: a request without exactly one
-//! descriptor, or with one that is not a regular file, gets an error answer
+//! descriptor, or with one of the wrong kind (a put's not a regular file
+//! open for reading; an export's not a file, pipe, socket or terminal open
+//! for writing), gets an error answer
 //! (extra descriptors are closed); the digest it answers is the one of the
 //! bytes it stored. Who may connect is decided by the socket file's
 //! permissions (0660, in the daemon's data directory). At most
@@ -57,6 +59,7 @@ const PUT: u8 = b'P';
 const EXPORT: u8 = b'E';
 /// Longest export request (after its length).
 pub const MAX_EXPORT_REQUEST: usize = 64 * 1024;
+
 /// Exports the daemon runs at once for all connections together.
 const DAEMON_EXPORTS_IN_FLIGHT: usize = 4;
 
@@ -68,6 +71,7 @@ pub trait LocalExport: Send + Sync {
     /// Writes what `request` asks for into `out`.
     async fn export(&self, request: bytes::Bytes, out: OwnedFd) -> Result<u64, Error>;
 }
+
 /// Files the daemon stores at once for all connections together.
 const DAEMON_PUTS_IN_FLIGHT: usize = 64;
 /// Connections served at once; more wait to be accepted. Each holds at
@@ -202,11 +206,11 @@ async fn handle(
                 let answer = match (fds, &served.export) {
                     (Ok([fd]), Some(export)) => match writable(&fd) {
                         Ok(()) => {
-                            let _permit = served
-                                .exports
-                                .acquire()
-                                .await
-                                .map_err(std::io::Error::other)?;
+                            // Waiting for a slot, the client may leave too.
+                            let _permit = tokio::select! {
+                                p = served.exports.acquire() => p.map_err(std::io::Error::other)?,
+                                _ = client_gone(&conn) => return Ok(()),
+                            };
                             tokio::select! {
                                 r = export.export(request.into(), fd) => r,
                                 _ = client_gone(&conn) => {
@@ -257,19 +261,38 @@ async fn client_gone(conn: &UnixStream) {
     }
 }
 
+/// The error for a request with other than one descriptor.
 fn wrong_fd_count(n: usize) -> Error {
     Error::InvalidRequest(format!(
         "a request carries exactly one file descriptor, not {n}"
     ))
 }
 
-/// Checks that `fd` is open for writing (not `O_PATH`, not read-only).
+/// Checks that `fd` is open for writing (not `O_PATH`, not read-only) on
+/// what a command's output can be: a regular file, a pipe, a socket or a
+/// terminal (no other device, nothing the daemon has no business writing).
 fn writable(fd: &OwnedFd) -> Result<(), Error> {
     // SAFETY: F_GETFL only reads the open file's flags.
     let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
     if flags < 0 || flags & libc::O_PATH != 0 || flags & libc::O_ACCMODE == libc::O_RDONLY {
         return Err(Error::InvalidRequest(
             "the file descriptor passed is not open for writing".into(),
+        ));
+    }
+    // SAFETY: fstat fills the zeroed stat for a descriptor this process owns.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(Error::InvalidRequest(format!(
+            "cannot stat the file descriptor passed: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    let kind = st.st_mode & libc::S_IFMT;
+    // SAFETY: isatty only asks about the descriptor.
+    let terminal = kind == libc::S_IFCHR && unsafe { libc::isatty(fd.as_raw_fd()) } == 1;
+    if !(kind == libc::S_IFREG || kind == libc::S_IFIFO || kind == libc::S_IFSOCK || terminal) {
+        return Err(Error::InvalidRequest(
+            "the file descriptor passed is not a file, pipe, socket or terminal".into(),
         ));
     }
     Ok(())

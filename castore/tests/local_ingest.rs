@@ -391,6 +391,13 @@ async fn bad_export_requests_get_errors_and_write_nothing() {
         out.push(export_answer(&mut c));
         send_export(&mut c, &[read_only.as_raw_fd()], b"x");
         out.push(export_answer(&mut c));
+        // A device other than a terminal.
+        let null = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/null")
+            .unwrap();
+        send_export(&mut c, &[null.as_raw_fd()], b"x");
+        out.push(export_answer(&mut c));
         // Then a good one on the same connection.
         send_export(&mut c, &[writable.as_raw_fd()], b"good");
         out.push(export_answer(&mut c));
@@ -410,14 +417,15 @@ async fn bad_export_requests_get_errors_and_write_nothing() {
         "exactly one file descriptor, not 0",
         "exactly one file descriptor, not 2",
         "not open for writing",
+        "not a file, pipe, socket or terminal",
     ];
     for (a, text) in answers.iter().zip(expect) {
         let (kind, message) = a.as_ref().expect_err("refused");
         assert_eq!(*kind, 0, "invalid request");
         assert!(message.contains(text), "{message:?} lacks {text:?}");
     }
-    assert_eq!(answers[3], Ok(4));
-    let (_, message) = answers[4].as_ref().expect_err("too long");
+    assert_eq!(answers[4], Ok(4));
+    let (_, message) = answers[5].as_ref().expect_err("too long");
     assert!(message.contains("at most"), "{message}");
     assert_eq!(std::fs::read(&target).unwrap(), b"good");
 

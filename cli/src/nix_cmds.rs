@@ -3,9 +3,7 @@ use crate::services::{build, Defaults, Services};
 use crate::ServiceArgs;
 use anyhow::{anyhow, bail, Context, Result};
 use arca_castore::import::{CloseOnDrop, DigestBoard};
-use arca_store::nar::{
-    dump_path_observed, ingest_nar, render_nar, tree_entries, DumpedEntry, HashingWriter,
-};
+use arca_store::nar::{dump_path_observed, ingest_nar, tree_entries, DumpedEntry, HashingWriter};
 use arca_store::pathinfo::PathInfo;
 use arca_store::{ContentAddress, NixHash, StorePath};
 use clap::{Args, Subcommand};
@@ -258,10 +256,16 @@ pub async fn nar(cmd: NarCommand, service_args: ServiceArgs) -> Result<()> {
             // read here, and written out from a thread of its own.
             if let Some(daemon) = local_exporter(&service_args).await {
                 tracing::debug!("the daemon writes the NAR");
-                daemon
+                let written = daemon
                     .export(&arca_store::nar::export_request(&info.node), &stdout)
                     .await
                     .with_context(|| format!("the daemon rendering the NAR of {path}"))?;
+                if written != info.nar_size {
+                    bail!(
+                        "the daemon wrote {written} bytes for {path}, whose NAR has {}",
+                        info.nar_size
+                    );
+                }
                 return Ok(());
             }
             use std::os::fd::AsFd;
@@ -269,11 +273,12 @@ pub async fn nar(cmd: NarCommand, service_args: ServiceArgs) -> Result<()> {
                 .as_fd()
                 .try_clone_to_owned()
                 .context("duplicating standard output")?;
-            let out = render_nar(
+            let out = arca_store::nar::render_nar_keeping_repeats(
                 &info.node,
                 services.blob.clone(),
                 services.directory.as_ref(),
                 arca_store::nar::FdWriter::new(fd)?,
+                arca_store::nar::REPEAT_BUDGET,
             )
             .await
             .with_context(|| format!("rendering the NAR of {path}"))?;

@@ -258,6 +258,21 @@ async fn ingest_then_render_round_trips_nix_dumps() {
             .await
             .unwrap();
         assert!(rendered == nar, "{}: rendered NAR differs", p.display());
+        // Keeping repeated contents (a hard link, a copy: see make_tree) too.
+        let kept = arca_store::nar::render_nar_keeping_repeats(
+            &node,
+            blobs.clone(),
+            &*dirs,
+            Vec::new(),
+            arca_store::nar::REPEAT_BUDGET,
+        )
+        .await
+        .unwrap();
+        assert!(
+            kept == nar,
+            "{}: NAR rendered keeping repeats differs",
+            p.display()
+        );
         assert_eq!(
             calculate_nar(&node, blobs.clone(), &*dirs).await.unwrap(),
             (size, sha)
@@ -841,6 +856,39 @@ async fn render_refuses_missing_or_wrong_size_blobs() {
         .await
         .unwrap_err();
     assert!(matches!(err, RenderError::Directory(_)), "{err:?}");
+}
+
+/// Keeping repeated contents never turns a failed first time into repeats
+/// written from nothing: a content missing at its first time fails the
+/// render there.
+#[tokio::test]
+async fn a_repeated_content_missing_at_its_first_time_fails_the_render() {
+    let (blobs, dirs) = memory();
+    let missing = Node::File {
+        digest: B3Digest::of(b"nowhere to be found"),
+        size: 19,
+        executable: false,
+    };
+    let mut dir = Directory::new();
+    dir.add("a".try_into().unwrap(), missing.clone()).unwrap();
+    dir.add("b".try_into().unwrap(), missing).unwrap();
+    let root = Node::Directory {
+        digest: dir.digest(),
+        size: dir.size(),
+    };
+    arca_castore::directoryservice::put_all(&*dirs, vec![dir])
+        .await
+        .unwrap();
+    let err = arca_store::nar::render_nar_keeping_repeats(
+        &root,
+        blobs,
+        &*dirs,
+        Vec::new(),
+        arca_store::nar::REPEAT_BUDGET,
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, RenderError::MissingBlob(_)), "{err:?}");
 }
 
 // ---------------------------------------------------------------- awkward inputs and failing services

@@ -128,8 +128,10 @@ impl ChunkedReader {
         self.size
     }
 
-    /// The blob from its start as a stream of its chunks (fetched ahead,
-    /// verified as the reader verifies them), without copying them.
+    /// The blob from its start as a stream of its chunks (fetched ahead),
+    /// without copying them, for a reader that reads it to the end: the
+    /// whole blob is hashed and checked before its last chunk goes out, the
+    /// chunks are not hashed one by one where the fetcher can skip it.
     pub fn into_stream(self) -> ByteStream {
         self.stream_from(0, true)
     }

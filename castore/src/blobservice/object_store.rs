@@ -1094,9 +1094,10 @@ impl BlobService for ObjectStoreBlobService {
         self.open_chunked(digest).await
     }
 
-    /// A one-chunk blob as that chunk; a chunked one chunk by chunk (fetched
-    /// ahead, each verified, the whole blob's digest checked before the last
-    /// chunk goes out), none of it copied.
+    /// A one-chunk blob as that chunk (verified); a chunked one chunk by
+    /// chunk (fetched and decoded ahead, not hashed one by one: the whole
+    /// blob's digest is checked before the last chunk goes out), none of it
+    /// copied.
     async fn read_stream(&self, digest: &B3Digest) -> Result<Option<super::BlobStream>, Error> {
         if let Some(data) = self.inner.read_chunk(digest, None).await? {
             return Ok(Some(

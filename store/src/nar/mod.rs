@@ -42,7 +42,9 @@ pub use fd_writer::FdWriter;
 pub use hashing::{HashingReader, HashingWriter};
 pub use ingest::{ingest_nar, ingest_nar_expecting, ExpectedNar, IngestError};
 pub use reader::{Event, NarError, NarReader};
-pub use render::{calculate_nar, render_nar, tree_entries, RenderError};
+pub use render::{
+    calculate_nar, render_nar, render_nar_keeping_repeats, tree_entries, RenderError, REPEAT_BUDGET,
+};
 pub use seekable::SeekableNar;
 pub use writer::{
     dump_path, dump_path_observed, DumpError, DumpedEntry, EntryObserver, NarOutput, NarWriter,

@@ -7,7 +7,8 @@
 //! Every blob is checked to have the size its node claims. Content that
 //! shows up more than once in the tree (hard links; a NAR of
 //! `/usr/lib/x86_64-linux-gnu` holds one 25 MB library 13 times) is fetched
-//! once and written again from memory, within [REPEAT_BUDGET] bytes.
+//! once and written again from memory, within a budget of bytes kept at once
+//! ([render_nar_keeping_repeats]; [REPEAT_BUDGET] for `arca nar dump`).
 use super::hashing::HashingWriter;
 use super::writer::{NarOutput, NarWriter, WriteError};
 use super::CHUNK_SIZE;
@@ -27,10 +28,12 @@ const BATCH_FILES: usize = 256;
 const BATCH_BYTES: u64 = 4 * 1024 * 1024;
 /// Pieces (at most 1 MiB each) queued per blob being fetched.
 const PIECES_AHEAD: usize = 2;
-/// Bytes of content kept for files whose content shows up again later in
-/// the same NAR (hard links, duplicated files): written again from memory
-/// instead of being fetched, decoded and verified once more.
-const REPEAT_BUDGET: u64 = 64 * 1024 * 1024;
+/// Bytes of content that [render_nar_keeping_repeats] callers keep for files
+/// whose content shows up again later in the same NAR (hard links,
+/// duplicated files): written again from memory instead of being fetched,
+/// decoded and verified once more. For renders whose number is bounded
+/// (`arca nar dump`, the daemon's local export); [render_nar] keeps none.
+pub const REPEAT_BUDGET: u64 = 64 * 1024 * 1024;
 
 /// Why rendering a NAR failed.
 #[derive(Debug, thiserror::Error)]
@@ -248,33 +251,38 @@ enum Fetched {
 /// Contents are admitted in file order while the bytes kept at once stay
 /// within `budget` (a content is dropped after its last repeat).
 fn plan_repeats(files: &[(B3Digest, u64)], budget: u64) -> HashMap<B3Digest, usize> {
+    use std::cmp::Reverse;
+    let mut kept = HashMap::new();
+    if budget == 0 {
+        return kept;
+    }
     let mut last = HashMap::new();
     let mut count: HashMap<B3Digest, usize> = HashMap::new();
     for (i, (d, _)) in files.iter().enumerate() {
         last.insert(*d, i);
         *count.entry(*d).or_default() += 1;
     }
-    let mut kept = HashMap::new();
     let mut seen = std::collections::HashSet::new();
     let mut held = 0u64;
-    // (index of the last occurrence, size) of what is held, to release.
-    let mut release: Vec<(usize, u64)> = Vec::new();
+    // What is held, by the index of its last occurrence: released past it.
+    let mut release = std::collections::BinaryHeap::new();
     for (i, (d, size)) in files.iter().enumerate() {
-        release.retain(|&(at, s)| {
-            let keep = at >= i;
-            if !keep {
-                held -= s;
+        while let Some(&Reverse((at, s))) = release.peek() {
+            if at >= i {
+                break;
             }
-            keep
-        });
+            release.pop();
+            held -= s;
+        }
         let n = count[d];
         // Only at its first time: a content written once already is not
         // kept from a later time on (its remaining count would be wrong).
         let first = seen.insert(*d);
-        if first && n > 1 && *size > 0 && held + size <= budget {
+        let fits = held.checked_add(*size).is_some_and(|h| h <= budget);
+        if first && n > 1 && *size > 0 && fits {
             kept.insert(*d, n - 1);
             held += size;
-            release.push((last[d], *size));
+            release.push(Reverse((last[d], *size)));
         }
     }
     kept
@@ -367,11 +375,25 @@ fn fetch_batch(
 }
 
 /// Writes the NAR of `node` to `writer` and returns the writer (flushed).
+/// Keeps no content for repeats: for renders whose number nothing bounds
+/// (the HTTP cache's NARs, `CalculateNAR`).
 pub async fn render_nar<W: NarOutput>(
     node: &Node,
     blobs: Arc<dyn BlobService>,
     directories: &dyn DirectoryService,
     writer: W,
+) -> Result<W, RenderError> {
+    render_nar_keeping_repeats(node, blobs, directories, writer, 0).await
+}
+
+/// [render_nar], keeping up to `repeat_budget` bytes of content at once for
+/// files whose content shows up again later in the NAR.
+pub async fn render_nar_keeping_repeats<W: NarOutput>(
+    node: &Node,
+    blobs: Arc<dyn BlobService>,
+    directories: &dyn DirectoryService,
+    writer: W,
+    repeat_budget: u64,
 ) -> Result<W, RenderError> {
     let dirs = fetch_directories(node, directories).await?;
 
@@ -388,7 +410,7 @@ pub async fn render_nar<W: NarOutput>(
             _ => None,
         })
         .collect();
-    let mut repeats = plan_repeats(&files, REPEAT_BUDGET);
+    let mut repeats = plan_repeats(&files, repeat_budget);
     let mut kept: HashMap<B3Digest, Vec<bytes::Bytes>> = HashMap::new();
     let mut fetched = futures::stream::iter(plan(files, &repeats))
         .map(|unit| {

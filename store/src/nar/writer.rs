@@ -67,6 +67,11 @@ fn push_str(buf: &mut Vec<u8>, s: &[u8]) {
 /// reference-counted [Bytes] they were fetched in) overrides
 /// [NarOutput::poll_take], and the NAR's contents reach it without a copy.
 pub trait NarOutput: AsyncWrite + Unpin {
+    /// Whether [NarOutput::poll_take] takes pieces (else the writer never
+    /// offers them: offering means flushing what is gathered first, which
+    /// would cut a compressor's blocks short for nothing).
+    const TAKES: bool = false;
+
     /// Offered `data` (file contents, in order after everything written
     /// before): a writer that keeps it takes it out of the option (waiting
     /// for room as a write would). The default takes nothing: the bytes are
@@ -82,6 +87,8 @@ pub trait NarOutput: AsyncWrite + Unpin {
 
 impl NarOutput for Vec<u8> {}
 impl<W: NarOutput + ?Sized> NarOutput for &mut W {
+    const TAKES: bool = W::TAKES;
+
     fn poll_take(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -99,7 +106,7 @@ impl<W: NarOutput> NarWriter<W> {
     /// Appends file contents as [NarWriter::write_contents] does, handing
     /// `data` itself to a writer that keeps such pieces (no copy).
     pub async fn write_contents_owned(&mut self, data: Bytes) -> Result<(), WriteError> {
-        if data.len() < TAKE_WHOLE {
+        if !W::TAKES || data.len() < TAKE_WHOLE {
             return self.write_contents(&data).await;
         }
         let (size, remaining) = self
