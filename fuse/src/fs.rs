@@ -40,8 +40,12 @@ use tokio::runtime::Handle;
 const TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Files up to this size are fetched whole (and cached); larger ones stream.
 pub const SMALL_FILE: u64 = 1024 * 1024;
-/// Bytes of small blobs kept in memory.
-const BLOB_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+/// Bytes of small blobs kept in memory: more than a read-ahead window
+/// ([SIBLING_BYTES]), so fetched files stay until read, but not much more:
+/// files pushed into the kernel's page cache are read from there, and every
+/// megabyte kept is a megabyte of fresh pages a new mount faults in (64 MiB
+/// cost a walk of /usr/include 5–10 % of its time).
+const BLOB_CACHE_BYTES: u64 = 24 * 1024 * 1024;
 /// Directories kept in memory.
 const DIR_CACHE_ENTRIES: usize = 50_000;
 /// Read-ahead of small files in walk order (the rest of the directory,
