@@ -91,13 +91,18 @@ fn answer(c: &mut UnixStream) -> Result<(B3Digest, u64), (u8, String)> {
         c.read_exact(&mut n).unwrap();
         return Ok((B3Digest::from(d), u64::from_le_bytes(n)));
     }
-    assert_eq!(status[0], 1, "status byte");
+    Err(error_answer(c, status[0]))
+}
+
+/// The rest of an error answer after its status byte: (kind, message).
+fn error_answer(c: &mut UnixStream, status: u8) -> (u8, String) {
+    assert_eq!(status, 1, "status byte");
     let mut head = [0u8; 5];
     c.read_exact(&mut head).unwrap();
     let len = u32::from_le_bytes(head[1..].try_into().unwrap()) as usize;
     let mut text = vec![0u8; len];
     c.read_exact(&mut text).unwrap();
-    Err((head[0], String::from_utf8(text).unwrap()))
+    (head[0], String::from_utf8(text).unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -357,12 +362,7 @@ fn export_answer(c: &mut UnixStream) -> Result<u64, (u8, String)> {
         c.read_exact(&mut n).unwrap();
         return Ok(u64::from_le_bytes(n));
     }
-    let mut head = [0u8; 5];
-    c.read_exact(&mut head).unwrap();
-    let len = u32::from_le_bytes(head[1..].try_into().unwrap()) as usize;
-    let mut text = vec![0u8; len];
-    c.read_exact(&mut text).unwrap();
-    Err((head[0], String::from_utf8(text).unwrap()))
+    Err(error_answer(c, status[0]))
 }
 
 fn send_export(c: &mut UnixStream, fds: &[i32], request: &[u8]) {

@@ -37,14 +37,19 @@ fn nix(args: &[&str]) -> Output {
     out
 }
 
-fn with_store(d: &Daemon, args: &[&str]) -> Output {
-    Command::new(arca_bin())
+/// `arca ARGS` with all three services on the daemon `d`.
+fn store_command(d: &Daemon, args: &[&str]) -> Command {
+    let mut command = Command::new(arca_bin());
+    command
         .args(args)
         .env("BLOB_SERVICE_ADDR", &d.url)
         .env("DIRECTORY_SERVICE_ADDR", &d.url)
-        .env("PATH_INFO_SERVICE_ADDR", &d.url)
-        .output()
-        .expect("run arca")
+        .env("PATH_INFO_SERVICE_ADDR", &d.url);
+    command
+}
+
+fn with_store(d: &Daemon, args: &[&str]) -> Output {
+    store_command(d, args).output().expect("run arca")
 }
 
 /// Checks import, dump and path-info of `tree` against Nix.
@@ -151,11 +156,7 @@ fn nar_dump_rendered_by_the_daemon_or_over_grpc_is_nix_s_nar() {
         assert!(imported.status.success(), "{}", stderr(&imported));
         let path = stdout(&imported).trim().to_string();
         let dump = |out: Stdio| {
-            Command::new(arca_bin())
-                .args(["nar", "dump", &path])
-                .env("BLOB_SERVICE_ADDR", &d.url)
-                .env("DIRECTORY_SERVICE_ADDR", &d.url)
-                .env("PATH_INFO_SERVICE_ADDR", &d.url)
+            store_command(&d, &["nar", "dump", &path])
                 .env("ARCA_LOG", "arca=debug")
                 .stdout(out)
                 .stderr(Stdio::piped())

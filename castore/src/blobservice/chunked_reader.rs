@@ -50,8 +50,8 @@ pub trait ChunkFetcher: Send + Sync + 'static {
     }
 }
 
-/// Checks fetched chunk bytes against their metadata.
-pub(crate) fn verify_chunk(chunk: &ChunkMeta, data: &Bytes) -> Result<(), Error> {
+/// Checks fetched chunk bytes' length against their metadata.
+pub(crate) fn check_chunk_size(chunk: &ChunkMeta, data: &Bytes) -> Result<(), Error> {
     if data.len() as u64 != chunk.size {
         return Err(Error::Storage(format!(
             "chunk {} has {} bytes, expected {}",
@@ -60,6 +60,12 @@ pub(crate) fn verify_chunk(chunk: &ChunkMeta, data: &Bytes) -> Result<(), Error>
             chunk.size
         )));
     }
+    Ok(())
+}
+
+/// Checks fetched chunk bytes against their metadata.
+pub(crate) fn verify_chunk(chunk: &ChunkMeta, data: &Bytes) -> Result<(), Error> {
+    check_chunk_size(chunk, data)?;
     let actual = B3Digest::of(data);
     if actual != chunk.digest {
         return Err(Error::Storage(format!(

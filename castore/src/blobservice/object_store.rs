@@ -25,7 +25,7 @@
 //! read only after it was hashed whole and matched its digest; a whole file
 //! and a chunk list may both exist for a moment (the list is written first),
 //! so readers look for the whole file first and then for the list.
-use super::chunked_reader::{verify_chunk, ChunkFetcher, ChunkedReader};
+use super::chunked_reader::{check_chunk_size, verify_chunk, ChunkFetcher, ChunkedReader};
 use super::{
     BatchItem, BlobReader, BlobService, BlobWriter, ChunkMeta, StoredBatchItem, StoredBlob,
     MAX_BATCH_BLOB_SIZE,
@@ -625,65 +625,42 @@ impl Inner {
         d: &B3Digest,
         expected_size: Option<u64>,
     ) -> Result<Option<Bytes>, Error> {
-        if let Some(dir) = &self.local_dir {
-            // One trip: read, decode, verify.
-            let dir = dir.clone();
-            let d = *d;
-            return tokio::task::spawn_blocking(move || -> Result<Option<Bytes>, Error> {
-                // Verified against its digest; the length is checked here.
-                let data = read_local_chunk(&dir, &d)?;
-                if let (Some(data), Some(size)) = (&data, expected_size) {
-                    if data.len() as u64 != size {
-                        return Err(Error::Storage(format!(
-                            "chunk {d} has {} bytes, expected {size}",
-                            data.len()
-                        )));
-                    }
-                }
-                Ok(data)
-            })
+        self.read_chunk_checked(d, expected_size, true).await
+    }
+
+    /// A chunk decoded and its length checked, not hashed (for a reader
+    /// that hashes the whole blob).
+    async fn read_chunk_unhashed(&self, chunk: &ChunkMeta) -> Result<Option<Bytes>, Error> {
+        self.read_chunk_checked(&chunk.digest, Some(chunk.size), false)
             .await
-            .map_err(Error::storage)?;
-        }
-        let Some(stored) = self.get_opt(&self.chunk_path(d)).await? else {
-            return Ok(None);
-        };
+    }
+
+    /// A chunk's raw bytes, decoded, its length checked against
+    /// `expected_size` and, with `hash`, verified against its digest (one
+    /// trip to the blocking pool on local files); `None` if absent.
+    async fn read_chunk_checked(
+        &self,
+        d: &B3Digest,
+        expected_size: Option<u64>,
+        hash: bool,
+    ) -> Result<Option<Bytes>, Error> {
         let d = *d;
-        let data = crate::cpu_bound(move || -> Result<Bytes, Error> {
+        let check = move |stored: Bytes| -> Result<Bytes, Error> {
             let data = decode_chunk(&d, stored)?;
             let meta = ChunkMeta {
                 digest: d,
                 size: expected_size.unwrap_or(data.len() as u64),
             };
-            verify_chunk(&meta, &data)?;
-            Ok(data)
-        })
-        .await??;
-        Ok(Some(data))
-    }
-
-    /// A chunk decoded and its length checked, not hashed (for a reader
-    /// that hashes the whole blob): one trip to the blocking pool on local
-    /// files.
-    async fn read_chunk_unhashed(&self, chunk: &ChunkMeta) -> Result<Option<Bytes>, Error> {
-        let d = chunk.digest;
-        let size = chunk.size;
-        let check = move |data: Bytes| -> Result<Bytes, Error> {
-            if data.len() as u64 != size {
-                return Err(Error::Storage(format!(
-                    "chunk {d} has {} bytes, expected {size}",
-                    data.len()
-                )));
+            if hash {
+                verify_chunk(&meta, &data)?;
+            } else {
+                check_chunk_size(&meta, &data)?;
             }
             Ok(data)
         };
-        if let Some(dir) = &self.local_dir {
-            let dir = dir.clone();
-            return tokio::task::spawn_blocking(move || -> Result<Option<Bytes>, Error> {
-                match read_chunk_file(&dir, &d)? {
-                    Some(stored) => Ok(Some(check(decode_chunk(&d, stored)?)?)),
-                    None => Ok(None),
-                }
+        if let Some(dir) = self.local_dir.clone() {
+            return tokio::task::spawn_blocking(move || {
+                read_chunk_file(&dir, &d)?.map(check).transpose()
             })
             .await
             .map_err(Error::storage)?;
@@ -691,8 +668,7 @@ impl Inner {
         let Some(stored) = self.get_opt(&self.chunk_path(&d)).await? else {
             return Ok(None);
         };
-        let data = crate::cpu_bound(move || decode_chunk(&d, stored)).await??;
-        Ok(Some(check(data)?))
+        Ok(Some(crate::cpu_bound(move || check(stored)).await??))
     }
 
     /// Hashes and compresses a chunk (one trip to the blocking pool), and

@@ -125,17 +125,29 @@ impl FdWriter {
         if self.buf.is_empty() {
             return Poll::Ready(Ok(()));
         }
+        self.poll_send(cx, |this| {
+            let next = this
+                .spare
+                .lock()
+                .pop()
+                .unwrap_or_else(|| BytesMut::with_capacity(BUFFER));
+            Piece::Gathered(std::mem::replace(&mut this.buf, next))
+        })
+    }
+
+    /// Queues the piece `make` gives once the thread's queue has room (made
+    /// only then, so nothing is lost while waiting).
+    fn poll_send(
+        &mut self,
+        cx: &mut Context<'_>,
+        make: impl FnOnce(&mut Self) -> Piece,
+    ) -> Poll<io::Result<()>> {
         if ready!(self.tx.poll_reserve(cx)).is_err() {
             // The thread stopped: its error says why.
             return self.poll_thread_error(cx);
         }
-        let next = self
-            .spare
-            .lock()
-            .pop()
-            .unwrap_or_else(|| BytesMut::with_capacity(BUFFER));
-        let full = std::mem::replace(&mut self.buf, next);
-        if self.tx.send_item(Piece::Gathered(full)).is_err() {
+        let piece = make(self);
+        if self.tx.send_item(piece).is_err() {
             return self.poll_thread_error(cx);
         }
         Poll::Ready(Ok(()))
@@ -210,17 +222,17 @@ impl NarOutput for FdWriter {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         ready!(this.poll_hand_over(cx))?;
-        if data.is_none() {
+        let Some(piece) = data.take() else {
             return Poll::Ready(Ok(()));
+        };
+        // Given back if the queue has no room yet (Pending) or the thread
+        // stopped: the caller keeps it.
+        let mut piece = Some(piece);
+        let r = this.poll_send(cx, |_| Piece::Taken(piece.take().expect("made once")));
+        if piece.is_some() {
+            *data = piece;
         }
-        if ready!(this.tx.poll_reserve(cx)).is_err() {
-            return this.poll_thread_error(cx);
-        }
-        let piece = data.take().expect("checked above");
-        if this.tx.send_item(Piece::Taken(piece)).is_err() {
-            return this.poll_thread_error(cx);
-        }
-        Poll::Ready(Ok(()))
+        r
     }
 }
 

@@ -109,15 +109,7 @@ impl<W: NarOutput> NarWriter<W> {
         if !W::TAKES || data.len() < TAKE_WHOLE {
             return self.write_contents(&data).await;
         }
-        let (size, remaining) = self
-            .file
-            .ok_or(WriteError::Misuse("no file is being written"))?;
-        if data.len() as u64 > remaining {
-            return Err(WriteError::ContentsLength {
-                expected: size,
-                actual: size - remaining + data.len() as u64,
-            });
-        }
+        let (size, remaining) = self.contents_room(data.len())?;
         let len = data.len() as u64;
         // What is buffered goes first.
         self.out.flush().await?;
@@ -227,17 +219,24 @@ impl<W: AsyncWrite + Unpin> NarWriter<W> {
         Ok(())
     }
 
-    /// Appends file contents; refuses more than announced.
-    pub async fn write_contents(&mut self, data: &[u8]) -> Result<(), WriteError> {
+    /// The file being written (its size, bytes still expected), if `len`
+    /// more bytes fit in it.
+    fn contents_room(&self, len: usize) -> Result<(u64, u64), WriteError> {
         let (size, remaining) = self
             .file
             .ok_or(WriteError::Misuse("no file is being written"))?;
-        if data.len() as u64 > remaining {
+        if len as u64 > remaining {
             return Err(WriteError::ContentsLength {
                 expected: size,
-                actual: size - remaining + data.len() as u64,
+                actual: size - remaining + len as u64,
             });
         }
+        Ok((size, remaining))
+    }
+
+    /// Appends file contents; refuses more than announced.
+    pub async fn write_contents(&mut self, data: &[u8]) -> Result<(), WriteError> {
+        let (size, remaining) = self.contents_room(data.len())?;
         self.out.write_all(data).await?;
         self.file = Some((size, remaining - data.len() as u64));
         Ok(())
