@@ -193,6 +193,7 @@ pub struct GrpcLocalIngestWrapper {
     socket_path: String,
     token: [u8; crate::local_ingest::TOKEN_LEN],
     exports: bool,
+    reads: bool,
 }
 
 impl GrpcLocalIngestWrapper {
@@ -202,7 +203,15 @@ impl GrpcLocalIngestWrapper {
             socket_path,
             token,
             exports: false,
+            reads: false,
         }
+    }
+
+    /// Says the socket takes read requests too (its daemon's blob store
+    /// keeps files: [crate::BlobService::stored_files]).
+    pub fn with_reads(mut self, reads: bool) -> Self {
+        self.reads = reads;
+        self
     }
 
     /// Says the socket takes export requests too
@@ -230,6 +239,7 @@ impl batch_proto::local_ingest_service_server::LocalIngestService for GrpcLocalI
             socket_path: self.socket_path.clone(),
             token: bytes::Bytes::copy_from_slice(&self.token),
             exports: self.exports,
+            reads: self.reads,
         }))
     }
 }

@@ -29,6 +29,21 @@
 //!   client that closes its connection cancels its export. The answer to
 //!   `Describe` says whether a daemon takes exports.
 //!
+//! - a read request is the byte `R` (no descriptor), a count `n` (u32 LE,
+//!   1 to [MAX_READ_DIGESTS]) and `n` BLAKE3 digests (32 bytes each). The
+//!   answer is `0` and `n` bytes, one per digest: `1` if a descriptor comes
+//!   for it, `0` if not (the store holds it otherwise, or not at all: read
+//!   it over gRPC); the descriptors come with the answer's first byte, in
+//!   the order of the digests. Each is the file a local store keeps that
+//!   blob in as one chunk ([crate::blobservice::StoredFiles]), open for
+//!   reading, as stored (a tag byte, then raw or compressed bytes): the
+//!   client checks it is a regular file of at most
+//!   [crate::blobservice::MAX_STORED_FILE_SIZE] bytes, and decodes and
+//!   verifies what it reads ([crate::blobservice::decode_stored_file]). A
+//!   walk over a mount then costs the daemon an `open` per file, and no
+//!   copy, compression or framing. The answer to `Describe` says whether a
+//!   daemon takes reads.
+//!
 //! The daemon trusts nothing it receives: a request without exactly one
 //! descriptor, or with one of the wrong kind (a put's not a regular file
 //! open for reading; an export's not a file, pipe, socket or terminal open
@@ -37,7 +52,9 @@
 //! bytes it stored. Who may connect is decided by the socket file's
 //! permissions (0660, in the daemon's data directory). At most
 //! [MAX_CONNECTIONS] connections are served at once.
+use crate::blobservice::{decode_stored_file, StoredFiles, MAX_STORED_FILE_SIZE};
 use crate::{B3Digest, BlobService, Error, B3_LEN};
+use bytes::Bytes;
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use std::io::IoSlice;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -57,6 +74,11 @@ pub const MAX_MESSAGE: usize = 64 * 1024;
 const PUT: u8 = b'P';
 /// The request byte of an export.
 const EXPORT: u8 = b'E';
+/// The request byte of a read.
+const READ: u8 = b'R';
+/// Most digests in one read request: one answer carries at most this many
+/// descriptors (Linux's `SCM_MAX_FD`).
+pub const MAX_READ_DIGESTS: usize = SCM_MAX_FD;
 /// Longest export request (after its length).
 pub const MAX_EXPORT_REQUEST: usize = 64 * 1024;
 
@@ -126,13 +148,16 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
 /// What a connection's requests are served with.
 struct Served {
     blobs: Arc<dyn BlobService>,
+    /// The store's files, for read requests.
+    files: Option<Arc<dyn StoredFiles>>,
     export: Option<Arc<dyn LocalExport>>,
     puts: tokio::sync::Semaphore,
     exports: tokio::sync::Semaphore,
 }
 
 /// Serves connections on `listener` until the returned future is dropped:
-/// puts into `blobs`, and exports with `export` if given.
+/// puts into `blobs`, reads of the files `blobs` keeps blobs in (if it has
+/// any: [BlobService::stored_files]), and exports with `export` if given.
 pub async fn serve(
     listener: UnixListener,
     token: [u8; TOKEN_LEN],
@@ -140,6 +165,7 @@ pub async fn serve(
     export: Option<Arc<dyn LocalExport>>,
 ) {
     let served = Arc::new(Served {
+        files: blobs.stored_files(),
         blobs,
         export,
         puts: tokio::sync::Semaphore::new(DAEMON_PUTS_IN_FLIGHT),
@@ -235,6 +261,47 @@ async fn handle(
                     Err(e) => encode_error(&e),
                 }
             }
+            (READ, fds) => {
+                // The digests come first, whatever else is wrong.
+                let n = conn.read_u32_le().await? as usize;
+                if n == 0 || n > MAX_READ_DIGESTS {
+                    // The stream cannot be resynchronised: answer and close.
+                    let e = Error::InvalidRequest(format!(
+                        "a read request for {n} blobs (1 to {MAX_READ_DIGESTS})"
+                    ));
+                    conn.write_all(&encode_error(&e)).await?;
+                    return Ok(());
+                }
+                let mut raw = vec![0u8; n * B3_LEN];
+                conn.read_exact(&mut raw).await?;
+                // (Any descriptors sent along are closed here.)
+                let sent_fds = match fds {
+                    Ok(_) => 1,
+                    Err(fds) => fds.len(),
+                };
+                let answer = match (sent_fds == 0, &served.files) {
+                    (false, _) => Err(Error::InvalidRequest(format!(
+                        "a read request carries no file descriptor, not {sent_fds}"
+                    ))),
+                    (true, None) => Err(Error::InvalidRequest(
+                        "this daemon takes no read requests".into(),
+                    )),
+                    (true, Some(files)) => {
+                        let digests = raw
+                            .chunks_exact(B3_LEN)
+                            .map(|c| B3Digest::from(<[u8; B3_LEN]>::try_from(c).expect("32 bytes")))
+                            .collect();
+                        open_stored(files.clone(), digests).await
+                    }
+                };
+                match answer {
+                    Ok(files) => {
+                        send_files(&conn, &files).await?;
+                        continue;
+                    }
+                    Err(e) => encode_error(&e),
+                }
+            }
             (PUT, Err(fds)) => encode_error(&wrong_fd_count(fds.len())),
             (other, _) => encode_error(&Error::InvalidRequest(format!(
                 "unknown request byte {other:#04x}"
@@ -242,6 +309,66 @@ async fn handle(
         };
         conn.write_all(&answer).await?;
     }
+}
+
+/// Opens the stored files of `digests` on the blocking pool: `None` for a
+/// blob the store holds otherwise or not at all, and for one whose file
+/// cannot be opened (logged; the client reads it over gRPC, which reports).
+async fn open_stored(
+    files: Arc<dyn StoredFiles>,
+    digests: Vec<B3Digest>,
+) -> Result<Vec<Option<std::fs::File>>, Error> {
+    tokio::task::spawn_blocking(move || {
+        digests
+            .iter()
+            .map(|d| match files.open(d) {
+                Ok(f) => f,
+                Err(e) => {
+                    warn!(digest = %d, error = %e, "opening a stored blob for a local reader");
+                    None
+                }
+            })
+            .collect()
+    })
+    .await
+    .map_err(Error::storage)
+}
+
+/// Sends a read's answer: `0`, a byte per file (`1`: its descriptor
+/// follows), and the descriptors, all in one message (the descriptors
+/// arrive with its first byte).
+async fn send_files(conn: &UnixStream, files: &[Option<std::fs::File>]) -> std::io::Result<()> {
+    let mut body = Vec::with_capacity(1 + files.len());
+    body.push(0u8);
+    body.extend(files.iter().map(|f| u8::from(f.is_some())));
+    let fds: Vec<std::os::fd::RawFd> = files.iter().flatten().map(AsRawFd::as_raw_fd).collect();
+    let mut sent = 0;
+    while sent < body.len() {
+        conn.writable().await?;
+        let r = conn.try_io(Interest::WRITABLE, || {
+            let rights = [ControlMessage::ScmRights(&fds)];
+            // The descriptors go with the first bytes only.
+            let control: &[ControlMessage] = if sent == 0 && !fds.is_empty() {
+                &rights
+            } else {
+                &[]
+            };
+            sendmsg::<()>(
+                conn.as_raw_fd(),
+                &[IoSlice::new(&body[sent..])],
+                control,
+                MsgFlags::MSG_NOSIGNAL,
+                None,
+            )
+            .map_err(std::io::Error::from)
+        });
+        match r {
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Resolves when the client closes the connection (or sends anything: no
@@ -429,7 +556,16 @@ fn encode_error(e: &Error) -> Vec<u8> {
 /// Reads an answer's status: `Ok(())` when it succeeded (its fields follow),
 /// the daemon's error otherwise.
 async fn read_status(conn: &mut UnixStream) -> std::io::Result<Result<(), Error>> {
-    match conn.read_u8().await? {
+    let status = conn.read_u8().await?;
+    read_status_after(conn, status).await
+}
+
+/// [read_status] once the status byte was read.
+async fn read_status_after(
+    conn: &mut UnixStream,
+    status: u8,
+) -> std::io::Result<Result<(), Error>> {
+    match status {
         0 => Ok(Ok(())),
         1 => {
             let kind = conn.read_u8().await?;
@@ -475,6 +611,7 @@ pub struct LocalIngestClient {
     token: [u8; TOKEN_LEN],
     idle: parking_lot::Mutex<Vec<UnixStream>>,
     exports: bool,
+    reads: bool,
 }
 
 impl LocalIngestClient {
@@ -486,6 +623,7 @@ impl LocalIngestClient {
             token,
             idle: parking_lot::Mutex::new(Vec::new()),
             exports: false,
+            reads: false,
         };
         let conn = client.new_connection().await?;
         client.idle.lock().push(conn);
@@ -557,6 +695,7 @@ impl LocalIngestClient {
             Ok(mut c) => {
                 debug!(socket = described.socket_path, "the daemon's local socket");
                 c.exports = described.exports;
+                c.reads = described.reads;
                 Some(c)
             }
             Err(e) => {
@@ -569,6 +708,69 @@ impl LocalIngestClient {
     /// Whether the daemon takes export requests ([Self::export]).
     pub fn takes_exports(&self) -> bool {
         self.exports
+    }
+
+    /// Whether the daemon takes read requests ([Self::read_files]).
+    pub fn takes_reads(&self) -> bool {
+        self.reads
+    }
+
+    /// Asks the daemon for the files it keeps `digests` in (at most
+    /// [MAX_READ_DIGESTS]; see the module docs): one answer per digest, in
+    /// order, `None` where it passed none (read that blob over gRPC). The
+    /// files are as stored: decode and verify what is read from them
+    /// ([read_stored_file]).
+    pub async fn read_files(&self, digests: &[B3Digest]) -> Result<Vec<Option<OwnedFd>>, Error> {
+        if digests.is_empty() || digests.len() > MAX_READ_DIGESTS {
+            return Err(Error::InvalidRequest(format!(
+                "a read request for {} blobs (1 to {MAX_READ_DIGESTS})",
+                digests.len()
+            )));
+        }
+        let reused = self.idle.lock().pop();
+        let mut conn = match reused {
+            Some(c) => c,
+            None => self.new_connection().await.map_err(unavailable)?,
+        };
+        let mut request = Vec::with_capacity(5 + digests.len() * B3_LEN);
+        request.push(READ);
+        request.extend_from_slice(&(digests.len() as u32).to_le_bytes());
+        for d in digests {
+            request.extend_from_slice(d.as_bytes());
+        }
+        conn.write_all(&request).await.map_err(unavailable)?;
+        // The status byte, with the descriptors (if any) that came with it.
+        let Some((status, fds)) = receive(&conn).await.map_err(unavailable)? else {
+            return Err(unavailable(std::io::ErrorKind::UnexpectedEof.into()));
+        };
+        if status != 0 {
+            // An error answer carries no descriptor (any that came are closed).
+            read_status_after(&mut conn, status)
+                .await
+                .map_err(unavailable)??;
+            return Err(unavailable(std::io::Error::other(
+                "an answer without status 0",
+            )));
+        }
+        let mut flags = vec![0u8; digests.len()];
+        conn.read_exact(&mut flags).await.map_err(unavailable)?;
+        let passed = flags.iter().filter(|&&f| f == 1).count();
+        if passed != fds.len() || flags.iter().any(|&f| f > 1) {
+            // Out of step: the connection is not reused.
+            return Err(unavailable(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "a read answer naming {passed} descriptors came with {}",
+                    fds.len()
+                ),
+            )));
+        }
+        self.idle.lock().push(conn);
+        let mut fds = fds.into_iter();
+        Ok(flags
+            .into_iter()
+            .map(|f| if f == 1 { fds.next() } else { None })
+            .collect())
     }
 
     /// Has the daemon write the export `request` asks for into `out` (see
@@ -592,6 +794,41 @@ impl LocalIngestClient {
         read_status(&mut conn).await.map_err(unavailable)??;
         conn.read_u64_le().await.map_err(unavailable)
     }
+}
+
+/// Reads blob `digest` from a file a daemon passed ([LocalIngestClient::read_files]),
+/// on a blocking thread: it must be a regular file of at most
+/// [MAX_STORED_FILE_SIZE] bytes (never a pipe or device a read could hang
+/// on, nor something huge), and what it holds is decoded and verified
+/// against `digest`.
+pub fn read_stored_file(digest: &B3Digest, fd: OwnedFd) -> Result<Bytes, Error> {
+    use std::io::Read;
+    let file = std::fs::File::from(fd);
+    let meta = file
+        .metadata()
+        .map_err(|e| Error::Storage(format!("blob {digest}: cannot stat the file passed: {e}")))?;
+    if !meta.is_file() {
+        return Err(Error::Storage(format!(
+            "blob {digest}: the daemon passed something other than a regular file"
+        )));
+    }
+    if meta.len() > MAX_STORED_FILE_SIZE {
+        return Err(Error::Storage(format!(
+            "blob {digest}: the file passed has {} bytes (at most {MAX_STORED_FILE_SIZE})",
+            meta.len()
+        )));
+    }
+    // One more byte than it had: a file grown since is caught below.
+    let mut buf = Vec::with_capacity(meta.len() as usize + 1);
+    file.take(MAX_STORED_FILE_SIZE + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| Error::Storage(format!("blob {digest}: reading the file passed: {e}")))?;
+    if buf.len() as u64 > MAX_STORED_FILE_SIZE {
+        return Err(Error::Storage(format!(
+            "blob {digest}: the file passed is larger than {MAX_STORED_FILE_SIZE} bytes"
+        )));
+    }
+    decode_stored_file(digest, Bytes::from(buf))
 }
 
 fn unavailable(e: std::io::Error) -> Error {

@@ -249,6 +249,8 @@ pub async fn run(args: DaemonArgs, service_args: ServiceArgs) -> Result<()> {
         .add_optional_service(ingest.as_ref().map(|(_, path, token)| {
             GrpcLocalIngestWrapper::new(path.display().to_string(), *token)
                 .with_exports(true)
+                // Blob files passed to local readers (a store on local disk).
+                .with_reads(services.blob.stored_files().is_some())
                 .into_server()
         }))
         .add_service(GrpcDirectoryServiceWrapper::new(services.directory.clone()).into_server())

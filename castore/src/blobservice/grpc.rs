@@ -16,7 +16,7 @@ use arca_proto::castore_batch::blob_batch_service_client::BlobBatchServiceClient
 use arca_proto::castore_batch::ReadBlobsRequest;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
-use futures::stream::{BoxStream, StreamExt};
+use futures::stream::{BoxStream, StreamExt, TryStreamExt};
 use std::io::SeekFrom;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -60,7 +60,18 @@ pub struct GrpcBlobService {
     first_channel: Channel,
     /// Set once the local ingest socket failed: uploads go over gRPC.
     local_ingest_broken: Arc<AtomicBool>,
+    /// Set once a local read request failed: batch reads go over gRPC.
+    local_reads_broken: Arc<AtomicBool>,
 }
+
+/// Blobs asked for in one local read request ([GrpcBlobService::read_many]
+/// through the daemon's socket); each group is read, decoded and verified
+/// in one trip to the blocking pool, two groups at a time.
+const LOCAL_READ_GROUP: usize = 32;
+/// The first group of a [GrpcBlobService::read_many] through the daemon's
+/// socket: smaller, so that the first blob (often one a reader waits for)
+/// comes sooner.
+const LOCAL_READ_FIRST_GROUP: usize = 8;
 
 impl GrpcBlobService {
     /// Starts a `Read` call for the blob on the next connection: the
@@ -112,6 +123,7 @@ impl GrpcBlobService {
             local_ingest: Arc::new(tokio::sync::OnceCell::new()),
             first_channel,
             local_ingest_broken: Arc::new(AtomicBool::new(false)),
+            local_reads_broken: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -154,7 +166,120 @@ impl GrpcBlobService {
             local_ingest: self.local_ingest.clone(),
             first_channel: self.first_channel.clone(),
             local_ingest_broken: self.local_ingest_broken.clone(),
+            local_reads_broken: self.local_reads_broken.clone(),
         }
+    }
+
+    /// The daemon's socket, if it takes read requests (and none failed).
+    async fn local_reads(&self) -> Option<Arc<LocalIngestClient>> {
+        if self.local_reads_broken.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.local_ingest().await.filter(|l| l.takes_reads())
+    }
+
+    /// [BlobService::read_many] over gRPC: one `ReadBlobs` call per
+    /// [MAX_BATCH_DIGESTS] digests (two calls in flight), answers handed
+    /// out as they arrive; one `Read` per blob against servers without
+    /// batch reads.
+    fn read_many_grpc<'a>(
+        &'a self,
+        digests: Vec<B3Digest>,
+    ) -> BoxStream<'a, Result<BatchItem, Error>> {
+        if self.no_batch.load(Ordering::Relaxed) {
+            return super::read_each(self, digests);
+        }
+        let groups = super::in_groups(&digests, MAX_BATCH_DIGESTS);
+        futures::stream::iter(groups)
+            .map(move |group| async move {
+                let this = self.pick();
+                match this.start_batch(&group).await {
+                    Ok(Some(answers)) => checked_batch(answers, group, Check::EachAnswer),
+                    Ok(None) => {
+                        tracing::debug!("server has no batch reads: one Read per blob");
+                        self.no_batch.store(true, Ordering::Relaxed);
+                        super::read_each(self, group)
+                    }
+                    Err(e) => futures::stream::iter([Err(e)]).boxed(),
+                }
+            })
+            .buffered(2)
+            .flatten()
+            .boxed()
+    }
+
+    /// [BlobService::read_many] through the daemon's socket: the files it
+    /// keeps the blobs in, [LOCAL_READ_GROUP] per request, read, decoded
+    /// and verified here; blobs it passes no file for over gRPC.
+    fn read_many_local<'a>(
+        &'a self,
+        local: Arc<LocalIngestClient>,
+        digests: Vec<B3Digest>,
+    ) -> BoxStream<'a, Result<BatchItem, Error>> {
+        // A small first group: the first blob is ready sooner.
+        let first = digests.len().min(LOCAL_READ_FIRST_GROUP);
+        let mut groups = vec![digests[..first].to_vec()];
+        groups.extend(super::in_groups(&digests[first..], LOCAL_READ_GROUP));
+        groups.retain(|g| !g.is_empty());
+        futures::stream::iter(groups)
+            .map(move |group| {
+                let local = local.clone();
+                async move { self.read_group_locally(&local, group).await }
+            })
+            .buffered(2)
+            .map_ok(|items| futures::stream::iter(items.into_iter().map(Ok)))
+            .try_flatten()
+            .boxed()
+    }
+
+    /// One group of [Self::read_many_local], in order.
+    async fn read_group_locally(
+        &self,
+        local: &LocalIngestClient,
+        group: Vec<B3Digest>,
+    ) -> Result<Vec<BatchItem>, Error> {
+        let files = match local.read_files(&group).await {
+            Ok(files) => files,
+            Err(e) => {
+                // A restarted daemon (another token), or one that stopped
+                // taking reads: gRPC from here on.
+                tracing::warn!(error = %e, "local reads failed; reading over gRPC");
+                self.local_reads_broken.store(true, Ordering::Relaxed);
+                return self.read_many_grpc(group).try_collect().await;
+            }
+        };
+        let asked = group.clone();
+        let read: Vec<Option<Result<Bytes, Error>>> = tokio::task::spawn_blocking(move || {
+            asked
+                .iter()
+                .zip(files)
+                .map(|(d, file)| file.map(|fd| crate::local_ingest::read_stored_file(d, fd)))
+                .collect()
+        })
+        .await
+        .map_err(Error::storage)?;
+        let elsewhere: Vec<B3Digest> = group
+            .iter()
+            .zip(&read)
+            .filter(|(_, r)| r.is_none())
+            .map(|(d, _)| *d)
+            .collect();
+        let mut from_grpc = if elsewhere.is_empty() {
+            Vec::new()
+        } else {
+            self.read_many_grpc(elsewhere).try_collect().await?
+        }
+        .into_iter();
+        group
+            .into_iter()
+            .zip(read)
+            .map(|(d, r)| match r {
+                Some(data) => Ok((d, Some(data?))),
+                None => from_grpc
+                    .next()
+                    .ok_or_else(|| Error::Storage(format!("no answer for blob {d}"))),
+            })
+            .collect()
     }
 
     /// Starts one `ReadBlobs` call for `digests` (at most
@@ -504,30 +629,21 @@ impl BlobService for GrpcBlobService {
         })
     }
 
-    /// One `ReadBlobs` call per [MAX_BATCH_DIGESTS] digests (two calls in
+    /// From a daemon on this machine that takes read requests, through
+    /// its socket: it passes the files it keeps the blobs in, and they are
+    /// read, decoded and verified here ([crate::local_ingest]). Otherwise
+    /// one `ReadBlobs` call per [MAX_BATCH_DIGESTS] digests (two calls in
     /// flight), answers handed out as they arrive; one `Read` per blob
     /// against servers without batch reads.
     fn read_many<'a>(&'a self, digests: Vec<B3Digest>) -> BoxStream<'a, Result<BatchItem, Error>> {
-        if self.no_batch.load(Ordering::Relaxed) {
-            return super::read_each(self, digests);
-        }
-        let groups = super::in_groups(&digests, MAX_BATCH_DIGESTS);
-        futures::stream::iter(groups)
-            .map(move |group| async move {
-                let this = self.pick();
-                match this.start_batch(&group).await {
-                    Ok(Some(answers)) => checked_batch(answers, group, Check::EachAnswer),
-                    Ok(None) => {
-                        tracing::debug!("server has no batch reads: one Read per blob");
-                        self.no_batch.store(true, Ordering::Relaxed);
-                        super::read_each(self, group)
-                    }
-                    Err(e) => futures::stream::iter([Err(e)]).boxed(),
-                }
-            })
-            .buffered(2)
-            .flatten()
-            .boxed()
+        futures::stream::once(async move {
+            match self.local_reads().await {
+                Some(local) => self.read_many_local(local, digests),
+                None => self.read_many_grpc(digests),
+            }
+        })
+        .flatten()
+        .boxed()
     }
 
     #[instrument(skip(self), level = "debug")]

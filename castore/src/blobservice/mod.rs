@@ -7,6 +7,7 @@ use crate::{B3Digest, Error};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::{BoxStream, StreamExt};
+use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeek};
 
 mod cache;
@@ -21,8 +22,8 @@ pub use chunked_reader::{validate_chunk_list, ChunkFetcher, ChunkedReader, MAX_C
 pub use grpc::GrpcBlobService;
 pub use memory::MemoryBlobService;
 pub use object_store::{
-    ChunkingParams, Codec, LocalChunking, LocalCompression, LocalFilesOptions,
-    ObjectStoreBlobService,
+    decode_stored_file, ChunkingParams, Codec, LocalChunking, LocalCompression, LocalFilesOptions,
+    ObjectStoreBlobService, MAX_STORED_FILE_SIZE,
 };
 
 /// Largest blob [BlobService::read_many] returns (larger ones are read with
@@ -178,6 +179,24 @@ pub trait BlobService: Send + Sync {
     async fn direct_file_puts(&self) -> bool {
         false
     }
+
+    /// The files a store on local disk keeps its single-chunk blobs in,
+    /// for readers on this machine that decode and verify what they read
+    /// themselves: a daemon passes them to its local clients
+    /// ([crate::local_ingest]). `None` (the default) for every other store.
+    fn stored_files(&self) -> Option<Arc<dyn StoredFiles>> {
+        None
+    }
+}
+
+/// Opens the files a local store keeps blobs in, as stored (see
+/// [BlobService::stored_files]); what is read from them is decoded and
+/// verified with [decode_stored_file].
+pub trait StoredFiles: Send + Sync {
+    /// The file holding blob `digest` as one stored chunk, opened for
+    /// reading; `None` if the store holds it otherwise (several chunks, a
+    /// whole file not cut yet) or not at all. Blocking.
+    fn open(&self, digest: &B3Digest) -> std::io::Result<Option<std::fs::File>>;
 }
 
 /// [BlobService::put_file] by [BlobService::open_write]: the file read on

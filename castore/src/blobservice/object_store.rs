@@ -246,6 +246,19 @@ fn read_local_chunk(dir: &std::path::Path, d: &B3Digest) -> Result<Option<Bytes>
     let Some(stored) = read_chunk_file(dir, d)? else {
         return Ok(None);
     };
+    decode_stored_file(d, stored).map(Some)
+}
+
+/// Largest stored chunk file: a chunk of [super::MAX_CHUNK_SIZE] bytes
+/// that did not compress, with its tag byte and the codecs' worst-case
+/// growth. A reader of a file passed to it refuses anything larger
+/// before reading it.
+pub const MAX_STORED_FILE_SIZE: u64 = super::MAX_CHUNK_SIZE + super::MAX_CHUNK_SIZE / 128 + 1024;
+
+/// The blob `d` from the bytes of the file a local store keeps it in as one
+/// chunk ([super::StoredFiles]): its tag byte read, decoded, and verified
+/// against `d` (an error for anything else).
+pub fn decode_stored_file(d: &B3Digest, stored: Bytes) -> Result<Bytes, Error> {
     let data = decode_chunk(d, stored)?;
     verify_chunk(
         &ChunkMeta {
@@ -254,7 +267,22 @@ fn read_local_chunk(dir: &std::path::Path, d: &B3Digest) -> Result<Option<Bytes>
         },
         &data,
     )?;
-    Ok(Some(data))
+    Ok(data)
+}
+
+/// The chunk files of a store on local disk ([super::StoredFiles]).
+struct LocalStoredFiles {
+    dir: std::path::PathBuf,
+}
+
+impl super::StoredFiles for LocalStoredFiles {
+    fn open(&self, digest: &B3Digest) -> std::io::Result<Option<std::fs::File>> {
+        match std::fs::File::open(local_chunk_file(&self.dir, &digest.to_hex())) {
+            Ok(f) => Ok(Some(f)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
 }
 
 /// The bytes of a chunk's file as stored (tag byte and payload); `None` if
@@ -1136,6 +1164,15 @@ impl BlobService for ObjectStoreBlobService {
     /// On local files: nothing between here and the disk.
     async fn direct_file_puts(&self) -> bool {
         self.inner.local_dir.is_some()
+    }
+
+    /// On local files: the chunk files (a single-chunk blob's digest is its
+    /// chunk's).
+    fn stored_files(&self) -> Option<Arc<dyn super::StoredFiles>> {
+        self.inner
+            .local_dir
+            .clone()
+            .map(|dir| Arc::new(LocalStoredFiles { dir }) as Arc<dyn super::StoredFiles>)
     }
 
     /// On local files: [LOCAL_BATCH] chunk files per trip to the blocking
