@@ -464,3 +464,254 @@ async fn a_client_that_goes_away_cancels_its_export() {
         .await
         .expect("the export was cancelled");
 }
+
+/// A local-files blob store in `dir` (chunks compressed as they are
+/// written, so its files hold LZ4, not raw bytes) and a socket serving it.
+fn start_reading(
+    dir: &std::path::Path,
+) -> (
+    Arc<dyn BlobService>,
+    PathBuf,
+    [u8; TOKEN_LEN],
+    tokio::task::JoinHandle<()>,
+) {
+    use arca_castore::composition::{Builder, Composition};
+    let url = format!(
+        "objectstore+file://{}/blobs?compression=inline",
+        dir.display()
+    );
+    let blobs = Builder::new(Composition::from_urls(&url, "memory://").unwrap())
+        .blob_service("default")
+        .unwrap();
+    assert!(blobs.stored_files().is_some(), "a local store has files");
+    let path = dir.join("ingest.sock");
+    let token = local_ingest::new_token().unwrap();
+    let listener = local_ingest::bind(&path).unwrap();
+    let task = tokio::spawn(local_ingest::serve(listener, token, blobs.clone(), None));
+    (blobs, path, token, task)
+}
+
+/// Text that compresses (the stored file differs from the blob).
+fn text(n: usize, seed: u8) -> Vec<u8> {
+    (0..n)
+        .map(|i| b"abcdefgh"[(i / 7 + seed as usize) % 8])
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_passes_the_files_its_blobs_are_stored_in() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (blobs, path, token, task) = start_reading(tmp.path());
+    let a = text(50_000, 1);
+    let b = text(3, 2);
+    let da = arca_castore::blobservice::put_bytes(&*blobs, a.clone().into())
+        .await
+        .unwrap();
+    let db = arca_castore::blobservice::put_bytes(&*blobs, b.clone().into())
+        .await
+        .unwrap();
+    let absent = B3Digest::of(b"not stored");
+    let client = LocalIngestClient::connect(path.clone(), token)
+        .await
+        .unwrap();
+
+    let files = client.read_files(&[da, absent, db, da]).await.unwrap();
+    assert_eq!(
+        files.iter().map(Option::is_some).collect::<Vec<_>>(),
+        [true, false, true, true]
+    );
+    let mut files = files.into_iter();
+    let fa = files.next().unwrap().unwrap();
+    // As stored: compressed, not the blob's bytes.
+    let stored = std::fs::read(format!("/proc/self/fd/{}", fa.as_raw_fd())).unwrap();
+    assert_ne!(stored, a);
+    assert_eq!(local_ingest::read_stored_file(&da, fa).unwrap(), a);
+    assert!(files.next().unwrap().is_none());
+    assert_eq!(
+        local_ingest::read_stored_file(&db, files.next().unwrap().unwrap()).unwrap(),
+        b
+    );
+    // A file read as another blob fails its verification.
+    let e = local_ingest::read_stored_file(&db, files.next().unwrap().unwrap()).unwrap_err();
+    assert!(e.to_string().contains("verification"), "{e}");
+
+    // The connection stays usable; a request of the most digests is answered.
+    let many = vec![da; local_ingest::MAX_READ_DIGESTS];
+    let files = client.read_files(&many).await.unwrap();
+    assert!(files.iter().all(Option::is_some));
+    // Too many, or none, are refused before anything is sent.
+    let too_many = vec![da; local_ingest::MAX_READ_DIGESTS + 1];
+    assert!(matches!(
+        client.read_files(&too_many).await,
+        Err(arca_castore::Error::InvalidRequest(_))
+    ));
+    assert!(matches!(
+        client.read_files(&[]).await,
+        Err(arca_castore::Error::InvalidRequest(_))
+    ));
+    task.abort();
+}
+
+/// Sends a read request for `digests` (claiming `count`) with `fds` attached.
+fn send_read(c: &mut UnixStream, fds: &[i32], count: u32, digests: &[B3Digest]) {
+    send(c, b'R', fds);
+    c.write_all(&count.to_le_bytes()).unwrap();
+    for d in digests {
+        c.write_all(d.as_bytes()).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_read_requests_get_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (blobs, path, token, task) = start_reading(tmp.path());
+    let d = arca_castore::blobservice::put_bytes(&*blobs, text(100, 3).into())
+        .await
+        .unwrap();
+
+    // A descriptor sent along: an error answer, and the connection goes on.
+    let mut c = raw_connection(&path, token);
+    let f = file_with(&tmp, "f", b"x");
+    send_read(&mut c, &[f.as_raw_fd()], 1, &[d]);
+    let mut status = [0u8; 1];
+    c.read_exact(&mut status).unwrap();
+    let (kind, msg) = error_answer(&mut c, status[0]);
+    assert_eq!(kind, 0, "{msg}");
+    assert!(msg.contains("no file descriptor"), "{msg}");
+    send_read(&mut c, &[], 1, &[d]);
+    c.read_exact(&mut status).unwrap();
+    assert_eq!(
+        status[0], 0,
+        "a good request on the same connection is answered"
+    );
+
+    // No digests, or more than one answer can carry descriptors for: an
+    // error answer, then the connection closes (it cannot be resynchronised).
+    for count in [0u32, local_ingest::MAX_READ_DIGESTS as u32 + 1, u32::MAX] {
+        let mut c = raw_connection(&path, token);
+        send_read(&mut c, &[], count, &[]);
+        c.read_exact(&mut status).unwrap();
+        let (kind, msg) = error_answer(&mut c, status[0]);
+        assert_eq!(kind, 0, "{msg}");
+        assert!(msg.contains("read request for"), "{msg}");
+        assert_eq!(c.read(&mut [0u8; 1]).unwrap(), 0, "closed");
+    }
+
+    // A daemon whose store keeps no files takes no reads.
+    let s = start();
+    let mut c = raw_connection(&s.path, s.token);
+    send_read(&mut c, &[], 1, &[d]);
+    c.read_exact(&mut status).unwrap();
+    let (_, msg) = error_answer(&mut c, status[0]);
+    assert!(msg.contains("takes no read requests"), "{msg}");
+    task.abort();
+}
+
+#[test]
+fn only_regular_files_of_a_bounded_size_are_read() {
+    use arca_castore::blobservice::MAX_STORED_FILE_SIZE;
+    let d = B3Digest::of(b"anything");
+    // A pipe (a read could wait forever): refused before reading.
+    let (r, _w) = nix::unistd::pipe().unwrap();
+    let e = local_ingest::read_stored_file(&d, r).unwrap_err();
+    assert!(e.to_string().contains("other than a regular file"), "{e}");
+    // A huge (sparse) file: refused before reading.
+    let tmp = tempfile::tempdir().unwrap();
+    let huge = tmp.path().join("huge");
+    std::fs::File::create(&huge)
+        .unwrap()
+        .set_len(MAX_STORED_FILE_SIZE + 1)
+        .unwrap();
+    let f = std::fs::File::open(&huge).unwrap();
+    let e = local_ingest::read_stored_file(&d, f.into()).unwrap_err();
+    assert!(e.to_string().contains("at most"), "{e}");
+    // Garbage: no valid tag.
+    let f = file_with(&tmp, "garbage", b"\xffnot a chunk");
+    let e = local_ingest::read_stored_file(&d, f.into()).unwrap_err();
+    assert!(e.to_string().contains("unknown encoding"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_batch_reads_go_through_the_daemons_files() {
+    use arca_castore::blobservice::GrpcBlobService;
+    use arca_castore::grpc::{
+        GrpcBlobBatchServiceWrapper, GrpcBlobServiceWrapper, GrpcLocalIngestWrapper,
+    };
+    use futures::TryStreamExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let (files_store, path, token, task) = start_reading(tmp.path());
+    // gRPC serves another store: what it answers shows which way a blob came.
+    let grpc_store = Arc::new(MemoryBlobService::default());
+    let a = text(20_000, 4);
+    let b = text(10, 5);
+    let only_grpc = text(77, 6);
+    let da = arca_castore::blobservice::put_bytes(&*files_store, a.clone().into())
+        .await
+        .unwrap();
+    let db = arca_castore::blobservice::put_bytes(&*files_store, b.clone().into())
+        .await
+        .unwrap();
+    let dg = arca_castore::blobservice::put_bytes(&*grpc_store, only_grpc.clone().into())
+        .await
+        .unwrap();
+    let absent = B3Digest::of(b"nowhere");
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(GrpcBlobServiceWrapper::new(grpc_store.clone()).into_server())
+            .add_service(GrpcBlobBatchServiceWrapper::new(grpc_store.clone()).into_server())
+            .add_service(
+                GrpcLocalIngestWrapper::new(path.display().to_string(), token)
+                    .with_reads(true)
+                    .into_server(),
+            )
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let url = url::Url::parse(&format!("grpc+http://{addr}")).unwrap();
+    let channel = arca_castore::grpc::channel_from_url(&url).unwrap();
+    let client = GrpcBlobService::from_channels(vec![channel])
+        .unwrap()
+        .with_local_ingest(true);
+
+    // In order, duplicates included; more than one group's worth.
+    let mut asked = vec![da, dg, absent, db];
+    asked.extend(std::iter::repeat_n(da, 70));
+    asked.push(db);
+    let got: Vec<_> = client.read_many(asked.clone()).try_collect().await.unwrap();
+    assert_eq!(got.iter().map(|(d, _)| *d).collect::<Vec<_>>(), asked);
+    let want = |d: &B3Digest| {
+        if *d == da {
+            Some(a.clone())
+        } else if *d == db {
+            Some(b.clone())
+        } else if *d == dg {
+            Some(only_grpc.clone())
+        } else {
+            None
+        }
+    };
+    for (d, data) in &got {
+        assert_eq!(data.as_ref().map(|x| x.to_vec()), want(d), "blob {d}");
+    }
+    // Those only the files hold came through them (gRPC has none of them).
+    assert!(!grpc_store.has(&da).await.unwrap());
+
+    // A tampered file: the read fails, nothing wrong is handed out.
+    let hex = da.to_hex();
+    let chunk = tmp.path().join("blobs/chunks").join(&hex[..2]).join(&hex);
+    let mut stored = std::fs::read(&chunk).unwrap();
+    let last = stored.len() - 1;
+    stored[last] ^= 1;
+    std::fs::write(&chunk, &stored).unwrap();
+    let r: Result<Vec<_>, _> = client.read_many(vec![db, da]).try_collect().await;
+    assert!(r.is_err(), "a corrupt file is an error: {r:?}");
+
+    // The socket goes: batch reads go over gRPC from then on.
+    task.abort();
+    let _ = std::fs::remove_file(&path);
+    let got: Vec<_> = client.read_many(vec![dg, db]).try_collect().await.unwrap();
+    assert_eq!(got, vec![(dg, Some(only_grpc.clone().into())), (db, None)]);
+    server.abort();
+}

@@ -915,7 +915,12 @@ fn small_files_are_fetched_ahead_into_the_page_cache_only_once_reading_starts() 
         .unwrap();
     }
     let base = import_base(&d, client.path(), &tree);
-    let m = Mount::start(&d, client.path(), &[]);
+    let m = Mount::start_with_env(
+        &d,
+        client.path(),
+        &[],
+        &[("ARCA_LOG", "arca_castore=debug")],
+    );
     let later = m.p(&format!("{base}/f050"));
     // Listing and stat-ing fetch no contents: nothing is in the page cache yet.
     assert_eq!(std::fs::read_dir(m.p(&base)).unwrap().count(), 100);
@@ -946,4 +951,12 @@ fn small_files_are_fetched_ahead_into_the_page_cache_only_once_reading_starts() 
             "f{i:03}"
         );
     }
+    // The daemon is on this machine: the blobs came from the files it
+    // passed over its local socket, not over gRPC.
+    let log: Vec<String> = m.stderr_lines.try_iter().collect();
+    assert!(
+        log.iter()
+            .any(|l| l.contains("reading blobs from the daemon's files")),
+        "no local reads in the mount's log: {log:?}"
+    );
 }

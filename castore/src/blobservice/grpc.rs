@@ -216,6 +216,10 @@ impl GrpcBlobService {
         local: Arc<LocalIngestClient>,
         digests: Vec<B3Digest>,
     ) -> BoxStream<'a, Result<BatchItem, Error>> {
+        tracing::debug!(
+            blobs = digests.len(),
+            "reading blobs from the daemon's files"
+        );
         // A small first group: the first blob is ready sooner.
         let first = digests.len().min(LOCAL_READ_FIRST_GROUP);
         let mut groups = vec![digests[..first].to_vec()];
