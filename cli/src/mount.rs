@@ -24,6 +24,42 @@ pub struct MountArgs {
     pub allow_other: bool,
 }
 
+/// How long `arca mount` waits for each service to answer before mounting.
+const REACH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Asks each service about something no store holds before mounting: a
+/// store that cannot be reached is an error now, not an EIO at the first
+/// lookup, and the connections are up before the first request needs them.
+async fn reach(services: &crate::services::Services) -> Result<()> {
+    let nothing = arca_castore::B3Digest::from([0u8; 32]);
+    let checks = async {
+        services
+            .path_info
+            .get([0u8; arca_store::store_path::DIGEST_LEN])
+            .await
+            .context("reaching the path info service")?;
+        services
+            .directory
+            .get(&nothing)
+            .await
+            .context("reaching the directory service")?;
+        services
+            .blob
+            .has(&nothing)
+            .await
+            .context("reaching the blob service")?;
+        anyhow::Ok(())
+    };
+    tokio::time::timeout(REACH_TIMEOUT, checks)
+        .await
+        .with_context(|| {
+            format!(
+                "the store did not answer within {} s",
+                REACH_TIMEOUT.as_secs()
+            )
+        })?
+}
+
 /// `arca mount MOUNTPOINT`: mounts, serves until SIGINT/SIGTERM (or an
 /// unmount from outside), unmounts, exits 0.
 pub async fn run(args: MountArgs, service_args: ServiceArgs) -> Result<()> {
@@ -39,6 +75,7 @@ pub async fn run(args: MountArgs, service_args: ServiceArgs) -> Result<()> {
         );
     }
     let services = build(&service_args, Defaults::Daemon)?;
+    reach(&services).await?;
     let fs = arca_fuse::ArcaFs::new(
         services.blob,
         services.directory,

@@ -88,25 +88,7 @@ impl DirCache {
             flights
                 .entry(digest)
                 .or_insert_with(|| {
-                    let this = self.clone();
-                    let task = tokio::spawn(async move {
-                        let r = match this.service.get(&digest).await {
-                            Ok(Some(d)) => Ok(Arc::new(Listing::new(&d))),
-                            Ok(None) => {
-                                tracing::warn!(%digest, "directory not in the store");
-                                Err(Errno::EIO)
-                            }
-                            Err(e) => {
-                                tracing::warn!(%digest, "fetching directory: {e}");
-                                Err(Errno::EIO)
-                            }
-                        };
-                        if let Ok(d) = &r {
-                            this.lru.lock().put(digest, d.clone());
-                        }
-                        this.flights.lock().remove(&digest);
-                        r
-                    });
+                    let task = tokio::spawn(self.clone().fetch(digest));
                     async move { task.await.unwrap_or(Err(Errno::EIO)) }
                         .boxed()
                         .shared()
@@ -116,21 +98,68 @@ impl DirCache {
         flight.await
     }
 
+    /// Fetches one directory into the cache, ending its flight.
+    async fn fetch(self: Arc<Self>, digest: B3Digest) -> Result<Arc<Listing>, Errno> {
+        let r = match self.service.get(&digest).await {
+            Ok(Some(d)) => Ok(Arc::new(Listing::new(&d))),
+            Ok(None) => {
+                tracing::warn!(%digest, "directory not in the store");
+                Err(Errno::EIO)
+            }
+            Err(e) => {
+                tracing::warn!(%digest, "fetching directory: {e}");
+                Err(Errno::EIO)
+            }
+        };
+        if let Ok(d) = &r {
+            self.lru.lock().put(digest, d.clone());
+        }
+        self.flights.lock().remove(&digest);
+        r
+    }
+
     /// Fetches the closure of `root` in the background (one streamed call
     /// for gRPC services) into the cache, unless done recently.
     pub fn prefetch_closure(self: &Arc<Self>, root: B3Digest) {
         if self.cached(&root).is_some() || self.prefetched.lock().put(root, ()).is_some() {
             return;
         }
+        // The root comes first in the closure: a listing of it waits for
+        // that (one call fewer, and the call's answer would queue behind
+        // the closure's on the same connection anyway).
+        let (root_tx, root_rx) = tokio::sync::oneshot::channel::<Arc<Listing>>();
+        {
+            let mut flights = self.flights.lock();
+            if !flights.contains_key(&root) {
+                let this = self.clone();
+                let flight = async move {
+                    match root_rx.await {
+                        Ok(listing) => Ok(listing),
+                        // The closure ended before its root: fetch it alone.
+                        Err(_) => this.fetch(root).await,
+                    }
+                }
+                .boxed()
+                .shared();
+                flights.insert(root, flight);
+            }
+        }
         let this = self.clone();
         tokio::spawn(async move {
+            let mut root_tx = Some(root_tx);
             let mut stream = this.service.get_recursive(&root);
             let mut n = 0usize;
             while let Some(r) = stream.next().await {
                 match r {
                     Ok(d) => {
-                        let listing = Listing::new(&d);
-                        this.lru.lock().put(listing.digest, Arc::new(listing));
+                        let listing = Arc::new(Listing::new(&d));
+                        this.lru.lock().put(listing.digest, listing.clone());
+                        if listing.digest == root {
+                            if let Some(tx) = root_tx.take() {
+                                this.flights.lock().remove(&root);
+                                let _ = tx.send(listing);
+                            }
+                        }
                         n += 1;
                         // Never push out more than half the cache for one closure.
                         if n >= this.lru.lock().cap().get() / 2 {
@@ -142,6 +171,10 @@ impl DirCache {
                         break;
                     }
                 }
+            }
+            if root_tx.is_some() {
+                // No root came: whoever waits for it fetches it alone.
+                this.flights.lock().remove(&root);
             }
         });
     }
