@@ -337,6 +337,9 @@ impl batch_proto::blob_batch_service_server::BlobBatchService for GrpcBlobBatchS
     }
 }
 
+/// Directories of a closure walked ahead of what its call has sent.
+const CLOSURE_BUFFER: usize = 64;
+
 /// Serves a [DirectoryService] as `tvix.castore.v1.DirectoryService`.
 pub struct GrpcDirectoryServiceWrapper {
     svc: Arc<dyn DirectoryService>,
@@ -383,14 +386,31 @@ impl proto::directory_service_server::DirectoryService for GrpcDirectoryServiceW
                 futures::stream::once(async move { Ok(dir.to_proto()) }).boxed(),
             ));
         }
+        // The closure is walked by a task of its own into a bounded
+        // channel: the response sends what is there and waits for more, so
+        // the root goes out at once instead of after the whole closure
+        // (a walk over a store whose reads never wait would otherwise keep
+        // this call's task busy, and its frames unsent, until the end).
         let svc = self.svc.clone();
-        let mut stream = async_stream::try_stream! {
+        let (tx, rx) =
+            tokio::sync::mpsc::channel::<Result<proto::Directory, Status>>(CLOSURE_BUFFER);
+        tokio::spawn(async move {
             let mut inner = svc.get_recursive(&digest);
+            let mut first = true;
             while let Some(d) = inner.next().await {
-                yield d.map_err(Status::from)?.to_proto();
+                let item = d.map(|d| d.to_proto()).map_err(Status::from);
+                let stop = item.is_err();
+                // The client went away: stop walking.
+                if tx.send(item).await.is_err() || stop {
+                    return;
+                }
+                if std::mem::take(&mut first) {
+                    // The call's task sends the root before the walk goes on.
+                    tokio::task::yield_now().await;
+                }
             }
-        }
-        .boxed();
+        });
+        let mut stream = tokio_stream::wrappers::ReceiverStream::new(rx).boxed();
         // Look at the first item so an unknown root is NOT_FOUND on the call itself.
         let head = match stream.next().await {
             Some(Ok(d)) => d,

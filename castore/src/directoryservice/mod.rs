@@ -79,11 +79,6 @@ pub fn traverse<S: DirectoryService + ?Sized>(
         // (digest, size claimed by the parent; None for the root)
         let mut level: Vec<(B3Digest, Option<u64>)> = vec![(root, None)];
         while !level.is_empty() {
-            if level.len() > 1 || level[0].0 != root {
-                // What was yielded so far goes out (over gRPC: the root
-                // first, at once) before the next level is read.
-                tokio::task::yield_now().await;
-            }
             let digests: Vec<B3Digest> = level.iter().map(|(d, _)| *d).collect();
             let fetched: Vec<Result<Option<Directory>, Error>> = futures::stream::iter(digests)
                 .map(|d| async move { svc.get(&d).await })
