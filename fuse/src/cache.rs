@@ -16,8 +16,13 @@ pub type Errno = fuser::Errno;
 type Flight<V> = Shared<BoxFuture<'static, Result<V, Errno>>>;
 
 /// Called with each blob a batch read delivers (on a runtime thread: it
-/// must not block).
-pub type ArrivalHook = Arc<dyn Fn(B3Digest, &Bytes) + Send + Sync>;
+/// must not block); true if it handed the blob to the kernel's page cache
+/// (then the cache keeps only its digest).
+pub type ArrivalHook = Arc<dyn Fn(B3Digest, &Bytes) -> bool + Send + Sync>;
+
+/// Digests of blobs handed to the kernel's page cache that are remembered
+/// (so that read-ahead does not fetch them again).
+const PUSHED_ENTRIES: usize = 64 * 1024;
 
 /// A directory's entries in name order, searchable by name.
 pub struct Listing {
@@ -190,6 +195,11 @@ pub struct BlobCache {
     /// Blobs in flight a reader joined (the kernel has a read of them in
     /// flight: no page-cache store for those); cleared when the flight lands.
     awaited: Mutex<std::collections::HashSet<B3Digest>>,
+    /// Blobs handed to the kernel's page cache, which serves their reads:
+    /// not kept here (a fresh mount would fault in every page it keeps),
+    /// only remembered. A read the kernel sends anyway (it dropped the
+    /// pages) fetches the blob again.
+    pushed: Mutex<lru::LruCache<B3Digest, ()>>,
 }
 
 impl BlobCache {
@@ -201,12 +211,18 @@ impl BlobCache {
             capacity_bytes,
             flights: Mutex::new(HashMap::new()),
             awaited: Mutex::new(std::collections::HashSet::new()),
+            pushed: Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(PUSHED_ENTRIES).expect("non-zero"),
+            )),
         })
     }
 
-    /// Whether the blob is cached or being fetched.
+    /// Whether the blob is cached, being fetched, or in the kernel's page
+    /// cache (as far as this cache knows).
     pub fn has(&self, digest: &B3Digest) -> bool {
-        self.lru.lock().0.contains(digest) || self.flights.lock().contains_key(digest)
+        self.lru.lock().0.contains(digest)
+            || self.flights.lock().contains_key(digest)
+            || self.pushed.lock().contains(digest)
     }
 
     /// The blob if it is cached (no I/O).
@@ -303,15 +319,19 @@ impl BlobCache {
                 };
                 match answer {
                     Ok((got, Some(data))) if got == digest && data.len() as u64 == size => {
-                        this.insert(digest, data.clone());
-                        let awaited = this.land(&digest);
-                        let _ = tx.send(data.clone());
-                        // Not for blobs a reader waited for: the kernel has
+                        // Not for blobs a reader waits for: the kernel has
                         // that read in flight (its pages locked) and fills
                         // its page cache from the answer anyway.
-                        if let (Some(hook), false) = (&on_arrival, awaited) {
-                            hook(digest, &data);
+                        let awaited = this.awaited.lock().contains(&digest);
+                        let pushed =
+                            !awaited && on_arrival.as_ref().is_some_and(|hook| hook(digest, &data));
+                        if pushed {
+                            this.pushed.lock().put(digest, ());
+                        } else {
+                            this.insert(digest, data.clone());
                         }
+                        this.land(&digest);
+                        let _ = tx.send(data);
                     }
                     Ok((got, data)) => {
                         tracing::warn!(
