@@ -175,10 +175,6 @@ struct Inner {
     dirs: Arc<DirCache>,
     blobs: Arc<BlobCache>,
     readers: ReaderPool,
-    /// Where each directory (by digest) was last seen: its parent directory
-    /// and index there, so the walk read-ahead can continue past the end of
-    /// a directory into the entries after it.
-    dir_parents: Mutex<lru::LruCache<B3Digest, Parent>>,
     /// The session's notifier, once mounted: small files fetched ahead are
     /// stored straight into the kernel's page cache (`FUSE_NOTIFY_STORE`),
     /// so reading them costs no request at all.
@@ -251,9 +247,6 @@ impl ArcaFs {
             dirs: DirCache::new(directory, DIR_CACHE_ENTRIES),
             blobs: BlobCache::new(blob.clone(), BLOB_CACHE_BYTES),
             readers: ReaderPool::new(blob),
-            dir_parents: Mutex::new(lru::LruCache::new(
-                std::num::NonZeroUsize::new(DIR_CACHE_ENTRIES).expect("non-zero"),
-            )),
             notifier: Arc::new(std::sync::OnceLock::new()),
             path_info,
             options,
@@ -327,13 +320,6 @@ impl Inner {
     }
 
     /// Records a lookup of `node` and answers it.
-    /// Notes where a directory sits (for the walk read-ahead).
-    fn note_dir_parent(&self, node: &Node, parent: Option<Parent>) {
-        if let (Node::Directory { digest, .. }, Some(p)) = (node, parent) {
-            self.dir_parents.lock().put(*digest, p);
-        }
-    }
-
     fn reply_entry(
         &self,
         node: &Node,
@@ -342,7 +328,6 @@ impl Inner {
         name: &[u8],
         reply: ReplyEntry,
     ) {
-        self.note_dir_parent(node, parent);
         let ino = self.inodes.lookup(node, parent, parent_ino, name);
         reply.entry(&TTL, &self.attr(ino, Some(node)), Generation(0));
     }
@@ -396,7 +381,11 @@ impl Inner {
     /// directory's end into what follows it), within the read-ahead window,
     /// in one batch: when at least [BATCH_MIN] of them are missing, or when
     /// the current file is (a reader waits for it).
-    fn prefetch_siblings(&self, parent: Parent, current_too: bool) {
+    /// `parent` is where the file being read sits, `dir_ino` the inode of
+    /// that directory: the walk goes up through directory inodes, which
+    /// belong to one path each (a directory's digest may sit in many
+    /// places: /usr/include holds 57 copies of one of OpenSSL's).
+    fn prefetch_siblings(&self, parent: Parent, dir_ino: u64, current_too: bool) {
         let Some(listing) = self.dirs.cached(&parent.dir) else {
             return;
         };
@@ -410,19 +399,23 @@ impl Inner {
         };
         let mut room_left = self.prefetch_from(&listing, start, &mut window, 0);
         // Past the end of this directory, the walk goes on after it in its parent.
-        let mut at = parent.dir;
+        let mut at = dir_ino;
         for _ in 0..16 {
             if !room_left {
                 break;
             }
-            let Some(up) = self.dir_parents.lock().get(&at).copied() else {
+            // A store path's root has no parent (nor has an inode the kernel forgot).
+            let Some(dir) = self.inodes.get(at) else {
+                break;
+            };
+            let Some(up) = dir.parent else {
                 break;
             };
             let Some(up_listing) = self.dirs.cached(&up.dir) else {
                 break;
             };
             room_left = self.prefetch_from(&up_listing, up.index + 1, &mut window, 0);
-            at = up.dir;
+            at = dir.parent_ino;
         }
         if window.missing.len() >= BATCH_MIN || current_missing {
             let items: Vec<(B3Digest, u64)> =
@@ -486,7 +479,7 @@ impl Inner {
         &self,
         ino: u64,
         (digest, file_size): (B3Digest, u64),
-        parent: Option<Parent>,
+        (parent, dir_ino): (Option<Parent>, u64),
         offset: u64,
         size: u32,
     ) -> Result<bytes::Bytes, Errno> {
@@ -494,7 +487,7 @@ impl Inner {
             // A read from the start: the next files of the directory are
             // likely next (and this one, if small, comes in the same batch).
             if let Some(p) = parent {
-                self.prefetch_siblings(p, file_size <= SMALL_FILE);
+                self.prefetch_siblings(p, dir_ino, file_size <= SMALL_FILE);
             }
         }
         if file_size > SMALL_FILE {
@@ -563,7 +556,6 @@ impl Inner {
             .enumerate()
             .skip((offset as usize).saturating_sub(2))
         {
-            self.note_dir_parent(node, parent);
             let ino = self.inodes.lookup(node, parent, dir_ino, name);
             let attr = self.attr(ino, Some(node));
             if reply.add(
@@ -719,7 +711,7 @@ impl Filesystem for ArcaFs {
                     if let Some(p) = entry.parent {
                         // Prefetches are spawned: enter the runtime on this fuser thread.
                         let _rt = self.rt.enter();
-                        self.inner.prefetch_siblings(p, false);
+                        self.inner.prefetch_siblings(p, entry.parent_ino, false);
                     }
                 }
                 return match file_bytes(&data, offset, size, file_size) {
@@ -731,7 +723,13 @@ impl Filesystem for ArcaFs {
         let inner = self.inner.clone();
         self.spawn(async move {
             match inner
-                .read(ino.0, (digest, file_size), entry.parent, offset, size)
+                .read(
+                    ino.0,
+                    (digest, file_size),
+                    (entry.parent, entry.parent_ino),
+                    offset,
+                    size,
+                )
                 .await
             {
                 Ok(data) => reply.data(&data),
