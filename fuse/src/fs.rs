@@ -123,21 +123,30 @@ impl Window {
         }
     }
 
-    /// Counts a small file against the budget (false: it does not fit) and
-    /// records it with its inode if it is missing (`missing_ino`).
+    /// Records a small file that is missing (`missing_ino`: its inode)
+    /// against the budget (false: it does not fit). Files present already
+    /// (cached, in flight, in the page cache) or met earlier in the window
+    /// cost only the scan: where most files repeat content met before
+    /// (/usr/include holds dozens of copies of OpenSSL's headers), a window
+    /// still reaches as many files to fetch, and stays ahead of its reader.
     fn take(&mut self, digest: B3Digest, size: u64, missing_ino: Option<u64>) -> bool {
+        let Some(ino) = missing_ino else {
+            return true;
+        };
+        if self.seen.contains(&digest) {
+            return true;
+        }
         if self.files == 0 || self.bytes < size {
             return false;
         }
         let past_middle = self.files <= SIBLING_FILES / 2 || self.bytes <= SIBLING_BYTES / 2;
         self.files -= 1;
         self.bytes -= size;
-        if let Some(ino) = missing_ino.filter(|_| self.seen.insert(digest)) {
-            if past_middle && self.marker.is_none() {
-                self.marker = Some(self.missing.len());
-            }
-            self.missing.push((digest, size, ino));
+        self.seen.insert(digest);
+        if past_middle && self.marker.is_none() {
+            self.marker = Some(self.missing.len());
         }
+        self.missing.push((digest, size, ino));
         true
     }
 
@@ -438,8 +447,7 @@ impl Inner {
 
     /// Collects the small files of `listing.entries[start..]` (and of the
     /// subdirectories on the way) into the window; false once its budget
-    /// is spent. Files already cached or in flight count against the
-    /// window too.
+    /// is spent (see [Window::take] for what counts against it).
     fn prefetch_from(
         &self,
         listing: &Listing,
@@ -1145,14 +1153,21 @@ mod tests {
         assert_eq!(w.missing.len(), SIBLING_FILES);
         assert_eq!(w.marker, Some(SIBLING_FILES / 2));
 
-        // Files fetched already count against the window but are never
-        // the marker: the first missing one after the middle is.
+        // Files present already cost nothing (but the scan) and are never
+        // the marker: the window holds as many missing files after them.
         let mut w = Window::new();
-        for n in 0..SIBLING_FILES / 2 + 10 {
-            assert!(w.take(digest(n), 100, None));
+        for n in 0..SIBLING_FILES * 4 {
+            assert!(
+                w.take(digest(n), SIBLING_BYTES, None),
+                "present: always fits"
+            );
         }
-        assert!(w.take(digest(1000), 100, Some(1000)));
-        assert_eq!(w.marker, Some(0));
+        for n in 0..SIBLING_FILES {
+            assert!(w.take(digest(1000 + n), 100, Some(1000 + n as u64)));
+        }
+        assert!(!w.take(digest(5000), 100, Some(5000)), "the window is full");
+        assert_eq!(w.missing.len(), SIBLING_FILES);
+        assert_eq!(w.marker, Some(SIBLING_FILES / 2));
         assert_eq!(w.missing[0].0, digest(1000));
 
         // Large files: the middle in bytes (half of SIBLING_BYTES).
@@ -1166,12 +1181,14 @@ mod tests {
         assert_eq!(w.marker, Some(8));
 
         // The same content twice is one missing file (one inode, one page
-        // cache); the marker's content is never pushed into the page cache.
+        // cache), counted once; the marker's content is never pushed into
+        // the page cache.
         let mut w = Window::new();
         for n in 0..SIBLING_FILES / 2 {
             assert!(w.take(digest(n), 100, Some(n as u64)));
         }
-        assert!(w.take(digest(7), 100, Some(7)), "a duplicate still counts");
+        assert!(w.take(digest(7), 100, Some(7)), "a repeat costs nothing");
+        assert_eq!(w.files, SIBLING_FILES / 2);
         assert!(w.take(digest(500), 100, Some(500)));
         assert!(w.take(digest(500), 100, Some(500)));
         assert_eq!(w.missing.len(), SIBLING_FILES / 2 + 1);
