@@ -60,6 +60,9 @@ const SIBLING_SCAN: usize = 1024;
 /// this many are missing, or at once when the file being read is one of
 /// them: a walk costs about one call per this many small files.
 const BATCH_MIN: usize = SIBLING_FILES / 4;
+/// Large files a window starts reading ahead (each reader holds at most
+/// a few pieces until the file is read).
+const LARGE_AHEAD_FILES: usize = 2;
 
 /// The bytes a read of `size` at `offset` gets from a file of `file_size`.
 fn read_range(offset: u64, size: u32, file_size: u64) -> std::ops::Range<usize> {
@@ -109,6 +112,9 @@ struct Window {
     /// it, files served from the page cache would send no request at all,
     /// and the walk would stall at the end of every window.
     marker: Option<usize>,
+    /// Large files (read by a reader of their own, not fetched whole) in
+    /// the window whose first pieces to fetch ahead: (digest, size, inode).
+    large: Vec<(B3Digest, u64, u64)>,
 }
 
 impl Window {
@@ -120,6 +126,7 @@ impl Window {
             missing: Vec::new(),
             seen: std::collections::HashSet::new(),
             marker: None,
+            large: Vec::new(),
         }
     }
 
@@ -426,6 +433,11 @@ impl Inner {
             room_left = self.prefetch_from(&up_listing, up.index + 1, &mut window, 0);
             at = dir.parent_ino;
         }
+        // Large files ahead start their readers (the first pieces come
+        // while the files before them are read).
+        for &(digest, size, ino) in &window.large {
+            self.readers.prefetch(ino, digest, size);
+        }
         if window.missing.len() >= BATCH_MIN || current_missing {
             let items: Vec<(B3Digest, u64)> =
                 window.missing.iter().map(|(d, s, _)| (*d, *s)).collect();
@@ -467,6 +479,14 @@ impl Inner {
                     let missing_ino = (!self.blobs.has(digest)).then(|| ino_of(0, b"", node));
                     if !window.take(*digest, *size, missing_ino) {
                         return false;
+                    }
+                }
+                Node::File { digest, size, .. }
+                    if *size > SMALL_FILE && window.large.len() < LARGE_AHEAD_FILES =>
+                {
+                    let ino = ino_of(0, b"", node);
+                    if !self.readers.has(ino) {
+                        window.large.push((*digest, *size, ino));
                     }
                 }
                 Node::Directory { digest, .. } if depth < 16 => {

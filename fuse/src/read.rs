@@ -88,6 +88,14 @@ impl BlobFileReader {
         });
     }
 
+    /// Starts fetching from the start, if nothing was fetched yet (a
+    /// read-ahead of a file about to be read).
+    pub fn start(&mut self) {
+        if self.ahead.is_none() {
+            self.restart(0);
+        }
+    }
+
     /// Up to `len` bytes at `offset` (fewer only at the end of the blob).
     pub async fn read(&mut self, offset: u64, len: u32) -> Result<Bytes, Errno> {
         let end = offset.saturating_add(len as u64).min(self.size);
@@ -328,6 +336,25 @@ impl ReaderPool {
         slot.next
             .fetch_max(offset + data.len() as u64, Ordering::Relaxed);
         Ok(data)
+    }
+
+    /// Whether the file `ino` has a reader.
+    pub fn has(&self, ino: u64) -> bool {
+        self.slots.lock().contains_key(&ino)
+    }
+
+    /// Starts reading the file `ino` (the blob `digest` of `size` bytes)
+    /// from its start, ahead of its first read, unless it has a reader
+    /// already. Needs the runtime (a task fetches).
+    pub fn prefetch(&self, ino: u64, digest: B3Digest, size: u64) {
+        if self.has(ino) {
+            return;
+        }
+        let slot = self.pick(ino, digest, size, 0);
+        let locked = slot.reader.try_lock();
+        if let Ok(mut reader) = locked {
+            reader.start();
+        }
     }
 
     /// Drops the readers of a file the kernel forgot.
