@@ -44,8 +44,8 @@
 //!   copy, compression or framing. The answer to `Describe` says whether a
 //!   daemon takes reads.
 //!
-//! The daemon trusts nothing it receives: a request without exactly one
-//! descriptor, or with one of the wrong kind (a put's not a regular file
+//! The daemon trusts nothing it receives: a put or export request without
+//! exactly one descriptor (a read request with any), or with one of the wrong kind (a put's not a regular file
 //! open for reading; an export's not a file, pipe, socket or terminal open
 //! for writing), gets an error answer
 //! (extra descriptors are closed); the digest it answers is the one of the
@@ -97,9 +97,15 @@ pub trait LocalExport: Send + Sync {
 /// Files the daemon stores at once for all connections together.
 const DAEMON_PUTS_IN_FLIGHT: usize = 64;
 /// Connections served at once; more wait to be accepted. Each holds at
-/// most one received descriptor at a time, so this bounds what clients can
-/// make the daemon hold open.
+/// most one received descriptor at a time; with [DAEMON_READ_FDS], this
+/// bounds what clients can make the daemon hold open.
 const MAX_CONNECTIONS: usize = 256;
+/// Descriptors of stored files the daemon holds open for read answers at
+/// once, for all connections together (a request's are taken before its
+/// files are opened and given back once its answer is sent, or its
+/// connection is gone): clients that send requests and never read the
+/// answers cannot run the daemon out of descriptors.
+const DAEMON_READ_FDS: u32 = 512;
 /// How long a client waits for the socket's greeting.
 const GREETING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Most descriptors one message can carry on Linux (`SCM_MAX_FD`): the
@@ -153,6 +159,7 @@ struct Served {
     export: Option<Arc<dyn LocalExport>>,
     puts: tokio::sync::Semaphore,
     exports: tokio::sync::Semaphore,
+    read_fds: tokio::sync::Semaphore,
 }
 
 /// Serves connections on `listener` until the returned future is dropped:
@@ -170,6 +177,7 @@ pub async fn serve(
         export,
         puts: tokio::sync::Semaphore::new(DAEMON_PUTS_IN_FLIGHT),
         exports: tokio::sync::Semaphore::new(DAEMON_EXPORTS_IN_FLIGHT),
+        read_fds: tokio::sync::Semaphore::new(DAEMON_READ_FDS as usize),
     });
     let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let mut tasks = tokio::task::JoinSet::new();
@@ -291,11 +299,17 @@ async fn handle(
                             .chunks_exact(B3_LEN)
                             .map(|c| B3Digest::from(<[u8; B3_LEN]>::try_from(c).expect("32 bytes")))
                             .collect();
-                        open_stored(files.clone(), digests).await
+                        // (n ≤ 253 < DAEMON_READ_FDS: a request always fits.)
+                        let permits = tokio::select! {
+                            p = served.read_fds.acquire_many(n as u32) => p.map_err(std::io::Error::other)?,
+                            _ = client_gone(&conn) => return Ok(()),
+                        };
+                        let opened = open_stored(files.clone(), digests).await;
+                        opened.map(|files| (files, permits))
                     }
                 };
                 match answer {
-                    Ok(files) => {
+                    Ok((files, _permits)) => {
                         send_files(&conn, &files).await?;
                         continue;
                     }

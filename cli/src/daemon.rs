@@ -182,8 +182,32 @@ fn refuse_self_reference(listen: &str, args: &ServiceArgs) -> Result<()> {
     Ok(())
 }
 
+/// Raises the soft limit on open files to the hard one: a daemon serving
+/// many clients holds many (connections, stored files passed to local
+/// readers, sled's), and the usual soft limit of 1024 is far below what
+/// the system allows.
+fn raise_open_files_limit() {
+    // SAFETY: getrlimit/setrlimit read and write only the struct passed.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            let wanted = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) != 0 {
+                tracing::debug!(
+                    "raising the open files limit: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+    }
+}
+
 pub async fn run(args: DaemonArgs, service_args: ServiceArgs) -> Result<()> {
     refuse_self_reference(&args.listen, &service_args)?;
+    raise_open_files_limit();
     let services = build(&service_args, Defaults::Embedded)?;
     let mut path_info = services.path_info.clone();
     let key = args

@@ -32,32 +32,39 @@ const REACH_TIMEOUT: Duration = Duration::from_secs(30);
 /// lookup, and the connections are up before the first request needs them.
 async fn reach(services: &crate::services::Services) -> Result<()> {
     let nothing = arca_castore::B3Digest::from([0u8; 32]);
-    let checks = async {
-        services
-            .path_info
-            .get([0u8; arca_store::store_path::DIGEST_LEN])
-            .await
-            .context("reaching the path info service")?;
-        services
-            .directory
-            .get(&nothing)
-            .await
-            .context("reaching the directory service")?;
-        services
-            .blob
-            .has(&nothing)
-            .await
-            .context("reaching the blob service")?;
-        anyhow::Ok(())
-    };
-    tokio::time::timeout(REACH_TIMEOUT, checks)
-        .await
-        .with_context(|| {
-            format!(
-                "the store did not answer within {} s",
+    let within = |what: &'static str| {
+        move |r: Result<anyhow::Result<()>, tokio::time::error::Elapsed>| match r {
+            Ok(r) => r.with_context(|| format!("reaching the {what} service")),
+            Err(_) => Err(anyhow::anyhow!(
+                "the {what} service did not answer within {} s",
                 REACH_TIMEOUT.as_secs()
-            )
-        })?
+            )),
+        }
+    };
+    within("path info")(
+        tokio::time::timeout(REACH_TIMEOUT, async {
+            services
+                .path_info
+                .get([0u8; arca_store::store_path::DIGEST_LEN])
+                .await?;
+            anyhow::Ok(())
+        })
+        .await,
+    )?;
+    within("directory")(
+        tokio::time::timeout(REACH_TIMEOUT, async {
+            services.directory.get(&nothing).await?;
+            anyhow::Ok(())
+        })
+        .await,
+    )?;
+    within("blob")(
+        tokio::time::timeout(REACH_TIMEOUT, async {
+            services.blob.has(&nothing).await?;
+            anyhow::Ok(())
+        })
+        .await,
+    )
 }
 
 /// `arca mount MOUNTPOINT`: mounts, serves until SIGINT/SIGTERM (or an

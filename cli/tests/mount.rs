@@ -953,10 +953,45 @@ fn small_files_are_fetched_ahead_into_the_page_cache_only_once_reading_starts() 
     }
     // The daemon is on this machine: the blobs came from the files it
     // passed over its local socket, not over gRPC.
+    // (Logged once the daemon answered a read request with its files.)
     let log: Vec<String> = m.stderr_lines.try_iter().collect();
     assert!(
         log.iter()
             .any(|l| l.contains("reading blobs from the daemon's files")),
         "no local reads in the mount's log: {log:?}"
     );
+    assert!(
+        !log.iter().any(|l| l.contains("local reads failed")),
+        "local reads fell back to gRPC: {log:?}"
+    );
+}
+
+#[test]
+fn a_store_that_cannot_be_reached_fails_the_mount_at_once() {
+    // Nothing listens on this port (bound, then closed): every service is unreachable.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("grpc+http://127.0.0.1:{port}");
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_arca"))
+        .arg("mount")
+        .arg(&mnt)
+        .env("BLOB_SERVICE_ADDR", &addr)
+        .env("DIRECTORY_SERVICE_ADDR", &addr)
+        .env("PATH_INFO_SERVICE_ADDR", &addr)
+        .env("ARCA_DATA_DIR", dir.path().join("data"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("reaching the path info service"),
+        "{stderr}"
+    );
+    assert!(!is_mounted(&mnt), "nothing is mounted");
 }

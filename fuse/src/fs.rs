@@ -447,10 +447,16 @@ impl Inner {
     }
 
     /// A hook storing each arriving small file into the kernel's page cache
-    /// under the inode(s) it was asked for, if the kernel holds them.
+    /// under the inode it was asked for, if the kernel holds that inode now
+    /// (a file in a directory not listed yet has none there: the store
+    /// would be dropped, so such a file is kept in the [BlobCache]).
     fn page_cache_hook(&self, items: Vec<(B3Digest, u64, u64)>) -> Option<ArrivalHook> {
         let filler = self.notifier.get()?.clone();
-        let inos: HashMap<B3Digest, u64> = items.into_iter().map(|(d, _, ino)| (d, ino)).collect();
+        let inos: HashMap<B3Digest, u64> = items
+            .into_iter()
+            .filter(|(_, _, ino)| self.inodes.contains(*ino))
+            .map(|(d, _, ino)| (d, ino))
+            .collect();
         Some(Arc::new(move |digest, data: &bytes::Bytes| {
             inos.get(&digest)
                 .is_some_and(|&ino| filler.offer(ino, data.clone()))

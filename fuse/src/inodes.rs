@@ -148,6 +148,11 @@ impl InodeTable {
         self.map.lock().get(&ino).cloned()
     }
 
+    /// Whether the kernel holds `ino` (without copying its entry).
+    pub fn contains(&self, ino: u64) -> bool {
+        self.map.lock().contains_key(&ino)
+    }
+
     /// The kernel dropped `n` lookups of `ino`; the entry goes at zero
     /// (then `true` is returned).
     pub fn forget(&self, ino: u64, n: u64) -> bool {

@@ -216,10 +216,6 @@ impl GrpcBlobService {
         local: Arc<LocalIngestClient>,
         digests: Vec<B3Digest>,
     ) -> BoxStream<'a, Result<BatchItem, Error>> {
-        tracing::debug!(
-            blobs = digests.len(),
-            "reading blobs from the daemon's files"
-        );
         // A small first group: the first blob is ready sooner.
         let first = digests.len().min(LOCAL_READ_FIRST_GROUP);
         let mut groups = vec![digests[..first].to_vec()];
@@ -243,7 +239,10 @@ impl GrpcBlobService {
         group: Vec<B3Digest>,
     ) -> Result<Vec<BatchItem>, Error> {
         let files = match local.read_files(&group).await {
-            Ok(files) => files,
+            Ok(files) => {
+                tracing::debug!(blobs = group.len(), "reading blobs from the daemon's files");
+                files
+            }
             Err(e) => {
                 // A restarted daemon (another token), or one that stopped
                 // taking reads: gRPC from here on.
@@ -253,11 +252,23 @@ impl GrpcBlobService {
             }
         };
         let asked = group.clone();
-        let read: Vec<Option<Result<Bytes, Error>>> = tokio::task::spawn_blocking(move || {
+        // A file that does not hold its blob (corrupt, or in a form this
+        // client cannot decode: a newer daemon's codec) is asked for over
+        // gRPC too, where the daemon decodes what it can; every answer is
+        // verified all the same.
+        let read: Vec<Option<Bytes>> = tokio::task::spawn_blocking(move || {
             asked
                 .iter()
                 .zip(files)
-                .map(|(d, file)| file.map(|fd| crate::local_ingest::read_stored_file(d, fd)))
+                .map(|(d, file)| {
+                    file.and_then(|fd| match crate::local_ingest::read_stored_file(d, fd) {
+                        Ok(data) => Some(data),
+                        Err(e) => {
+                            tracing::warn!(digest = %d, error = %e, "a file the daemon passed; reading it over gRPC");
+                            None
+                        }
+                    })
+                })
                 .collect()
         })
         .await
@@ -278,7 +289,7 @@ impl GrpcBlobService {
             .into_iter()
             .zip(read)
             .map(|(d, r)| match r {
-                Some(data) => Ok((d, Some(data?))),
+                Some(data) => Ok((d, Some(data))),
                 None => from_grpc
                     .next()
                     .ok_or_else(|| Error::Storage(format!("no answer for blob {d}"))),
