@@ -491,6 +491,13 @@ fn start_reading(
     (blobs, path, token, task)
 }
 
+/// Stores `data` in `blobs`: its digest.
+async fn put(blobs: &dyn BlobService, data: &[u8]) -> B3Digest {
+    arca_castore::blobservice::put_bytes(blobs, bytes::Bytes::copy_from_slice(data))
+        .await
+        .unwrap()
+}
+
 /// Text that compresses (the stored file differs from the blob).
 fn text(n: usize, seed: u8) -> Vec<u8> {
     (0..n)
@@ -504,12 +511,8 @@ async fn a_daemon_passes_the_files_its_blobs_are_stored_in() {
     let (blobs, path, token, task) = start_reading(tmp.path());
     let a = text(50_000, 1);
     let b = text(3, 2);
-    let da = arca_castore::blobservice::put_bytes(&*blobs, a.clone().into())
-        .await
-        .unwrap();
-    let db = arca_castore::blobservice::put_bytes(&*blobs, b.clone().into())
-        .await
-        .unwrap();
+    let da = put(&*blobs, &a).await;
+    let db = put(&*blobs, &b).await;
     let absent = B3Digest::of(b"not stored");
     let client = LocalIngestClient::connect(path.clone(), token)
         .await
@@ -566,9 +569,7 @@ fn send_read(c: &mut UnixStream, fds: &[i32], count: u32, digests: &[B3Digest]) 
 async fn bad_read_requests_get_errors() {
     let tmp = tempfile::tempdir().unwrap();
     let (blobs, path, token, task) = start_reading(tmp.path());
-    let d = arca_castore::blobservice::put_bytes(&*blobs, text(100, 3).into())
-        .await
-        .unwrap();
+    let d = put(&*blobs, &text(100, 3)).await;
 
     // A descriptor sent along: an error answer, and the connection goes on.
     let mut c = raw_connection(&path, token);
@@ -646,15 +647,9 @@ async fn grpc_batch_reads_go_through_the_daemons_files() {
     let a = text(20_000, 4);
     let b = text(10, 5);
     let only_grpc = text(77, 6);
-    let da = arca_castore::blobservice::put_bytes(&*files_store, a.clone().into())
-        .await
-        .unwrap();
-    let db = arca_castore::blobservice::put_bytes(&*files_store, b.clone().into())
-        .await
-        .unwrap();
-    let dg = arca_castore::blobservice::put_bytes(&*grpc_store, only_grpc.clone().into())
-        .await
-        .unwrap();
+    let da = put(&*files_store, &a).await;
+    let db = put(&*files_store, &b).await;
+    let dg = put(&*grpc_store, &only_grpc).await;
     let absent = B3Digest::of(b"nowhere");
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -710,9 +705,7 @@ async fn grpc_batch_reads_go_through_the_daemons_files() {
     let got: Vec<_> = client.read_many(vec![db, da]).try_collect().await.unwrap();
     assert_eq!(got, vec![(db, Some(b.clone().into())), (da, None)]);
     // With gRPC holding it, the blob comes from there, verified.
-    arca_castore::blobservice::put_bytes(&*grpc_store, a.clone().into())
-        .await
-        .unwrap();
+    put(&*grpc_store, &a).await;
     let got: Vec<_> = client.read_many(vec![da]).try_collect().await.unwrap();
     assert_eq!(got, vec![(da, Some(a.clone().into()))]);
 

@@ -32,39 +32,34 @@ const REACH_TIMEOUT: Duration = Duration::from_secs(30);
 /// lookup, and the connections are up before the first request needs them.
 async fn reach(services: &crate::services::Services) -> Result<()> {
     let nothing = arca_castore::B3Digest::from([0u8; 32]);
-    let within = |what: &'static str| {
-        move |r: Result<anyhow::Result<()>, tokio::time::error::Elapsed>| match r {
-            Ok(r) => r.with_context(|| format!("reaching the {what} service")),
-            Err(_) => Err(anyhow::anyhow!(
-                "the {what} service did not answer within {} s",
-                REACH_TIMEOUT.as_secs()
-            )),
-        }
-    };
-    within("path info")(
-        tokio::time::timeout(REACH_TIMEOUT, async {
-            services
-                .path_info
-                .get([0u8; arca_store::store_path::DIGEST_LEN])
-                .await?;
-            anyhow::Ok(())
-        })
-        .await,
-    )?;
-    within("directory")(
-        tokio::time::timeout(REACH_TIMEOUT, async {
-            services.directory.get(&nothing).await?;
-            anyhow::Ok(())
-        })
-        .await,
-    )?;
-    within("blob")(
-        tokio::time::timeout(REACH_TIMEOUT, async {
-            services.blob.has(&nothing).await?;
-            anyhow::Ok(())
-        })
-        .await,
+    answers(
+        "path info",
+        services
+            .path_info
+            .get([0u8; arca_store::store_path::DIGEST_LEN]),
     )
+    .await?;
+    answers("directory", services.directory.get(&nothing)).await?;
+    answers("blob", services.blob.has(&nothing)).await
+}
+
+/// Waits [REACH_TIMEOUT] for the `what` service's answer to `call`.
+async fn answers<T, E>(
+    what: &str,
+    call: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<()>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    match tokio::time::timeout(REACH_TIMEOUT, call).await {
+        Ok(answer) => answer
+            .map(|_| ())
+            .with_context(|| format!("reaching the {what} service")),
+        Err(_) => bail!(
+            "the {what} service did not answer within {} s",
+            REACH_TIMEOUT.as_secs()
+        ),
+    }
 }
 
 /// `arca mount MOUNTPOINT`: mounts, serves until SIGINT/SIGTERM (or an

@@ -246,10 +246,10 @@ impl BlobCache {
     }
 
     /// Ends the flight of `digest` (later requests find the cache, or start
-    /// anew); whether a reader had joined it.
-    fn land(&self, digest: &B3Digest) -> bool {
+    /// anew) and forgets whether a reader had joined it.
+    fn land(&self, digest: &B3Digest) {
         self.flights.lock().remove(digest);
-        self.awaited.lock().remove(digest)
+        self.awaited.lock().remove(digest);
     }
 
     /// Fetches the blob on its own and caches it.
